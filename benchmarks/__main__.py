@@ -1,0 +1,46 @@
+"""``python -m benchmarks <scenario> [--help]``. Each scenario is a module exposing
+``add_arguments(parser)`` and ``run(args) -> dict`` (the summary)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+SCENARIOS = {
+    "host-overhead": "benchmarks.host_overhead",
+    "kernel": "benchmarks.kernel",
+    "latency": "benchmarks.latency",
+    "throughput": "benchmarks.throughput",
+    "capacity": "benchmarks.capacity",
+    "native-vs-paged": "benchmarks.native_vs_paged",
+    "beam": "benchmarks.beam",
+    "swap": "benchmarks.swap",
+    "serve": "benchmarks.serve",
+    "prefix": "benchmarks.prefix",
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    sub = parser.add_subparsers(dest="scenario", required=True)
+    available = {}
+    for name, mod in SCENARIOS.items():
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:  # scenario not written yet
+                continue
+            raise
+        available[name] = module
+        p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
+        module.add_arguments(p)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return available[args.scenario].run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""host-overhead: host time per engine step (schedule + prepare + postprocess) with a fake device.
+
+The device step is replaced by a numpy stub that returns tokens at once, so what is measured is
+exactly the Python the engine runs between two device steps, at 8 / 64 / 256 decoding sequences.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import numpy as np
+
+from benchmarks.common import print_table, write_result
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-sizes", default="8,64,256")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--steps", type=int, default=200)
+
+
+def _fake_engine(num_seqs: int, prompt_len: int, steps: int):
+    import jax.numpy as jnp
+
+    from pagedjax import LLM, SamplingParams
+    from pagedjax.models import ModelConfig
+
+    cfg = ModelConfig(family="llama", vocab_size=32000, hidden_size=64, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                      head_dim=16, max_position_embeddings=prompt_len + steps + 64)
+
+    @dataclasses.dataclass
+    class Loaded:
+        cfg: ModelConfig
+        params: dict = None
+        tokenizer: object = None
+        dtype: str = "float32"
+
+    blocks = num_seqs * (-(-(prompt_len + steps + 32) // 16))
+    llm = LLM(loaded=Loaded(cfg), num_gpu_blocks_override=blocks, max_num_seqs=num_seqs,
+              max_num_batched_tokens=max(2048, num_seqs), max_model_len=cfg.max_position_embeddings)
+    rng = np.random.default_rng(0)
+
+    def fake_execute(packed, layout):  # what the device would return, instantly
+        return (rng.integers(3, cfg.vocab_size, size=layout.S).astype(np.int32),
+                np.full(layout.S, -1.0, np.float32))
+
+    llm.engine.runner.execute = fake_execute
+    sp = SamplingParams(max_tokens=steps + 10, ignore_eos=True, temperature=0.7)
+    for i in range(num_seqs):
+        llm.engine.add_request(str(i), rng.integers(3, 32000, size=prompt_len).tolist(), sp,
+                               stream=False)  # as LLM.generate does
+    return llm.engine, jnp
+
+
+def run(args) -> dict:
+    rows = []
+    for b in map(int, args.batch_sizes.split(",")):
+        engine, _ = _fake_engine(b, args.prompt_len, args.steps)
+        while any(s.num_computed_tokens < len(s.prompt_token_ids) for r in engine.requests.values()
+                  for s in r.seqs):
+            engine.step()  # prefill everyone first
+        times = {"schedule": 0.0, "prepare": 0.0, "postprocess": 0.0}
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            batch = engine.scheduler.schedule()
+            t1 = time.perf_counter()
+            packed, layout = engine.runner.prepare(batch, engine.block_manager)
+            t2 = time.perf_counter()
+            engine._postprocess(batch, *engine.runner.execute(packed, layout))
+            t3 = time.perf_counter()
+            times["schedule"] += t1 - t0
+            times["prepare"] += t2 - t1
+            times["postprocess"] += t3 - t2
+        per = {k: v / args.steps * 1e3 for k, v in times.items()}
+        rows.append({"running_seqs": b, **{f"{k}_ms": v for k, v in per.items()},
+                     "total_ms": sum(per.values())})
+    print_table(rows)
+    summary = {f"host_ms_per_step_b{r['running_seqs']}": r["total_ms"] for r in rows}
+    summary["compilations_after_warmup"] = 0  # no device step runs in this scenario
+    write_result("host-overhead", summary, {"rows": rows}, out=args.out)
+    return summary

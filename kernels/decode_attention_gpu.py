@@ -1,0 +1,215 @@
+"""Paged decode attention for GPUs: Pallas with the Triton lowering, split-K flash-decoding.
+
+One program per (row slot, KV head, split): it owns all ``G = N / K`` query heads of its KV head
+(padded to ``G_pad`` rows, the smallest tile ``tl.dot`` takes), so each K/V page row is read once
+for the whole group. It walks its split of the sequence's context ``block_kv`` tokens at a time,
+reading the block-table entry of every token (a gather of int32s that hits L1) and gathering the
+page rows ``[block_kv, H]`` straight out of the pool with an online softmax. With one split the
+kernel writes the output rows; with several it writes per-split partials (unnormalised output,
+running max, running sum) and a second small kernel merges them and writes the rows.
+
+Row slots: the step's rows are ragged (``query_start_loc``), and every output row must be written
+(padding rows as zeros) without an extra XLA pass. In a decode step each q_len is 0 or 1, so slot
+``i < S`` owns row ``qsl[i]`` when sequence ``i`` decodes, and row ``qsl[S] + i - qsl[i]`` (one of
+the padding rows, counted by the padded sequences before it) when it does not; slots ``i >= S`` own
+row ``i``. That maps ``max(S, T)`` slots one-to-one onto the ``T`` rows (slots past ``T`` store
+nothing), so every row is written exactly once.
+
+Why Triton and not Mosaic GPU: the Triton lowering runs in CPU interpret mode with real grids (the
+tests run this very kernel), and decode is a bandwidth problem that Triton's pipelined gathers
+serve; see benchmarks/KERNEL_NOTES.md for the measurements.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+NEG = -1e30  # finite "minus infinity": exp2(NEG - NEG) stays 1, never NaN
+LOG2E = math.log2(math.e)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def slot_row(slot, qsl_ref, num_seqs):
+    """(sequence index, output row, decodes?) of a row slot; see the module docstring."""
+    s = jnp.minimum(slot, num_seqs - 1)
+    is_seq = slot < num_seqs
+    qs = qsl_ref[s]
+    q_len = qsl_ref[s + 1] - qs
+    decodes = is_seq & (q_len == 1)
+    row = jnp.where(is_seq, jnp.where(q_len == 1, qs, qsl_ref[num_seqs] + s - qs), slot)
+    return s, row, decodes
+
+
+def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *out_refs, num_seqs, num_rows,
+                   num_heads, group, group_pad, head_dim, block_size, block_kv, split_tokens,
+                   num_splits, scale_log2):
+    # q_ref [T*N, H]; k_ref, v_ref [num_blocks*block_size, K*H]; bt_ref [S, W]; cl_ref [S];
+    # qsl_ref [S+1]; outputs: o [T*N, H] (one split) or o [S*N*P, H], m, l [S*N*P] (partials).
+    slot, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    s, row, decodes = slot_row(slot, qsl_ref, num_seqs)
+    ctx = jnp.where(decodes, cl_ref[s], 0)
+
+    heads = jnp.arange(group_pad, dtype=jnp.int32)
+    dims = jnp.arange(head_dim, dtype=jnp.int32)
+    head_ok = heads < group
+    q_rows = row * num_heads + kh * group + heads
+    q_mask = jnp.broadcast_to((head_ok & decodes)[:, None], (group_pad, head_dim))
+    q = plgpu.load(q_ref.at[q_rows[:, None], dims[None, :]], mask=q_mask, other=0)  # [G_pad, H]
+
+    lo = split * split_tokens
+    hi = jnp.minimum(ctx, lo + split_tokens)
+    n_iter = (jnp.maximum(hi - lo, 0) + block_kv - 1) // block_kv
+    cols = (kh * head_dim + dims)[None, :]
+
+    def body(i, carry):
+        acc, m, l = carry
+        j = lo + i * block_kv + jnp.arange(block_kv, dtype=jnp.int32)  # token positions
+        valid = j < hi
+        page = plgpu.load(bt_ref.at[s, j // block_size], mask=valid, other=0)
+        rows = page * block_size + j % block_size
+        kv_mask = jnp.broadcast_to(valid[:, None], (block_kv, head_dim))
+        k = plgpu.load(k_ref.at[rows[:, None], cols], mask=kv_mask, other=0)  # [block_kv, H]
+        v = plgpu.load(v_ref.at[rows[:, None], cols], mask=kv_mask, other=0)
+        sc = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32) * scale_log2
+        sc = jnp.where(valid[None, :], sc, NEG)  # [G_pad, block_kv], log2 domain
+        m_new = jnp.maximum(m, jnp.max(sc, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(sc - m_new[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v,
+                                             preferred_element_type=jnp.float32)
+        return acc, m_new, l
+
+    acc = jnp.zeros((group_pad, head_dim), jnp.float32)
+    m = jnp.full((group_pad,), NEG, jnp.float32)
+    l = jnp.zeros((group_pad,), jnp.float32)
+    acc, m, l = jax.lax.fori_loop(0, n_iter, body, (acc, m, l))
+
+    if num_splits == 1:
+        (o_ref,) = out_refs
+        out = acc / jnp.where(l == 0, 1.0, l)[:, None]  # ctx 0 (padding): l == 0, acc == 0
+        mask = jnp.broadcast_to((head_ok & (row < num_rows))[:, None], (group_pad, head_dim))
+        plgpu.store(o_ref.at[q_rows[:, None], dims[None, :]], out.astype(o_ref.dtype), mask=mask)
+    else:
+        o_ref, m_ref, l_ref = out_refs
+        part = ((s * num_heads + kh * group + heads) * num_splits + split)
+        ok = head_ok & (slot < num_seqs)
+        plgpu.store(o_ref.at[part[:, None], dims[None, :]], acc,
+                    mask=jnp.broadcast_to(ok[:, None], (group_pad, head_dim)))
+        plgpu.store(m_ref.at[part], m, mask=ok)
+        plgpu.store(l_ref.at[part], l, mask=ok)
+
+
+def _combine_kernel(o_part_ref, m_ref, l_ref, cl_ref, qsl_ref, o_ref, *, num_seqs, num_rows,
+                    num_heads, head_dim, split_tokens, num_splits, chunk):
+    # o_part_ref [S*N*P, H] f32; m_ref, l_ref [S*N*P]; o_ref [T*N, H]. One program per (slot, head).
+    slot, n = pl.program_id(0), pl.program_id(1)
+    s, row, decodes = slot_row(slot, qsl_ref, num_seqs)
+    ctx = jnp.where(decodes, cl_ref[s], 0)
+    n_act = (ctx + split_tokens - 1) // split_tokens  # splits that saw tokens (and wrote)
+    base = (s * num_heads + n) * num_splits
+
+    dims = jnp.arange(head_dim, dtype=jnp.int32)
+    idx = jnp.arange(num_splits, dtype=jnp.int32)
+    live = idx < n_act
+    m = plgpu.load(m_ref.at[base + idx], mask=live, other=NEG)
+    l = plgpu.load(l_ref.at[base + idx], mask=live, other=0.0)
+    m_max = jnp.max(m)
+    denom = jnp.sum(jnp.where(live, jnp.exp2(m - m_max), 0.0) * l)
+
+    def body(c, acc):
+        cidx = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+        clive = cidx < n_act
+        mc = plgpu.load(m_ref.at[base + cidx], mask=clive, other=NEG)
+        w = jnp.where(clive, jnp.exp2(mc - m_max), 0.0)
+        oc = plgpu.load(o_part_ref.at[(base + cidx)[:, None], dims[None, :]],
+                        mask=jnp.broadcast_to(clive[:, None], (chunk, head_dim)), other=0.0)
+        return acc + jnp.sum(w[:, None] * oc, axis=0)
+
+    n_chunks = (n_act + chunk - 1) // chunk
+    acc = jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((head_dim,), jnp.float32))
+    out = acc / jnp.where(denom == 0, 1.0, denom)
+    mask = jnp.broadcast_to(row < num_rows, (head_dim,))
+    plgpu.store(o_ref.at[row * num_heads + n + 0 * dims, dims], out.astype(o_ref.dtype),
+                mask=mask)
+
+
+def default_num_splits(num_seqs: int, num_kv_heads: int, max_tokens: int, block_kv: int,
+                       num_sms: int = 132, min_split_tokens: int = 256) -> int:
+    """Fewest power-of-two splits that give about two programs per SM, each split at least
+    ``min_split_tokens`` long (shorter splits spend more on the merge than they save)."""
+    p = 1
+    while (num_seqs * num_kv_heads * p < 2 * num_sms and 2 * p * max(min_split_tokens, block_kv)
+           <= max_tokens):
+        p *= 2
+    return p
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "scale", "num_splits", "block_kv", "num_warps", "num_stages", "interpret"))
+def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc, *,
+                           scale: float, num_splits: int | None = None, block_kv: int | None = None,
+                           num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
+    """Decode attention (every q_len is 0 or 1) over a paged KV cache.
+
+    q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H]; block_tables: [S, W] int32;
+    context_lens: [S] int32; query_start_loc: [S + 1] int32. Returns [T, N, H] in q's dtype, rows
+    not owned by a decoding sequence are zero. H and block_kv must be powers of two.
+    Shapes are checked by ``pagedjax.kernels.dispatch.ragged_paged_attention``.
+    """
+    t, n, h = q.shape
+    nb, bs, kh, _ = k_pages.shape
+    s, w = block_tables.shape
+    group = n // kh
+    group_pad = max(16, _pow2(group))
+    max_tokens = w * bs
+    if block_kv is None:
+        block_kv = min(64, max(16, _pow2(max_tokens)))
+    if num_splits is None:
+        num_splits = default_num_splits(s, kh, max_tokens, block_kv, _num_sms())
+    split_tokens = -(-max_tokens // num_splits)
+    split_tokens = -(-split_tokens // block_kv) * block_kv
+    rows = max(s, t)
+    params = dict(num_seqs=s, num_rows=t, num_heads=n, head_dim=h, split_tokens=split_tokens,
+                  num_splits=num_splits)
+    q2 = q.reshape(t * n, h)
+    k2 = k_pages.reshape(nb * bs, kh * h)  # free: a contiguous view of the pool
+    v2 = v_pages.reshape(nb * bs, kh * h)
+    cp = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    kernel = functools.partial(_decode_kernel, group=group, group_pad=group_pad, block_size=bs,
+                               block_kv=block_kv, scale_log2=scale * LOG2E, **params)
+    if num_splits == 1:
+        out = pl.pallas_call(kernel, grid=(rows, kh, 1),
+                             out_shape=jax.ShapeDtypeStruct((t * n, h), q.dtype),
+                             compiler_params=cp, interpret=interpret, name="paged_decode")(
+            q2, k2, v2, block_tables, context_lens, query_start_loc)
+        return out.reshape(t, n, h)
+    parts = s * n * num_splits
+    o_part, m, l = pl.pallas_call(
+        kernel, grid=(s, kh, num_splits),
+        out_shape=(jax.ShapeDtypeStruct((parts, h), jnp.float32),
+                   jax.ShapeDtypeStruct((parts,), jnp.float32),
+                   jax.ShapeDtypeStruct((parts,), jnp.float32)),
+        compiler_params=cp, interpret=interpret, name="paged_decode_split")(
+        q2, k2, v2, block_tables, context_lens, query_start_loc)
+    combine = functools.partial(_combine_kernel, chunk=min(num_splits, 16), **params)
+    out = pl.pallas_call(combine, grid=(rows, n),
+                         out_shape=jax.ShapeDtypeStruct((t * n, h), q.dtype),
+                         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+                         interpret=interpret, name="paged_decode_combine")(
+        o_part, m, l, context_lens, query_start_loc)
+    return out.reshape(t, n, h)
+
+
+def _num_sms() -> int:
+    d = jax.devices()[0]
+    return int(getattr(d, "core_count", 0) or 132) if d.platform == "gpu" else 8

@@ -1,0 +1,125 @@
+"""One entry point for paged attention over a ragged batch: shape checks, then the kernel of the
+chosen backend (Pallas GPU, Pallas TPU, or the pure-jnp reference)."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from .reference import paged_attention_ref
+
+BACKENDS = ("pallas-gpu", "pallas-tpu", "reference")
+_TUNING = {
+    ("pallas-gpu", True): {"num_splits", "block_kv", "num_warps", "num_stages"},
+    ("pallas-gpu", False): {"block_m", "block_n", "num_warps", "num_stages"},
+    ("pallas-tpu", True): {"pages_per_block"},
+    ("pallas-tpu", False): {"block_q", "pages_per_block"},
+    ("reference", True): set(),
+    ("reference", False): set(),
+}
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def check_shapes(q, k_pages, v_pages, block_tables, context_lens, query_start_loc) -> None:
+    """Raise ValueError naming the offending argument unless the shapes form a valid step."""
+    if q.ndim != 3:
+        raise ValueError(f"q must be [T, N, H], got shape {q.shape}")
+    if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
+        raise ValueError(f"k_pages/v_pages must both be [num_blocks, block_size, K, H], got "
+                         f"{k_pages.shape} and {v_pages.shape}")
+    if k_pages.dtype != v_pages.dtype:
+        raise ValueError(f"k_pages and v_pages dtypes differ: {k_pages.dtype} vs {v_pages.dtype}")
+    t, n, h = q.shape
+    _, _, kh, h2 = k_pages.shape
+    if h2 != h:
+        raise ValueError(f"head_dim of q ({h}) and of the pages ({h2}) differ")
+    if n % kh:
+        raise ValueError(f"query heads ({n}) must be a multiple of KV heads ({kh})")
+    if block_tables.ndim != 2:
+        raise ValueError(f"block_tables must be [S, W], got shape {block_tables.shape}")
+    s = block_tables.shape[0]
+    if context_lens.shape != (s,):
+        raise ValueError(f"context_lens must be [S] = [{s}], got {context_lens.shape}")
+    if query_start_loc.shape != (s + 1,):
+        raise ValueError(f"query_start_loc must be [S + 1] = [{s + 1}], got "
+                         f"{query_start_loc.shape}")
+    for name, a in (("block_tables", block_tables), ("context_lens", context_lens),
+                    ("query_start_loc", query_start_loc)):
+        if a.dtype != jnp.int32:
+            raise ValueError(f"{name} must be int32, got {a.dtype}")
+
+
+def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc, *,
+                           scale: float | None = None, backend: str = "pallas-gpu",
+                           interpret: bool = False, decode_only: bool = False, **tuning):
+    """Attention of a packed ragged batch over its paged KV cache (this step's K/V already written).
+
+    Letters: T token rows, S sequence rows, W block-table width, N query heads, K KV heads,
+    H head dim.
+
+    q: [T, N, H]. Sequence ``s`` owns rows ``q[qsl[s]:qsl[s+1]]``; rows from ``qsl[S]`` on are
+        padding and come out as zeros.
+    k_pages, v_pages: [num_blocks, block_size, K, H], one layer of the pool
+        (``pagedjax.kv_pool``); same dtype as q on the Pallas backends.
+    block_tables: [S, W] int32; entries past a sequence's last block are never read.
+    context_lens: [S] int32, tokens in the cache per sequence *including* this step's; the q rows
+        of sequence s sit at positions ``context_lens[s] - q_len .. context_lens[s] - 1``.
+    query_start_loc: [S + 1] int32, non-decreasing, ``qsl[0] == 0``, ``qsl[S] <= T``. A padded
+        sequence has q_len 0 (any context_lens, any block table).
+    scale: softmax scale, default ``H ** -0.5``.
+    backend: "pallas-gpu" (Triton-lowered Pallas), "pallas-tpu" (Mosaic TPU Pallas) or
+        "reference" (pure jnp).
+    interpret: run the Pallas kernel in interpret mode (CPU tests). For "pallas-tpu" True means
+        ``pltpu.InterpretParams()``; an InterpretParams object is passed through.
+    decode_only: static promise that every q_len is 0 or 1 (a pure decode step); picks the
+        split-K flash-decoding kernel. Breaking the promise gives wrong rows, not an error.
+    tuning: kernel knobs, all static. pallas-gpu decode: num_splits (power of two), block_kv,
+        num_warps, num_stages; pallas-gpu ragged: block_m, block_n, num_warps, num_stages;
+        pallas-tpu decode: pages_per_block; pallas-tpu ragged: block_q, pages_per_block.
+
+    Returns [T, N, H] in q's dtype.
+    Raises ValueError on inconsistent shapes or dtypes, an unknown backend or tuning knob.
+    """
+    check_shapes(q, k_pages, v_pages, block_tables, context_lens, query_start_loc)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    unknown = set(tuning) - _TUNING[(backend, bool(decode_only))]
+    if unknown:
+        raise ValueError(f"unknown tuning knobs for {backend} (decode_only={decode_only}): "
+                         f"{sorted(unknown)}; known: {sorted(_TUNING[(backend, bool(decode_only))])}")
+    h = q.shape[2]
+    scale = float(h ** -0.5 if scale is None else scale)
+    if backend == "reference":
+        return paged_attention_ref(q, k_pages, v_pages, block_tables, context_lens,
+                                   query_start_loc, scale=scale)
+    if q.dtype != k_pages.dtype:
+        raise ValueError(f"q dtype {q.dtype} must match the pages' {k_pages.dtype} on {backend}")
+    args = (q, k_pages, v_pages, block_tables, context_lens, query_start_loc)
+    if backend == "pallas-gpu":
+        _check_gpu(q, k_pages, decode_only, tuning)
+        if decode_only:
+            from .decode_attention_gpu import paged_decode_attention
+            return paged_decode_attention(*args, scale=scale, interpret=interpret, **tuning)
+        from .ragged_attention_gpu import ragged_paged_attention_gpu
+        return ragged_paged_attention_gpu(*args, scale=scale, interpret=interpret, **tuning)
+    from . import paged_attention_tpu as tpu
+    tpu.check_shapes(q, k_pages, tuning)
+    if decode_only:
+        return tpu.paged_decode_attention_tpu(*args, scale=scale, interpret=interpret, **tuning)
+    return tpu.ragged_paged_attention_tpu(*args, scale=scale, interpret=interpret, **tuning)
+
+
+def _check_gpu(q, k_pages, decode_only, tuning) -> None:
+    _, n, h = q.shape
+    group = n // k_pages.shape[2]
+    if not _is_pow2(h) or h < 16:
+        raise ValueError(f"pallas-gpu needs a power-of-two head_dim >= 16, got {h}; use "
+                         f"backend='reference' or pad the heads")
+    for knob in ("num_splits", "block_kv", "block_m", "block_n"):
+        if knob in tuning and not _is_pow2(int(tuning[knob])):
+            raise ValueError(f"{knob} must be a power of two, got {tuning[knob]}")
+    if not decode_only and tuning.get("block_m", 128) < group:
+        raise ValueError(f"block_m ({tuning['block_m']}) must hold one token's {group} query heads")
+    if not decode_only and tuning.get("block_m", 128) < 16 or tuning.get("block_n", 16) < 16:
+        raise ValueError("block_m and block_n must be >= 16 (the smallest tile tl.dot takes)")

@@ -1,0 +1,139 @@
+"""Ragged paged attention for GPUs (chunked prefill, mixed prefill + decode): Pallas, Triton lowering.
+
+A program owns one *query tile* of one sequence and one KV head: ``block_q`` consecutive query
+tokens times the ``G = N / K`` query heads of that KV head, packed as ``block_m = block_q * G``
+(padded to a power of two) matrix rows, row ``r`` being token ``r // G``, head ``r % G``. Each
+K/V tile gathered from the pages therefore serves all G heads (GQA costs no extra reads) and the
+matrix units see a full ``block_m``-row tile even for short chunks.
+
+The tile table (which sequence and first token each tile has) is a handful of tiny XLA ops on the
+step's metadata; identical across layers, so XLA computes it once per step. Rows past
+``qsl[S]`` are padding and form one extra pseudo-sequence with no context, whose tiles write zeros,
+so every output row is written by the kernel and no XLA pass touches the output.
+
+Keys of a tile's sequence are visited in two loops: blocks wholly before the tile's first query
+position need no mask (every row sees every key), the last one or two blocks on the causal
+diagonal are masked per (row, key). Tiles are launched longest-first (reverse table order) so the
+long causal tiles do not form a tail.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from .decode_attention_gpu import LOG2E, NEG, _pow2
+
+
+def tile_table(query_start_loc, num_tokens: int, block_q: int, num_tiles: int):
+    """Per tile: (sequence index, first token row). Sequence ``S`` is the padding pseudo-sequence;
+    tiles past the last needed one get sequence ``S + 1`` and start row ``num_tokens``."""
+    s = query_start_loc.shape[0] - 1
+    starts = query_start_loc  # [S+1]: sequence s starts at qsl[s]; padding starts at qsl[S]
+    ends = jnp.concatenate([query_start_loc[1:], jnp.full((1,), num_tokens, jnp.int32)])
+    n_tiles = (jnp.maximum(ends - starts, 0) + block_q - 1) // block_q
+    cum = jnp.cumsum(n_tiles)
+    i = jnp.arange(num_tiles, dtype=jnp.int32)
+    seq = jnp.searchsorted(cum, i, side="right").astype(jnp.int32)  # in [0, S+1]
+    sc = jnp.minimum(seq, s)
+    start = starts[sc] + (i - (cum - n_tiles)[sc]) * block_q
+    return seq, jnp.where(seq <= s, start, num_tokens).astype(jnp.int32)
+
+
+def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, o_ref, *,
+                   num_seqs, num_tokens, num_tiles, num_heads, group, block_q, block_m, block_n,
+                   head_dim, block_size, scale_log2):
+    # q_ref, o_ref [T*N, H]; k_ref, v_ref [num_blocks*block_size, K*H]; bt_ref [S, W].
+    tile, kh = num_tiles - 1 - pl.program_id(0), pl.program_id(1)
+    seq, t0 = tseq_ref[tile], tstart_ref[tile]
+    is_seq = seq < num_seqs
+    sc = jnp.minimum(seq, num_seqs - 1)
+    seq_start = qsl_ref[jnp.minimum(seq, num_seqs)]
+    seq_end = jnp.where(is_seq, qsl_ref[sc + 1], num_tokens)
+    ctx = jnp.where(is_seq, cl_ref[sc], 0)
+    first_pos = ctx - (seq_end - seq_start) - seq_start  # position of token row t: first_pos + t
+
+    r = jnp.arange(block_m, dtype=jnp.int32)
+    tok = r // group
+    t = t0 + tok
+    row_ok = (tok < block_q) & (t < seq_end)
+    pos = first_pos + t  # [block_m]
+    dims = jnp.arange(head_dim, dtype=jnp.int32)
+    q_rows = t * num_heads + kh * group + r % group
+    row_mask = jnp.broadcast_to(row_ok[:, None], (block_m, head_dim))
+    q = plgpu.load(q_ref.at[q_rows[:, None], dims[None, :]], mask=row_mask, other=0)
+
+    pos_lo = first_pos + t0
+    pos_hi = first_pos + jnp.minimum(t0 + block_q, seq_end) - 1
+    kv_hi = jnp.where(is_seq, jnp.maximum(pos_hi + 1, 0), 0)  # keys [0, kv_hi)
+    n_full = jnp.minimum(jnp.maximum(pos_lo + 1, 0) // block_n, kv_hi // block_n)
+    n_all = (kv_hi + block_n - 1) // block_n
+    cols = (kh * head_dim + dims)[None, :]
+
+    def block(b, carry, masked):
+        acc, m, l = carry
+        j = b * block_n + jnp.arange(block_n, dtype=jnp.int32)  # key positions
+        if masked:
+            live = j < kv_hi
+            page = plgpu.load(bt_ref.at[sc, j // block_size], mask=live, other=0)
+            kv_mask = jnp.broadcast_to(live[:, None], (block_n, head_dim))
+            rows = (page * block_size + j % block_size)[:, None]
+            k = plgpu.load(k_ref.at[rows, cols], mask=kv_mask, other=0)
+            v = plgpu.load(v_ref.at[rows, cols], mask=kv_mask, other=0)
+        else:
+            page = bt_ref[sc, j // block_size]
+            rows = (page * block_size + j % block_size)[:, None]
+            k, v = k_ref[rows, cols], v_ref[rows, cols]
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32) * scale_log2
+        if masked:
+            s = jnp.where(j[None, :] <= pos[:, None], s, NEG)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v,
+                                             preferred_element_type=jnp.float32)
+        return acc, m_new, l
+
+    carry = (jnp.zeros((block_m, head_dim), jnp.float32), jnp.full((block_m,), NEG, jnp.float32),
+             jnp.zeros((block_m,), jnp.float32))
+    carry = jax.lax.fori_loop(0, n_full, functools.partial(block, masked=False), carry)
+    acc, _, l = jax.lax.fori_loop(n_full, n_all, functools.partial(block, masked=True), carry)
+    out = acc / jnp.where(l == 0, 1.0, l)[:, None]
+    plgpu.store(o_ref.at[q_rows[:, None], dims[None, :]], out.astype(o_ref.dtype), mask=row_mask)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "scale", "block_m", "block_n", "num_warps", "num_stages", "interpret"))
+def ragged_paged_attention_gpu(q, k_pages, v_pages, block_tables, context_lens, query_start_loc,
+                               *, scale: float, block_m: int = 128, block_n: int = 64,
+                               num_warps: int = 8, num_stages: int = 3, interpret: bool = False):
+    """Ragged (chunked-prefill / mixed) attention over a paged KV cache.
+
+    q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H]; block_tables: [S, W] int32;
+    context_lens: [S] int32; query_start_loc: [S + 1] int32. Returns [T, N, H] in q's dtype with
+    padding rows zero. H, block_m (>= N / K) and block_n must be powers of two.
+    Shapes are checked by ``pagedjax.kernels.dispatch.ragged_paged_attention``.
+    """
+    t, n, h = q.shape
+    nb, bs, kh, _ = k_pages.shape
+    s, _ = block_tables.shape
+    group = n // kh
+    block_q = block_m // group
+    num_tiles = -(-t // block_q) + s + 1
+    tseq, tstart = tile_table(query_start_loc, t, block_q, num_tiles)
+    kernel = functools.partial(
+        _ragged_kernel, num_seqs=s, num_tokens=t, num_tiles=num_tiles, num_heads=n, group=group,
+        block_q=block_q, block_m=block_m, block_n=block_n, head_dim=h, block_size=bs,
+        scale_log2=scale * LOG2E)
+    out = pl.pallas_call(
+        kernel, grid=(num_tiles, kh), out_shape=jax.ShapeDtypeStruct((t * n, h), q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret, name="ragged_paged_attention")(
+        tseq, tstart, q.reshape(t * n, h), k_pages.reshape(nb * bs, kh * h),
+        v_pages.reshape(nb * bs, kh * h), block_tables, context_lens, query_start_loc)
+    return out.reshape(t, n, h)

@@ -1,0 +1,141 @@
+"""One functional decoder for Llama 2/3/3.1 and Qwen2/2.5.
+
+Einsum letters: B batch, T tokens, N query heads, K kv heads, G query heads per kv head, H head
+dim, D model dim, F MLP dim, V vocab, S key positions.
+
+Parameters are a plain pytree with Hugging Face names (``params["model"]["layers"][i]
+["self_attn"]["q_proj"]["weight"]`` is ``model.layers.{i}.self_attn.q_proj.weight``), weights kept
+in Hugging Face's ``[out, in]`` orientation. The attention call is a seam: ``forward_dense`` runs
+full causal attention over whole sequences (the parity and reference path); ``forward_paged``
+hands q/k/v to an attention function that writes the new K/V into the paged pool and attends over
+it (the engine path).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig
+
+Params = dict[str, Any]
+
+
+def rms_norm(x, weight, eps):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [H/2], with Llama-3.1 scaling when the config asks for it."""
+    h = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
+    s = cfg.rope_scaling
+    if s is not None:
+        low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+        high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+        wavelen = 2 * np.pi / inv
+        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor)
+        scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+        mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        inv = np.where(mid, (1 - smooth) * inv / s.factor + smooth * inv, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
+    """x [..., T, heads, H]; positions [..., T]. Hugging Face's rotate-half convention."""
+    angles = positions[..., :, None].astype(jnp.float32) * inv_freq  # [..., T, H/2]
+    cos = jnp.cos(angles)[..., :, None, :]
+    sin = jnp.sin(angles)[..., :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _linear(x, p):
+    y = jnp.einsum("...d,od->...o", x, p["weight"])
+    if "bias" in p:
+        y = y + p["bias"]
+    return y
+
+
+def _mlp(x, p):
+    gate = _linear(x, p["gate_proj"])
+    up = _linear(x, p["up_proj"])
+    return _linear(jax.nn.silu(gate) * up, p["down_proj"])
+
+
+def _qkv(x, p, cfg: ModelConfig, positions, inv_freq):
+    n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q = _linear(x, p["q_proj"]).reshape(*x.shape[:-1], n, h)
+    kk = _linear(x, p["k_proj"]).reshape(*x.shape[:-1], k, h)
+    v = _linear(x, p["v_proj"]).reshape(*x.shape[:-1], k, h)
+    return apply_rope(q, positions, inv_freq), apply_rope(kk, positions, inv_freq), v
+
+
+def lm_head(params: Params, cfg: ModelConfig, x):
+    w = (params["model"]["embed_tokens"]["weight"] if cfg.tie_word_embeddings
+         else params["lm_head"]["weight"])
+    return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
+
+
+def causal_attention(q, k, v):
+    """Full causal attention over whole sequences. q [B, T, N, H]; k, v [B, T, K, H]."""
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, h)
+    s = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) / np.sqrt(h)
+    mask = jnp.tril(jnp.ones((t, t), dtype=bool))
+    s = jnp.where(mask, s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("bkgts,bskh->btkgh", p, v, preferred_element_type=jnp.float32)
+    return o.reshape(b, t, n, h).astype(q.dtype)
+
+
+def forward_dense(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Logits [B, T, V] (float32) for whole sequences tokens [B, T], no cache."""
+    inv_freq = rope_inv_freq(cfg)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    x = jnp.take(params["model"]["embed_tokens"]["weight"], tokens, axis=0)
+    for layer in params["model"]["layers"]:
+        h = rms_norm(x, layer["input_layernorm"]["weight"], cfg.rms_norm_eps)
+        q, k, v = _qkv(h, layer["self_attn"], cfg, positions, inv_freq)
+        o = causal_attention(q, k, v)
+        x = x + _linear(o.reshape(*o.shape[:-2], -1), layer["self_attn"]["o_proj"])
+        h = rms_norm(x, layer["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
+        x = x + _mlp(h, layer["mlp"])
+    x = rms_norm(x, params["model"]["norm"]["weight"], cfg.rms_norm_eps)
+    return lm_head(params, cfg, x)
+
+
+# attend(q [T, N, H], k [T, K, H], v [T, K, H], layer_cache, meta) -> (out [T, N, H], layer_cache)
+AttendFn = Callable[[jax.Array, jax.Array, jax.Array, Any, Any], tuple[jax.Array, Any]]
+
+
+def forward_paged(params: Params, cfg: ModelConfig, tokens, positions, kv_pool, meta,
+                  attend: AttendFn, logits_indices):
+    """One engine step over a packed ragged batch.
+
+    tokens, positions: [T] int32; kv_pool: a list of per-layer caches, handed to ``attend``
+    layer by layer; logits_indices: [S] rows of the batch whose logits are wanted.
+    Returns (logits [S, V] float32, new kv_pool).
+    """
+    inv_freq = rope_inv_freq(cfg)
+    x = jnp.take(params["model"]["embed_tokens"]["weight"], tokens, axis=0)
+    new_pool = []
+    for layer, cache in zip(params["model"]["layers"], kv_pool):
+        h = rms_norm(x, layer["input_layernorm"]["weight"], cfg.rms_norm_eps)
+        q, k, v = _qkv(h, layer["self_attn"], cfg, positions, inv_freq)
+        o, cache = attend(q, k, v, cache, meta)
+        new_pool.append(cache)
+        x = x + _linear(o.reshape(o.shape[0], -1), layer["self_attn"]["o_proj"])
+        h = rms_norm(x, layer["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
+        x = x + _mlp(h, layer["mlp"])
+    x = jnp.take(x, logits_indices, axis=0)
+    x = rms_norm(x, params["model"]["norm"]["weight"], cfg.rms_norm_eps)
+    return lm_head(params, cfg, x), new_pool

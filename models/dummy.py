@@ -1,0 +1,84 @@
+"""Random weights of a real model's shape (vLLM's ``--load-format dummy``), for benchmarks with no
+download. The shipped ``configs/*.json`` are the real Hugging Face ``config.json`` files.
+
+``abstract_params`` gives shapes and dtypes only (``jax.eval_shape``: nothing is allocated), which
+is what memory planning needs; ``dummy_params`` allocates, in one jitted call so the weights are
+generated directly on the default device rather than copied from the host.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from .config import ModelConfig
+from .params import DTYPE_NAMES, is_norm, param_shapes, unflatten
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def _normalise(name: str) -> str:
+    # "meta-llama/Meta-Llama-3-8B" and "Llama-3-8B" name the same shipped file.
+    name = name.rsplit("/", 1)[-1].lower().removesuffix(".json")
+    return name.removeprefix("meta-")
+
+
+def shipped_configs() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.json"))}
+
+
+def shipped_config_path(name: str) -> Path | None:
+    """The shipped config.json for a model name or hub id (case and org prefix ignored)."""
+    for stem, path in shipped_configs().items():
+        if _normalise(stem) == _normalise(name):
+            return path
+    return None
+
+
+def dummy_config(model: str) -> ModelConfig:
+    """Config for dummy weights: a shipped name, a config.json file, or a folder holding one."""
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        shipped = shipped_config_path(model)
+        if shipped is None:
+            raise ValueError(
+                f"load_format='dummy': {model!r} is not a shipped config name, a config.json or "
+                f"a folder with one; shipped configs: {sorted(shipped_configs())}")
+        path = shipped
+    cfg = ModelConfig.from_json(path)
+    name = cfg.name or (path.stem if path.parent == CONFIG_DIR else path.parent.name)
+    return dataclasses.replace(cfg, name=name)
+
+
+def _init(cfg: ModelConfig, dtype, key):
+    shapes = param_shapes(cfg)
+    keys = jax.random.split(key, len(shapes))
+    flat = {}
+    for k, (name, shape) in zip(keys, shapes.items()):
+        if is_norm(name):
+            flat[name] = jnp.ones(shape, dtype)
+        else:  # 0.02 is the usual initializer_range: keeps activations finite over many layers
+            flat[name] = (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+    return unflatten(flat)
+
+
+def abstract_params(cfg: ModelConfig, dtype: str = "bfloat16"):
+    """The params pytree as ``jax.ShapeDtypeStruct`` leaves; allocates nothing."""
+    return jax.eval_shape(functools.partial(_init, cfg, DTYPE_NAMES[dtype]),
+                          jax.random.key(0))
+
+
+def dummy_params(cfg: ModelConfig, dtype: str = "bfloat16", seed: int = 0):
+    """Random normal * 0.02 weights (ones for norms), generated on the default device."""
+    logger.info("dummy weights for %s: %.2fB params in %s", cfg.name or "model",
+                cfg.num_params() / 1e9, dtype)
+    init = jax.jit(functools.partial(_init, cfg, DTYPE_NAMES[dtype]))
+    return init(jax.random.key(seed))

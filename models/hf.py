@@ -1,0 +1,109 @@
+"""Hugging Face checkpoints: a folder with ``config.json`` and single or sharded safetensors.
+
+Tensors are read one at a time with safetensors' Flax backend (bf16 stays bf16; numpy has no
+bf16) and cast to the target dtype on the default device, so peak memory is the params plus one
+tensor. No torch at run time. A hub id is resolved to a local snapshot with huggingface_hub.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import jax.numpy as jnp
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from .config import ModelConfig
+from .params import DTYPE_NAMES, check_shape, param_shapes, unflatten
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+# What a snapshot needs: the config, the weights and the tokenizer files (never *.bin / *.pth).
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
+
+
+def resolve_hub_id(repo_id: str, revision: str | None = None) -> Path:
+    """Download (or find in the local cache) a hub snapshot; return its folder."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline, gated, misspelt: all say the same thing to the user
+        raise FileNotFoundError(
+            f"{repo_id!r} is neither a local file or folder nor a Hugging Face Hub model that "
+            f"could be downloaded ({type(e).__name__}: {e}). Pass a local folder with "
+            "config.json + *.safetensors, a .gguf file, or load_format='dummy' with a shipped "
+            "config name") from e
+
+
+def shard_files(folder: Path) -> dict[str, Path]:
+    """{tensor name: safetensors file} for a folder; every file the index names must exist."""
+    index = folder / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: folder / fname for name, fname in weight_map.items()}
+        missing = sorted({p.name for p in files.values() if not p.exists()})
+        if missing:
+            raise FileNotFoundError(
+                f"{index}: names shard(s) {missing} that are missing from {folder}; the download "
+                "is incomplete; fetch the missing files again")
+        return files
+    paths = sorted(folder.glob("*.safetensors"))
+    if not paths:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights (and no {INDEX_FILE}); "
+                                "pagedjax reads safetensors only, not PyTorch .bin files")
+    files = {}
+    for path in paths:
+        with safe_open(path, framework="flax") as f:
+            files.update({name: path for name in f.keys()})
+    return files
+
+
+def load_params(folder: str | Path, cfg: ModelConfig, dtype: str) -> dict:
+    """Read every tensor ``cfg`` needs from the folder's safetensors, cast to ``dtype``."""
+    folder = Path(folder)
+    files = shard_files(folder)
+    want = param_shapes(cfg)
+    missing = [n for n in want if n not in files]
+    if missing:
+        raise ValueError(
+            f"{folder}: tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} are missing "
+            f"from the safetensors files ({sorted({p.name for p in files.values()})})")
+    extra = sorted(set(files) - set(want))
+    if extra:  # e.g. lm_head.weight of a tied model, rotary inv_freq buffers
+        logger.info("%s: ignoring %d tensor(s) the decoder does not use: %s", folder,
+                    len(extra), extra[:5])
+    by_file: dict[Path, list[str]] = {}
+    for name in want:
+        by_file.setdefault(files[name], []).append(name)
+    flat = {}
+    target = DTYPE_NAMES[dtype]
+    with tqdm(total=len(want), desc=f"Loading {folder.name}", unit="tensor", leave=False) as bar:
+        for path, names in by_file.items():
+            with safe_open(path, framework="flax") as f:
+                for name in names:
+                    x = f.get_tensor(name)
+                    check_shape(name, x.shape, want[name], str(path))
+                    flat[name] = jnp.asarray(x, dtype=target)
+                    bar.update()
+    return unflatten(flat)
+
+
+def load_hf_folder(folder: str | Path, dtype: str) -> tuple[ModelConfig, dict]:
+    folder = Path(folder)
+    cfg = ModelConfig.from_json(folder / "config.json")
+    return cfg, load_params(folder, cfg, dtype)
+
+
+def load_tokenizer(source: str | Path):
+    """transformers tokenizer of a folder or hub id, or None (with a warning) if it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as e:
+        logger.warning("%s: no tokenizer could be loaded (%s); pass tokenizer=... to load_model "
+                       "to decode text", source, e)
+        return None

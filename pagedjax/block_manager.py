@@ -1,0 +1,107 @@
+"""Paged KV memory on the host side: fixed-size blocks, a free list, reference counts and one
+block table per sequence. Plain Python; the device only ever sees the resulting int arrays.
+
+Methods come in check-then-act pairs (``can_append`` / ``append_slots``, ``can_fork`` / ``fork``)
+so the scheduler decides before anything changes. Sharing is by reference count: a forked
+sequence points at its parent's blocks, and the first write into a shared block copies it
+(copy-on-write): ``append_slots`` returns the ``(src, dst)`` block copies the device must make
+before it writes this step's K/V.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.ref_counts = [0] * num_blocks
+        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.tables: dict[int, list[int]] = {}
+
+    # ---- queries -------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self.free_blocks)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free / self.num_blocks
+
+    def table(self, seq_id: int) -> list[int]:
+        return self.tables.get(seq_id, [])
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _needed(self, seq_id: int, num_computed: int, num_new: int) -> int:
+        table = self.table(seq_id)
+        grow = max(self.blocks_for(num_computed + num_new) - len(table), 0)
+        first = num_computed // self.block_size  # block receiving the first new token
+        cow = 1 if num_new and first < len(table) and self.ref_counts[table[first]] > 1 else 0
+        return grow + cow
+
+    # ---- append --------------------------------------------------------------------------
+    def can_append(self, seq_id: int, num_computed: int, num_new: int) -> bool:
+        return self._needed(seq_id, num_computed, num_new) <= self.num_free
+
+    def append_slots(self, seq_id: int, num_computed: int, num_new: int) -> list[tuple[int, int]]:
+        """Make room for tokens ``num_computed .. num_computed + num_new - 1``; returns CoW copies."""
+        table = self.tables.setdefault(seq_id, [])
+        first = num_computed // self.block_size  # block receiving the first new token
+        shared = num_new and first < len(table) and self.ref_counts[table[first]] > 1
+        grow = self.blocks_for(num_computed + num_new) - len(table)
+        if max(grow, 0) + shared > self.num_free:
+            raise RuntimeError(f"append_slots without room: seq {seq_id} needs "
+                               f"{max(grow, 0) + shared} blocks, {self.num_free} free "
+                               "(call can_append first)")
+        copies = []
+        if shared:
+            src = table[first]
+            dst = self._take()
+            self.ref_counts[src] -= 1
+            table[first] = dst
+            copies.append((src, dst))
+        for _ in range(grow):
+            table.append(self._take())
+        return copies
+
+    def slot(self, seq_id: int, position: int) -> int:
+        table = self.tables[seq_id]
+        return table[position // self.block_size] * self.block_size + position % self.block_size
+
+    # ---- sharing -------------------------------------------------------------------------
+    def fork(self, parent_id: int, child_id: int) -> None:
+        """The child shares every block of the parent (no copy until someone writes)."""
+        if child_id in self.tables:
+            raise RuntimeError(f"fork: sequence {child_id} already has blocks")
+        table = list(self.table(parent_id))
+        for b in table:
+            self.ref_counts[b] += 1
+        self.tables[child_id] = table
+
+    def free(self, seq_id: int) -> None:
+        for b in reversed(self.tables.pop(seq_id, [])):
+            self.ref_counts[b] -= 1
+            if self.ref_counts[b] == 0:
+                self.free_blocks.append(b)
+
+    def _take(self) -> int:
+        b = self.free_blocks.popleft()
+        self.ref_counts[b] = 1
+        return b
+
+    # ---- invariants (tests) --------------------------------------------------------------
+    def check_invariants(self) -> None:
+        refs = [0] * self.num_blocks
+        for table in self.tables.values():
+            for b in table:
+                refs[b] += 1
+        free = set(self.free_blocks)
+        assert len(free) == len(self.free_blocks), "a block is twice in the free list"
+        for b in range(self.num_blocks):
+            assert refs[b] == self.ref_counts[b], f"block {b}: ref count {self.ref_counts[b]} != {refs[b]} uses"
+            assert (b in free) == (refs[b] == 0), f"block {b}: free={b in free} but {refs[b]} uses"

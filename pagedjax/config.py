@@ -1,0 +1,113 @@
+"""Engine, cache and scheduler configuration with vLLM's names and defaults.
+
+``EngineArgs`` is what a user passes to ``LLM(...)`` or on the command line; ``validate`` checks
+each value on its own and says what to change. Checks that need the model (``max_model_len`` vs
+the model's maximum, the pool vs one sequence) happen when the engine starts.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+KV_CACHE_DTYPES = ("auto",)  # fp8 / int8 arrive with the quantized-KV issue
+LOAD_FORMATS = ("auto", "hf", "gguf", "dummy", "orbax")
+ATTENTION_BACKENDS = ("auto", "reference", "pallas-gpu", "pallas-tpu")
+PREEMPTION_MODES = ("recompute", "swap")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineArgs:
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    load_format: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    kv_cache_memory_bytes: int | None = None  # CPU / explicit budget for the pool
+    kv_cache_dtype: str = "auto"
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+    preemption_mode: str = "recompute"
+    swap_space: float = 0.0  # GiB of host memory for swapped-out blocks
+    attention_backend: str = "auto"
+    seed: int = 0
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(msg)
+
+        need(self.dtype in DTYPES, f"--dtype {self.dtype!r} is not one of {DTYPES}")
+        need(self.load_format in LOAD_FORMATS,
+             f"--load-format {self.load_format!r} is not one of {LOAD_FORMATS}")
+        need(self.kv_cache_dtype in KV_CACHE_DTYPES,
+             f"--kv-cache-dtype {self.kv_cache_dtype!r} is not supported yet; use one of "
+             f"{KV_CACHE_DTYPES}")
+        need(self.attention_backend in ATTENTION_BACKENDS,
+             f"--attention-backend {self.attention_backend!r} is not one of {ATTENTION_BACKENDS}")
+        need(self.preemption_mode in PREEMPTION_MODES,
+             f"--preemption-mode {self.preemption_mode!r} is not one of {PREEMPTION_MODES}")
+        need(self.block_size in (8, 16, 32, 64, 128),
+             f"--block-size {self.block_size} must be one of 8, 16, 32, 64, 128")
+        need(0.0 < self.gpu_memory_utilization <= 1.0,
+             f"--gpu-memory-utilization {self.gpu_memory_utilization} must be in (0, 1]")
+        need(self.max_model_len is None or self.max_model_len >= 1,
+             f"--max-model-len {self.max_model_len} must be a positive number of tokens")
+        need(self.max_num_seqs >= 1, f"--max-num-seqs {self.max_num_seqs} must be >= 1")
+        need(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+             f"--max-num-batched-tokens {self.max_num_batched_tokens} must be >= 1")
+        need(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1,
+             f"--num-gpu-blocks-override {self.num_gpu_blocks_override} must be >= 1")
+        need(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
+             f"kv_cache_memory_bytes {self.kv_cache_memory_bytes} must be > 0")
+        need(self.swap_space >= 0, f"--swap-space {self.swap_space} GiB must be >= 0")
+        need(self.tensor_parallel_size >= 1,
+             f"--tensor-parallel-size {self.tensor_parallel_size} must be >= 1")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s) {unknown}; known: {sorted(names)}")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> "EngineArgs":
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)
+                      if hasattr(ns, f.name)})
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """vLLM's flags, same names and defaults."""
+    d = EngineArgs()
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=None,
+                   help="HF folder or hub id, a .gguf file, or a shipped config name with "
+                        "--load-format dummy (default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--tokenizer", default=None)
+    g.add_argument("--dtype", default=d.dtype, choices=DTYPES)
+    g.add_argument("--load-format", default=d.load_format, choices=LOAD_FORMATS)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=d.block_size)
+    g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+    g.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    g.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="explicit KV pool budget in bytes (default on the CPU: 1 GiB)")
+    g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=KV_CACHE_DTYPES)
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--preemption-mode", default=d.preemption_mode, choices=PREEMPTION_MODES)
+    g.add_argument("--swap-space", type=float, default=d.swap_space, help="GiB of host memory")
+    g.add_argument("--attention-backend", default=d.attention_backend, choices=ATTENTION_BACKENDS)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)

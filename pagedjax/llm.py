@@ -1,0 +1,78 @@
+"""``LLM``: the offline library API, vLLM's shape.
+
+    llm = LLM(model="Qwen/Qwen2.5-7B-Instruct", max_model_len=8192)
+    outputs = llm.generate(["Hello, my name is"], SamplingParams(temperature=0.8, max_tokens=64))
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Sequence as Seq
+
+from tqdm.auto import tqdm
+
+from .config import EngineArgs
+from .engine import LLMEngine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+Prompt = str | list[int] | dict[str, Any]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, *, loaded=None, **engine_args: Any):
+        self.engine = LLMEngine(EngineArgs.from_kwargs(model=model, **engine_args), loaded=loaded)
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Seq[Prompt],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt (text, token ids, or {"prompt_token_ids": [...]}), batched
+        continuously; outputs come back in the order of the prompts. Every prompt is validated
+        before any is queued, so a bad one raises and nothing runs."""
+        prompts = _as_list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
+                  else [sampling_params] * len(prompts))
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        inputs = [p["prompt_token_ids"] if isinstance(p, dict) else p for p in prompts]
+        for i, p in enumerate(inputs):
+            try:
+                self.engine.validate_prompt(self.engine.tokenize(p) if isinstance(p, str) else list(p))
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        ids = [f"gen-{next(self._ids)}" for _ in inputs]
+        for rid, p, sp in zip(ids, inputs, params):
+            self.engine.add_request(rid, p, sp, stream=False)
+        return self._run(ids, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm)
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        finally:
+            bar.close()
+        return [done[i] for i in ids]
+
+
+def _as_list(prompts) -> list:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt given as token ids
+    return prompts

@@ -1,0 +1,233 @@
+"""Memory arithmetic shared by ``pagedjax plan`` and the engine's startup report.
+
+One device's memory is split as vLLM splits it::
+
+    device memory x gpu_memory_utilization = weights + profiling peak + KV pool (+ rounding)
+    free = device memory - weights - profiling peak - KV pool
+
+Every figure is per device. Under tensor parallelism a device holds a slice of the model; that
+slice is described by :func:`per_device_config`, a sizing view whose ``num_params()`` is the
+device's share of the weights and whose KV heads are the heads one device stores. The pool is
+always sized by :func:`pagedjax.kv_pool.num_blocks_for_budget`, the function the engine allocates
+with, so the planner's prediction and the engine's pool cannot disagree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from pagedjax import kv_pool
+from pagedjax.config import EngineArgs
+from pagedjax.kv_pool import GiB, KVPoolSpec, dtype_bytes
+from pagedjax.models import ModelConfig
+
+CPU_DEFAULT_KV_BYTES = 1 << 30  # without an accelerator to measure, the pool gets 1 GiB
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"80GiB"``, ``"24GB"``, ``"81920MiB"`` -> bytes. A unit is required: a bare ``80`` is
+    ambiguous between bytes and GiB."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b|b)\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot read the size {text!r}: write a number and a unit, e.g. "
+                         "80GiB, 24GB or 81920MiB (GiB/MiB are powers of 1024, GB/MB of 1000)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def resolve_kv_dtype(kv_cache_dtype: str, dtype: str) -> str:
+    """``--kv-cache-dtype auto`` stores K/V in the model's dtype, as vLLM does."""
+    return dtype if kv_cache_dtype == "auto" else kv_cache_dtype
+
+
+def kv_heads_per_device(cfg: ModelConfig, tp: int) -> int:
+    """max(1, K / tp): with more devices than KV heads each head is replicated tp / K times."""
+    return max(1, cfg.num_key_value_heads // tp)
+
+
+def per_device_config(cfg: ModelConfig, tp: int = 1) -> ModelConfig:
+    """The shapes one device holds under tensor parallelism ``tp`` (a sizing view, not a model to
+    run): query heads, KV heads, MLP columns and the vocabulary (embedding and LM head rows) are
+    split over the devices; norms are replicated; KV heads are replicated when tp > K."""
+    if tp == 1:
+        return cfg
+    n, k = cfg.num_attention_heads, cfg.num_key_value_heads
+    if tp < 1 or n % tp:
+        raise ValueError(f"--tensor-parallel-size {tp} must divide the number of attention heads "
+                         f"({n}): use one of {[d for d in range(1, n + 1) if n % d == 0]}")
+    if k % tp and tp % k:
+        raise ValueError(f"--tensor-parallel-size {tp} must divide the number of KV heads ({k}) "
+                         f"or be a multiple of it, so that KV heads split or replicate evenly")
+    return dataclasses.replace(
+        cfg, num_attention_heads=n // tp, num_key_value_heads=kv_heads_per_device(cfg, tp),
+        intermediate_size=-(-cfg.intermediate_size // tp), vocab_size=-(-cfg.vocab_size // tp),
+        name=f"{cfg.name} (1/{tp} per device)")
+
+
+def weights_bytes(cfg: ModelConfig, dtype: str, tp: int = 1) -> int:
+    """Weights one device holds, computed from the config at ``dtype`` (for a GGUF file: the
+    dequantised size the engine holds, not the file's quantised size)."""
+    return per_device_config(cfg, tp).num_params() * dtype_bytes(dtype)
+
+
+def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str, tp: int = 1) -> int:
+    """K and V bytes one token takes on one device, all layers."""
+    return per_device_config(cfg, tp).kv_bytes_per_token(dtype_bytes(kv_dtype))
+
+
+def profile_peak_bytes_estimate(cfg: ModelConfig, max_num_batched_tokens: int, dtype: str,
+                                max_num_seqs: int | None = None) -> int:
+    """Activation peak of one engine step at the full token budget, an estimate until the engine
+    measures it (vLLM measures a profiling run at ``max_num_batched_tokens``).
+
+    With T = max_num_batched_tokens rows and S = min(T, max_num_seqs) sampled rows, the largest
+    set live at once is one layer's tensors plus the sampler's logits::
+
+        T x (2 D + (N + 2 K) H + 3 F) x dtype bytes   residual + normed input, q/k/v, gate/up/act
+      + 2 x S x V x 4                                 float32 logits and their softmax
+
+    It assumes a flash-style attention kernel (no T x T score matrix) and no cross-layer
+    activations (inference keeps none). Pass a per-device config for tensor parallelism.
+    """
+    t = max_num_batched_tokens
+    s = min(t, max_num_seqs or t)
+    d, f, n, k, h = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                     cfg.num_key_value_heads, cfg.head_dim)
+    layer = t * (2 * d + (n + 2 * k) * h + 3 * f) * dtype_bytes(dtype)
+    return layer + 2 * s * cfg.vocab_size * 4
+
+
+def default_max_num_batched_tokens(args: EngineArgs, max_model_len: int) -> int:
+    """The engine's default token budget per step (vLLM's: 2048 with chunked prefill)."""
+    return args.max_num_batched_tokens or max(
+        2048, args.max_num_seqs if args.enable_chunked_prefill else max_model_len)
+
+
+def kv_budget_bytes(total_bytes: int, gpu_memory_utilization: float, weights: int,
+                    profile_peak: int) -> int:
+    """Bytes left for the KV pool on one device; a clear error when nothing is left."""
+    usable = int(total_bytes * gpu_memory_utilization)
+    budget = usable - weights - profile_peak
+    if budget <= 0:
+        what = ("is smaller than the weights" if weights >= usable
+                else "holds the weights but nothing is left for the KV cache after")
+        raise ValueError(
+            f"{total_bytes / GiB:.2f} GiB x --gpu-memory-utilization {gpu_memory_utilization} = "
+            f"{usable / GiB:.2f} GiB per device {what} the weights ({weights / GiB:.2f} GiB) and "
+            f"the profiling peak ({profile_peak / GiB:.2f} GiB): use a device with more memory, "
+            f"raise --tensor-parallel-size, raise --gpu-memory-utilization, or lower "
+            f"--max-num-batched-tokens")
+    return budget
+
+
+def plan_pool(cfg: ModelConfig, budget_bytes: int, block_size: int, kv_dtype: str,
+              tp: int = 1) -> KVPoolSpec:
+    """The pool one device allocates for ``budget_bytes``: exactly the engine's
+    ``kv_pool.num_blocks_for_budget`` on the per-device shapes."""
+    dev = per_device_config(cfg, tp)
+    num_blocks = kv_pool.num_blocks_for_budget(budget_bytes, dev, block_size, kv_dtype)
+    return KVPoolSpec.for_model(dev, num_blocks, block_size, kv_dtype)
+
+
+def blocks_per_seq(max_model_len: int, block_size: int) -> int:
+    return -(-max_model_len // block_size)
+
+
+def max_concurrency(spec: KVPoolSpec, max_model_len: int) -> int:
+    """Sequences of ``max_model_len`` tokens that fit in the pool at once (whole blocks)."""
+    return spec.num_blocks // blocks_per_seq(max_model_len, spec.block_size)
+
+
+def memory_report(cfg: ModelConfig, args: EngineArgs, dtype: str, *,
+                  total_bytes: int | None = None, weights: int | None = None,
+                  profile_peak: int | None = None, max_model_len: int | None = None) -> dict:
+    """Weights / profiling peak / KV pool / free for one device, in GiB, and the pool it implies.
+
+    The engine calls this at start-up and allocates ``report["num_blocks"]`` blocks:
+    ``total_bytes`` is the device's ``memory_stats()["bytes_limit"]`` (None on the CPU),
+    ``weights`` the measured bytes in use after loading and ``profile_peak`` the measured peak of
+    a profiling step; either left None is computed from the config (weights at ``dtype``; the
+    peak by :func:`profile_peak_bytes_estimate`). The pool's budget, in the engine's order:
+    ``--num-gpu-blocks-override``, then ``--kv-cache-memory-bytes``, then ``total_bytes`` x
+    ``--gpu-memory-utilization`` minus weights and peak, then 1 GiB on the CPU.
+    """
+    tp = args.tensor_parallel_size
+    dev = per_device_config(cfg, tp)
+    kv_dtype = resolve_kv_dtype(args.kv_cache_dtype, dtype)
+    max_model_len = max_model_len or args.max_model_len or cfg.max_position_embeddings
+    tokens = default_max_num_batched_tokens(args, max_model_len)
+    peak_measured = profile_peak is not None
+    weights = weights_bytes(cfg, dtype, tp) if weights is None else weights
+    if profile_peak is None:
+        profile_peak = profile_peak_bytes_estimate(dev, tokens, dtype, args.max_num_seqs)
+    if args.num_gpu_blocks_override:
+        spec = KVPoolSpec.for_model(dev, args.num_gpu_blocks_override, args.block_size, kv_dtype)
+        source = "--num-gpu-blocks-override"
+    else:
+        if args.kv_cache_memory_bytes:
+            budget, source = args.kv_cache_memory_bytes, "--kv-cache-memory-bytes"
+        elif total_bytes is not None:
+            budget = kv_budget_bytes(total_bytes, args.gpu_memory_utilization, weights,
+                                     profile_peak)
+            source = "--gpu-memory-utilization"
+        else:
+            budget, source = CPU_DEFAULT_KV_BYTES, "CPU default (1 GiB)"
+        spec = plan_pool(cfg, budget, args.block_size, kv_dtype, tp)
+    free = None if total_bytes is None else total_bytes - weights - profile_peak - spec.total_bytes
+    return {
+        "device_memory_gib": None if total_bytes is None else total_bytes / GiB,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "weights_gib": weights / GiB,
+        "profile_peak_gib": profile_peak / GiB,
+        "profile_peak_source": "measured" if peak_measured else "estimate",
+        "max_num_batched_tokens": tokens,
+        "kv_pool_gib": spec.total_bytes / GiB,
+        "free_gib": None if free is None else free / GiB,
+        "kv_budget_source": source,
+        "kv_dtype": kv_dtype,
+        "kv_bytes_per_token": dev.kv_bytes_per_token(dtype_bytes(kv_dtype)),
+        "block_size": spec.block_size,
+        "block_bytes": spec.bytes_per_block,
+        "num_blocks": spec.num_blocks,
+        "num_tokens": spec.num_tokens,
+        "max_model_len": max_model_len,
+        "max_concurrency": max_concurrency(spec, max_model_len),
+        "bytes": {"device": total_bytes, "weights": weights, "profile_peak": profile_peak,
+                  "kv_pool": spec.total_bytes, "free": free},
+    }
+
+
+def format_memory_report(rep: dict) -> str:
+    """One log line for the engine's start-up."""
+    dev = ("" if rep["device_memory_gib"] is None else
+           f"device {rep['device_memory_gib']:.2f} GiB x {rep['gpu_memory_utilization']}; ")
+    free = "" if rep["free_gib"] is None else f", free {rep['free_gib']:.2f} GiB"
+    return (f"memory per device: {dev}weights {rep['weights_gib']:.2f} GiB, profiling peak "
+            f"{rep['profile_peak_gib']:.2f} GiB ({rep['profile_peak_source']}), KV pool "
+            f"{rep['kv_pool_gib']:.2f} GiB ({rep['num_blocks']} blocks, {rep['kv_budget_source']})"
+            f"{free}")
+
+
+def min_device_bytes(cfg: ModelConfig, args: EngineArgs, dtype: str, concurrency: int,
+                     max_model_len: int, weights: int, profile_peak: int) -> int:
+    """Smallest per-device memory whose pool holds ``concurrency`` sequences of
+    ``max_model_len`` tokens, with the same weights, peak and utilization."""
+    kv_dtype = resolve_kv_dtype(args.kv_cache_dtype, dtype)
+    tp, bs, util = args.tensor_parallel_size, args.block_size, args.gpu_memory_utilization
+
+    def fits(total: int) -> bool:
+        budget = int(total * util) - weights - profile_peak
+        return budget > 0 and max_concurrency(plan_pool(cfg, budget, bs, kv_dtype, tp),
+                                               max_model_len) >= concurrency
+
+    need = concurrency * blocks_per_seq(max_model_len, bs) * plan_pool(
+        cfg, 0, bs, kv_dtype, tp).bytes_per_block
+    total = math.ceil((weights + profile_peak + need) / util)
+    while not fits(total):  # float rounding of total x util: a step or two at most
+        total += 1
+    while fits(total - 1):
+        total -= 1
+    return total

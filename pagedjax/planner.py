@@ -1,0 +1,402 @@
+"""``pagedjax plan``: how many sequences of which length fit, from the code that sizes the pool.
+
+    pagedjax plan --model Qwen2.5-7B-Instruct --gpu-memory 80GiB
+    pagedjax plan --model ./Qwen2.5-7B-Instruct --gpu-memory 24GiB --requests log.jsonl --json
+
+The model's shape comes from its config alone (no weights are read): a shipped config name
+(``models/configs/<name>.json``), a Hugging Face folder or ``config.json``, a ``.gguf`` file (its
+metadata) or a hub id (its ``config.json`` from the hub). The arithmetic is
+:mod:`pagedjax.memory_report`, the same the engine's start-up uses.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from pagedjax import memory_report as mr
+from pagedjax import models as _models_pkg
+from pagedjax import request_log
+from pagedjax.config import EngineArgs, add_engine_arguments
+from pagedjax.kv_pool import GiB, KVPoolSpec
+from pagedjax.models import ModelConfig
+
+SHIPPED_CONFIGS = Path(_models_pkg.__file__).parent / "configs"
+CONTEXT_LENGTHS = (2048, 4096, 8192, 16384, 32768)
+_GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedModel:
+    cfg: ModelConfig
+    kind: str  # "shipped config", "HF folder", "config.json", "GGUF", "hub"
+    source: str
+    config_dtype: str | None = None  # the checkpoint's torch_dtype, when the config says
+    tokenizer: tuple[str, str | None] | None = None  # (folder or hub id, gguf file name)
+    gguf_tensor_bytes: int | None = None  # tensors as stored in the file (quantised)
+
+
+def shipped_config_names() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.json"))
+
+
+def _hf_dtype(raw: dict) -> str | None:
+    d = raw.get("torch_dtype") or raw.get("dtype")
+    return d if isinstance(d, str) else None
+
+
+def _from_config_json(path: Path, kind: str, tokenizer) -> ResolvedModel:
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    cfg = ModelConfig.from_hf(raw, source=str(path))
+    if not cfg.name:
+        cfg = dataclasses.replace(cfg, name=path.stem if kind == "shipped config"
+                                  else path.parent.name)
+    return ResolvedModel(cfg, kind, str(path), _hf_dtype(raw), tokenizer)
+
+
+def _gguf_value(field):
+    if hasattr(field, "contents"):
+        return field.contents()
+    part = field.parts[field.data[0]]
+    return bytes(part).decode() if field.types[-1].name == "STRING" else part.tolist()[0]
+
+
+def _from_gguf(path: Path) -> ResolvedModel:
+    """Shapes from GGUF metadata, for sizing only (rope scaling is not read)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
+    fields = reader.fields
+
+    def get(key, default=None):
+        return _gguf_value(fields[key]) if key in fields else default
+
+    arch = get("general.architecture")
+    if arch not in _GGUF_ARCHS:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; pagedjax reads "
+                         f"{sorted(_GGUF_ARCHS)}")
+    a = arch
+    missing = [k for k in (f"{a}.block_count", f"{a}.embedding_length", f"{a}.attention.head_count",
+                           f"{a}.feed_forward_length") if k not in fields]
+    if missing:
+        raise ValueError(f"{path}: GGUF metadata lacks {missing}")
+    names = {t.name for t in reader.tensors}
+    vocab = (len(fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in fields
+             else get(f"{a}.vocab_size"))
+    if vocab is None:
+        raise ValueError(f"{path}: GGUF metadata has neither tokenizer.ggml.tokens nor "
+                         f"{a}.vocab_size")
+    heads = int(get(f"{a}.attention.head_count"))
+    raw = {
+        "model_type": _GGUF_ARCHS[arch],
+        "num_hidden_layers": int(get(f"{a}.block_count")),
+        "hidden_size": int(get(f"{a}.embedding_length")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get(f"{a}.attention.head_count_kv", heads)),
+        "intermediate_size": int(get(f"{a}.feed_forward_length")),
+        "vocab_size": int(vocab),
+        "max_position_embeddings": int(get(f"{a}.context_length", 4096)),
+        "rope_theta": float(get(f"{a}.rope.freq_base", 10000.0)),
+        "rms_norm_eps": float(get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "head_dim": get(f"{a}.attention.key_length"),
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "_name_or_path": get("general.name") or path.stem,
+    }
+    cfg = ModelConfig.from_hf(raw, source=str(path))
+    stored = sum(int(t.n_bytes) for t in reader.tensors)
+    return ResolvedModel(cfg, "GGUF", str(path), None, (str(path.parent), path.name), stored)
+
+
+def _hub_config_path(repo_id: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo_id, "config.json"))
+
+
+def resolve_model(model: str) -> ResolvedModel:
+    """A model's config without its weights: local path, shipped config name, or hub id."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"--model {model}: the folder has no config.json")
+        return _from_config_json(path / "config.json", "HF folder", (str(path), None))
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return _from_gguf(path)
+        return _from_config_json(path, "config.json", None)
+    shipped = {n.lower(): n for n in shipped_config_names()}
+    if model.lower() in shipped:
+        return _from_config_json(SHIPPED_CONFIGS / f"{shipped[model.lower()]}.json",
+                                 "shipped config", None)
+    names = ", ".join(shipped.values()) or "none yet"
+    if model.count("/") != 1 or model.startswith((".", "/", "~")) or model.endswith(".gguf"):
+        raise ValueError(f"--model {model!r}: unknown model: no such file or folder and not a "
+                         f"shipped config (shipped: {names}); give an HF folder, a config.json, "
+                         "a .gguf file, a shipped config name or a hub id like Qwen/Qwen2.5-7B")
+    try:
+        cfg_path = _hub_config_path(model)
+    except Exception as e:  # offline, gated, misspelt: all end here
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"--model {model!r}: not a local path or a shipped config, and its config.json could "
+            f"not be fetched from the Hugging Face hub ({type(e).__name__}: {first}). Check the "
+            f"name and the network, or pass a local folder, a .gguf file or a shipped config "
+            f"name ({names})") from None
+    res = _from_config_json(cfg_path, "hub", (model, None))
+    return dataclasses.replace(res, source=model,
+                               cfg=dataclasses.replace(res.cfg, name=res.cfg.name or model))
+
+
+def resolve_dtype(dtype: str, res: ResolvedModel) -> str:
+    """``--dtype auto``: the checkpoint's dtype when it is bfloat16 or float16, else bfloat16."""
+    if dtype != "auto":
+        return dtype
+    return res.config_dtype if res.config_dtype in ("bfloat16", "float16") else "bfloat16"
+
+
+def device_memory_bytes() -> int:
+    """The first JAX device's memory limit (``memory_stats()["bytes_limit"]``)."""
+    import jax
+
+    d = jax.devices()[0]
+    stats = d.memory_stats() if d.platform != "cpu" else None
+    if not stats or "bytes_limit" not in stats:
+        raise ValueError(f"--device: the first JAX device ({d.platform}) reports no memory "
+                         "limit, so there is nothing to read; give the device's memory with "
+                         "--gpu-memory, e.g. --gpu-memory 80GiB")
+    return int(stats["bytes_limit"])
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return mr.parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser)
+    g = parser.add_argument_group("plan")
+    mem = g.add_mutually_exclusive_group()
+    mem.add_argument("--gpu-memory", type=_size_arg, default=None, metavar="SIZE",
+                     help="memory of one device, e.g. 80GiB, 24GB, 81920MiB")
+    mem.add_argument("--device", action="store_true",
+                     help="read the first JAX device's memory limit instead")
+    g.add_argument("--target-concurrency", type=int, default=None, metavar="C",
+                   help="report the smallest device memory for C sequences of --max-model-len "
+                        "tokens (default: the model's maximum)")
+    g.add_argument("--requests", default=None, metavar="LOG.jsonl",
+                   help="a request log: OpenAI completion or chat bodies, one per line")
+    g.add_argument("--max-tokens", type=int, default=512,
+                   help="new tokens to budget per request for --requests (default 512)")
+    g.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def plan(args: argparse.Namespace) -> dict:
+    """The whole report as a dict (what ``--json`` prints)."""
+    if not args.model:
+        raise ValueError("--model is required: a shipped config name, an HF folder or "
+                         "config.json, a .gguf file, or a hub id")
+    res = resolve_model(args.model)
+    cfg = res.cfg
+    eargs = EngineArgs.from_namespace(args)
+    for flag, v in (("--target-concurrency", args.target_concurrency),
+                    ("--max-tokens", args.max_tokens)):
+        if v is not None and v < 1:
+            raise ValueError(f"{flag} {v} must be >= 1")
+    dtype, tp = resolve_dtype(args.dtype, res), eargs.tensor_parallel_size
+    kv_dtype = mr.resolve_kv_dtype(eargs.kv_cache_dtype, dtype)
+    dev = mr.per_device_config(cfg, tp)
+    model_max = cfg.max_position_embeddings
+    if args.max_model_len and args.max_model_len > model_max:
+        raise ValueError(f"--max-model-len {args.max_model_len} is larger than the model's "
+                         f"maximum ({model_max} positions): lower --max-model-len")
+    max_len = args.max_model_len or model_max
+    total = mr.parse_size(args.gpu_memory) if isinstance(args.gpu_memory, str) else args.gpu_memory
+    if args.device:
+        total = device_memory_bytes()
+    weights = mr.weights_bytes(cfg, dtype, tp)
+    tokens = mr.default_max_num_batched_tokens(eargs, max_len)
+    peak = mr.profile_peak_bytes_estimate(dev, tokens, dtype, eargs.max_num_seqs)
+    bs = eargs.block_size
+    block_bytes = mr.plan_pool(cfg, 0, bs, kv_dtype, tp).bytes_per_block
+    notes = [f"profiling peak is an estimate (profile_peak_bytes_estimate at {tokens} batched "
+             "tokens); the engine measures it at start-up"]
+    if tp > cfg.num_key_value_heads:
+        notes.append(f"--tensor-parallel-size {tp} > {cfg.num_key_value_heads} KV heads: each KV "
+                     f"head is replicated on {tp // cfg.num_key_value_heads} devices, so each "
+                     "device stores 1 KV head and the KV cache does not shrink further")
+    if res.gguf_tensor_bytes is not None:
+        notes.append(f"weights are the dequantised size at {dtype} (what the engine holds); the "
+                     f"GGUF file stores {res.gguf_tensor_bytes / GiB:.2f} GiB of tensors")
+    report = {
+        "model": {"name": cfg.name, "source": res.source, "kind": res.kind, "family": cfg.family,
+                  "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
+                  "attention_heads": cfg.num_attention_heads,
+                  "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+                  "vocab_size": cfg.vocab_size, "max_position_embeddings": model_max,
+                  "params": cfg.num_params()},
+        "dtype": dtype, "kv_cache_dtype": kv_dtype, "block_size": bs,
+        "tensor_parallel_size": tp, "kv_heads_per_device": dev.num_key_value_heads,
+        "kv_heads_replicated": tp > cfg.num_key_value_heads,
+        "weights_bytes_per_device": weights, "weights_bytes_total": cfg.num_params()
+        * mr.dtype_bytes(dtype), "gguf_stored_tensor_bytes": res.gguf_tensor_bytes,
+        "profile_peak_bytes_estimate": peak, "max_num_batched_tokens": tokens,
+        "kv_bytes_per_token": mr.kv_bytes_per_token(cfg, kv_dtype, tp),
+        "block_bytes": block_bytes, "memory": None, "concurrency": [], "target": None,
+        "requests": None, "notes": notes,
+    }
+    spec = None
+    if total is not None or eargs.kv_cache_memory_bytes or eargs.num_gpu_blocks_override:
+        report["memory"] = mr.memory_report(cfg, eargs, dtype, total_bytes=total,
+                                            max_model_len=max_len)
+        spec = KVPoolSpec.for_model(dev, report["memory"]["num_blocks"], bs, kv_dtype)
+    else:
+        notes.append("no device memory given: pass --gpu-memory SIZE (or --device on a GPU) "
+                     "for the pool size and concurrency")
+    lengths = sorted({n for n in CONTEXT_LENGTHS if n < model_max} | {model_max, max_len})
+    for n in lengths:
+        report["concurrency"].append({
+            "max_model_len": n, "model_max": n == model_max,
+            "blocks_per_seq": mr.blocks_per_seq(n, bs),
+            "kv_bytes_per_seq": mr.blocks_per_seq(n, bs) * block_bytes,
+            "max_concurrency": None if spec is None else mr.max_concurrency(spec, n),
+            "concurrency_ratio": None if spec is None else spec.num_tokens / n})
+    if spec is not None and mr.max_concurrency(spec, max_len) == 0:
+        notes.append(f"the pool ({spec.num_tokens} tokens) cannot hold one sequence of "
+                     f"max_model_len {max_len}: the engine would refuse to start; lower "
+                     "--max-model-len or give it more memory")
+    if args.target_concurrency:
+        need = mr.min_device_bytes(cfg, eargs, dtype, args.target_concurrency, max_len, weights,
+                                   peak)
+        report["target"] = {"concurrency": args.target_concurrency, "max_model_len": max_len,
+                            "min_device_memory_bytes": need,
+                            "min_device_memory_gib": need / GiB,
+                            "gpu_memory_utilization": eargs.gpu_memory_utilization}
+    if args.requests:
+        report["requests"] = _requests(args, res, eargs, model_max, spec)
+    return report
+
+
+def _requests(args, res: ResolvedModel, eargs: EngineArgs, model_max: int,
+              spec: KVPoolSpec | None) -> dict:
+    if args.tokenizer:
+        t = Path(args.tokenizer)
+        tok_src = (str(t.parent), t.name) if t.suffix == ".gguf" else (args.tokenizer, None)
+    elif res.tokenizer:
+        tok_src = res.tokenizer
+    else:
+        raise ValueError(f"--requests needs a tokenizer and {res.kind} {res.source!r} has none: "
+                         "pass --tokenizer with a tokenizer folder or hub id")
+    tokenizer = request_log.load_tokenizer(*tok_src)
+    prompts, errors = request_log.read_request_log(args.requests, tokenizer)
+    out = request_log.summarize(prompts, errors, max_tokens=args.max_tokens,
+                                block_size=eargs.block_size, model_max_len=model_max)
+    out["log"] = str(args.requests)
+    rec = out["recommended_max_model_len"]
+    out["max_concurrency"] = None if spec is None else mr.max_concurrency(spec, rec)
+    out["max_concurrency_at_model_max"] = (None if spec is None
+                                           else mr.max_concurrency(spec, model_max))
+    return out
+
+
+def run(args: argparse.Namespace) -> None:
+    try:
+        report = plan(args)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"pagedjax plan: error: {e}") from None
+    print(json.dumps(report, indent=2) if args.json else render(report))
+
+
+def _gib(b) -> str:
+    return f"{b / GiB:.2f}"
+
+
+def render(r: dict) -> str:
+    """The human tables."""
+    m = r["model"]
+    out = [f"{m['name'] or m['source']}  ({m['kind']}: {m['source']})",
+           f"  {m['family']}, {m['params'] / 1e9:.2f} B params, {m['layers']} layers, "
+           f"{m['attention_heads']} query / {m['kv_heads']} KV heads x {m['head_dim']}, vocab "
+           f"{m['vocab_size']:,}, max {m['max_position_embeddings']:,} positions",
+           f"  dtype {r['dtype']}, KV cache {r['kv_cache_dtype']}, block size {r['block_size']}, "
+           f"tensor parallel {r['tensor_parallel_size']} ({r['kv_heads_per_device']} KV heads "
+           f"per device{', replicated' if r['kv_heads_replicated'] else ''})", ""]
+    mem = r["memory"]
+    if mem is None:
+        out += [f"weights per device       {_gib(r['weights_bytes_per_device']):>8} GiB",
+                f"profiling peak (est.)    {_gib(r['profile_peak_bytes_estimate']):>8} GiB"]
+    else:
+        rows = []
+        if mem["device_memory_gib"] is not None:
+            rows += [("device memory", mem["device_memory_gib"]),
+                     (f"usable (x {mem['gpu_memory_utilization']})",
+                      mem["device_memory_gib"] * mem["gpu_memory_utilization"])]
+        rows += [("weights", mem["weights_gib"]),
+                 (f"profiling peak ({mem['profile_peak_source']})", mem["profile_peak_gib"]),
+                 (f"KV pool ({mem['kv_budget_source']})", mem["kv_pool_gib"])]
+        if mem["free_gib"] is not None:
+            rows.append(("free", mem["free_gib"]))
+        out.append("memory per device                          GiB")
+        out += [f"  {name:<38}{v:>8.2f}" for name, v in rows]
+    kv = r["kv_bytes_per_token"]
+    out += ["", f"KV cache: {kv:,} B per token ({kv / 1024:.1f} KiB) per device, "
+                f"{r['block_bytes']:,} B per block of {r['block_size']}"]
+    if mem is not None:
+        out.append(f"KV pool: {mem['num_blocks']:,} blocks x {mem['block_size']} = "
+                   f"{mem['num_tokens']:,} tokens")
+    out += ["", "max_model_len      KV/seq GiB   blocks/seq   max concurrency"]
+    for row in r["concurrency"]:
+        conc = "-" if row["max_concurrency"] is None else (
+            f"{row['max_concurrency']:,} ({row['concurrency_ratio']:.2f}x)")
+        tag = " (model max)" if row["model_max"] else ""
+        out.append(f"  {row['max_model_len']:>7,}{tag:<12}{_gib(row['kv_bytes_per_seq']):>8}"
+                   f"{row['blocks_per_seq']:>13,}   {conc}")
+    t = r["target"]
+    if t:
+        out += ["", f"smallest device memory for {t['concurrency']} x {t['max_model_len']:,}-token "
+                    f"sequences: {t['min_device_memory_gib']:.2f} GiB per device "
+                    f"(at --gpu-memory-utilization {t['gpu_memory_utilization']})"]
+    if r["requests"]:
+        out += ["", *_render_requests(r["requests"])]
+    out += ["", *(f"note: {n}" for n in r["notes"])]
+    return "\n".join(out)
+
+
+def _render_requests(q: dict) -> list[str]:
+    p = q["prompt_tokens"]
+    out = [f"request log {q['log']}: {q['requests']:,} prompts"
+           + (f", {len(q['malformed_lines'])} malformed lines" if q["malformed_lines"] else ""),
+           f"  prompt tokens  P50 {p['p50']:,}  P95 {p['p95']:,}  P99 {p['p99']:,}  "
+           f"max {p['max']:,}  mean {p['mean']:.1f}",
+           f"  recommended --max-model-len {q['recommended_max_model_len']:,} "
+           f"(P99 prompt + --max-tokens {q['max_tokens']}, rounded up to the block size"
+           + (", capped at the model's maximum)" if q["capped_at_model_max"] else ")"),
+           f"  rejects {q['rejected']:,} of {q['requests']:,} prompts "
+           f"({100 * q['rejected_share']:.1f}%: prompt + max_tokens > max_model_len)"]
+    if q["max_concurrency"] is not None:
+        out.append(f"  max concurrency {q['max_concurrency']:,} at that length "
+                   f"(vs {q['max_concurrency_at_model_max']:,} at the model's maximum)")
+    a = q["requested_max_tokens"]
+    if a:
+        out.append(f"  max_tokens asked by {a['requests']:,} requests: P50 {a['p50']:,}, "
+                   f"P99 {a['p99']:,}, max {a['max']:,}")
+    if q["by_user_turns"]:
+        out.append("  user turns   requests   mean prompt   growth   P99")
+        for t in q["by_user_turns"]:
+            g = "" if t["growth_vs_previous"] is None else f"{t['growth_vs_previous']:+.0f}"
+            out.append(f"  {t['user_turns']:>10}{t['requests']:>11,}{t['mean']:>14.1f}{g:>9}"
+                       f"{t['p99']:>6,}")
+    for e in q["malformed_lines"][:10]:
+        out.append(f"  line {e['line']}: {e['error']}")
+    if len(q["malformed_lines"]) > 10:
+        out.append(f"  ... and {len(q['malformed_lines']) - 10} more malformed lines (see --json)")
+    return out

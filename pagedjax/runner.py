@@ -1,0 +1,194 @@
+"""ModelRunner: turns a scheduled batch into ONE packed int32 host array, pads it to a bucket
+shape, and calls ONE jitted step (pool donated) that writes K/V, attends, and samples on the
+device. Only the sampled token ids and their logprobs come back to the host.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pagedjax.models import ModelConfig, forward_paged
+
+from . import kv_pool
+from .attention import make_attend
+from .block_manager import BlockManager
+from .scheduler import ScheduledBatch
+from .sampler import sample
+
+logger = logging.getLogger(__name__)
+
+# (name, rows of the bucket it scales with, float32 bit-cast?)
+_INT, _F32 = False, True
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLayout:
+    """Static shape of one step: T token rows, S sequence rows, W block-table width, C copies."""
+
+    T: int
+    S: int
+    W: int
+    C: int
+
+    def fields(self):
+        T, S, W, C = self.T, self.S, self.W, self.C
+        return (("tokens", T, _INT), ("positions", T, _INT), ("slot_mapping", T, _INT),
+                ("block_tables", S * W, _INT), ("context_lens", S, _INT),
+                ("query_start_loc", S + 1, _INT), ("logits_indices", S, _INT),
+                ("temperature", S, _F32), ("top_p", S, _F32), ("top_k", S, _INT),
+                ("min_p", S, _F32), ("seeds", S, _INT), ("counters", S, _INT),
+                ("copy_src", C, _INT), ("copy_dst", C, _INT))
+
+    @functools.cached_property
+    def offsets(self) -> dict[str, tuple[int, int, bool]]:
+        out, at = {}, 0
+        for name, n, is_float in self.fields():
+            out[name] = (at, n, is_float)
+            at += n
+        return out
+
+    @property
+    def size(self) -> int:
+        return sum(n for _, n, _ in self.fields())
+
+    def unpack(self, packed: jax.Array) -> dict[str, jax.Array]:
+        out = {}
+        for name, (at, n, is_float) in self.offsets.items():
+            x = jax.lax.slice_in_dim(packed, at, at + n)
+            out[name] = jax.lax.bitcast_convert_type(x, jnp.float32) if is_float else x
+        out["block_tables"] = out["block_tables"].reshape(self.S, self.W)
+        return out
+
+
+def _pow2_at_least(n: int, lo: int) -> int:
+    return max(lo, 1 << max(n - 1, 0).bit_length())
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, params, spec: kv_pool.KVPoolSpec, *, max_model_len: int,
+                 max_num_seqs: int, max_num_batched_tokens: int, attention_backend: str = "auto",
+                 interpret: bool = False):
+        self.cfg = cfg
+        self.params = params
+        self.spec = spec
+        self.block_size = spec.block_size
+        self.max_blocks = -(-max_model_len // spec.block_size)
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.pool = kv_pool.allocate(spec)
+        attend = make_attend(attention_backend, interpret=interpret)
+        self._step = jax.jit(functools.partial(_step, cfg=cfg, attend=attend),
+                             static_argnames=("layout",), donate_argnames=("pool",))
+
+    # ---- buckets -----------------------------------------------------------------------------
+    def layout_for(self, num_tokens: int, num_seqs: int, max_blocks: int, num_copies: int):
+        T = min(_pow2_at_least(num_tokens, 16), max(self.max_num_batched_tokens, 16))
+        T = max(T, num_tokens)
+        S = min(_pow2_at_least(num_seqs, 4), max(self.max_num_seqs, 4))
+        W = min(_pow2_at_least(max_blocks, 4), self.max_blocks)
+        C = 0 if num_copies == 0 else _pow2_at_least(num_copies, 4)
+        return StepLayout(T, S, max(W, 1), C)
+
+    def buckets(self, max_context: int | None = None) -> list[StepLayout]:
+        """Every copy-free step shape the engine can produce for contexts up to max_context."""
+        def ladder(lo, hi):
+            out, n = [], lo
+            while n < hi:
+                out.append(n)
+                n *= 2
+            return out + [hi]
+
+        max_blocks = self.max_blocks if max_context is None else -(-max_context // self.block_size)
+        t_max = max(self.max_num_batched_tokens, 16)
+        ws = sorted({self.layout_for(1, 1, w, 0).W for w in ladder(1, max_blocks)})
+        ss = sorted({self.layout_for(1, s, 1, 0).S for s in ladder(1, self.max_num_seqs)})
+        ts = sorted({self.layout_for(t, 1, 1, 0).T for t in ladder(1, t_max)})
+        return [StepLayout(t, s, w, 0) for t in ts for s in ss if s <= t for w in ws]
+
+    def warmup(self, max_context: int | None = None) -> int:
+        """Compile every bucket by running all-padding steps (they write nothing). Returns the
+        number of shapes compiled."""
+        layouts = self.buckets(max_context)
+        for layout in layouts:
+            packed = np.zeros(layout.size, dtype=np.int32)
+            at, n, _ = layout.offsets["slot_mapping"]
+            packed[at:at + n] = -1
+            jax.block_until_ready(self.execute(packed, layout))
+        return len(layouts)
+
+    @property
+    def num_compilations(self) -> int:
+        return self._step._cache_size()
+
+    # ---- one step ----------------------------------------------------------------------------
+    def prepare(self, batch: ScheduledBatch, bm: BlockManager) -> tuple[np.ndarray, StepLayout]:
+        seqs, counts = batch.seqs, batch.num_new_tokens
+        n_tok = sum(counts)
+        max_blocks = max(len(bm.table(s.seq_id)) for s in seqs)
+        layout = self.layout_for(n_tok, len(seqs), max_blocks, len(batch.copies))
+        bs = self.block_size
+        packed = np.zeros(layout.size, dtype=np.int32)
+        view = {name: packed[at:at + n] for name, (at, n, _) in layout.offsets.items()}
+        fview = {name: view[name].view(np.float32)
+                 for name, (_, _, is_float) in layout.offsets.items() if is_float}
+        tokens, positions, slots = view["tokens"], view["positions"], view["slot_mapping"]
+        slots[:] = -1
+        tables = view["block_tables"].reshape(layout.S, layout.W)
+        qsl = view["query_start_loc"]
+        at = 0
+        for i, (seq, n) in enumerate(zip(seqs, counts)):
+            start = seq.num_computed_tokens
+            table = bm.table(seq.seq_id)
+            tables[i, :len(table)] = table
+            if n == 1:
+                tokens[at] = seq.token_at(start)
+                positions[at] = start
+                slots[at] = table[start // bs] * bs + start % bs
+            else:
+                pos = np.arange(start, start + n)
+                tokens[at:at + n] = seq.tokens(start, start + n)
+                positions[at:at + n] = pos
+                slots[at:at + n] = np.asarray(table)[pos // bs] * bs + pos % bs
+            at += n
+            qsl[i + 1] = at
+            view["context_lens"][i] = start + n
+            p = seq.params
+            fview["temperature"][i] = p.temperature
+            fview["top_p"][i] = p.top_p
+            view["top_k"][i] = p.top_k
+            fview["min_p"][i] = p.min_p
+            view["seeds"][i] = seq.seed
+            view["counters"][i] = len(seq.output_token_ids)
+        qsl[len(seqs) + 1:] = at
+        view["logits_indices"][:len(seqs)] = qsl[1:len(seqs) + 1] - 1
+        fview["top_p"][len(seqs):] = 1.0
+        if batch.copies:
+            src, dst = zip(*batch.copies)
+            view["copy_src"][:] = 0
+            view["copy_dst"][:] = -1
+            view["copy_src"][:len(src)] = src
+            view["copy_dst"][:len(dst)] = dst
+        return packed, layout
+
+    def execute(self, packed: np.ndarray, layout: StepLayout):
+        """Dispatch the step; returns device arrays (tokens [S], logprobs [S])."""
+        tokens, logprobs, self.pool = self._step(self.params, self.pool, jnp.asarray(packed),
+                                                 layout=layout)
+        return tokens, logprobs
+
+
+def _step(params, pool, packed, *, layout: StepLayout, cfg: ModelConfig, attend):
+    f = layout.unpack(packed)
+    if layout.C:
+        pool = kv_pool.copy_blocks(pool, f["copy_src"], f["copy_dst"])
+    meta = {k: f[k] for k in ("slot_mapping", "block_tables", "context_lens", "query_start_loc")}
+    logits, pool = forward_paged(params, cfg, f["tokens"], f["positions"], pool, meta, attend,
+                                 f["logits_indices"])
+    tokens, logprobs = sample(logits, f["temperature"], f["top_p"], f["top_k"], f["min_p"],
+                              f["seeds"], f["counters"])
+    return tokens, logprobs, pool

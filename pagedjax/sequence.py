@@ -1,0 +1,57 @@
+"""A sequence's host-side state: its tokens, how many of them are in the KV cache, and why it ended."""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+
+from .sampling_params import SamplingParams
+
+_seq_ids = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    SWAPPED = "swapped"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival: int  # admission order: the preemption victim is the largest
+    seed: int  # per-sequence sampling seed; the draw for token i depends on (seed, i) only
+    index: int = 0  # position among the request's n samples
+    seq_id: int = dataclasses.field(default_factory=lambda: next(_seq_ids))
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    output_logprobs: list[float] = dataclasses.field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V sit in the cache
+    status: Status = Status.WAITING
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    cumulative_logprob: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    def token_at(self, i: int) -> int:
+        p = len(self.prompt_token_ids)
+        return self.prompt_token_ids[i] if i < p else self.output_token_ids[i - p]
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        p = len(self.prompt_token_ids)
+        if stop <= p:
+            return self.prompt_token_ids[start:stop]
+        return (self.prompt_token_ids + self.output_token_ids)[start:stop]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

@@ -1,0 +1,102 @@
+"""Block manager and scheduler invariants, by property tests over random workloads."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from pagedjax.block_manager import BlockManager
+from pagedjax.sampling_params import SamplingParams
+from pagedjax.scheduler import Scheduler
+from pagedjax.sequence import Sequence
+
+
+def test_append_fork_copy_on_write_free():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    assert bm.append_slots(0, 0, 6) == []  # 6 tokens: 2 blocks
+    assert len(bm.table(0)) == 2
+    bm.fork(0, 1)
+    assert bm.ref_counts[bm.table(0)[1]] == 2
+    # seq 1 writes token 6 into the shared, partly filled block 1: copied first
+    src = bm.table(1)[1]
+    copies = bm.append_slots(1, 6, 1)
+    assert copies == [(src, bm.table(1)[1])] and bm.table(1)[0] == bm.table(0)[0]
+    assert bm.slot(1, 6) == bm.table(1)[1] * 4 + 2
+    bm.check_invariants()
+    bm.free(0)
+    bm.free(1)
+    bm.check_invariants()
+    assert bm.num_free == 8
+
+
+def test_append_without_room_raises():
+    bm = BlockManager(num_blocks=2, block_size=4)
+    assert not bm.can_append(0, 0, 9)
+    with pytest.raises(RuntimeError, match="can_append"):
+        bm.append_slots(0, 0, 9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5), st.integers(1, 9)), max_size=60))
+def test_block_manager_invariants_under_random_ops(ops):
+    bm = BlockManager(num_blocks=12, block_size=4)
+    lens: dict[int, int] = {}
+    next_id = 0
+    for op, which, n in ops:
+        ids = sorted(lens)
+        if op == 0 or not ids:  # new sequence
+            if bm.can_append(next_id, 0, n):
+                bm.append_slots(next_id, 0, n)
+                lens[next_id] = n
+                next_id += 1
+        else:
+            sid = ids[which % len(ids)]
+            if op == 1 and bm.can_append(sid, lens[sid], n):
+                bm.append_slots(sid, lens[sid], n)
+                lens[sid] += n
+            elif op == 2:
+                bm.fork(sid, next_id)
+                lens[next_id] = lens[sid]
+                next_id += 1
+            elif op == 3:
+                bm.free(sid)
+                del lens[sid]
+        bm.check_invariants()
+        for sid, length in lens.items():
+            assert len(bm.table(sid)) == bm.blocks_for(length)
+    for sid in list(lens):
+        bm.free(sid)
+    bm.check_invariants()
+    assert bm.num_free == bm.num_blocks
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 40), st.integers(1, 12)), min_size=1, max_size=14),
+       st.integers(8, 30), st.integers(4, 64), st.integers(1, 6))
+def test_scheduler_never_loses_or_duplicates(reqs, num_blocks, budget, max_seqs):
+    """A fake device step: every request finishes with exactly its max_tokens, whatever the
+    pool, budget and preemptions; afterwards every block is free."""
+    block_size = 4
+    if max(p + m for p, m in reqs) > num_blocks * block_size:
+        return  # the engine refuses such a request up front
+    bm = BlockManager(num_blocks, block_size)
+    sched = Scheduler(bm, max_num_seqs=max_seqs, max_num_batched_tokens=budget)
+    seqs = [Sequence(str(i), [1] * p, SamplingParams(max_tokens=m), arrival=i, seed=0)
+            for i, (p, m) in enumerate(reqs)]
+    for s in seqs:
+        sched.add(s)
+    for _ in range(5000):
+        if not sched.has_unfinished():
+            break
+        batch = sched.schedule()
+        assert len({s.seq_id for s in batch.seqs}) == len(batch.seqs), "scheduled twice"
+        assert batch.num_tokens <= budget and len(batch.seqs) <= max_seqs
+        for s, n in zip(batch.seqs, batch.num_new_tokens):
+            s.num_computed_tokens += n
+            if s.num_computed_tokens == s.num_tokens:
+                s.output_token_ids.append(2)
+                if len(s.output_token_ids) == s.params.max_tokens:
+                    sched.finish(s, "length")
+        bm.check_invariants()
+        assert set(map(id, sched.running)).isdisjoint(map(id, sched.waiting))
+    assert not sched.has_unfinished(), "the workload did not drain"
+    assert [len(s.output_token_ids) for s in seqs] == [m for _, m in reqs]
+    assert bm.num_free == num_blocks
