@@ -33,6 +33,11 @@ NEG = -1e30  # finite "minus infinity": exp2(NEG - NEG) stays 1, never NaN
 LOG2E = math.log2(math.e)
 
 
+def cdiv(a, b: int):
+    """Ceil division of a non-negative int32 (lax.div: no sign fix-up ops in the kernel)."""
+    return jax.lax.div(a + (b - 1), b)
+
+
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -66,15 +71,15 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *out_refs, num_
 
     lo = split * split_tokens
     hi = jnp.minimum(ctx, lo + split_tokens)
-    n_iter = (jnp.maximum(hi - lo, 0) + block_kv - 1) // block_kv
+    n_iter = cdiv(jnp.maximum(hi - lo, 0), block_kv)
     cols = (kh * head_dim + dims)[None, :]
 
     def body(i, carry):
         acc, m, l = carry
         j = lo + i * block_kv + jnp.arange(block_kv, dtype=jnp.int32)  # token positions
         valid = j < hi
-        page = plgpu.load(bt_ref.at[s, j // block_size], mask=valid, other=0)
-        rows = page * block_size + j % block_size
+        page = plgpu.load(bt_ref.at[s, jax.lax.div(j, block_size)], mask=valid, other=0)
+        rows = page * block_size + jax.lax.rem(j, block_size)
         kv_mask = jnp.broadcast_to(valid[:, None], (block_kv, head_dim))
         k = plgpu.load(k_ref.at[rows[:, None], cols], mask=kv_mask, other=0)  # [block_kv, H]
         v = plgpu.load(v_ref.at[rows[:, None], cols], mask=kv_mask, other=0)
@@ -115,7 +120,7 @@ def _combine_kernel(o_part_ref, m_ref, l_ref, cl_ref, qsl_ref, o_ref, *, num_seq
     slot, n = pl.program_id(0), pl.program_id(1)
     s, row, decodes = slot_row(slot, qsl_ref, num_seqs)
     ctx = jnp.where(decodes, cl_ref[s], 0)
-    n_act = (ctx + split_tokens - 1) // split_tokens  # splits that saw tokens (and wrote)
+    n_act = cdiv(ctx, split_tokens)  # splits that saw tokens (and wrote)
     base = (s * num_heads + n) * num_splits
 
     dims = jnp.arange(head_dim, dtype=jnp.int32)
@@ -135,7 +140,7 @@ def _combine_kernel(o_part_ref, m_ref, l_ref, cl_ref, qsl_ref, o_ref, *, num_seq
                         mask=jnp.broadcast_to(clive[:, None], (chunk, head_dim)), other=0.0)
         return acc + jnp.sum(w[:, None] * oc, axis=0)
 
-    n_chunks = (n_act + chunk - 1) // chunk
+    n_chunks = cdiv(n_act, chunk)
     acc = jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((head_dim,), jnp.float32))
     out = acc / jnp.where(denom == 0, 1.0, denom)
     mask = jnp.broadcast_to(row < num_rows, (head_dim,))

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .decode_attention_gpu import LOG2E, NEG, _pow2
+from .decode_attention_gpu import LOG2E, NEG, cdiv
 
 
 def tile_table(query_start_loc, num_tokens: int, block_q: int, num_tiles: int):
@@ -57,20 +57,21 @@ def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qs
     first_pos = ctx - (seq_end - seq_start) - seq_start  # position of token row t: first_pos + t
 
     r = jnp.arange(block_m, dtype=jnp.int32)
-    tok = r // group
+    tok = jax.lax.div(r, group)
     t = t0 + tok
     row_ok = (tok < block_q) & (t < seq_end)
     pos = first_pos + t  # [block_m]
     dims = jnp.arange(head_dim, dtype=jnp.int32)
-    q_rows = t * num_heads + kh * group + r % group
+    q_rows = t * num_heads + kh * group + jax.lax.rem(r, group)
     row_mask = jnp.broadcast_to(row_ok[:, None], (block_m, head_dim))
     q = plgpu.load(q_ref.at[q_rows[:, None], dims[None, :]], mask=row_mask, other=0)
 
     pos_lo = first_pos + t0
     pos_hi = first_pos + jnp.minimum(t0 + block_q, seq_end) - 1
     kv_hi = jnp.where(is_seq, jnp.maximum(pos_hi + 1, 0), 0)  # keys [0, kv_hi)
-    n_full = jnp.minimum(jnp.maximum(pos_lo + 1, 0) // block_n, kv_hi // block_n)
-    n_all = (kv_hi + block_n - 1) // block_n
+    n_full = jnp.minimum(jax.lax.div(jnp.maximum(pos_lo + 1, 0), block_n),
+                         jax.lax.div(kv_hi, block_n))
+    n_all = cdiv(kv_hi, block_n)
     cols = (kh * head_dim + dims)[None, :]
 
     def block(b, carry, masked):
@@ -78,14 +79,14 @@ def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qs
         j = b * block_n + jnp.arange(block_n, dtype=jnp.int32)  # key positions
         if masked:
             live = j < kv_hi
-            page = plgpu.load(bt_ref.at[sc, j // block_size], mask=live, other=0)
+            page = plgpu.load(bt_ref.at[sc, jax.lax.div(j, block_size)], mask=live, other=0)
             kv_mask = jnp.broadcast_to(live[:, None], (block_n, head_dim))
-            rows = (page * block_size + j % block_size)[:, None]
+            rows = (page * block_size + jax.lax.rem(j, block_size))[:, None]
             k = plgpu.load(k_ref.at[rows, cols], mask=kv_mask, other=0)
             v = plgpu.load(v_ref.at[rows, cols], mask=kv_mask, other=0)
         else:
-            page = bt_ref[sc, j // block_size]
-            rows = (page * block_size + j % block_size)[:, None]
+            page = bt_ref[sc, jax.lax.div(j, block_size)]
+            rows = (page * block_size + jax.lax.rem(j, block_size))[:, None]
             k, v = k_ref[rows, cols], v_ref[rows, cols]
         s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32) * scale_log2

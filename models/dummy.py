@@ -1,9 +1,10 @@
 """Random weights of a real model's shape (vLLM's ``--load-format dummy``), for benchmarks with no
 download. The shipped ``configs/*.json`` are the real Hugging Face ``config.json`` files.
 
-``abstract_params`` gives shapes and dtypes only (``jax.eval_shape``: nothing is allocated), which
-is what memory planning needs; ``dummy_params`` allocates, in one jitted call so the weights are
-generated directly on the default device rather than copied from the host.
+``abstract_params`` gives shapes and dtypes only (``jax.ShapeDtypeStruct``: nothing is allocated),
+which is what memory planning needs; ``dummy_params`` allocates, with jitted generators so the
+weights are made directly on the default device rather than copied from the host. The same seed
+gives the same weights on the same backend (the fast RBG generator is backend-specific).
 """
 from __future__ import annotations
 
@@ -58,27 +59,37 @@ def dummy_config(model: str) -> ModelConfig:
     return dataclasses.replace(cfg, name=name)
 
 
-def _init(cfg: ModelConfig, dtype, key):
-    shapes = param_shapes(cfg)
-    keys = jax.random.split(key, len(shapes))
-    flat = {}
-    for k, (name, shape) in zip(keys, shapes.items()):
-        if is_norm(name):
-            flat[name] = jnp.ones(shape, dtype)
-        else:  # 0.02 is the usual initializer_range: keeps activations finite over many layers
-            flat[name] = (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
-    return unflatten(flat)
+@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
+def _normal(key, index, shape, dtype):
+    # 0.02 is the usual initializer_range: keeps activations finite over many layers.
+    # Drawn in the target dtype: a float32 draw cast down would briefly double the largest
+    # tensor (2 GiB for Qwen2.5-7B's embedding).
+    x = jax.random.normal(jax.random.fold_in(key, index), shape, dtype)
+    return x * jnp.asarray(0.02, dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
+def _ones(shape, dtype):
+    return jnp.ones(shape, dtype)
 
 
 def abstract_params(cfg: ModelConfig, dtype: str = "bfloat16"):
     """The params pytree as ``jax.ShapeDtypeStruct`` leaves; allocates nothing."""
-    return jax.eval_shape(functools.partial(_init, cfg, DTYPE_NAMES[dtype]),
-                          jax.random.key(0))
+    dt = DTYPE_NAMES[dtype]
+    return unflatten({n: jax.ShapeDtypeStruct(s, dt) for n, s in param_shapes(cfg).items()})
 
 
 def dummy_params(cfg: ModelConfig, dtype: str = "bfloat16", seed: int = 0):
-    """Random normal * 0.02 weights (ones for norms), generated on the default device."""
+    """Random normal * 0.02 weights (ones for norms), generated on the default device.
+
+    One small jitted generator per distinct shape (about ten per model), called per tensor: a
+    single jitted init of the whole model would unroll hundreds of RNG ops and compile for
+    minutes, and peak memory stays at the params themselves.
+    """
     logger.info("dummy weights for %s: %.2fB params in %s", cfg.name or "model",
                 cfg.num_params() / 1e9, dtype)
-    init = jax.jit(functools.partial(_init, cfg, DTYPE_NAMES[dtype]))
-    return init(jax.random.key(seed))
+    dt = DTYPE_NAMES[dtype]
+    key = jax.random.key(seed, impl="unsafe_rbg")  # fast; statistical quality is moot here
+    flat = {name: _ones(shape, dt) if is_norm(name) else _normal(key, i, shape, dt)
+            for i, (name, shape) in enumerate(param_shapes(cfg).items())}
+    return unflatten(flat)

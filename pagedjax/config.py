@@ -34,6 +34,7 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     preemption_mode: str = "recompute"
     swap_space: float = 0.0  # GiB of host memory for swapped-out blocks
+    num_cpu_blocks_override: int | None = None  # host swap pool in blocks (tests), over swap_space
     attention_backend: str = "auto"
     seed: int = 0
     tensor_parallel_size: int = 1
@@ -70,6 +71,11 @@ class EngineArgs:
         need(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
              f"kv_cache_memory_bytes {self.kv_cache_memory_bytes} must be > 0")
         need(self.swap_space >= 0, f"--swap-space {self.swap_space} GiB must be >= 0")
+        need(self.num_cpu_blocks_override is None or self.num_cpu_blocks_override >= 1,
+             f"--num-cpu-blocks-override {self.num_cpu_blocks_override} must be >= 1")
+        need(self.preemption_mode != "swap" or self.swap_space > 0 or self.num_cpu_blocks_override,
+             "--preemption-mode swap needs host memory to swap into: set --swap-space (GiB), "
+             "e.g. --swap-space 4")
         need(self.tensor_parallel_size >= 1,
              f"--tensor-parallel-size {self.tensor_parallel_size} must be >= 1")
 
@@ -107,7 +113,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--preemption-mode", default=d.preemption_mode, choices=PREEMPTION_MODES)
-    g.add_argument("--swap-space", type=float, default=d.swap_space, help="GiB of host memory")
+    g.add_argument("--swap-space", type=float, default=d.swap_space,
+                   help="GiB of host memory for KV blocks swapped out (--preemption-mode swap)")
+    g.add_argument("--num-cpu-blocks-override", type=int, default=None,
+                   help="host swap pool size in KV blocks (overrides --swap-space)")
     g.add_argument("--attention-backend", default=d.attention_backend, choices=ATTENTION_BACKENDS)
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)

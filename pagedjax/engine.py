@@ -9,19 +9,20 @@ import time
 import jax
 import numpy as np
 
-from . import kv_pool
+from . import kv_pool, swap
+from .beam_search import BeamSearchParams, BeamState
 from .block_manager import BlockManager
 from .config import EngineArgs
 from .detokenizer import IncrementalDetokenizer
+from .memory_report import default_max_num_batched_tokens, format_memory_report, memory_report
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .runner import ModelRunner
+from .sampler import MAX_LOGPROBS
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 
 logger = logging.getLogger(__name__)
-
-CPU_DEFAULT_KV_BYTES = 1 << 30  # without an accelerator to measure, the pool gets 1 GiB
 
 
 @dataclasses.dataclass
@@ -35,9 +36,13 @@ class Request:
     metrics: RequestMetrics
     max_tokens: int  # params.max_tokens capped by what max_model_len leaves after the prompt
     stream: bool = True  # False: an output only when the request finishes
+    beam: BeamState | None = None
+    beam_candidates: dict[int, list[tuple[float, int]]] = dataclasses.field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
+        if self.beam is not None:
+            return self.beam.done
         return all(s.finished for s in self.seqs)
 
 
@@ -67,8 +72,7 @@ class LLMEngine:
             raise ValueError(
                 f"--max-model-len {self.max_model_len} is larger than the model's maximum "
                 f"({cfg.max_position_embeddings} positions): lower --max-model-len")
-        self.max_num_batched_tokens = args.max_num_batched_tokens or max(
-            2048, args.max_num_seqs if args.enable_chunked_prefill else self.max_model_len)
+        self.max_num_batched_tokens = default_max_num_batched_tokens(args, self.max_model_len)
         if not args.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"--max-num-batched-tokens {self.max_num_batched_tokens} is smaller than "
@@ -79,13 +83,17 @@ class LLMEngine:
         kv_pool.check_fits(self.spec, self.max_model_len)
         kv_pool.log_capacity(self.spec, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, args.block_size)
+        self.swap_space = swap.make_swap_space(args, self.spec, self.max_model_len)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs,
-                                   self.max_num_batched_tokens, args.enable_chunked_prefill)
+                                   self.max_num_batched_tokens, args.enable_chunked_prefill,
+                                   swap_space=self.swap_space)
         interpret = jax.devices()[0].platform == "cpu"
         self.runner = ModelRunner(cfg, loaded.params, self.spec, max_model_len=self.max_model_len,
                                   max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=self.max_num_batched_tokens,
                                   attention_backend=args.attention_backend, interpret=interpret)
+        self.host_pool = (swap.HostKVPool(self.spec, self.swap_space, self.runner)
+                          if self.swap_space is not None else None)
         self.eos_token_ids = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -95,26 +103,15 @@ class LLMEngine:
         self._seed_rng = np.random.default_rng(args.seed)
 
     def _num_blocks(self, args: EngineArgs, loaded) -> int:
-        if args.num_gpu_blocks_override:
-            return args.num_gpu_blocks_override
-        budget = args.kv_cache_memory_bytes
-        if budget is None:
-            dev = jax.devices()[0]
-            stats = dev.memory_stats() if dev.platform != "cpu" else None
-            if not stats:
-                budget = CPU_DEFAULT_KV_BYTES
-            else:
-                # The weights are resident; leave room for the step's activations (estimated as
-                # the logits plus a few hidden-state copies at the token budget).
-                t, cfg = self.max_num_batched_tokens, self.cfg
-                activations = t * (cfg.vocab_size * 4 + 16 * cfg.intermediate_size * 2)
-                budget = int(stats["bytes_limit"] * args.gpu_memory_utilization
-                             - stats["bytes_in_use"] - activations)
-                logger.info("memory: limit %.2f GiB, weights %.2f GiB, activations ~%.2f GiB, "
-                            "KV budget %.2f GiB", stats["bytes_limit"] / kv_pool.GiB,
-                            stats["bytes_in_use"] / kv_pool.GiB, activations / kv_pool.GiB,
-                            budget / kv_pool.GiB)
-        return kv_pool.num_blocks_for_budget(budget, self.cfg, args.block_size, self.dtype)
+        """The planner's arithmetic (pagedjax.memory_report), fed with this device's numbers."""
+        dev = jax.devices()[0]
+        stats = dev.memory_stats() if dev.platform != "cpu" else None
+        self.memory = memory_report(self.cfg, args, self.dtype,
+                                    total_bytes=stats["bytes_limit"] if stats else None,
+                                    weights=stats["bytes_in_use"] if stats else None,
+                                    max_model_len=self.max_model_len)
+        logger.info(format_memory_report(self.memory))
+        return self.memory["num_blocks"]
 
     # ---- requests ----------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
@@ -128,23 +125,51 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.best_of > self.args.max_num_seqs:
+            raise ValueError(f"best_of/n = {params.best_of} exceeds --max-num-seqs "
+                             f"{self.args.max_num_seqs}: lower n or raise --max-num-seqs")
+        if (params.logprobs or 0) > MAX_LOGPROBS:
+            raise ValueError(f"logprobs = {params.logprobs} exceeds the maximum {MAX_LOGPROBS}")
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenize(prompt) if text is not None else [int(t) for t in prompt]
         self.validate_prompt(ids)
-        max_tokens = params.max_tokens
         seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31 - 1))
         arrival = next(self._arrivals)
+        # sample i draws with seed + i: the same tokens as a lone request with that seed
         seqs = [Sequence(request_id, ids, params, arrival, seed=(seed + i) % (2**31 - 1), index=i)
                 for i in range(params.best_of)]
+        seqs[0].pending_forks, seqs[0].seats = seqs[1:], len(seqs)
         detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
                   if self.tokenizer is not None else None for _ in seqs]
-        req = Request(request_id, text, ids, params, seqs, detoks,
-                      RequestMetrics(arrival_time or time.time()),
-                      max_tokens=min(max_tokens or self.max_model_len, self.max_model_len - len(ids)),
-                      stream=stream)
-        self.requests[request_id] = req
-        for s in seqs:
-            self.scheduler.add(s)
+        max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(ids))
+        self.requests[request_id] = Request(request_id, text, ids, params, seqs, detoks,
+                                            RequestMetrics(arrival_time or time.time()),
+                                            max_tokens=max_tokens, stream=stream)
+        self.scheduler.add(seqs[0])
+        self.stats.prompt_tokens += len(ids)
+
+    def add_beam_request(self, request_id: str, prompt: str | list[int],
+                         params: BeamSearchParams) -> None:
+        """Queue a beam search; its beams share KV blocks and fork inside the engine step."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if 2 * params.beam_width > MAX_LOGPROBS:
+            raise ValueError(f"beam_width {params.beam_width} needs {2 * params.beam_width} "
+                             f"candidates per beam; the step returns {MAX_LOGPROBS}")
+        if params.beam_width > self.args.max_num_seqs:
+            raise ValueError(f"beam_width {params.beam_width} exceeds --max-num-seqs "
+                             f"{self.args.max_num_seqs}")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenize(prompt) if text is not None else [int(t) for t in prompt]
+        self.validate_prompt(ids)
+        max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
+        params = dataclasses.replace(params, max_tokens=max_tokens)
+        sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        seq = Sequence(request_id, ids, sp, next(self._arrivals), seed=0, seats=params.beam_width)
+        self.requests[request_id] = Request(
+            request_id, text, ids, sp, [seq], [], RequestMetrics(time.time()),
+            max_tokens=max_tokens, stream=False, beam=BeamState(params, self.eos_token_ids))
+        self.scheduler.add(seq)
         self.stats.prompt_tokens += len(ids)
 
     def validate_prompt(self, ids: list[int]) -> None:
@@ -173,20 +198,24 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
+        if batch.swap_out or batch.swap_in:  # before the step writes into the freed blocks
+            t0 += self.host_pool.execute(batch, self.runner)  # transfer time is not host time
         if not batch:
             return []
+        batch.forks = [(i, child) for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
+                       if seq.pending_forks and seq.num_computed_tokens + n == seq.num_tokens
+                       for child in seq.pending_forks]
         packed, layout = self.runner.prepare(batch, self.block_manager)
         t1 = time.perf_counter()
-        tokens, logprobs = self.runner.execute(packed, layout)
-        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)  # the one device wait
+        result = self.runner.execute(packed, layout).to_host()  # the one device wait
         t2 = time.perf_counter()
-        outputs = self._postprocess(batch, tokens, logprobs)
+        outputs = self._postprocess(batch, result)
         self.stats.steps += 1
         self.stats.device_seconds += t2 - t1
         self.stats.host_seconds += (t1 - t0) + (time.perf_counter() - t2)
         return outputs
 
-    def _postprocess(self, batch, tokens, logprobs) -> list[RequestOutput]:
+    def _postprocess(self, batch, result) -> list[RequestOutput]:
         now = time.time()
         touched: dict[str, Request] = {}
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
@@ -197,8 +226,22 @@ class LLMEngine:
             self.stats.computed_tokens += n
             if seq.num_computed_tokens < seq.num_tokens:
                 continue  # a prefill chunk that is not the last: its sample is discarded
-            self._append(req, seq, int(tokens[i]), float(logprobs[i]), now)
+            if req.beam is not None:
+                req.beam_candidates[seq.seq_id] = list(zip(result.top_logprobs[i].tolist(),
+                                                           result.top_ids[i].tolist()))
+                if len(req.beam_candidates) == len(req.seqs):
+                    self._beam_round(req)
+                    touched[req.request_id] = req
+                continue
+            for child in seq.pending_forks:  # n > 1: the samples share the prompt's blocks
+                self.block_manager.fork(seq.seq_id, child.seq_id)
+                child.num_computed_tokens = seq.num_computed_tokens
+                self.scheduler.insert_running(child)
+            seq.pending_forks = []
+            self._append(req, seq, result, i, now)
             touched[req.request_id] = req
+        for j, (_, child) in enumerate(batch.forks, start=len(batch.seqs)):
+            self._append(self.requests[child.request_id], child, result, j, now)
         outputs = []
         for r in touched.values():
             finished = r.finished
@@ -209,10 +252,42 @@ class LLMEngine:
                 outputs.append(self._output(r))
         return outputs
 
-    def _append(self, req: Request, seq: Sequence, token: int, logprob: float, now: float) -> None:
+    def _beam_round(self, req: Request) -> None:
+        """All live beams have their candidates: pick the next beams, fork their blocks from
+        their parents (copy-on-write on the next write), free the rest."""
+        old = req.seqs
+        parents = req.beam.step([req.beam_candidates[s.seq_id] for s in old])
+        req.beam_candidates.clear()
+        new = []
+        for j, (b, token) in enumerate(parents):
+            parent = old[b]
+            child = Sequence(req.request_id, req.prompt_token_ids, parent.params, parent.arrival,
+                             seed=0, index=j, output_token_ids=parent.output_token_ids + [token])
+            self.block_manager.fork(parent.seq_id, child.seq_id)
+            child.num_computed_tokens = parent.num_computed_tokens if parent.num_computed_tokens \
+                == parent.num_tokens else 0
+            new.append(child)
+        for seq in old:
+            self.scheduler.finish(seq, "stop")
+        for child in new:
+            if child.num_computed_tokens:
+                self.scheduler.insert_running(child)
+            else:  # its parent had been preempted: recompute
+                self.block_manager.free(child.seq_id)
+                self.scheduler.add(child)
+        self.stats.generation_tokens += len(new)
+        req.seqs = new
+
+    def _append(self, req: Request, seq: Sequence, result, row: int, now: float) -> None:
+        token, logprob = int(result.tokens[row]), float(result.logprobs[row])
         seq.output_token_ids.append(token)
         seq.output_logprobs.append(logprob)
         seq.cumulative_logprob += logprob
+        k = req.params.logprobs
+        if k is not None:  # vLLM's shape: the top k plus the sampled token
+            top = dict(zip(result.top_ids[row, :k].tolist(), result.top_logprobs[row, :k].tolist()))
+            top[token] = logprob
+            seq.output_top_logprobs.append(top)
         self.stats.generation_tokens += 1
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = now
@@ -235,17 +310,31 @@ class LLMEngine:
             return self.scheduler.finish(seq, "length")
 
     def _output(self, req: Request) -> RequestOutput:
+        if req.beam is not None:
+            return self._beam_output(req)
         outs = []
         for seq, detok in zip(req.seqs, req.detoks):
             outs.append(CompletionOutput(
                 index=seq.index, text=detok.text if detok else "",
                 token_ids=list(seq.output_token_ids), cumulative_logprob=seq.cumulative_logprob,
-                logprobs=list(seq.output_logprobs) if req.params.logprobs is not None else None,
+                logprobs=list(seq.output_top_logprobs) if req.params.logprobs is not None else None,
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         if req.params.best_of > req.params.n and req.finished:
             outs = sorted(outs, key=lambda o: -o.cumulative_logprob)[:req.params.n]
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
                              req.finished, req.metrics)
+
+    def _beam_output(self, req: Request) -> RequestOutput:
+        outs = [CompletionOutput(index=i, text=self._decode(h.tokens), token_ids=h.tokens,
+                                 cumulative_logprob=h.cum_logprob, logprobs=None,
+                                 finish_reason="stop" if h.ended_by_eos else "length",
+                                 stop_reason=h.score)
+                for i, h in enumerate(req.beam.best())] if req.beam.done else []
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
+                             req.finished, req.metrics)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else ""
 
     # ---- introspection -----------------------------------------------------------------------
     @property
@@ -259,3 +348,11 @@ class LLMEngine:
     @property
     def kv_cache_usage(self) -> float:
         return self.block_manager.usage
+
+    @property
+    def num_swapped(self) -> int:
+        return len(self.scheduler.swapped)
+
+    @property
+    def cpu_cache_usage(self) -> float:
+        return self.swap_space.usage if self.swap_space is not None else 0.0

@@ -110,3 +110,17 @@ def copy_blocks(pool, src: jax.Array, dst: jax.Array):
 
 def host_bytes_per_layer(spec: KVPoolSpec) -> int:
     return int(np.prod(spec.page_shape)) * dtype_bytes(spec.dtype) * 2
+
+
+def gather_blocks(pool, ids: jax.Array) -> jax.Array:
+    """Blocks ``ids`` [P] of every layer, stacked: [2L, P, block_size, K, H] (K and V of layer l
+    at 2l and 2l + 1): one staging array for one host transfer (swap-out)."""
+    return jnp.stack([pages[ids] for kv in pool for pages in kv])
+
+
+def scatter_blocks(pool, staging: jax.Array, ids: jax.Array):
+    """Inverse of ``gather_blocks`` (swap-in): row i of ``staging`` [2L, P, ...] goes to block
+    ids[i]; negative ids are padding and write nothing."""
+    ids = jnp.where(ids < 0, pool[0][0].shape[0], ids)
+    return [(k.at[ids].set(staging[2 * i], mode="drop"),
+             v.at[ids].set(staging[2 * i + 1], mode="drop")) for i, (k, v) in enumerate(pool)]

@@ -10,6 +10,7 @@ from typing import Any, Sequence as Seq
 
 from tqdm.auto import tqdm
 
+from .beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from .config import EngineArgs
 from .engine import LLMEngine
 from .outputs import RequestOutput
@@ -50,6 +51,23 @@ class LLM:
         for rid, p, sp in zip(ids, inputs, params):
             self.engine.add_request(rid, p, sp, stream=False)
         return self._run(ids, use_tqdm)
+
+    def beam_search(self, prompts: Prompt | Seq[Prompt], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """Beam search inside the engine step: beams share KV blocks and fork with copy-on-write.
+        Returns, per prompt, the finished hypotheses best first (semantics in beam_search.py)."""
+        prompts = [p["prompt_token_ids"] if isinstance(p, dict) else p for p in _as_list(prompts)]
+        ids = [f"beam-{next(self._ids)}" for _ in prompts]
+        for rid, p in zip(ids, prompts):
+            self.engine.add_beam_request(rid, p, params)
+        results = []
+        for out in self._run(ids, use_tqdm):
+            seqs = [BeamSearchSequence(tokens=out.prompt_token_ids + o.token_ids,
+                                       cum_logprob=o.cumulative_logprob, score=o.stop_reason,
+                                       text=o.text, finish_reason=o.finish_reason)
+                    for o in out.outputs]
+            results.append(BeamSearchOutput(seqs))
+        return results
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

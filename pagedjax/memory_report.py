@@ -113,11 +113,11 @@ def kv_budget_bytes(total_bytes: int, gpu_memory_utilization: float, weights: in
     budget = usable - weights - profile_peak
     if budget <= 0:
         what = ("is smaller than the weights" if weights >= usable
-                else "holds the weights but nothing is left for the KV cache after")
+                else "leaves no room for the KV cache after the weights")
         raise ValueError(
             f"{total_bytes / GiB:.2f} GiB x --gpu-memory-utilization {gpu_memory_utilization} = "
-            f"{usable / GiB:.2f} GiB per device {what} the weights ({weights / GiB:.2f} GiB) and "
-            f"the profiling peak ({profile_peak / GiB:.2f} GiB): use a device with more memory, "
+            f"{usable / GiB:.2f} GiB per device {what} ({weights / GiB:.2f} GiB) and the "
+            f"profiling peak ({profile_peak / GiB:.2f} GiB): use a device with more memory, "
             f"raise --tensor-parallel-size, raise --gpu-memory-utilization, or lower "
             f"--max-num-batched-tokens")
     return budget

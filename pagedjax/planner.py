@@ -16,15 +16,12 @@ import json
 from pathlib import Path
 
 from pagedjax import memory_report as mr
-from pagedjax import models as _models_pkg
 from pagedjax import request_log
 from pagedjax.config import EngineArgs, add_engine_arguments
 from pagedjax.kv_pool import GiB, KVPoolSpec
 from pagedjax.models import ModelConfig
 
-SHIPPED_CONFIGS = Path(_models_pkg.__file__).parent / "configs"
 CONTEXT_LENGTHS = (2048, 4096, 8192, 16384, 32768)
-_GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,112 +29,58 @@ class ResolvedModel:
     cfg: ModelConfig
     kind: str  # "shipped config", "HF folder", "config.json", "GGUF", "hub"
     source: str
-    config_dtype: str | None = None  # the checkpoint's torch_dtype, when the config says
     tokenizer: tuple[str, str | None] | None = None  # (folder or hub id, gguf file name)
     gguf_tensor_bytes: int | None = None  # tensors as stored in the file (quantised)
 
 
-def shipped_config_names() -> list[str]:
-    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.json"))
-
-
-def _hf_dtype(raw: dict) -> str | None:
-    d = raw.get("torch_dtype") or raw.get("dtype")
-    return d if isinstance(d, str) else None
-
-
-def _from_config_json(path: Path, kind: str, tokenizer) -> ResolvedModel:
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    cfg = ModelConfig.from_hf(raw, source=str(path))
-    if not cfg.name:
-        cfg = dataclasses.replace(cfg, name=path.stem if kind == "shipped config"
-                                  else path.parent.name)
-    return ResolvedModel(cfg, kind, str(path), _hf_dtype(raw), tokenizer)
-
-
-def _gguf_value(field):
-    if hasattr(field, "contents"):
-        return field.contents()
-    part = field.parts[field.data[0]]
-    return bytes(part).decode() if field.types[-1].name == "STRING" else part.tolist()[0]
+def _from_json(path: Path, kind: str, name: str, tokenizer=None) -> ResolvedModel:
+    cfg = ModelConfig.from_json(path)
+    return ResolvedModel(dataclasses.replace(cfg, name=cfg.name or name), kind, str(path),
+                         tokenizer)
 
 
 def _from_gguf(path: Path) -> ResolvedModel:
-    """Shapes from GGUF metadata, for sizing only (rope scaling is not read)."""
+    """The loader's own GGUF metadata reading; no tensor is dequantised."""
     from gguf import GGUFReader
+
+    from pagedjax.models import gguf_loader
 
     try:
         reader = GGUFReader(str(path))
     except Exception as e:
         raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
-    fields = reader.fields
-
-    def get(key, default=None):
-        return _gguf_value(fields[key]) if key in fields else default
-
-    arch = get("general.architecture")
-    if arch not in _GGUF_ARCHS:
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; pagedjax reads "
-                         f"{sorted(_GGUF_ARCHS)}")
-    a = arch
-    missing = [k for k in (f"{a}.block_count", f"{a}.embedding_length", f"{a}.attention.head_count",
-                           f"{a}.feed_forward_length") if k not in fields]
-    if missing:
-        raise ValueError(f"{path}: GGUF metadata lacks {missing}")
-    names = {t.name for t in reader.tensors}
-    vocab = (len(fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in fields
-             else get(f"{a}.vocab_size"))
-    if vocab is None:
-        raise ValueError(f"{path}: GGUF metadata has neither tokenizer.ggml.tokens nor "
-                         f"{a}.vocab_size")
-    heads = int(get(f"{a}.attention.head_count"))
-    raw = {
-        "model_type": _GGUF_ARCHS[arch],
-        "num_hidden_layers": int(get(f"{a}.block_count")),
-        "hidden_size": int(get(f"{a}.embedding_length")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(get(f"{a}.attention.head_count_kv", heads)),
-        "intermediate_size": int(get(f"{a}.feed_forward_length")),
-        "vocab_size": int(vocab),
-        "max_position_embeddings": int(get(f"{a}.context_length", 4096)),
-        "rope_theta": float(get(f"{a}.rope.freq_base", 10000.0)),
-        "rms_norm_eps": float(get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
-        "head_dim": get(f"{a}.attention.key_length"),
-        "tie_word_embeddings": "output.weight" not in names,
-        "attention_bias": "blk.0.attn_q.bias" in names,
-        "_name_or_path": get("general.name") or path.stem,
-    }
-    cfg = ModelConfig.from_hf(raw, source=str(path))
+    cfg = gguf_loader.read_config(reader, path)
     stored = sum(int(t.n_bytes) for t in reader.tensors)
-    return ResolvedModel(cfg, "GGUF", str(path), None, (str(path.parent), path.name), stored)
+    return ResolvedModel(cfg, "GGUF", str(path), (str(path.parent), path.name), stored)
 
 
 def _hub_config_path(repo_id: str) -> Path:
     from huggingface_hub import hf_hub_download
 
-    return Path(hf_hub_download(repo_id, "config.json"))
+    return Path(hf_hub_download(repo_id, "config.json"))  # the config only, never the weights
 
 
 def resolve_model(model: str) -> ResolvedModel:
-    """A model's config without its weights: local path, shipped config name, or hub id."""
+    """A model's config without its weights: a local path, a shipped config name (a hub id whose
+    name is shipped counts: no network needed), or a hub id."""
+    from pagedjax.models import dummy
+
     path = Path(model).expanduser()
+    hub_like = model.count("/") == 1 and not model.startswith((".", "/", "~"))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"--model {model}: the folder has no config.json")
-        return _from_config_json(path / "config.json", "HF folder", (str(path), None))
+        return _from_json(path / "config.json", "HF folder", path.name, (str(path), None))
     if path.is_file():
         if path.suffix == ".gguf":
             return _from_gguf(path)
-        return _from_config_json(path, "config.json", None)
-    shipped = {n.lower(): n for n in shipped_config_names()}
-    if model.lower() in shipped:
-        return _from_config_json(SHIPPED_CONFIGS / f"{shipped[model.lower()]}.json",
-                                 "shipped config", None)
-    names = ", ".join(shipped.values()) or "none yet"
-    if model.count("/") != 1 or model.startswith((".", "/", "~")) or model.endswith(".gguf"):
+        return _from_json(path, "config.json", path.parent.name)
+    shipped = dummy.shipped_config_path(model)
+    if shipped is not None:
+        return _from_json(shipped, "shipped config", shipped.stem,
+                          (model, None) if hub_like else None)
+    names = ", ".join(sorted(dummy.shipped_configs())) or "none"
+    if not hub_like or model.endswith((".gguf", ".json")):
         raise ValueError(f"--model {model!r}: unknown model: no such file or folder and not a "
                          f"shipped config (shipped: {names}); give an HF folder, a config.json, "
                          "a .gguf file, a shipped config name or a hub id like Qwen/Qwen2.5-7B")
@@ -150,16 +93,26 @@ def resolve_model(model: str) -> ResolvedModel:
             f"not be fetched from the Hugging Face hub ({type(e).__name__}: {first}). Check the "
             f"name and the network, or pass a local folder, a .gguf file or a shipped config "
             f"name ({names})") from None
-    res = _from_config_json(cfg_path, "hub", (model, None))
-    return dataclasses.replace(res, source=model,
-                               cfg=dataclasses.replace(res.cfg, name=res.cfg.name or model))
+    return dataclasses.replace(_from_json(cfg_path, "hub", model, (model, None)), source=model)
 
 
-def resolve_dtype(dtype: str, res: ResolvedModel) -> str:
-    """``--dtype auto``: the checkpoint's dtype when it is bfloat16 or float16, else bfloat16."""
-    if dtype != "auto":
-        return dtype
-    return res.config_dtype if res.config_dtype in ("bfloat16", "float16") else "bfloat16"
+def resolve_dtype(dtype: str) -> str:
+    """``--dtype auto`` is bfloat16: what the loader picks on an accelerator (it picks float32
+    only on the CPU, which the planner does not plan for)."""
+    return "bfloat16" if dtype == "auto" else dtype
+
+
+def load_tokenizer(source: str, gguf_file: str | None = None):
+    """The loaders' tokenizer loading, with an error instead of None."""
+    from pagedjax.models import gguf_loader, hf
+
+    tok = (gguf_loader.load_gguf_tokenizer(Path(source) / gguf_file) if gguf_file
+           else hf.load_tokenizer(source))
+    if tok is None:
+        raise ValueError(f"could not load a tokenizer from {source!r}"
+                         f"{f' (gguf_file={gguf_file!r})' if gguf_file else ''}: pass --tokenizer "
+                         "with a tokenizer folder or hub id")
+    return tok
 
 
 def device_memory_bytes() -> int:
@@ -212,7 +165,7 @@ def plan(args: argparse.Namespace) -> dict:
                     ("--max-tokens", args.max_tokens)):
         if v is not None and v < 1:
             raise ValueError(f"{flag} {v} must be >= 1")
-    dtype, tp = resolve_dtype(args.dtype, res), eargs.tensor_parallel_size
+    dtype, tp = resolve_dtype(args.dtype), eargs.tensor_parallel_size
     kv_dtype = mr.resolve_kv_dtype(eargs.kv_cache_dtype, dtype)
     dev = mr.per_device_config(cfg, tp)
     model_max = cfg.max_position_embeddings
@@ -221,14 +174,18 @@ def plan(args: argparse.Namespace) -> dict:
                          f"maximum ({model_max} positions): lower --max-model-len")
     max_len = args.max_model_len or model_max
     total = mr.parse_size(args.gpu_memory) if isinstance(args.gpu_memory, str) else args.gpu_memory
+    notes = []
     if args.device:
         total = device_memory_bytes()
+        notes.append("--device reads memory_stats()['bytes_limit'], the JAX allocator's limit: "
+                     "XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75) of the GPU, the same limit "
+                     "the engine sizes from")
     weights = mr.weights_bytes(cfg, dtype, tp)
     tokens = mr.default_max_num_batched_tokens(eargs, max_len)
     peak = mr.profile_peak_bytes_estimate(dev, tokens, dtype, eargs.max_num_seqs)
     bs = eargs.block_size
     block_bytes = mr.plan_pool(cfg, 0, bs, kv_dtype, tp).bytes_per_block
-    notes = [f"profiling peak is an estimate (profile_peak_bytes_estimate at {tokens} batched "
+    notes += [f"profiling peak is an estimate (profile_peak_bytes_estimate at {tokens} batched "
              "tokens); the engine measures it at start-up"]
     if tp > cfg.num_key_value_heads:
         notes.append(f"--tensor-parallel-size {tp} > {cfg.num_key_value_heads} KV heads: each KV "
@@ -296,7 +253,7 @@ def _requests(args, res: ResolvedModel, eargs: EngineArgs, model_max: int,
     else:
         raise ValueError(f"--requests needs a tokenizer and {res.kind} {res.source!r} has none: "
                          "pass --tokenizer with a tokenizer folder or hub id")
-    tokenizer = request_log.load_tokenizer(*tok_src)
+    tokenizer = load_tokenizer(*tok_src)
     prompts, errors = request_log.read_request_log(args.requests, tokenizer)
     out = request_log.summarize(prompts, errors, max_tokens=args.max_tokens,
                                 block_size=eargs.block_size, model_max_len=model_max)
@@ -374,7 +331,8 @@ def render(r: dict) -> str:
 def _render_requests(q: dict) -> list[str]:
     p = q["prompt_tokens"]
     out = [f"request log {q['log']}: {q['requests']:,} prompts"
-           + (f", {len(q['malformed_lines'])} malformed lines" if q["malformed_lines"] else ""),
+           + (f", {len(q['malformed_lines'])} malformed line"
+              f"{'s' if len(q['malformed_lines']) > 1 else ''}" if q["malformed_lines"] else ""),
            f"  prompt tokens  P50 {p['p50']:,}  P95 {p['p95']:,}  P99 {p['p99']:,}  "
            f"max {p['max']:,}  mean {p['mean']:.1f}",
            f"  recommended --max-model-len {q['recommended_max_model_len']:,} "

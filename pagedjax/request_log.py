@@ -23,19 +23,6 @@ class LoggedPrompt:
     max_tokens: int | None  # what the request itself asked for, if anything
 
 
-def load_tokenizer(source: str, gguf_file: str | None = None):
-    from transformers import AutoTokenizer
-
-    try:
-        if gguf_file:
-            return AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
-        return AutoTokenizer.from_pretrained(source)
-    except Exception as e:  # transformers raises OSError, ValueError, hub errors...
-        raise ValueError(f"could not load a tokenizer from {source!r}"
-                         f"{f' (gguf_file={gguf_file!r})' if gguf_file else ''}: {e}. "
-                         "Pass --tokenizer with a tokenizer folder or hub id") from None
-
-
 def _text(content: Any) -> str:
     """Message content as a string; OpenAI's list-of-parts form keeps its text parts."""
     if isinstance(content, str):

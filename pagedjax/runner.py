@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +64,18 @@ class StepLayout:
             out[name] = jax.lax.bitcast_convert_type(x, jnp.float32) if is_float else x
         out["block_tables"] = out["block_tables"].reshape(self.S, self.W)
         return out
+
+
+class StepResult(NamedTuple):
+    """Per sampling row: the sampled token, its logprob, the top MAX_LOGPROBS logprobs and ids."""
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    top_logprobs: jax.Array
+    top_ids: jax.Array
+
+    def to_host(self) -> "StepResult":
+        return StepResult(*jax.device_get(tuple(self)))
 
 
 def _pow2_at_least(n: int, lo: int) -> int:
@@ -127,10 +140,13 @@ class ModelRunner:
 
     # ---- one step ----------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch, bm: BlockManager) -> tuple[np.ndarray, StepLayout]:
+        """Rows 0..len(seqs)-1 sample for the scheduled sequences; rows after them sample the
+        first token of each ``batch.forks`` child from its parent's logits (n > 1 sampling)."""
         seqs, counts = batch.seqs, batch.num_new_tokens
         n_tok = sum(counts)
         max_blocks = max(len(bm.table(s.seq_id)) for s in seqs)
-        layout = self.layout_for(n_tok, len(seqs), max_blocks, len(batch.copies))
+        layout = self.layout_for(n_tok, len(seqs) + len(batch.forks), max_blocks,
+                                 len(batch.copies))
         bs = self.block_size
         packed = np.zeros(layout.size, dtype=np.int32)
         view = {name: packed[at:at + n] for name, (at, n, _) in layout.offsets.items()}
@@ -167,6 +183,14 @@ class ModelRunner:
         qsl[len(seqs) + 1:] = at
         view["logits_indices"][:len(seqs)] = qsl[1:len(seqs) + 1] - 1
         fview["top_p"][len(seqs):] = 1.0
+        for j, (parent, child) in enumerate(batch.forks, start=len(seqs)):
+            view["logits_indices"][j] = qsl[parent + 1] - 1
+            p = child.params
+            fview["temperature"][j], fview["top_p"][j], fview["min_p"][j] = (
+                p.temperature, p.top_p, p.min_p)
+            view["top_k"][j] = p.top_k
+            view["seeds"][j] = child.seed
+            view["counters"][j] = len(child.output_token_ids)
         if batch.copies:
             src, dst = zip(*batch.copies)
             view["copy_src"][:] = 0
@@ -175,11 +199,10 @@ class ModelRunner:
             view["copy_dst"][:len(dst)] = dst
         return packed, layout
 
-    def execute(self, packed: np.ndarray, layout: StepLayout):
-        """Dispatch the step; returns device arrays (tokens [S], logprobs [S])."""
-        tokens, logprobs, self.pool = self._step(self.params, self.pool, jnp.asarray(packed),
-                                                 layout=layout)
-        return tokens, logprobs
+    def execute(self, packed: np.ndarray, layout: StepLayout) -> "StepResult":
+        """Dispatch the step; the result's arrays stay on the device until the host reads them."""
+        *out, self.pool = self._step(self.params, self.pool, jnp.asarray(packed), layout=layout)
+        return StepResult(*out)
 
 
 def _step(params, pool, packed, *, layout: StepLayout, cfg: ModelConfig, attend):
@@ -189,6 +212,5 @@ def _step(params, pool, packed, *, layout: StepLayout, cfg: ModelConfig, attend)
     meta = {k: f[k] for k in ("slot_mapping", "block_tables", "context_lens", "query_start_loc")}
     logits, pool = forward_paged(params, cfg, f["tokens"], f["positions"], pool, meta, attend,
                                  f["logits_indices"])
-    tokens, logprobs = sample(logits, f["temperature"], f["top_p"], f["top_k"], f["min_p"],
-                              f["seeds"], f["counters"])
-    return tokens, logprobs, pool
+    return (*sample(logits, f["temperature"], f["top_p"], f["top_k"], f["min_p"], f["seeds"],
+                    f["counters"]), pool)

@@ -24,9 +24,13 @@ def _filtered_sample(logits, temperature, top_p, top_k, min_p, seeds, counters):
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
 
 
+MAX_LOGPROBS = 20  # top candidates returned per row: logprobs=k outputs and beam search (2 x width)
+
+
 def sample(logits, temperature, top_p, top_k, min_p, seeds, counters):
-    """logits [S, V] float32; per-row params [S]. Returns (tokens [S] int32, logprobs [S] float32),
-    the logprob being the token's under the unmodified model distribution (vLLM's default)."""
+    """logits [S, V] float32; per-row params [S]. Returns tokens [S] int32, their logprobs [S],
+    and the top MAX_LOGPROBS (logprobs, ids) [S, MAX_LOGPROBS] per row, all logprobs under the
+    unmodified model distribution (vLLM's default)."""
     greedy = jnp.argmax(logits, axis=-1)
     tokens = jax.lax.cond(
         jnp.all(temperature == 0.0),
@@ -35,4 +39,6 @@ def sample(logits, temperature, top_p, top_k, min_p, seeds, counters):
                           _filtered_sample(logits, temperature, top_p, top_k, min_p, seeds, counters)),
     ).astype(jnp.int32)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
-    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logits.shape[-1]))
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    return tokens, chosen, top_lp, top_ids.astype(jnp.int32)

@@ -33,6 +33,10 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     cumulative_logprob: float = 0.0
+    output_top_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
+    # n > 1 sampling: the other samples, forked from this sequence when its prompt is computed
+    pending_forks: list["Sequence"] = dataclasses.field(default_factory=list)
+    seats: int = 1  # running slots the request will need (best_of, or the beam width)
 
     @property
     def num_tokens(self) -> int:

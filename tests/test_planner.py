@@ -163,14 +163,20 @@ def test_unknown_model_and_offline_hub_give_clear_errors(capsys, monkeypatch):
     assert "could not be fetched from the Hugging Face hub" in msg and "network" in msg
 
 
-def test_shipped_config_name(tmp_path, monkeypatch):
-    shipped = tmp_path / "configs"
-    shipped.mkdir()
-    (shipped / "Llama-2-70B.json").write_text(json.dumps(LLAMA2_70B))
-    monkeypatch.setattr(planner, "SHIPPED_CONFIGS", shipped)
-    res = planner.resolve_model("llama-2-70b")
-    assert res.kind == "shipped config" and res.cfg.name == "Llama-2-70B"
-    assert planner.resolve_dtype("auto", res) == "float16"
+def test_shipped_configs_resolve_offline():
+    res = planner.resolve_model("Qwen/Qwen2.5-7B-Instruct")  # a hub id whose config is shipped
+    assert res.kind == "shipped config" and res.tokenizer == ("Qwen/Qwen2.5-7B-Instruct", None)
+    assert mr.kv_bytes_per_token(res.cfg, "bfloat16") == 57_344
+    llama = planner.resolve_model("llama-2-70b-hf").cfg
+    assert mr.kv_bytes_per_token(llama, "bfloat16") == 327_680
+    assert planner.resolve_dtype("auto") == "bfloat16"
+
+
+def test_weights_are_what_the_loader_allocates():
+    from pagedjax.models.params import param_shapes
+
+    for cfg in (ModelConfig.from_hf(QWEN25_7B), ModelConfig.from_hf(LLAMA2_70B)):
+        assert sum(int(np.prod(s)) for s in param_shapes(cfg).values()) == cfg.num_params()
 
 
 def test_gguf_metadata(tmp_path):
@@ -184,6 +190,7 @@ def test_gguf_metadata(tmp_path):
     w.add_head_count_kv(2)
     w.add_feed_forward_length(128)
     w.add_context_length(2048)
+    w.add_layer_norm_rms_eps(1e-5)
     w.add_token_list([f"t{i}" for i in range(96)])
     w.add_tensor("token_embd.weight", np.zeros((96, 64), np.float16))
     w.write_header_to_file()
@@ -212,7 +219,7 @@ def write_log(path: Path) -> Path:
 def test_request_log_percentiles_and_malformed_lines(tmp_path, tokenizer_dir):
     from pagedjax import request_log
 
-    tok = request_log.load_tokenizer(str(tokenizer_dir))
+    tok = planner.load_tokenizer(str(tokenizer_dir))
     prompts, errors = request_log.read_request_log(write_log(tmp_path / "log.jsonl"), tok)
     assert len(prompts) == 100
     assert [e["line"] for e in errors] == [3, 7]

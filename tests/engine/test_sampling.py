@@ -29,8 +29,15 @@ def test_top_k_1_is_greedy_and_logprobs_reported(tiny_qwen):
     topk1 = llm.generate([p], SamplingParams(temperature=1.3, top_k=1, seed=3, max_tokens=8,
                                              ignore_eos=True), use_tqdm=False)[0].outputs[0]
     assert greedy.token_ids == topk1.token_ids
-    assert len(greedy.logprobs) == 8 and all(lp <= 0 for lp in greedy.logprobs)
-    assert np.isclose(greedy.cumulative_logprob, sum(greedy.logprobs), atol=1e-4)
+    # logprobs=0: vLLM's shape, one {token: logprob} per position holding the sampled token
+    assert [list(d) for d in greedy.logprobs] == [[t] for t in greedy.token_ids]
+    chosen = [d[t] for d, t in zip(greedy.logprobs, greedy.token_ids)]
+    assert all(lp <= 0 for lp in chosen)
+    assert np.isclose(greedy.cumulative_logprob, sum(chosen), atol=1e-4)
+    top5 = llm.generate([p], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True,
+                                            logprobs=5), use_tqdm=False)[0].outputs[0]
+    for d, t in zip(top5.logprobs, top5.token_ids):
+        assert len(d) == 5 and max(d, key=d.get) == t  # greedy: the sampled token is the best
 
 
 def test_stop_token_ids_and_eos(tiny_qwen):

@@ -1,0 +1,158 @@
+"""capacity: max_model_len vs concurrency: KV tokens, maximum concurrency, and tok/s at that concurrency.
+
+The post-mortem's table, measured. For each ``--max-model-lens`` value an engine starts at
+``--gpu-memory-utilization`` (0.9) and sizes its KV pool from free device memory; vLLM's "maximum
+concurrency" is pool tokens / max_model_len, the requests of the full length that fit at once.
+Then that many requests, each a ``--input-len`` (1000) token prompt generating ``--output-len``
+(512) tokens with ``ignore_eos``, are submitted at once and timed: output tok/s, how many ran at
+once (``max_running``), preemptions, and step shapes compiled during the measured run.
+
+A paged pool does not depend on max_model_len (the table shows it), and a step's shapes depend on
+the requests, not on max_model_len: so one engine, at the longest max_model_len with the same pool
+and ``--max-num-seqs`` = the largest concurrency, runs every row, after one warm-up pass of the
+largest row's workload (``--warmup same``). The rows run smallest first and the JSON is rewritten
+after each, so a run cut short keeps its finished rows.
+
+``--quick`` cuts every size for a smoke run; ``--max-concurrency-cap`` bounds the requests per row
+(the CPU's default 1 GiB pool would otherwise admit thousands of tiny requests).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from benchmarks import harness, plots
+from benchmarks.common import print_table, results_dir, write_result
+from pagedjax.kv_pool import GiB
+
+logger = logging.getLogger(__name__)
+
+FULL = {"max_model_lens": [2048, 4096, 8192, 32768], "input_len": 1000, "output_len": 512,
+        "max_concurrency_cap": None}
+QUICK = {"max_model_lens": [64, 256], "input_len": 32, "output_len": 16, "max_concurrency_cap": 8}
+COLUMNS = ["max_model_len", "kv_cache_tokens", "kv_cache_gib", "max_concurrency", "requests",
+           "max_running", "output_tok_s", "total_tok_s", "elapsed_s", "preemptions",
+           "compilations"]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    harness.add_engine_arguments(p)
+    p.add_argument("--max-model-lens", type=_ints, default=None,
+                   help=f"comma list (default {FULL['max_model_lens']}; --quick {QUICK['max_model_lens']})")
+    p.add_argument("--input-len", type=int, default=None, help="prompt tokens (default 1000)")
+    p.add_argument("--output-len", type=int, default=None, help="new tokens (default 512)")
+    p.add_argument("--max-concurrency-cap", type=int, default=None,
+                   help="run at most this many requests per length (default: no cap)")
+    p.add_argument("--warmup", choices=("same", "none"), default="same",
+                   help="same: the largest row's workload once, unmeasured; none: no warm-up")
+    p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+
+
+def _probe(loaded, args, max_model_len: int) -> dict:
+    """Start an engine at this max_model_len (it sizes its pool and logs vLLM's capacity lines),
+    read the pool, drop it. Nothing is compiled."""
+    row = {"max_model_len": max_model_len}
+    try:
+        llm = harness.make_llm(loaded, harness.engine_args(args, max_model_len=max_model_len))
+    except ValueError as e:  # the pool cannot hold one sequence of this length
+        return {**row, "error": str(e)}
+    spec = llm.engine.spec
+    row.update(kv_cache_tokens=spec.num_tokens, kv_cache_gib=spec.total_bytes / GiB,
+               kv_cache_blocks=spec.num_blocks, max_concurrency=spec.num_tokens / max_model_len,
+               max_num_batched_tokens=llm.engine.max_num_batched_tokens)
+    harness.release(llm)
+    n = int(row["max_concurrency"])
+    row["requests"] = min(n, args.max_concurrency_cap) if args.max_concurrency_cap else n
+    return row
+
+
+def _measure(llm, row: dict, args) -> None:
+    from pagedjax import SamplingParams
+
+    n = row["requests"]
+    prompts = harness.random_prompts([args.input_len] * n, llm.engine.cfg.vocab_size, args.seed)
+    sp = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=args.output_len)
+    r = harness.generate(llm, prompts, sp)
+    row.update({k: v for k, v in r.figures().items()
+                if k in ("output_tok_s", "total_tok_s", "elapsed_s", "preemptions", "max_running",
+                         "steps", "host_s", "device_s")})
+    row["compilations"] = r.compilations
+    logger.info("max_model_len %d: %d KV tokens, concurrency %.1f, %d requests: %.0f output tok/s",
+                row["max_model_len"], row["kv_cache_tokens"], row["max_concurrency"], n,
+                r.output_tok_s)
+
+
+def run(args) -> dict:
+    from pagedjax import SamplingParams
+
+    harness.preset(args, FULL, QUICK)
+    loaded = harness.load(args)
+    rows = [_probe(loaded, args, m) for m in args.max_model_lens]
+    for r in rows:
+        if "error" not in r and (r["requests"] < 1 or args.input_len >= r["max_model_len"]):
+            r["error"] = f"{r['requests']} requests of {args.input_len} tokens do not fit"
+    ok = [r for r in rows if "error" not in r]
+    summary = _summary(rows)
+    write_result("capacity", summary, _figures(loaded, args, rows), out=args.out)
+    if ok:
+        # max_model_len only changes the admission arithmetic above; what runs depends on the
+        # requests. One engine (the longest max_model_len, the same pool) measures every row, so
+        # the step shapes compiled for the largest batch serve the smaller ones.
+        top = max(ok, key=lambda r: r["max_model_len"])
+        biggest = max(r["requests"] for r in ok)
+        llm = harness.make_llm(loaded, harness.engine_args(
+            args, max_model_len=top["max_model_len"], max_num_seqs=biggest,
+            num_gpu_blocks_override=min(r["kv_cache_blocks"] for r in ok),
+            max_num_batched_tokens=top["max_num_batched_tokens"]))
+        warm = {}
+        if args.warmup == "same":
+            prompts = harness.random_prompts([args.input_len] * biggest,
+                                             llm.engine.cfg.vocab_size, args.seed + 1)
+            w = harness.generate(llm, prompts, SamplingParams(
+                temperature=1.0, ignore_eos=True, max_tokens=args.output_len))
+            warm = {"warmup_s": w.elapsed_s, "warmup_compilations": w.compilations}
+            logger.info("warm-up (%d requests): %d step shapes compiled, %.1f s", biggest,
+                        w.compilations, w.elapsed_s)
+        for r in sorted(ok, key=lambda r: r["requests"]):  # quickest rows first
+            _measure(llm, r, args)
+            summary = {**_summary(rows), **warm}
+            # rewritten after every row: a run cut short still leaves its finished rows
+            write_result("capacity", summary, _figures(loaded, args, rows), out=args.out)
+        harness.release(llm)
+    print_table(rows, COLUMNS)
+    _plot(results_dir(args.out) / "capacity.png", rows, args)
+    return summary
+
+
+def _summary(rows: list[dict]) -> dict:
+    summary = {"compilations_after_warmup": sum(r.get("compilations", 0) for r in rows)}
+    for r in rows:
+        m = r["max_model_len"]
+        summary[f"max_concurrency_{m}"] = r.get("max_concurrency")
+        summary[f"output_tok_s_{m}"] = r.get("output_tok_s")
+    return summary
+
+
+def _figures(loaded, args, rows) -> dict:
+    return {"model": loaded.cfg.name or args.model, "dtype": loaded.dtype,
+            "gpu_memory_utilization": args.gpu_memory_utilization,
+            "input_len": args.input_len, "output_len": args.output_len,
+            "max_concurrency_cap": args.max_concurrency_cap, "warmup": args.warmup,
+            "kv_bytes_per_token": loaded.cfg.kv_bytes_per_token(
+                2 if loaded.dtype != "float32" else 4),
+            "rows": rows, "table": {"columns": COLUMNS, "rows": rows}}
+
+
+def _plot(path, rows, args) -> None:
+    labels = [str(r["max_model_len"]) for r in rows]
+    plots.save(path, [
+        {"kind": "bars", "title": "maximum concurrency (pool tokens / max_model_len)",
+         "ylabel": "requests", "labels": labels, "values": [r.get("max_concurrency") for r in rows]},
+        {"kind": "bars", "title": f"output tok/s at that concurrency ({args.input_len} in, "
+                                  f"{args.output_len} out)",
+         "ylabel": "tok/s", "labels": labels, "values": [r.get("output_tok_s") for r in rows]},
+    ], title=f"capacity at gpu_memory_utilization {args.gpu_memory_utilization}")

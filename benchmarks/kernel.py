@@ -1,0 +1,415 @@
+"""Paged-attention kernels on the device: decode GB/s against the copy bandwidth and jax's own
+Pallas kernel, prefill TFLOP/s against the matmul ceiling and cuDNN, all measured in one run.
+
+Every time is taken on the device: ``n`` calls chained inside one jitted ``lax.fori_loop`` (the
+output of a call is the next call's query, so nothing is hoisted or skipped), each loop iteration
+walking ``R`` different block tables over one pool of ``R`` page sets, so that the pages read by
+consecutive calls are different and (R times the KV bytes >= 4x the L2) the L2 cannot flatter.
+Correctness is checked on the device first: each kernel against the reference on a ragged batch
+with context lengths 0/1/15/16/17/long, and every timed decode shape against jax's kernel.
+``--tiny`` runs the same code on the CPU in interpret mode (a test calls it).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pagedjax.kernels import paged_attention_ref, write_kv_ref
+from pagedjax.kernels.dispatch import ragged_paged_attention
+
+from . import common, plots
+
+logger = logging.getLogger(__name__)
+L2_BYTES = 50 << 20
+SWEEP_DECODE = [{"num_splits": "x2"}, {"num_splits": "/2"}, {"block_kv": 128}, {"block_kv": 32},
+                {"num_warps": 8}, {"num_stages": 2}, {"num_stages": 4}]
+PREFILL_TILES = [dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
+                 dict(block_m=128, block_n=128, num_warps=8, num_stages=3),
+                 dict(block_m=128, block_n=64, num_warps=4, num_stages=3),
+                 dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
+                 dict(block_m=128, block_n=32, num_warps=4, num_stages=4)]
+PEER = [dict(k_splits=16, pages_per_compute_block=8), dict(k_splits=8, pages_per_compute_block=8),
+        dict(k_splits=4, pages_per_compute_block=16), dict(k_splits=32, pages_per_compute_block=4)]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tiny", action="store_true",
+                   help="CPU smoke run: tiny shapes, kernels in interpret mode")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
+    p.add_argument("--contexts", type=int, nargs="+", default=[512, 4096, 32768])
+    p.add_argument("--prefill-tokens", type=int, default=8192)
+    p.add_argument("--sweep", action="store_true",
+                   help="also time tuning variants of our kernels at the target shapes")
+    p.add_argument("--no-peer", action="store_true", help="skip jax's own paged_attention")
+    p.add_argument("--target-ms", type=float, default=25.0, help="device time per measurement")
+
+
+class Bench:
+    def __init__(self, args):
+        self.tiny = args.tiny or jax.devices()[0].platform == "cpu"
+        self.gpu = jax.devices()[0].platform == "gpu"
+        self.backend = "pallas-tpu" if jax.devices()[0].platform == "tpu" else "pallas-gpu"
+        self.interpret = self.tiny
+        self.n, self.k, self.h, self.bs = (7, 1, 64, 16) if self.tiny else (28, 4, 128, 16)
+        self.dtype = jnp.bfloat16
+        self.batches = [2] if self.tiny else args.batches
+        self.contexts = [64] if self.tiny else args.contexts
+        self.prefill_t = 32 if self.tiny else args.prefill_tokens
+        self.target_s = args.target_ms / 1e3
+        self.mem = _device_memory() * 0.75
+        self.key = jax.random.PRNGKey(0)
+
+    def rand(self, shape, dtype=None):
+        self.key, sub = jax.random.split(self.key)
+        return jax.random.normal(sub, shape, dtype or self.dtype)
+
+    def timed(self, step, q, consts, calls_per_iter: int, predicted_s: float) -> float:
+        """Seconds per call: ``step(q, consts) -> q`` chained n times in one jitted fori_loop."""
+        n = 1 if self.tiny else int(np.clip(self.target_s / max(predicted_s * calls_per_iter, 1e-7),
+                                            3, 4000))
+        loop = jax.jit(lambda q, c: jax.lax.fori_loop(0, n, lambda i, x: step(x, c), q))
+        jax.block_until_ready(loop(q, consts))  # compile + warm
+        times = []
+        for _ in range(1 if self.tiny else 3):
+            t0 = time.perf_counter()
+            jax.block_until_ready(loop(q, consts))
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times)) / (n * calls_per_iter)
+
+
+# ---- ceilings ----------------------------------------------------------------------------------
+def copy_bandwidth(b: Bench) -> float:
+    """Bytes read + written per second by an elementwise pass over a large buffer."""
+    x = b.rand((1 << 16,) if b.tiny else (256 << 20,))
+    t = b.timed(lambda x, _: -x, x, None, 1, 2 * x.nbytes / 3e12)
+    return 2 * x.nbytes / t
+
+
+def matmul_flops(b: Bench) -> float:
+    m = 256 if b.tiny else 8192
+    x, y = b.rand((m, m)), b.rand((m, m)) * (1.0 / math.sqrt(m))
+    t = b.timed(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(x.dtype),
+                x, y, 1, 2 * m**3 / 700e12)
+    return 2 * m**3 / t
+
+
+# ---- decode ------------------------------------------------------------------------------------
+def decode_case(b: Bench, batch: int, ctx: int, copy_bw: float, sweep: bool, peer: bool) -> dict:
+    n, k, h, bs = b.n, b.k, b.h, b.bs
+    w = -(-ctx // bs)
+    kv_bytes = 2 * batch * ctx * k * h * 2
+    rot = int(np.clip(-(-4 * L2_BYTES // kv_bytes), 1, 16)) if not b.tiny else 1
+    if kv_bytes * rot * (2 if peer else 1) > b.mem:
+        return {"batch": batch, "ctx": ctx, "skipped": "does not fit"}
+    pages = rot * batch * w
+    kp, vp = b.rand((pages + 1, bs, k, h)), b.rand((pages + 1, bs, k, h))
+    perm = np.random.default_rng(batch * 7 + ctx).permutation(pages)
+    tables = jnp.asarray(perm.reshape(rot, batch, w), jnp.int32)
+    cl = jnp.full((batch,), ctx, jnp.int32)
+    qsl = jnp.arange(batch + 1, dtype=jnp.int32)
+    q = b.rand((batch, n, h))
+    bytes_per_call = kv_bytes + 2 * q.nbytes
+    pred = bytes_per_call / 2.5e12 + 4e-6
+
+    def ours(tuning):
+        def step(x, c):
+            for r in range(rot):
+                x = ragged_paged_attention(x, c[0], c[1], c[2][r], cl, qsl, backend=b.backend,
+                                           interpret=b.interpret, decode_only=True, **tuning)
+            return x
+        return b.timed(step, q, (kp, vp, tables), rot, pred)
+
+    row = {"batch": batch, "ctx": ctx, "kv_MB": kv_bytes / 1e6, "rotations": rot}
+    t = ours({})
+    row.update(us=t * 1e6, GBps=bytes_per_call / t / 1e9, pct_copy=100 * bytes_per_call / t / copy_bw)
+    out = ragged_paged_attention(q, kp, vp, tables[0], cl, qsl, backend=b.backend,
+                                 interpret=b.interpret, decode_only=True)
+    if batch * ctx <= 65536:
+        row["rel_err_vs_ref"] = _rel(out, paged_attention_ref(*_f32(q, kp, vp), tables[0], cl, qsl))
+    if sweep:
+        from pagedjax.kernels.decode_attention_gpu import _num_sms, default_num_splits
+        p = default_num_splits(batch, k, w * bs, 64, _num_sms())
+        row["sweep"] = {}
+        for var in SWEEP_DECODE:
+            tun = dict(var)
+            if "num_splits" in tun:
+                tun["num_splits"] = p * 2 if tun["num_splits"] == "x2" else max(p // 2, 1)
+            if tun.get("num_splits") == p:
+                continue
+            try:
+                row["sweep"][str(tun)] = ours(tun) * 1e6
+            except Exception as e:  # noqa: BLE001 - a variant that fails to compile is a finding
+                row["sweep"][str(tun)] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+        row["default_num_splits"] = p
+    if peer:
+        row.update(_peer(b, q, kp, vp, tables, cl, rot, pred, out, bytes_per_call, copy_bw))
+        row["speedup_vs_jax"] = row.get("jax_us", math.nan) / row["us"]
+    del kp, vp
+    return row
+
+
+def _peer(b, q, kp, vp, tables, cl, rot, pred, ours_out, bytes_per_call, copy_bw) -> dict:
+    """jax.experimental.pallas.ops.gpu.paged_attention, best of a few settings; its layout is
+    [K, pages, page_size, H], converted once outside the timing."""
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+
+    kt, vt = jnp.transpose(kp, (2, 0, 1, 3)), jnp.transpose(vp, (2, 0, 1, 3))
+    w = tables.shape[-1]
+    best, err = {}, None
+    for setting in [dict(k_splits=2, pages_per_compute_block=2)] if b.tiny else PEER:
+        if w % setting["k_splits"] or (w // setting["k_splits"]) % min(
+                setting["pages_per_compute_block"], w // setting["k_splits"]):
+            continue
+        fn = functools.partial(paged_attention, interpret=b.interpret, **setting)
+
+        def step(x, c, fn=fn):
+            for r in range(rot):
+                x = fn(x, c[0], c[1], c[2][r], cl)
+            return x
+        try:
+            t = b.timed(step, q, (kt, vt, tables), rot, pred)
+        except Exception as e:  # noqa: BLE001
+            logger.warning("jax paged_attention %s failed: %s", setting, e)
+            continue
+        if not best or t < best["t"]:
+            best = {"t": t, "setting": setting}
+            err = _rel(ours_out, fn(q, kt, vt, tables[0], cl))
+    del kt, vt
+    if not best:
+        return {}
+    t = best["t"]
+    return {"jax_us": t * 1e6, "jax_pct_copy": 100 * bytes_per_call / t / copy_bw,
+            "jax_setting": str(best["setting"]), "rel_diff_vs_jax": err}
+
+
+# ---- prefill -----------------------------------------------------------------------------------
+def prefill(b: Bench, mm_flops: float, sweep: bool) -> tuple[list[dict], dict]:
+    n, k, h, bs = b.n, b.k, b.h, b.bs
+    t_all = b.prefill_t
+    w = t_all // bs
+    kp, vp = b.rand((w + 1, bs, k, h)), b.rand((w + 1, bs, k, h))
+    table = jnp.asarray(np.random.default_rng(1).permutation(w), jnp.int32)[None]
+    rows, best = [], {}
+    chunk = t_all // 4
+    cases = [("causal", t_all, 0), ("chunk", chunk, t_all - chunk)]  # (name, q_len, paged ctx)
+    q_all = b.rand((t_all, n, h))
+    outs = {}
+    for name, q_len, ctx0 in cases:
+        q = q_all[t_all - q_len:]
+        cl, qsl = jnp.array([q_len + ctx0], jnp.int32), jnp.array([0, q_len], jnp.int32)
+        flops = 4 * n * h * (q_len * ctx0 + q_len * (q_len + 1) / 2)
+        tiles = PREFILL_TILES if (sweep and not b.tiny) else PREFILL_TILES[:1]
+        for tile in tiles:
+            if b.tiny:
+                tile = dict(tile, block_m=32, block_n=16)
+            step = functools.partial(_ragged_step, b=b, cl=cl, qsl=qsl, tile=tile)
+            try:
+                t = b.timed(step, q, (kp, vp, table), 1, flops / 400e12)
+            except Exception as e:  # noqa: BLE001
+                rows.append({"case": name, "tile": str(tile), "error": str(e)[:200]})
+                continue
+            rows.append({"case": name, "q_len": q_len, "ctx": q_len + ctx0, "tile": str(tile),
+                         "us": t * 1e6, "TFLOPs": flops / t / 1e12,
+                         "pct_matmul": 100 * flops / t / mm_flops})
+            if name not in best or t < best[name]["t"]:
+                best[name] = {"t": t, "tile": tile, "flops": flops}
+        out = ragged_paged_attention(q, kp, vp, table, cl, qsl, backend=b.backend,
+                                     interpret=b.interpret, **best[name]["tile"])
+        small = slice(None) if b.tiny else slice(q_len - 64, q_len)  # the longest rows
+        ref = paged_attention_ref(*_f32(q[small], kp, vp), table, cl,
+                                  jnp.array([0, out[small].shape[0]], jnp.int32))
+        best[name]["rel_err_vs_ref"] = _rel(out[small], ref)
+        outs[name] = out
+    # cuDNN flash attention on the same causal problem, contiguous K/V (its best case)
+    q = q_all[None]
+    kc = kp[table[0]].reshape(1, t_all, k, h)
+    vc = vp[table[0]].reshape(1, t_all, k, h)
+    impl = None if b.tiny else "cudnn"
+    flops = 4 * n * h * t_all * (t_all + 1) / 2
+    try:
+        t = b.timed(lambda x, c: jax.nn.dot_product_attention(x, c[0], c[1], is_causal=True,
+                                                              implementation=impl),
+                    q, (kc, vc), 1, flops / 500e12)
+        cudnn = {"us": t * 1e6, "TFLOPs": flops / t / 1e12, "pct_matmul": 100 * flops / t / mm_flops,
+                 "implementation": impl or "xla"}
+        ref_out = jax.nn.dot_product_attention(q, kc, vc, is_causal=True, implementation=impl)
+        cudnn["rel_diff_ours_vs_cudnn"] = _rel(outs["causal"], ref_out[0])
+    except Exception as e:  # noqa: BLE001
+        cudnn = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    rows.append({"case": "cudnn-causal", "q_len": t_all, "ctx": t_all, **cudnn})
+    summary = {name: {"us": v["t"] * 1e6, "TFLOPs": v["flops"] / v["t"] / 1e12,
+                      "tile": str(v["tile"]), "rel_err_vs_ref": v["rel_err_vs_ref"]}
+               for name, v in best.items()}
+    summary["cudnn"] = cudnn
+    return rows, summary
+
+
+def _ragged_step(x, c, *, b, cl, qsl, tile):
+    return ragged_paged_attention(x, c[0], c[1], c[2], cl, qsl, backend=b.backend,
+                                  interpret=b.interpret, **tile)
+
+
+# ---- correctness on the device, compile counting, KV write ----------------------------------------
+def correctness(b: Bench) -> dict:
+    """Ragged and decode kernels against the reference on a batch with the edge-case lengths."""
+    long, scale = (40, 8) if b.tiny else (1000, 1)
+    out = {}
+    for name, seqs, kw in [
+        ("ragged", [(1, 1), (15, 15), (0, 40), (1, 16), (5, 17), (17, long), (64 // scale, 64)],
+         {}),
+        ("decode", [(1, 1), (1, 15), (0, 40), (1, 16), (1, 17), (1, long)], {"decode_only": True}),
+        ("decode-split4", [(1, 1), (1, 15), (0, 40), (1, 16), (1, 17), (1, long)],
+         {"decode_only": True, "num_splits": 4}),
+    ]:
+        args = _ragged_batch(b, seqs)
+        if b.tiny and not kw:
+            kw = {"block_m": 32, "block_n": 16}
+        res = ragged_paged_attention(*args, backend=b.backend, interpret=b.interpret, **kw)
+        ref = paged_attention_ref(*_f32(*args[:3]), *args[3:])
+        real = int(args[5][-1])
+        out[name] = {"rel_err": _rel(res, ref), "nan": bool(jnp.isnan(res).any()),
+                     "padding_zero": bool((res[real:] == 0).all())}
+    return out
+
+
+def _ragged_batch(b: Bench, seqs, width: int | None = None):
+    """A step with one sequence per (q_len, context_len), 3 padding rows, pages in random order and
+    out-of-range table entries past each sequence's blocks."""
+    used = [-(-c // b.bs) for _, c in seqs]
+    width = width or max(used)
+    perm = np.random.default_rng(sum(used)).permutation(sum(used) + 3)
+    tables = np.full((len(seqs), width), 10**6, np.int32)
+    for i, (at, n) in enumerate(zip(np.cumsum([0] + used[:-1]), used)):
+        tables[i, :n] = perm[at:at + n]
+    qsl = np.concatenate([[0], np.cumsum([ql for ql, _ in seqs])]).astype(np.int32)
+    pages = len(perm)
+    return (b.rand((int(qsl[-1]) + 3, b.n, b.h)), b.rand((pages, b.bs, b.k, b.h)),
+            b.rand((pages, b.bs, b.k, b.h)), jnp.asarray(tables),
+            jnp.asarray([c for _, c in seqs], jnp.int32), jnp.asarray(qsl))
+
+
+def compilations_after_warmup(b: Bench) -> int:
+    """A jitted decode attention compiled once for a bucket (T, S, W, pool), then fed new context
+    lengths, block tables and queries of that bucket: any further compilation would be an engine
+    recompile."""
+    fn = jax.jit(functools.partial(ragged_paged_attention, backend=b.backend,
+                                   interpret=b.interpret, decode_only=True))
+    first = _ragged_batch(b, [(1, 20), (1, 33), (0, 0), (1, 50)], width=4)
+    jax.block_until_ready(fn(*first))
+    warm = fn._cache_size()
+    for lens in ([(1, 3), (1, 64), (1, 1), (0, 7)], [(0, 0), (1, 17), (1, 16), (1, 15)]):
+        new = _ragged_batch(b, lens, width=4)
+        jax.block_until_ready(fn(new[0], *first[1:3], *new[3:]))
+    return fn._cache_size() - warm
+
+
+def kv_write(b: Bench) -> dict:
+    """This step's K/V scattered into slots by XLA on the (loop-carried, in-place) pool."""
+    pages = 64 if b.tiny else 16384
+    kp, vp = b.rand((pages, b.bs, b.k, b.h)), b.rand((pages, b.bs, b.k, b.h))
+    out = {}
+    for t in ([4] if b.tiny else [64, 2048]):
+        kn, vn = b.rand((t, b.k, b.h)), b.rand((t, b.k, b.h))
+        slots = jnp.asarray(np.random.default_rng(t).permutation(pages * b.bs)[:t], jnp.int32)
+        step = lambda pool, c: write_kv_ref(pool[0], pool[1], c[0], c[1], c[2])  # noqa: E731
+        sec = b.timed(step, (kp, vp), (kn, vn, slots), 1, 5e-6)
+        out[f"T{t}_us"] = sec * 1e6
+    return out
+
+
+# ---- driver ------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> dict:
+    b = Bench(args)
+    record = {"heads": {"q": b.n, "kv": b.k, "head_dim": b.h}, "block_size": b.bs,
+              "dtype": "bfloat16", "interpret": b.interpret, "backend": b.backend}
+    record["correctness"] = correctness(b)
+    logger.info("correctness: %s", record["correctness"])
+    record["copy_GBps"] = copy_bandwidth(b) / 1e9
+    record["matmul_TFLOPs"] = matmul_flops(b) / 1e12
+    peer = not args.no_peer and b.backend == "pallas-gpu"
+    decode = []
+    for batch in b.batches:
+        for ctx in b.contexts:
+            target = (batch, ctx) in ((64, 4096), (1, 32768), (8, 32768))
+            try:
+                row = decode_case(b, batch, ctx, record["copy_GBps"] * 1e9,
+                                  args.sweep and target, peer)
+            except Exception as e:  # noqa: BLE001 - record the failure, keep measuring
+                row = {"batch": batch, "ctx": ctx, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            decode.append(row)
+            logger.info("decode %s", row)
+            _save(record, decode, None, args)
+    record["decode"] = decode
+    prows, psum = prefill(b, record["matmul_TFLOPs"] * 1e12, args.sweep)
+    record["prefill"], record["prefill_best"] = prows, psum
+    record["kv_write_xla"] = kv_write(b)
+    record["compilations_after_warmup"] = compilations_after_warmup(b)
+    summary = _summary(record)
+    path = _save(record, decode, summary, args)
+    _plot(path.with_suffix(".png"), record)
+    cols = ["batch", "ctx", "us", "GBps", "pct_copy", "jax_us", "jax_pct_copy", "speedup_vs_jax"]
+    common.print_table([r for r in decode if "us" in r], cols)
+    common.print_table([r for r in prows if "TFLOPs" in r],
+                       ["case", "q_len", "ctx", "us", "TFLOPs", "pct_matmul", "tile"])
+    print({k: v for k, v in summary.items()})
+    return summary
+
+
+def _summary(rec: dict) -> dict:
+    def row(batch, ctx):
+        return next((r for r in rec["decode"] if r["batch"] == batch and r["ctx"] == ctx), {})
+    pb = rec.get("prefill_best", {})
+    cud = pb.get("cudnn", {}).get("TFLOPs")
+    pre = pb.get("causal", {}).get("TFLOPs")
+    return {"decode_b64_ctx4096_pct_copy_bw": row(64, 4096).get("pct_copy"),
+            "decode_b64_ctx4096_speedup_vs_jax": row(64, 4096).get("speedup_vs_jax"),
+            "decode_b1_ctx32768_pct_copy_bw": row(1, 32768).get("pct_copy"),
+            "prefill_8k_vs_cudnn": pre / cud if pre and cud else None,
+            "compilations_after_warmup": rec.get("compilations_after_warmup"),
+            "copy_GBps": rec.get("copy_GBps"), "matmul_TFLOPs": rec.get("matmul_TFLOPs")}
+
+
+def _save(record, decode, summary, args):
+    rec = dict(record, decode=decode)
+    return common.write_result("kernel", summary or _summary(rec), rec, args.out,
+                               tag="tiny" if args.tiny else "")
+
+
+def _plot(path, rec):
+    rows = [r for r in rec["decode"] if "us" in r]
+    labels = [f"{r['batch']}x{r['ctx']}" for r in rows]
+    panels = [{"kind": "bars", "title": "decode attention, % of copy bandwidth",
+               "ylabel": "% of copy bw", "labels": labels, "rotation": 45,
+               "values": [r["pct_copy"] for r in rows],
+               "notes": [f"{r['pct_copy']:.0f}" + (f"/{r['jax_pct_copy']:.0f}" if "jax_pct_copy"
+                                                    in r else "") for r in rows]}]
+    pb = rec.get("prefill_best", {})
+    names = [n for n in ("causal", "chunk", "cudnn") if pb.get(n, {}).get("TFLOPs")]
+    panels.append({"kind": "bars", "title": "prefill attention (ours causal, ours chunk, cuDNN)",
+                   "ylabel": "TFLOP/s", "labels": names,
+                   "values": [pb[n]["TFLOPs"] for n in names],
+                   "hlines": {"bf16 matmul": rec.get("matmul_TFLOPs")}})
+    plots.save(path, panels, title=f"{common.device_name()}: ours / jax's in the left notes")
+
+
+def _f32(*xs):
+    return tuple(x.astype(jnp.float32) for x in xs)
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _device_memory() -> float:
+    try:
+        return float(jax.devices()[0].memory_stats()["bytes_limit"])
+    except Exception:  # noqa: BLE001 - CPU: no stats; tiny shapes only
+        return 8e9

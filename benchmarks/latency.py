@@ -1,0 +1,105 @@
+"""latency: end-to-end and per-token latency of one batch, over batch sizes x prompt lengths.
+
+For every (batch size, prompt length) pair, a batch of random prompts generates ``--output-len``
+tokens each (``ignore_eos``), ``--num-iters-warmup`` times unmeasured (compiling its step
+shapes) and ``--num-iters`` times measured, as `vllm bench latency` does. Reported per pair:
+end-to-end batch latency percentiles (p10/p50/p90/p99), time to first token (TTFT) and time per
+output token after the first (TPOT) over every request of every measured iteration, the
+inter-step latency (ITL: wall time between consecutive engine steps), and the step shapes
+compiled during measured iterations (``compilations_after_warmup``, the target is 0).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+import numpy as np
+
+from benchmarks import harness, plots
+from benchmarks.common import print_table, results_dir, write_result
+
+logger = logging.getLogger(__name__)
+
+PERCENTILES = (10, 50, 90, 99)
+COLUMNS = ["batch", "input_len", "output_len", "e2e_p50_s", "e2e_p90_s", "e2e_p99_s",
+           "ttft_p50_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms", "itl_p99_ms",
+           "output_tok_s", "compilations"]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    harness.add_engine_arguments(p)
+    p.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32], help="comma list")
+    p.add_argument("--input-lens", type=_ints, default=[32, 1024], help="comma list")
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-iters-warmup", type=int, default=2)
+    p.add_argument("--num-iters", type=int, default=10)
+
+
+def _measure(llm, batch: int, input_len: int, args) -> dict:
+    from pagedjax import SamplingParams
+
+    sp = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=args.output_len)
+    vocab = llm.engine.cfg.vocab_size
+    for i in range(args.num_iters_warmup):
+        harness.generate(llm, harness.random_prompts([input_len] * batch, vocab, 1000 + i), sp)
+    e2e, ttft, tpot, itl, compiled, tokens = [], [], [], [], 0, 0
+    for i in range(args.num_iters):
+        r = harness.generate(llm, harness.random_prompts([input_len] * batch, vocab, i), sp)
+        e2e.append(r.elapsed_s)
+        compiled += r.compilations
+        tokens += r.output_tokens
+        t = np.array([0.0] + [s["t"] for s in r.timeline])
+        itl.extend(np.diff(t)[1:].tolist())  # the first step is a prefill, not a token gap
+        for o in r.outputs:
+            m, n = o.metrics, len(o.outputs[0].token_ids)
+            ttft.append(m.first_token_time - m.arrival_time)
+            if n > 1:
+                tpot.append((m.last_token_time - m.first_token_time) / (n - 1))
+
+    def pct(xs, q, scale=1.0):
+        return float(np.percentile(xs, q) * scale) if xs else None
+
+    row = {"batch": batch, "input_len": input_len, "output_len": args.output_len,
+           **{f"e2e_p{q}_s": pct(e2e, q) for q in PERCENTILES},
+           "e2e_mean_s": float(np.mean(e2e)),
+           **{f"ttft_p{q}_ms": pct(ttft, q, 1e3) for q in PERCENTILES},
+           **{f"tpot_p{q}_ms": pct(tpot, q, 1e3) for q in PERCENTILES},
+           **{f"itl_p{q}_ms": pct(itl, q, 1e3) for q in PERCENTILES},
+           "output_tok_s": tokens / sum(e2e), "compilations": compiled}
+    logger.info("batch %d x %d: e2e p50 %.3f s, TPOT p50 %.2f ms", batch, input_len,
+                row["e2e_p50_s"], row["tpot_p50_ms"] or float("nan"))
+    return row
+
+
+def run(args) -> dict:
+    loaded = harness.load(args)
+    longest = max(args.input_lens) + args.output_len
+    llm = harness.make_llm(loaded, harness.engine_args(
+        args, max_model_len=args.max_model_len or max(longest, 16)))
+    rows = [_measure(llm, b, n, args) for b in args.batch_sizes for n in args.input_lens]
+    print_table(rows, COLUMNS)
+    print(f"Avg latency: {np.mean([r['e2e_mean_s'] for r in rows]):.4f} seconds over "
+          f"{len(rows)} batch x length pairs")
+    summary = {"compilations_after_warmup": sum(r["compilations"] for r in rows)}
+    for r in rows:
+        key = f"b{r['batch']}_in{r['input_len']}"
+        summary[f"{key}_e2e_p50_s"] = r["e2e_p50_s"]
+        summary[f"{key}_tpot_p50_ms"] = r["tpot_p50_ms"]
+    figures = {"model": loaded.cfg.name or args.model, "dtype": loaded.dtype,
+               "num_iters": args.num_iters, "num_iters_warmup": args.num_iters_warmup,
+               "rows": rows, "table": {"columns": COLUMNS, "rows": rows}}
+    plots.save(results_dir(args.out) / "latency.png", [
+        {"kind": "bars", "title": "end-to-end batch latency, p50 (s)", "ylabel": "s",
+         "labels": [f"{r['batch']}x{r['input_len']}" for r in rows],
+         "values": [r["e2e_p50_s"] for r in rows], "rotation": 30},
+        {"kind": "bars", "title": "time per output token, p50 (ms)", "ylabel": "ms",
+         "labels": [f"{r['batch']}x{r['input_len']}" for r in rows],
+         "values": [r["tpot_p50_ms"] for r in rows], "rotation": 30},
+    ], title=f"latency, {args.output_len} new tokens (batch x prompt length)")
+    write_result("latency", summary, figures, out=args.out)
+    harness.release(llm)
+    return summary

@@ -1,0 +1,255 @@
+"""Paged attention for TPUs in Pallas Mosaic TPU: block tables by scalar prefetch (SMEM), K/V pages
+copied HBM -> VMEM by hand, double-buffered (block b+1 in flight while block b is computed).
+
+Both kernels DMA whole pages ``[block_size, K, H]`` (one contiguous run of the pool, whatever the
+KV head) ``pages_per_block`` at a time into a ``[2, P, block_size, K, H]`` VMEM buffer, and split
+the KV heads in VMEM. Pages past a sequence's end are neither copied nor waited for, and their
+stale buffer rows are masked out of both matmuls.
+
+- decode (every q_len 0 or 1): one program per token row; row -> sequence is a tiny XLA
+  ``searchsorted`` passed as a scalar-prefetch table; padding rows get zeros.
+- ragged (chunked prefill / mixed): one program per aligned block of ``block_q`` token rows; it
+  visits every sequence that has rows in its block (usually one) and attends those rows over that
+  sequence's pages with the causal mask. q and the output are presented head-major
+  ``[N, T, H]`` (transposed by XLA) so one KV head's ``G`` query heads are a leading-dim slice.
+
+Verified here in TPU interpret mode on the CPU (``pltpu.InterpretParams``: simulated HBM/VMEM/SMEM,
+DMAs and semaphores, uninitialised memory as NaN) and by lowering to Mosaic for a TPU target; not
+yet run on a TPU (none lent). See benchmarks/KERNEL_NOTES.md for the layout caveat.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+NEG = -1e30
+
+
+def _cdiv(a, b: int):
+    """Ceil division of a non-negative int32 (lax.div: no sign fix-up ops in the kernel)."""
+    return jax.lax.div(a + (b - 1), b)
+
+
+def check_shapes(q, k_pages, tuning) -> None:
+    block_q = int(tuning.get("block_q", 16))
+    if block_q < 8 or block_q % 8:
+        raise ValueError(f"pallas-tpu block_q must be a positive multiple of 8, got {block_q}")
+    if int(tuning.get("pages_per_block", 1)) < 1:
+        raise ValueError("pallas-tpu pages_per_block must be >= 1")
+
+
+def _interpret(interpret):
+    if interpret is True:
+        return pltpu.InterpretParams()
+    return interpret or False
+
+
+class _PageBlocks:
+    """Double-buffered copies of a sequence's pages, ``pages_per_block`` pages per block."""
+
+    def __init__(self, k_hbm, v_hbm, kbuf, vbuf, sems, bt_ref, seq, n_pages):
+        self.k_hbm, self.v_hbm, self.kbuf, self.vbuf, self.sems = k_hbm, v_hbm, kbuf, vbuf, sems
+        self.bt_ref, self.seq, self.n_pages = bt_ref, seq, n_pages
+        self.per_block = kbuf.shape[1]
+        self.width = bt_ref.shape[1]
+
+    def _each(self, blk, slot, action):
+        for p in range(self.per_block):
+            i = blk * self.per_block + p
+
+            @pl.when(i < self.n_pages)
+            def _():
+                page = self.bt_ref[self.seq, jnp.minimum(i, self.width - 1)]
+                for src, dst, kv in ((self.k_hbm, self.kbuf, 0), (self.v_hbm, self.vbuf, 1)):
+                    copy = pltpu.make_async_copy(src.at[page], dst.at[slot, p],
+                                                 self.sems.at[kv, slot])
+                    getattr(copy, action)()
+
+    def start(self, blk, slot):
+        self._each(blk, slot, "start")
+
+    def wait(self, blk, slot):
+        self._each(blk, slot, "wait")
+
+
+def _flash_over_pages(blocks, kv_len, q_heads, key_ok, *, num_kv_heads, scale):
+    """Online-softmax attention of each KV head's query rows over keys [0, kv_len) of a sequence.
+
+    q_heads[kh]: [R, H] query rows of KV head kh; key_ok(b, shape) -> bool mask [R, L] of the keys
+    of block b (L = P * block_size) each row may see (only keys < kv_len). Returns per-head
+    [R, H] float32 outputs.
+    """
+    _, p_blk, bs, _, h = blocks.kbuf.shape
+    length = p_blk * bs
+    n_blk = _cdiv(kv_len, length)
+
+    @pl.when(n_blk > 0)
+    def _():
+        blocks.start(0, 0)
+
+    def body(b, carry):
+        slot = jax.lax.rem(b, 2)
+
+        @pl.when(b + 1 < n_blk)
+        def _():
+            blocks.start(b + 1, 1 - slot)
+
+        blocks.wait(b, slot)
+        out = []
+        for kh in range(num_kv_heads):
+            m, l, acc = carry[kh]
+            qh = q_heads[kh]
+            ok = key_ok(b, (qh.shape[0], length))
+            k = blocks.kbuf[slot, :, :, kh, :].reshape(length, h)
+            v = blocks.vbuf[slot, :, :, kh, :].reshape(length, h)
+            live = b * length + jax.lax.broadcasted_iota(jnp.int32, (length, 1), 0) < kv_len
+            v = jnp.where(live, v, 0)  # stale rows past the context: never NaN * 0
+            s = jax.lax.dot_general(qh, k, (((1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32) * scale
+            s = jnp.where(ok, s, NEG)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+            p = jnp.exp(s - m_new)
+            alpha = jnp.exp(m - m_new)
+            l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+            acc = alpha * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            out.append((m_new, l, acc))
+        return tuple(out)
+
+    init = tuple((jnp.full((qh.shape[0], 1), NEG, jnp.float32),
+                  jnp.zeros((qh.shape[0], 1), jnp.float32),
+                  jnp.zeros((qh.shape[0], h), jnp.float32)) for qh in q_heads)
+    carry = jax.lax.fori_loop(0, n_blk, body, init)
+    return [acc / jnp.where(l == 0, 1.0, l) for _, l, acc in carry]
+
+
+def _decode_kernel(row_seq_ref, bt_ref, cl_ref, q_ref, k_hbm, v_hbm, o_ref, kbuf, vbuf, sems, *,
+                   group, num_kv_heads, scale):
+    # q_ref, o_ref: [N, H] (this row); k_hbm, v_hbm: [num_blocks, block_size, K, H] in HBM.
+    s = row_seq_ref[pl.program_id(0)]
+    seq = jnp.maximum(s, 0)
+    ctx = jnp.where(s >= 0, cl_ref[seq], 0)
+    bs, p_blk = kbuf.shape[2], kbuf.shape[1]
+    n_pages = _cdiv(ctx, bs)
+    blocks = _PageBlocks(k_hbm, v_hbm, kbuf, vbuf, sems, bt_ref, seq, n_pages)
+
+    def key_ok(b, shape):
+        return b * p_blk * bs + jax.lax.broadcasted_iota(jnp.int32, shape, 1) < ctx
+
+    q = q_ref[...]
+    q_heads = [q[kh * group:(kh + 1) * group] for kh in range(num_kv_heads)]
+    outs = _flash_over_pages(blocks, ctx, q_heads, key_ok, num_kv_heads=num_kv_heads,
+                             scale=scale)
+    o_ref[...] = jnp.concatenate(outs, axis=0).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "pages_per_block", "interpret"))
+def paged_decode_attention_tpu(q, k_pages, v_pages, block_tables, context_lens, query_start_loc,
+                               *, scale: float, pages_per_block: int = 8, interpret=False):
+    """Decode attention (every q_len 0 or 1) on a TPU. Shapes as in ``ragged_paged_attention``:
+    q [T, N, H]; k_pages, v_pages [num_blocks, block_size, K, H]; block_tables [S, W];
+    context_lens [S]; query_start_loc [S + 1]. Returns [T, N, H]."""
+    t, n, h = q.shape
+    _, bs, kh, _ = k_pages.shape
+    s, w = block_tables.shape
+    p_blk = max(1, min(pages_per_block, w))
+    rows = jnp.arange(t, dtype=jnp.int32)
+    row_seq = jnp.searchsorted(query_start_loc, rows, side="right").astype(jnp.int32) - 1
+    row_seq = jnp.where(rows < query_start_loc[s], jnp.minimum(row_seq, s - 1), -1)
+    kernel = functools.partial(_decode_kernel, group=n // kh, num_kv_heads=kh, scale=scale)
+    row_spec = pl.BlockSpec((None, n, h), lambda i, *_: (i, 0, 0))
+    buf = pltpu.VMEM((2, p_blk, bs, kh, h), k_pages.dtype)
+    return pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3, grid=(t,),
+            in_specs=[row_spec, pl.BlockSpec(memory_space=pl.ANY),
+                      pl.BlockSpec(memory_space=pl.ANY)],
+            out_specs=row_spec,
+            scratch_shapes=[buf, buf, pltpu.SemaphoreType.DMA((2, 2))]),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+        interpret=_interpret(interpret), name="paged_decode_tpu",
+    )(row_seq, block_tables, context_lens, q, k_pages, v_pages)
+
+
+def _ragged_kernel(blk_lo_ref, blk_hi_ref, bt_ref, cl_ref, qsl_ref, q_ref, k_hbm, v_hbm, o_ref,
+                   kbuf, vbuf, sems, *, group, num_kv_heads, scale):
+    # q_ref, o_ref: [N, block_q, H] (head-major rows t0 .. t0 + block_q); pages in HBM.
+    b = pl.program_id(0)
+    _, block_q, h = q_ref.shape
+    bs, p_blk = kbuf.shape[2], kbuf.shape[1]
+    t0 = b * block_q
+    o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
+
+    def per_seq(seq, _):
+        qs, qe = qsl_ref[seq], qsl_ref[seq + 1]
+        r0, r1 = jnp.maximum(qs, t0), jnp.minimum(qe, t0 + block_q)
+
+        @pl.when(r1 > r0)
+        def _():
+            first_pos = cl_ref[seq] - (qe - qs) - qs  # position of token row t: first_pos + t
+            n_pages = _cdiv(first_pos + r1, bs)
+            blocks = _PageBlocks(k_hbm, v_hbm, kbuf, vbuf, sems, bt_ref, seq, n_pages)
+
+            def key_ok(kb, shape):  # rows are (head, token) pairs: token = row % block_q
+                row_pos = first_pos + t0 + jax.lax.rem(
+                    jax.lax.broadcasted_iota(jnp.int32, shape, 0), block_q)
+                key = kb * p_blk * bs + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+                return key <= row_pos
+
+            q_heads = [q_ref[kh * group:(kh + 1) * group].reshape(group * block_q, h)
+                       for kh in range(num_kv_heads)]
+            outs = _flash_over_pages(blocks, first_pos + r1, q_heads, key_ok,
+                                     num_kv_heads=num_kv_heads, scale=scale)
+            tok = t0 + jax.lax.broadcasted_iota(jnp.int32, (group, block_q, h), 1)
+            mine = (tok >= r0) & (tok < r1)
+            for kh, out in enumerate(outs):
+                heads = slice(kh * group, (kh + 1) * group)
+                o_ref[heads] = jnp.where(mine, out.reshape(group, block_q, h).astype(o_ref.dtype),
+                                         o_ref[heads])
+        return 0
+
+    jax.lax.fori_loop(blk_lo_ref[b], blk_hi_ref[b] + 1, per_seq, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "block_q", "pages_per_block", "interpret"))
+def ragged_paged_attention_tpu(q, k_pages, v_pages, block_tables, context_lens, query_start_loc,
+                               *, scale: float, block_q: int = 16, pages_per_block: int = 8,
+                               interpret=False):
+    """Ragged (chunked-prefill / mixed) attention on a TPU; shapes as in
+    ``ragged_paged_attention``. Returns [T, N, H] with padding rows zero."""
+    t, n, h = q.shape
+    _, bs, kh, _ = k_pages.shape
+    s, w = block_tables.shape
+    p_blk = max(1, min(pages_per_block, w))
+    n_qb = -(-t // block_q)
+    tp = n_qb * block_q
+    first = jnp.arange(n_qb, dtype=jnp.int32) * block_q
+    last = jnp.minimum(first + block_q, t) - 1
+
+    def seq_of(rows):
+        return jnp.clip(jnp.searchsorted(query_start_loc, rows, side="right") - 1, 0,
+                        s - 1).astype(jnp.int32)
+
+    q_nth = jnp.pad(q.transpose(1, 0, 2), ((0, 0), (0, tp - t), (0, 0)))  # [N, Tp, H]
+    kernel = functools.partial(_ragged_kernel, group=n // kh, num_kv_heads=kh, scale=scale)
+    blk_spec = pl.BlockSpec((n, block_q, h), lambda i, *_: (0, i, 0))
+    buf = pltpu.VMEM((2, p_blk, bs, kh, h), k_pages.dtype)
+    out = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=5, grid=(n_qb,),
+            in_specs=[blk_spec, pl.BlockSpec(memory_space=pl.ANY),
+                      pl.BlockSpec(memory_space=pl.ANY)],
+            out_specs=blk_spec,
+            scratch_shapes=[buf, buf, pltpu.SemaphoreType.DMA((2, 2))]),
+        out_shape=jax.ShapeDtypeStruct((n, tp, h), q.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+        interpret=_interpret(interpret), name="ragged_paged_attention_tpu",
+    )(seq_of(first), seq_of(last), block_tables, context_lens, query_start_loc, q_nth, k_pages,
+      v_pages)
+    return out[:, :t].transpose(1, 0, 2)

@@ -1,0 +1,86 @@
+"""``pagedjax serve``: an OpenAI-compatible HTTP server over the paged engine.
+
+    pagedjax serve --model Qwen/Qwen2.5-7B-Instruct --max-model-len 8192 --port 8000
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream as SSE), GET /v1/models,
+GET /health, GET /metrics (Prometheus, ``pagedjax:`` names). Binds 127.0.0.1 unless told
+otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from pagedjax.config import EngineArgs, add_engine_arguments
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=os.environ.get("PAGEDJAX_API_KEY"),
+                   help="require 'Authorization: Bearer <key>' on /v1 routes "
+                        "(default: $PAGEDJAX_API_KEY, else no key)")
+    g.add_argument("--served-model-name", default=None,
+                   help="the model name clients send (default: --model, or the model's name)")
+    g.add_argument("--max-request-bytes", type=int, default=1 << 20,
+                   help="largest request body accepted; larger ones get 413 (default 1 MiB)")
+    g.add_argument("--max-waiting-requests", type=int, default=1024,
+                   help="answer 503 while this many sequences wait for the scheduler")
+    g.add_argument("--max-logprobs", type=int, default=20)
+    g.add_argument("--log-stats-interval", type=float, default=5.0,
+                   help="seconds between throughput log lines while busy")
+    g.add_argument("--disable-log-stats", action="store_true")
+    g.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    add_engine_arguments(parser)
+
+
+def served_name(args: argparse.Namespace) -> str:
+    """--served-model-name, else --model as given (vLLM's rule), else the embedded model's name."""
+    if args.served_model_name or args.model:
+        return args.served_model_name or args.model
+    from pagedjax.models import embedded
+
+    return embedded.GGUF_NAME.split(".")[0]  # "SmolLM2-135M-Instruct"
+
+
+def build_server(args: argparse.Namespace, loaded=None):
+    """The engine, its thread, the app and a uvicorn server for ``args``; returns
+    (uvicorn.Server, AsyncEngine) with the engine thread started. ``loaded`` (tests) skips
+    loading a model."""
+    import uvicorn
+
+    from pagedjax.engine import LLMEngine
+
+    from .app import build_app
+    from .engine_loop import AsyncEngine
+    from .metrics import EngineMetrics
+
+    for flag in ("max_request_bytes", "max_waiting_requests"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
+    engine = LLMEngine(EngineArgs.from_namespace(args), loaded=loaded)
+    name = served_name(args)
+    aengine = AsyncEngine(engine, EngineMetrics(name), log_interval=args.log_stats_interval,
+                          log_stats=not args.disable_log_stats).start()
+    app = build_app(aengine, name, args.api_key, max_request_bytes=args.max_request_bytes,
+                    max_waiting_requests=args.max_waiting_requests,
+                    max_logprobs=args.max_logprobs, root=args.model)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                            timeout_keep_alive=5)
+    return uvicorn.Server(config), aengine
+
+
+def run(args: argparse.Namespace) -> None:
+    server, aengine = build_server(args)
+    logger.info("serving %s on http://%s:%d (OpenAI API under /v1)",
+                server.config.app.state.serving.model_name, args.host, args.port)
+    try:
+        server.run()
+    finally:
+        aengine.shutdown()

@@ -1,0 +1,156 @@
+"""The FastAPI app: routes, OpenAI-style errors for everything, and a guard in front (API key,
+body size) that answers before any body is parsed."""
+from __future__ import annotations
+
+import hmac
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from . import protocol as P
+from .engine_loop import AsyncEngine
+from .serving import APIError, OpenAIServing
+
+logger = logging.getLogger(__name__)
+
+MiB = 1 << 20
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body().model_dump(), status_code=err.status, headers=err.headers)
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    """FastAPI's 422 as OpenAI's 400, one line per bad field."""
+    fields: dict[str, list[str]] = {}  # top-level field -> its messages (several for a union)
+    for e in exc.errors():
+        if e.get("type") == "json_invalid":
+            detail = (e.get("ctx") or {}).get("error", "")
+            return APIError(400, f"malformed JSON body: {detail}".rstrip(": "))
+        loc = [str(x) for x in e.get("loc", ())][1:] or ["body"]  # loc[0] is "body"
+        msgs = fields.setdefault(loc[0], [])
+        if e.get("msg") not in msgs:
+            msgs.append(e.get("msg"))
+    parts = [f"{field}: {' or '.join(msgs[:3])}" for field, msgs in fields.items()]
+    return APIError(400, "invalid request: " + "; ".join(parts[:4]), param=next(iter(fields)))
+
+
+class RequestGuard:
+    """Pure ASGI middleware: checks the API key on /v1 routes, then reads the body (at most
+    ``max_request_bytes``, whatever Content-Length claims) and replays it to the app."""
+
+    def __init__(self, app, api_key: str | None, max_request_bytes: int):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.max_bytes = max_request_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.expected is not None and scope["path"].startswith("/v1"):
+            got = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(got, self.expected):
+                return await _error_response(APIError(
+                    401, "Incorrect API key provided: pass it as 'Authorization: Bearer <key>'",
+                    code="invalid_api_key"))(scope, receive, send)
+        too_large = APIError(413, f"the request body is over the limit of {self.max_bytes} bytes "
+                                  "(--max-request-bytes)", code="request_too_large")
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await _drain(receive, 16 * self.max_bytes)
+            return await _error_response(too_large)(scope, receive, send)
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                if more:
+                    await _drain(receive, 16 * self.max_bytes)
+                return await _error_response(too_large)(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: waits for the disconnect
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+async def _drain(receive, limit: int) -> None:
+    """Read and drop the rest of an oversized body, so the client gets to read our 413 instead
+    of a reset connection; a body that is absurdly large is cut off."""
+    seen = 0
+    while seen <= limit:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        seen += len(message.get("body", b""))
+
+
+def build_app(aengine: AsyncEngine, served_model_name: str, api_key: str | None = None, *,
+              max_request_bytes: int = MiB, max_waiting_requests: int = 1024,
+              max_logprobs: int = 20, root: str | None = None) -> FastAPI:
+    serving = OpenAIServing(aengine, served_model_name, max_waiting_requests=max_waiting_requests,
+                            max_logprobs=max_logprobs)
+    app = FastAPI(title="pagedjax", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.serving = serving
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return _error_response(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return _error_response(APIError(exc.status_code, f"{request.method} {request.url.path}: "
+                                        f"{exc.detail}", code=code))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        return _error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}",
+                                        type="server_error"))
+
+    @app.get("/health")
+    async def health():
+        if not aengine.is_alive:
+            return _error_response(APIError(503, "the engine is not running", type="server_error",
+                                            code="engine_dead"))
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(aengine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        card = P.ModelCard(id=served_model_name, root=root or served_model_name,
+                           max_model_len=serving.max_model_len)
+        return JSONResponse(P.ModelList(data=[card]).model_dump())
+
+    @app.post("/v1/completions")
+    async def completions(body: P.CompletionRequest, request: Request):
+        return await serving.create_completion(body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: P.ChatCompletionRequest, request: Request):
+        return await serving.create_chat_completion(body, request)
+
+    app.add_middleware(RequestGuard, api_key=api_key, max_request_bytes=max_request_bytes)
+    return app
+

@@ -1,0 +1,295 @@
+"""AsyncEngine: the LLMEngine stepping in ONE background thread, fed by asyncio request handlers.
+
+The engine is not thread-safe, so the engine thread is the only one that touches it: handlers
+send commands (add, abort) through a queue that the thread drains between steps, and the thread
+hands each step's outputs back to the handlers' event loop with one ``call_soon_threadsafe`` per
+step. Engine outputs are cumulative, so a request's stream keeps only the newest one: a slow
+reader never makes outputs pile up, it just sees bigger deltas.
+
+The thread also owns the metrics (gauges after every step, latency histograms from the engine's
+per-request timestamps) and the periodic throughput log line.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from typing import AsyncIterator, Callable
+
+from pagedjax.engine import LLMEngine
+from pagedjax.outputs import RequestOutput
+from pagedjax.sampling_params import SamplingParams
+
+from .metrics import EngineMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped (a step raised, or the server is shutting down)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Submission:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """What the handlers may read about the engine, published by the engine thread."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+
+
+class RequestStream:
+    """The handler's side of one HTTP request: its engine requests (one per prompt) and the newest
+    output of each. Lives on the event loop that created it."""
+
+    def __init__(self, request_ids: list[str]):
+        self.loop = asyncio.get_running_loop()
+        self.request_ids = list(request_ids)
+        self._unfinished = set(request_ids)
+        self._latest: dict[str, RequestOutput] = {}
+        self._ready = asyncio.Event()
+        self._error: BaseException | None = None
+
+    def _deliver(self, out: RequestOutput) -> None:
+        self._latest[out.request_id] = out
+        self._ready.set()
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._ready.set()
+
+    async def updates(self) -> AsyncIterator[list[RequestOutput]]:
+        """Yield the outputs that changed since the last yield, until every request finished."""
+        while self._unfinished:
+            await self._ready.wait()
+            self._ready.clear()
+            if self._error is not None:
+                raise self._error
+            batch, self._latest = list(self._latest.values()), {}
+            for out in batch:
+                if out.finished:
+                    self._unfinished.discard(out.request_id)
+            yield batch
+
+
+def _deliver_all(items: list[tuple[RequestStream, RequestOutput]]) -> None:
+    for stream, out in items:
+        stream._deliver(out)
+
+
+def _settle(fut: asyncio.Future, error: BaseException | None) -> None:
+    if fut.done():  # the handler gave up waiting (client gone); its abort follows the add
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, metrics: EngineMetrics, log_interval: float = 5.0,
+                 log_stats: bool = True):
+        self.engine = engine
+        self.metrics = metrics
+        self.log_interval = log_interval
+        self.log_stats = log_stats
+        self.snapshot = Snapshot()
+        self.dead: BaseException | None = None
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._stopping = False
+        self._submitted_seqs = 0  # guarded by _lock: sequences handed to submit() ...
+        self._added_seqs = 0  # ... and those the engine thread has taken in (added or refused)
+        self._lock = threading.Lock()
+        # engine-thread state
+        self._streams: dict[str, RequestStream] = {}
+        self._seen: dict[str, tuple[int, float]] = {}  # request -> (tokens so far, last token time)
+        self._totals = (0, 0, 0)  # prompt tokens, generation tokens, preemptions already counted
+        self._last_log = time.monotonic()
+        self._logged_totals = (0, 0)
+        self._thread = threading.Thread(target=self._run, name="pagedjax-engine", daemon=True)
+
+    # ---- handler side (event-loop threads) ---------------------------------------------------
+    def start(self) -> "AsyncEngine":
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._commands.put(lambda: None)  # wake the thread if it is idle
+        self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self.dead is None and self._thread.is_alive()
+
+    @property
+    def num_queued(self) -> int:
+        """Sequences waiting for the scheduler, counting those not yet handed to the engine."""
+        with self._lock:
+            pending = self._submitted_seqs - self._added_seqs
+        return self.snapshot.waiting + pending
+
+    async def submit(self, subs: list[Submission], arrival_time: float) -> RequestStream:
+        """Add all of ``subs`` or none: a ValueError from the engine (a bad prompt) is raised here
+        after undoing the ones already added."""
+        if not self.is_alive:
+            raise EngineDeadError(f"the engine is not running ({self.dead or 'stopped'})")
+        stream = RequestStream([s.request_id for s in subs])
+        fut = stream.loop.create_future()
+        seqs = sum(s.params.best_of for s in subs)
+        with self._lock:
+            self._submitted_seqs += seqs
+        self._commands.put(lambda: self._add(subs, arrival_time, stream, fut, seqs))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            self.abort(stream.request_ids)
+            raise
+        return stream
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Abort requests (finished or unknown ones are ignored); returns at once."""
+        ids = list(request_ids)
+        self._commands.put(lambda: self._abort(ids))
+
+    # ---- engine thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._run_commands(block=not self.engine.has_unfinished())
+                if self.engine.has_unfinished() and not self._stopping:
+                    self._dispatch(self.engine.step())
+                self._publish()
+        except Exception as e:  # a failed step leaves the engine in an unknown state: stop
+            logger.exception("engine step failed; failing all requests")
+            self.dead = e
+        finally:
+            self.dead = self.dead or EngineDeadError("the engine was shut down")
+            err = EngineDeadError(f"the engine stopped: {self.dead}")
+            for stream in set(self._streams.values()):
+                self._call(stream.loop, stream._fail, err)
+            self._streams.clear()
+            self._run_commands(block=False)  # pending adds see self.dead and fail
+
+    def _run_commands(self, block: bool) -> None:
+        try:
+            cmd = self._commands.get(timeout=self.log_interval or 1.0) if block \
+                else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            cmd()
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    @staticmethod
+    def _call(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # that server's loop is closed: nobody is listening
+            pass
+
+    def _add(self, subs: list[Submission], arrival: float, stream: RequestStream,
+             fut: asyncio.Future, seqs: int) -> None:
+        added: list[str] = []
+        error: BaseException | None = None
+        if self.dead is not None:
+            error = EngineDeadError(f"the engine stopped: {self.dead}")
+        else:
+            try:
+                for s in subs:
+                    self.engine.add_request(s.request_id, s.prompt_token_ids, s.params,
+                                            arrival_time=arrival, stream=True)
+                    added.append(s.request_id)
+            except Exception as e:  # ValueError: a bad prompt; anything else fails this request only
+                error = e
+                for rid in added:
+                    self.engine.abort(rid)
+            else:
+                for rid in added:
+                    self._streams[rid] = stream
+                    self._seen[rid] = (0, arrival)
+        with self._lock:
+            self._added_seqs += seqs
+        self._call(stream.loop, _settle, fut, error)
+
+    def _abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            if self._streams.pop(rid, None) is not None:
+                self.engine.abort(rid)
+                self._seen.pop(rid, None)
+                self.metrics.finished["abort"].inc()
+                logger.debug("aborted request %s", rid)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        now = time.time()
+        by_loop: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            self._observe(out, now)
+            if out.finished:
+                del self._streams[out.request_id]
+                self._seen.pop(out.request_id, None)
+            by_loop[stream.loop].append((stream, out))
+        for loop, items in by_loop.items():
+            self._call(loop, _deliver_all, items)
+
+    def _observe(self, out: RequestOutput, now: float) -> None:
+        m, metrics = self.metrics, out.metrics
+        n = sum(len(o.token_ids) for o in out.outputs)
+        seen, last = self._seen[out.request_id]
+        if n > seen:
+            if seen == 0:
+                m.ttft.observe((metrics.first_token_time or now) - metrics.arrival_time)
+            else:
+                m.itl.observe(now - last)
+            self._seen[out.request_id] = (n, now)
+        if out.finished:
+            reason = out.outputs[0].finish_reason if out.outputs else "stop"
+            m.finished.get(reason, m.finished["stop"]).inc()
+            m.e2e.observe((metrics.finished_time or now) - metrics.arrival_time)
+
+    def _publish(self) -> None:
+        eng, m = self.engine, self.metrics
+        snap = Snapshot(eng.num_running, eng.num_waiting, eng.kv_cache_usage)
+        self.snapshot = snap
+        m.running.set(snap.running)
+        m.waiting.set(snap.waiting)
+        m.kv_usage.set(snap.kv_cache_usage)
+        totals = (eng.stats.prompt_tokens, eng.stats.generation_tokens,
+                  eng.scheduler.num_preemptions)
+        for counter, new, old in zip((m.prompt_tokens, m.generation_tokens, m.preemptions),
+                                     totals, self._totals):
+            if new > old:
+                counter.inc(new - old)
+        self._totals = totals
+        self._maybe_log(snap, totals)
+
+    def _maybe_log(self, snap: Snapshot, totals: tuple[int, int, int]) -> None:
+        now = time.monotonic()
+        elapsed = now - self._last_log
+        if not self.log_stats or elapsed < self.log_interval:
+            return
+        prompt, gen = totals[0] - self._logged_totals[0], totals[1] - self._logged_totals[1]
+        if prompt or gen or snap.running or snap.waiting:  # quiet while idle, like vLLM
+            logger.info(
+                "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
+                "Running: %d reqs, Waiting: %d reqs, Swapped: 0 reqs, GPU KV cache usage: %.1f%%",
+                prompt / elapsed, gen / elapsed, snap.running, snap.waiting,
+                100 * snap.kv_cache_usage)
+        self._last_log, self._logged_totals = now, totals[:2]

@@ -1,0 +1,54 @@
+"""Prometheus metrics with vLLM's names and meanings under a ``pagedjax:`` prefix.
+
+Each server owns its registry (no global state, so tests and several engines in one process do
+not collide). Gauges are set by the engine thread after every step; histograms are observed there
+from the engine's per-request timestamps. Placeholders that stay at 0 until their feature lands:
+``num_requests_swapped`` and ``cpu_cache_usage_perc`` (swap preemption), ``prefix_cache_queries``
+and ``prefix_cache_hits`` (prefix caching).
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# vLLM's buckets, so dashboards built for it read the same
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+               10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+               120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+class EngineMetrics:
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r, labels = self.registry, ["model_name"]
+
+        def gauge(name, doc):
+            return Gauge(f"pagedjax:{name}", doc, labels, registry=r).labels(model_name)
+
+        def counter(name, doc):
+            return Counter(f"pagedjax:{name}", doc, labels, registry=r).labels(model_name)
+
+        def histogram(name, doc, buckets):
+            return Histogram(f"pagedjax:{name}", doc, labels, buckets=buckets,
+                             registry=r).labels(model_name)
+
+        self.running = gauge("num_requests_running", "Sequences running on the device.")
+        self.waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled.")
+        self.swapped = gauge("num_requests_swapped", "Sequences swapped out to host memory.")
+        self.kv_usage = gauge("kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.")
+        self.cpu_usage = gauge("cpu_cache_usage_perc", "Host swap-space usage; 1 means 100 percent.")
+        self.preemptions = counter("num_preemptions", "Cumulative number of preemptions.")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of admitted requests.")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens.")
+        self.prefix_queries = counter("prefix_cache_queries", "Prefix-cache queries, in tokens.")
+        self.prefix_hits = counter("prefix_cache_hits", "Prefix-cache hits, in tokens.")
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between a request's tokens.",
+                             ITL_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", E2E_BUCKETS)
+        success = Counter("pagedjax:request_success", "Finished requests by finish reason.",
+                          ["model_name", "finished_reason"], registry=r)
+        self.finished = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}

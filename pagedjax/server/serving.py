@@ -1,0 +1,417 @@
+"""The two generation endpoints: an OpenAI request in, engine requests out, an OpenAI response (or
+an SSE stream of chunks) back. Everything a client can get wrong is checked here, before the
+engine sees the request, and answered with an ``APIError`` the app turns into OpenAI's error body.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import time
+import uuid
+from typing import AsyncIterator
+
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from pagedjax.outputs import CompletionOutput, RequestOutput
+from pagedjax.sampling_params import SamplingParams
+
+from . import protocol as P
+from .engine_loop import AsyncEngine, EngineDeadError, RequestStream, Submission
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> P.ErrorResponse:
+        return P.ErrorResponse(error=P.ErrorInfo(message=self.message, type=self.type,
+                                                 param=self.param, code=self.code or self.status))
+
+
+def sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+@dataclasses.dataclass
+class _ChoiceState:
+    """How much of one sample has been streamed."""
+
+    text_sent: int = 0
+    tokens_sent: int = 0
+    offset: int = 0  # text_offset of the next logprobs token
+    done: bool = False
+
+
+@dataclasses.dataclass
+class _Delta:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+def _next_delta(state: _ChoiceState, o: CompletionOutput, holdback: int) -> _Delta | None:
+    """The part of ``o`` not sent yet. While a sample runs, the last ``holdback`` characters are
+    held back: a stop string completed by a later token truncates the text there, and text
+    already sent cannot be taken back."""
+    if state.done:
+        return None
+    finished = o.finish_reason is not None
+    end = len(o.text) if finished else max(len(o.text) - holdback, state.text_sent)
+    if end == state.text_sent and not finished:
+        return None  # the new tokens are reported with the next text
+    d = _Delta(o.text[state.text_sent:end], o.token_ids[state.tokens_sent:],
+               o.logprobs[state.tokens_sent:] if o.logprobs is not None else None,
+               _openai_finish(o.finish_reason), o.stop_reason)
+    state.text_sent, state.tokens_sent, state.done = end, len(o.token_ids), finished
+    return d
+
+
+def _openai_finish(reason: str | None) -> str | None:
+    return None if reason is None else ("length" if reason == "length" else "stop")
+
+
+class OpenAIServing:
+    def __init__(self, aengine: AsyncEngine, served_model_name: str, *,
+                 max_waiting_requests: int = 1024, max_logprobs: int = 20):
+        self.aengine = aengine
+        self.engine = aengine.engine  # read-only use: config and the pure validate_prompt
+        self.model_name = served_model_name
+        self.max_model_len = self.engine.max_model_len
+        self.max_waiting_requests = max_waiting_requests
+        self.max_logprobs = max_logprobs
+        # The engine thread decodes with the engine's tokenizer; the handlers encode with their
+        # own copy, so the two threads never share a tokenizer object.
+        self.tokenizer = copy.deepcopy(self.engine.tokenizer)
+
+    # ---- checks shared by both endpoints -----------------------------------------------------
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves "
+                                f"`{self.model_name}`.", param="model", code="model_not_found")
+
+    def _check_unsupported(self, req: P._SamplingFields) -> None:
+        if req.use_beam_search:
+            raise APIError(400, "use_beam_search is not supported yet: it arrives with the beam "
+                                "search issue", param="use_beam_search")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(req, name):
+                raise APIError(400, f"{name} is not supported yet; leave it at 0", param=name)
+        if req.logit_bias:
+            raise APIError(400, "logit_bias is not supported yet", param="logit_bias")
+
+    def _params(self, req: P._SamplingFields, *, max_tokens: int | None, best_of: int | None,
+                logprobs: int | None) -> SamplingParams:
+        if logprobs is not None and logprobs > self.max_logprobs:
+            raise APIError(400, f"logprobs {logprobs} is over the maximum ({self.max_logprobs})",
+                           param="logprobs")
+        try:
+            return SamplingParams(
+                n=req.n, best_of=best_of,
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=-1 if req.top_k is None else req.top_k,
+                min_p=0.0 if req.min_p is None else req.min_p,
+                seed=req.seed, max_tokens=max_tokens, stop=req.stop,
+                stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
+                skip_special_tokens=req.skip_special_tokens)
+        except ValueError as e:
+            raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
+
+    def _check_length(self, ids: list[int], max_tokens: int | None) -> None:
+        try:
+            self.engine.validate_prompt(ids)
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
+        if max_tokens is not None and len(ids) + max_tokens > self.max_model_len:
+            raise APIError(
+                400, f"This model's maximum context length is {self.max_model_len} tokens. "
+                     f"However, you requested {len(ids) + max_tokens} tokens ({len(ids)} in the "
+                     f"prompt, {max_tokens} in the completion). Please reduce the prompt or "
+                     "max_tokens.", param="max_tokens")
+
+    def _check_load(self) -> None:
+        if not self.aengine.is_alive:
+            raise APIError(503, "the engine is not running", type="server_error",
+                           code="engine_dead")
+        queued = self.aengine.num_queued
+        if queued >= self.max_waiting_requests:
+            raise APIError(503, f"the server is overloaded: {queued} sequences are waiting "
+                                f"(--max-waiting-requests {self.max_waiting_requests}); retry later",
+                           type="server_error", code="overloaded", headers={"Retry-After": "1"})
+
+    def _encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer (dummy weights?): send token ids",
+                           param="prompt")
+        return list(self.tokenizer.encode(text))
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    async def _submit(self, subs: list[Submission]) -> RequestStream:
+        self._check_load()
+        try:
+            return await self.aengine.submit(subs, time.time())
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
+        except EngineDeadError as e:
+            raise APIError(503, str(e), type="server_error", code="engine_dead") from None
+
+    async def _collect(self, stream: RequestStream, raw: Request) -> dict[str, RequestOutput] | None:
+        """Wait for every request of ``stream`` to finish; None (and the requests aborted) when
+        the client goes away first."""
+        final: dict[str, RequestOutput] = {}
+
+        async def consume():
+            async for batch in stream.updates():
+                final.update((o.request_id, o) for o in batch)
+
+        consumer = asyncio.ensure_future(consume())
+        watcher = asyncio.ensure_future(_disconnected(raw))
+        try:
+            await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not consumer.done():
+                return None
+            consumer.result()  # engine errors surface here
+            return final
+        finally:
+            consumer.cancel()
+            watcher.cancel()
+            self.aengine.abort(stream.request_ids)  # no-op for finished requests
+
+    def _streaming(self, body: AsyncIterator[str], stream: RequestStream) -> StreamingResponse:
+        # The background task runs after the stream ends, a disconnect included, even when the
+        # generator is left suspended mid-yield; the abort is a no-op for finished requests.
+        return StreamingResponse(body, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"},
+                                 background=BackgroundTask(self.aengine.abort, stream.request_ids))
+
+    # ---- /v1/completions ---------------------------------------------------------------------
+    def _completion_prompts(self, prompt) -> list[tuple[str | None, list[int]]]:
+        if isinstance(prompt, str):
+            return [(prompt, self._encode(prompt))]
+        if not prompt:
+            raise APIError(400, "prompt is empty: give a string, a list of strings, token ids "
+                                "or a list of token-id lists", param="prompt")
+        if isinstance(prompt[0], str):
+            return [(p, self._encode(p)) for p in prompt]
+        if isinstance(prompt[0], int):
+            return [(None, list(prompt))]
+        return [(None, list(p)) for p in prompt]
+
+    async def create_completion(self, req: P.CompletionRequest, raw: Request) -> Response:
+        self.check_model(req.model)
+        self._check_unsupported(req)
+        if req.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs needs prompt logprobs, which are not "
+                                "supported yet", param="echo")
+        if req.stream and req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of must equal n when streaming", param="best_of")
+        params = self._params(req, max_tokens=req.max_tokens, best_of=req.best_of,
+                              logprobs=req.logprobs)
+        prompts = self._completion_prompts(req.prompt)
+        for _, ids in prompts:
+            self._check_length(ids, req.max_tokens)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        subs = [Submission(f"{rid}-{i}", ids, params) for i, (_, ids) in enumerate(prompts)]
+        stream = await self._submit(subs)
+        echoes = [(t if t is not None else self._decode(ids)) if req.echo else ""
+                  for t, ids in prompts]
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self._streaming(self._completion_chunks(rid, stream, params, echoes, prompts,
+                                                           include_usage), stream)
+        final = await self._collect(stream, raw)
+        if final is None:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        choices, completion_tokens = [], 0
+        for i, sub in enumerate(subs):
+            for j, o in enumerate(final[sub.request_id].outputs):
+                completion_tokens += len(o.token_ids)
+                lp = (self._completion_logprobs(o.token_ids, o.logprobs, 0)
+                      if req.logprobs is not None else None)
+                choices.append(P.CompletionChoice(
+                    index=i * params.n + j, text=echoes[i] + o.text, logprobs=lp,
+                    finish_reason=_openai_finish(o.finish_reason), stop_reason=o.stop_reason))
+        usage = _usage(sum(len(ids) for _, ids in prompts), completion_tokens)
+        return _json(P.CompletionResponse(id=rid, model=self.model_name, choices=choices,
+                                          usage=usage))
+
+    def _completion_logprobs(self, token_ids: list[int], logprobs: list[float] | None,
+                             offset: int) -> P.CompletionLogprobs:
+        # top_logprobs holds the sampled token only until the engine reports top-k candidates
+        out = P.CompletionLogprobs()
+        for t, lp in zip(token_ids, logprobs or []):
+            tok = self._decode([t])
+            out.tokens.append(tok)
+            out.token_logprobs.append(lp)
+            out.top_logprobs.append({tok: lp})
+            out.text_offset.append(offset)
+            offset += len(tok)
+        return out
+
+    async def _completion_chunks(self, rid: str, stream: RequestStream, params: SamplingParams,
+                                 echoes: list[str], prompts, include_usage: bool):
+        created, n = int(time.time()), params.n
+        index_of = {r: i for i, r in enumerate(stream.request_ids)}
+        holdback = max((len(s) for s in params.stop), default=1) - 1
+        states: dict[int, _ChoiceState] = {}
+        completion_tokens: dict[int, int] = {}
+
+        def chunk(index: int, text: str, lp=None, finish=None, stop_reason=None) -> str:
+            c = P.CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=finish,
+                                   stop_reason=stop_reason)
+            return sse(P.CompletionResponse(id=rid, created=created, model=self.model_name,
+                                            choices=[c]).model_dump_json(exclude={"usage"}))
+
+        try:
+            for i, echo in enumerate(echoes):
+                for j in range(n):
+                    if echo:
+                        yield chunk(i * n + j, echo)
+            async for batch in stream.updates():
+                for out in batch:
+                    base = index_of[out.request_id] * n
+                    for o in out.outputs:
+                        index = base + o.index
+                        state = states.setdefault(index, _ChoiceState())
+                        d = _next_delta(state, o, holdback)
+                        if d is None:
+                            continue
+                        completion_tokens[index] = len(o.token_ids)
+                        lp = None
+                        if params.logprobs is not None:
+                            lp = self._completion_logprobs(d.token_ids, d.logprobs, state.offset)
+                            state.offset += sum(len(t) for t in lp.tokens)
+                        yield chunk(index, d.text, lp, d.finish_reason, d.stop_reason)
+            if include_usage:
+                usage = _usage(sum(len(ids) for _, ids in prompts), sum(completion_tokens.values()))
+                yield sse(P.CompletionResponse(id=rid, created=created, model=self.model_name,
+                                               choices=[], usage=usage).model_dump_json())
+        except EngineDeadError as e:
+            yield sse(APIError(500, str(e), type="server_error").body().model_dump_json())
+        yield sse("[DONE]")
+
+    # ---- /v1/chat/completions ----------------------------------------------------------------
+    def _chat_prompt(self, req: P.ChatCompletionRequest) -> list[int]:
+        tok = self.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise APIError(400, "this model's tokenizer has no chat template: use "
+                                "/v1/completions", param="messages")
+        messages = []
+        for m in req.messages:
+            content = m.content
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                        raise APIError(400, f"message content part of type {part.get('type')!r} "
+                                            "is not supported: only text", param="messages")
+                    parts.append(part["text"])
+                content = "".join(parts)
+            messages.append({"role": m.role, "content": content or ""})
+        try:
+            ids = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
+                                          tokenize=True)
+        except Exception as e:  # a template that rejects these messages (roles, order)
+            raise APIError(400, f"the chat template rejected the messages: {e}",
+                           param="messages") from None
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    async def create_chat_completion(self, req: P.ChatCompletionRequest, raw: Request) -> Response:
+        self.check_model(req.model)
+        self._check_unsupported(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        params = self._params(req, max_tokens=max_tokens, best_of=None,
+                              logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        ids = self._chat_prompt(req)
+        self._check_length(ids, max_tokens)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        stream = await self._submit([Submission(rid, ids, params)])
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self._streaming(self._chat_chunks(rid, stream, params, len(ids), include_usage),
+                                   stream)
+        final = await self._collect(stream, raw)
+        if final is None:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        out = final[rid]
+        choices = [P.ChatChoice(
+            index=j, message=P.AssistantMessage(content=o.text),
+            logprobs=self._chat_logprobs(o.token_ids, o.logprobs, params.logprobs),
+            finish_reason=_openai_finish(o.finish_reason), stop_reason=o.stop_reason)
+            for j, o in enumerate(out.outputs)]
+        usage = _usage(len(ids), sum(len(o.token_ids) for o in out.outputs))
+        return _json(P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices,
+                                              usage=usage))
+
+    def _chat_logprobs(self, token_ids, logprobs, k: int | None) -> P.ChatLogprobs | None:
+        if k is None:
+            return None
+        content = []
+        for t, lp in zip(token_ids, logprobs or []):
+            tok = self._decode([t])
+            b = list(tok.encode("utf-8"))
+            # the sampled token only, until the engine reports top-k candidates
+            top = [P.TopLogprob(token=tok, logprob=lp, bytes=b)] if k > 0 else []
+            content.append(P.ChatTokenLogprob(token=tok, logprob=lp, bytes=b, top_logprobs=top))
+        return P.ChatLogprobs(content=content)
+
+    async def _chat_chunks(self, rid: str, stream: RequestStream, params: SamplingParams,
+                           prompt_tokens: int, include_usage: bool):
+        created = int(time.time())
+        holdback = max((len(s) for s in params.stop), default=1) - 1
+        states = [_ChoiceState() for _ in range(params.n)]
+        completion_tokens = [0] * params.n
+
+        def chunk(choices: list[P.ChatChunkChoice], usage=None) -> str:
+            c = P.ChatCompletionChunk(id=rid, created=created, model=self.model_name,
+                                      choices=choices, usage=usage)
+            return sse(c.model_dump_json(exclude=None if usage else {"usage"}))
+
+        try:
+            for j in range(params.n):
+                yield chunk([P.ChatChunkChoice(index=j, delta=P.DeltaMessage(role="assistant",
+                                                                             content=""))])
+            async for batch in stream.updates():
+                for o in (o for out in batch for o in out.outputs):
+                    d = _next_delta(states[o.index], o, holdback)
+                    if d is None:
+                        continue
+                    completion_tokens[o.index] = len(o.token_ids)
+                    yield chunk([P.ChatChunkChoice(
+                        index=o.index, delta=P.DeltaMessage(content=d.text or None),
+                        logprobs=self._chat_logprobs(d.token_ids, d.logprobs, params.logprobs),
+                        finish_reason=d.finish_reason, stop_reason=d.stop_reason)])
+            if include_usage:
+                yield chunk([], _usage(prompt_tokens, sum(completion_tokens)))
+        except EngineDeadError as e:
+            yield sse(APIError(500, str(e), type="server_error").body().model_dump_json())
+        yield sse("[DONE]")
+
+
+async def _disconnected(raw: Request) -> None:
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> P.UsageInfo:
+    return P.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                       total_tokens=prompt_tokens + completion_tokens)
+
+
+def _json(model) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json")
+

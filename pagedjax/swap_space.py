@@ -1,0 +1,83 @@
+"""Host-side bookkeeping of the swap space: which host slots hold which swapped sequence's blocks.
+
+Plain Python, like the device ``BlockManager`` it mirrors. The host pool is cut into *pieces* of
+``piece_blocks`` device blocks (``pagedjax.swap`` says why: one device->host transfer fills one
+whole piece). A host ``BlockManager`` whose block is one piece keeps the free list and the reference
+counts; a swapped sequence owns ``ceil(n / piece_blocks)`` pieces for its ``n`` device blocks, and
+device block ``i`` of its table lives in host slot ``piece[i // P] * P + i % P``.
+
+Check-then-act pairs, as in the block manager: ``can_swap_out`` / ``swap_out`` and
+``can_swap_in`` / ``swap_in``; each act returns the ``(src, dst)`` block pairs the device must move
+before the next step (device block -> host slot on the way out, host slot -> device block on the
+way in). A sequence swapped out of blocks it shared (a fork) comes back with its own copies.
+"""
+from __future__ import annotations
+
+from .block_manager import BlockManager
+from .sequence import Sequence
+
+
+class SwapSpace:
+    def __init__(self, num_pieces: int, piece_blocks: int, block_size: int):
+        if num_pieces < 1 or piece_blocks < 1:
+            raise ValueError(f"need num_pieces >= 1 and piece_blocks >= 1, got {num_pieces}, "
+                             f"{piece_blocks}")
+        self.piece_blocks = piece_blocks
+        self.block_size = block_size
+        self.bm = BlockManager(num_pieces, piece_blocks * block_size)  # one "block" = one piece
+        self.num_blocks: dict[int, int] = {}  # seq_id -> device blocks it had when swapped out
+
+    @property
+    def num_pieces(self) -> int:
+        return self.bm.num_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.bm.usage
+
+    def slots(self, seq_id: int) -> list[int]:
+        """Host slots of a swapped sequence's blocks, in table order."""
+        p, pieces = self.piece_blocks, self.bm.table(seq_id)
+        return [pieces[i // p] * p + i % p for i in range(self.num_blocks.get(seq_id, 0))]
+
+    # ---- out -----------------------------------------------------------------------------
+    def can_swap_out(self, device: BlockManager, seq_id: int) -> bool:
+        n = len(device.table(seq_id))
+        return n > 0 and self.bm.can_append(seq_id, 0, n * self.block_size)
+
+    def swap_out(self, device: BlockManager, seq_id: int) -> list[tuple[int, int]]:
+        """Move the sequence's blocks to host slots; its device blocks are freed (the caller's
+        gather must read them before anything writes there)."""
+        table = list(device.table(seq_id))
+        if not table or seq_id in self.num_blocks:
+            raise RuntimeError(f"swap_out: sequence {seq_id} has no device blocks or is swapped")
+        self.bm.append_slots(seq_id, 0, len(table) * self.block_size)
+        self.num_blocks[seq_id] = len(table)
+        pairs = list(zip(table, self.slots(seq_id)))
+        device.free(seq_id)
+        return pairs
+
+    # ---- in ------------------------------------------------------------------------------
+    def can_swap_in(self, device: BlockManager, seq: Sequence, num_new_tokens: int) -> bool:
+        """Room on the device for the swapped blocks plus the next ``num_new_tokens``."""
+        held = self.num_blocks[seq.seq_id] * self.block_size
+        return device.can_append(seq.seq_id, 0, max(held, seq.num_computed_tokens + num_new_tokens))
+
+    def swap_in(self, device: BlockManager, seq_id: int) -> list[tuple[int, int]]:
+        """Fresh device blocks for the sequence; its host pieces are freed (the caller's transfer
+        reads them before this step ends)."""
+        slots = self.slots(seq_id)
+        device.append_slots(seq_id, 0, len(slots) * self.block_size)
+        self.free(seq_id)
+        return list(zip(slots, device.table(seq_id)))
+
+    def free(self, seq_id: int) -> None:
+        """Drop a swapped sequence (abort): its pieces go back to the free list."""
+        self.num_blocks.pop(seq_id, None)
+        self.bm.free(seq_id)
+
+    def check_invariants(self) -> None:
+        self.bm.check_invariants()
+        assert set(self.num_blocks) == set(self.bm.tables), "swapped seqs != host tables"
+        for seq_id, n in self.num_blocks.items():
+            assert len(self.bm.table(seq_id)) == -(-n // self.piece_blocks), f"seq {seq_id}: pieces"

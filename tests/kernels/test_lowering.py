@@ -1,0 +1,32 @@
+"""The kernels lower for the hardware they are written for, checked on the CPU: Pallas -> Triton IR
+for CUDA, Pallas -> Mosaic for TPU, at the Qwen2.5-7B shapes the engine runs (28 q / 4 kv heads,
+head_dim 128, bf16, block 16). This catches a kernel that runs in interpret mode but uses an op the
+real lowering lacks; the Triton / Mosaic compilers themselves run only on the device."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pagedjax.kernels.dispatch import ragged_paged_attention
+
+T, S, W, NB = 64, 8, 32, 300
+SD = jax.ShapeDtypeStruct
+ARGS = (SD((T, 28, 128), jnp.bfloat16), SD((NB, 16, 4, 128), jnp.bfloat16),
+        SD((NB, 16, 4, 128), jnp.bfloat16), SD((S, W), jnp.int32), SD((S,), jnp.int32),
+        SD((S + 1,), jnp.int32))
+
+
+@pytest.mark.parametrize("platform,backend,kwargs,marker", [
+    ("cuda", "pallas-gpu", {"decode_only": True, "num_splits": 1}, "paged_decode"),
+    ("cuda", "pallas-gpu", {"decode_only": True, "num_splits": 8}, "paged_decode_combine"),
+    ("cuda", "pallas-gpu", {}, "ragged_paged_attention"),
+    ("tpu", "pallas-tpu", {"decode_only": True}, "paged_decode_tpu"),
+    ("tpu", "pallas-tpu", {}, "ragged_paged_attention_tpu"),
+])
+def test_lowers_for_device(platform, backend, kwargs, marker):
+    fn = jax.jit(functools.partial(ragged_paged_attention, backend=backend, **kwargs))
+    text = fn.trace(*ARGS).lower(lowering_platforms=(platform,)).as_text()
+    assert marker in text

@@ -1,0 +1,113 @@
+"""Every bad input gets the right status and an OpenAI error body, and the next good request still
+succeeds."""
+import json
+
+import openai
+import pytest
+
+from tests.server.conftest import MODEL
+
+GOOD = {"model": MODEL, "prompt": "hello", "max_tokens": 3, "temperature": 0}
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+
+DROP = object()
+
+
+def completion(**changes):
+    body = {**GOOD, **changes}
+    return {k: v for k, v in body.items() if v is not DROP}
+
+MATRIX = [  # (name, path, body (dict: JSON; bytes: raw), headers, status, message fragment, param)
+    ("missing prompt", "/v1/completions", completion(prompt=DROP), {}, 400, "prompt", "prompt"),
+    ("missing messages", "/v1/chat/completions", {"model": MODEL}, {}, 400, "messages",
+     "messages"),
+    ("prompt of wrong type", "/v1/completions", completion(prompt=123), {}, 400, "prompt",
+     "prompt"),
+    ("max_tokens of wrong type", "/v1/completions", completion(max_tokens="lots"), {}, 400,
+     "max_tokens", "max_tokens"),
+    ("empty prompt list", "/v1/completions", completion(prompt=[]), {}, 400, "empty", "prompt"),
+    ("token id outside the vocabulary", "/v1/completions", completion(prompt=[5, 999]), {}, 400,
+     "outside the vocabulary", "prompt"),
+    ("prompt over max_model_len", "/v1/completions", completion(prompt="x" * 80), {}, 400,
+     "max_model_len is 64", "prompt"),
+    ("max_tokens over the limit", "/v1/completions", completion(max_tokens=100), {}, 400,
+     "maximum context length is 64", "max_tokens"),
+    ("chat max_tokens over the limit", "/v1/chat/completions", {**CHAT, "max_tokens": 64}, {},
+     400, "maximum context length", "max_tokens"),
+    ("max_tokens 0", "/v1/completions", completion(max_tokens=0), {}, 400, "max_tokens",
+     "max_tokens"),
+    ("negative temperature", "/v1/completions", completion(temperature=-0.5), {}, 400,
+     "temperature", "temperature"),
+    ("top_p over 1", "/v1/completions", completion(top_p=1.5), {}, 400, "top_p", "top_p"),
+    ("top_p 0", "/v1/chat/completions", {**CHAT, "top_p": 0}, {}, 400, "top_p", "top_p"),
+    ("n 0", "/v1/completions", completion(n=0), {}, 400, "n must be", "n"),
+    ("too many logprobs", "/v1/completions", completion(logprobs=50), {}, 400, "logprobs",
+     "logprobs"),
+    ("beam search", "/v1/completions", completion(use_beam_search=True), {}, 400,
+     "not supported yet", "use_beam_search"),
+    ("image content", "/v1/chat/completions",
+     {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, {}, 400,
+     "only text", "messages"),
+    ("unknown model", "/v1/completions", completion(model="gpt-5"), {}, 404, "does not exist",
+     "model"),
+    ("unknown model (chat)", "/v1/chat/completions", {**CHAT, "model": "gpt-5"}, {}, 404,
+     "does not exist", "model"),
+    ("wrong key", "/v1/completions", GOOD, {"Authorization": "Bearer nope"}, 401, "API key",
+     None),
+    ("no key", "/v1/models", None, {"Authorization": ""}, 401, "API key", None),
+    ("malformed JSON", "/v1/completions", b'{"model": "tiny", "prompt": "hi",', {}, 400,
+     "malformed JSON", None),
+    ("oversized body", "/v1/completions",
+     json.dumps(completion(prompt="a" * (2 << 20))).encode(), {}, 413, "over the limit", None),
+    ("unknown route", "/v1/embeddings", GOOD, {}, 404, "Not Found", None),
+]
+
+
+@pytest.mark.parametrize("name, path, body, headers, status, fragment, param", MATRIX,
+                         ids=[m[0] for m in MATRIX])
+def test_bad_input_gets_openai_error_then_server_still_serves(server, name, path, body, headers,
+                                                              status, fragment, param):
+    with server.http() as http:
+        if body is None:
+            r = http.get(path, headers=headers)
+        elif isinstance(body, bytes):
+            r = http.post(path, content=body,
+                          headers={"Content-Type": "application/json", **headers})
+        else:
+            r = http.post(path, json=body, headers=headers)
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        assert fragment in err["message"], err
+        if param is not None:
+            assert err["param"] == param, err
+        good = http.post("/v1/completions", json=GOOD)
+        assert good.status_code == 200, good.text
+        assert good.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    assert server.aengine.is_alive
+
+
+def test_openai_client_sees_typed_errors(server):
+    client = server.client()
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model=MODEL, prompt="hello", max_tokens=1000)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="hello")
+    with pytest.raises(openai.AuthenticationError):
+        server.client().with_options(api_key="wrong").models.list()
+    assert client.completions.create(model=MODEL, prompt="ok", max_tokens=2).choices
+
+
+def test_chunked_body_over_the_limit_is_413_too(server):
+    def body():  # no Content-Length: the guard must count what arrives
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(40):
+            yield b"a" * 65536
+        yield b'"}'
+
+    with server.http() as http:
+        r = http.post("/v1/completions", content=body(),
+                      headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "over the limit" in r.json()["error"]["message"]
+        assert http.post("/v1/completions", json=GOOD).status_code == 200
