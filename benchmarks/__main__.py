@@ -7,6 +7,8 @@ import importlib
 import logging
 import sys
 
+from benchmarks.common import set_argv
+
 SCENARIOS = {
     "host-overhead": "benchmarks.host_overhead",
     "kernel": "benchmarks.kernel",
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
         module.add_arguments(p)
     args = parser.parse_args(argv)
+    set_argv(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return available[args.scenario].run(args)
 

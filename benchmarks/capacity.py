@@ -1,4 +1,4 @@
-"""capacity: max_model_len vs concurrency: KV tokens, maximum concurrency, and tok/s at that concurrency.
+"""capacity: max_model_len vs concurrency: KV tokens, max concurrency, tok/s at that concurrency.
 
 The post-mortem's table, measured. For each ``--max-model-lens`` value an engine starts at
 ``--gpu-memory-utilization`` (0.9) and sizes its KV pool from free device memory; vLLM's "maximum
@@ -42,7 +42,8 @@ def _ints(text: str) -> list[int]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     harness.add_engine_arguments(p)
     p.add_argument("--max-model-lens", type=_ints, default=None,
-                   help=f"comma list (default {FULL['max_model_lens']}; --quick {QUICK['max_model_lens']})")
+                   help=f"comma list (default {FULL['max_model_lens']}; "
+                        f"--quick {QUICK['max_model_lens']})")
     p.add_argument("--input-len", type=int, default=None, help="prompt tokens (default 1000)")
     p.add_argument("--output-len", type=int, default=None, help="new tokens (default 512)")
     p.add_argument("--max-concurrency-cap", type=int, default=None,
@@ -151,7 +152,8 @@ def _plot(path, rows, args) -> None:
     labels = [str(r["max_model_len"]) for r in rows]
     plots.save(path, [
         {"kind": "bars", "title": "maximum concurrency (pool tokens / max_model_len)",
-         "ylabel": "requests", "labels": labels, "values": [r.get("max_concurrency") for r in rows]},
+         "ylabel": "requests", "labels": labels,
+         "values": [r.get("max_concurrency") for r in rows]},
         {"kind": "bars", "title": f"output tok/s at that concurrency ({args.input_len} in, "
                                   f"{args.output_len} out)",
          "ylabel": "tok/s", "labels": labels, "values": [r.get("output_tok_s") for r in rows]},

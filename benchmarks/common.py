@@ -13,6 +13,13 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 RESULTS = Path(__file__).parent / "results"
+_argv: list[str] | None = None  # the scenario's arguments when main() was given them (tests)
+
+
+def set_argv(argv: list[str]) -> None:
+    """Record the arguments ``python -m benchmarks`` ran with, for the results' "command"."""
+    global _argv
+    _argv = list(argv)
 
 
 def _version(mod: str) -> str | None:
@@ -44,7 +51,7 @@ def environment() -> dict:
         "versions": {m: _version(m) for m in ("jax", "jaxlib", "flax", "torch", "transformers")},
         "python": platform.python_version(),
         "git_commit": commit,
-        "command": " ".join(["python -m benchmarks"] + sys.argv[1:]),
+        "command": " ".join(["python -m benchmarks"] + (sys.argv[1:] if _argv is None else _argv)),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -30,6 +30,11 @@ T_CAPACITY=${T_CAPACITY:-330}
 T_NVP=${T_NVP:-540}
 THROUGHPUT_PROMPTS=${THROUGHPUT_PROMPTS:-512}
 HF_MAX_TIME_A=${HF_MAX_TIME_A:-60}  # transformers runs case (a) at ~11 tok/s: 2,000 tokens = 3 min
+# Extra arguments appended per scenario (they win over the ones below), e.g. for a CPU smoke run:
+# THROUGHPUT_ARGS="--tiny --input-len 8 --output-len 4 --num-prompts 8 --num-warmup-prompts 4"
+read -r -a THROUGHPUT_EXTRA <<< "${THROUGHPUT_ARGS:-}"
+read -r -a CAPACITY_EXTRA <<< "${CAPACITY_ARGS:-}"
+read -r -a NVP_EXTRA <<< "${NVP_ARGS:-}"
 # Compiled step shapes are shared between the scenarios' processes (and later calls on a warm machine).
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/pagedjax-jax-cache}
 mkdir -p "$OUT"
@@ -81,15 +86,15 @@ for s in "${SCENARIOS[@]}"; do
   case $s in
     throughput)
       run throughput "$T_THROUGHPUT" "${ENGINE[@]}" --input-len 1000 --output-len 1000 \
-        --num-prompts "$THROUGHPUT_PROMPTS" --num-warmup-prompts 256 ;;
+        --num-prompts "$THROUGHPUT_PROMPTS" --num-warmup-prompts 256 "${THROUGHPUT_EXTRA[@]}" ;;
     capacity)
       run capacity "$T_CAPACITY" "${ENGINE[@]}" --max-model-lens 2048,4096,8192,32768 \
-        --input-len 1000 --output-len 512 --gpu-memory-utilization 0.9 ;;
+        --input-len 1000 --output-len 512 --gpu-memory-utilization 0.9 "${CAPACITY_EXTRA[@]}" ;;
     native-vs-paged)
       # the two child processes get most of the budget each, the JAX side first
       run native-vs-paged "$T_NVP" "${ENGINE[@]}" --budget-gib 24 --gpu-memory-utilization 0.9 \
         --hf-max-time-a "$HF_MAX_TIME_A" --paged-timeout $((T_NVP * 55 / 100)) \
-        --hf-timeout $((T_NVP * 40 / 100)) ;;
+        --hf-timeout $((T_NVP * 40 / 100)) "${NVP_EXTRA[@]}" ;;
     *) say "unknown scenario $s (throughput, capacity, native-vs-paged)"; STATUS[$s]="unknown" ;;
   esac
 done
@@ -104,14 +109,15 @@ keys = {"throughput": ["output_tok_s", "total_tok_s", "compilations_after_warmup
                      "output_tok_s_32768", "compilations_after_warmup"],
         "native-vs-paged": ["case_a_completed", "concurrency_ratio_8k", "speedup_vs_hf_b128",
                             "hf_case_a_status", "compilations_after_warmup"]}
-targets = "targets: output_tok_s >= 12000, speedup_vs_hf_b128 >= 6, concurrency_ratio_8k >= 3, case_a_completed, 0 compilations"
-print(f"\n{\"scenario\":<16} {\"status\":<11} figures")
+print()
+print("%-16s %-11s %s" % ("scenario", "status", "figures"))
 for line in sys.stdin:
     name, status = line.split()
-    path = out / f"{name}.json"
+    path = out / (name + ".json")
     s = json.loads(path.read_text()).get("summary", {}) if path.exists() else {}
-    figs = ", ".join(f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v}"
+    figs = ", ".join("%s=%s" % (k, format(v, ",.1f") if isinstance(v, float) else v)
                      for k, v in s.items() if k in keys.get(name, []))
-    print(f"{name:<16} {status:<11} {figs or \"(no JSON)\"}")
-print(targets)
+    print("%-16s %-11s %s" % (name, status, figs or "(no JSON)"))
+print("targets: output_tok_s >= 12000, speedup_vs_hf_b128 >= 6, concurrency_ratio_8k >= 3,"
+      " case_a_completed True, compilations_after_warmup 0")
 ' "$OUT" 2>&1 | tee -a "$LOG"

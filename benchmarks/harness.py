@@ -42,7 +42,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     engine_flags(p)
     p.set_defaults(model=DEFAULT_MODEL, load_format="dummy")
     p.add_argument("--tiny", action="store_true",
-                   help="a tiny random Qwen2 (1 layer, hidden 64) instead of --model: the CPU smoke run")
+                   help="a tiny random Qwen2 (1 layer, hidden 64) instead of --model (CPU runs)")
 
 
 def engine_args(args: argparse.Namespace, **overrides):
@@ -214,7 +214,8 @@ class Run:
 def generate(llm, prompts, params) -> Run:
     """One timed ``LLM.generate``, with the compilations, engine time split and a step timeline."""
     e = llm.engine
-    c0, st0, pre0 = e.runner.num_compilations, dataclasses.replace(e.stats), e.scheduler.num_preemptions
+    c0, st0 = e.runner.num_compilations, dataclasses.replace(e.stats)
+    pre0 = e.scheduler.num_preemptions
     with StepRecorder(e) as rec:
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=sys.stderr.isatty())

@@ -1,4 +1,4 @@
-"""native-vs-paged: transformers generate vs pagedjax in one memory budget (the sad path vs the happy path).
+"""native-vs-paged: transformers generate vs pagedjax in one memory budget (sad path vs happy path).
 
 On one GPU, in one run, under one simulated card (``--budget-gib``, 24 GiB by default: torch gets
 ``set_per_process_memory_fraction``, JAX gets ``XLA_PYTHON_CLIENT_MEM_FRACTION`` and sizes its pool
@@ -6,7 +6,7 @@ with ``--gpu-memory-utilization`` inside it), the same model shape (Qwen2.5-7B b
 weights, bf16, greedy, EOS ignored):
 
   (a) one 10,000-token prompt + 2,000 new tokens: does it complete, peak memory, memory over time;
-  (b) 8K-context requests (8,128 prompt + 64 new): the largest batch transformers completes
+  (b) 8K-context requests (8,064 prompt + 128 new): the largest batch transformers completes
       (doubling, then bisecting) vs the requests pagedjax runs at once in its pool, vs a JAX
       contiguous cache reserving ``--max-model-len`` (32,768) tokens per sequence, counted in the
       same KV budget (and, as an upper bound, allocated until the device refuses): the
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 1 << 30
-FULL = {"a_prompt_len": 10_000, "a_new_tokens": 2_000, "b_context": 8192, "b_new_tokens": 64,
+FULL = {"a_prompt_len": 10_000, "a_new_tokens": 2_000, "b_context": 8192, "b_new_tokens": 128,
         "b_max_batch": 64, "c_batch": 128, "c_prompt_len": 512, "c_new_tokens": 256}
 QUICK = {"a_prompt_len": 40, "a_new_tokens": 8, "b_context": 64, "b_new_tokens": 4,
          "b_max_batch": 8, "c_batch": 4, "c_prompt_len": 16, "c_new_tokens": 8}
@@ -66,8 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def gpu_total_bytes() -> int | None:
     """GPU 0's memory from nvidia-smi (the parent must not start a CUDA backend itself)."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits",
-                              "-i", "0"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total",
+                              "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=30)
         return int(float(out.stdout.strip().splitlines()[0])) << 20 if out.returncode == 0 else None
     except (OSError, ValueError, IndexError, subprocess.SubprocessError):
         return None
@@ -103,7 +104,8 @@ def run(args) -> dict:
              "c": {"batch": args.c_batch, "prompt_len": args.c_prompt_len,
                    "new_tokens": args.c_new_tokens}}
     engine = dataclasses.asdict(harness.engine_args(args))
-    load = {k: getattr(args, k) for k in ("model", "tiny", "load_format", "dtype", "tokenizer", "seed")}
+    load = {k: getattr(args, k)
+            for k in ("model", "tiny", "load_format", "dtype", "tokenizer", "seed")}
     hf_dtype = {"auto": "bfloat16" if total else "float32"}.get(args.dtype, args.dtype)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_PYTHON_CLIENT_")}
     jax_env = dict(base_env)
@@ -115,10 +117,10 @@ def run(args) -> dict:
         hf = {"skipped": True, "cases": {}}
         _write(args, budget, total, cases, paged, hf, hf_dtype)
         if not args.skip_hf:
-            hf = _child("native_hf", {"hf_config": harness.hf_config_dict(args), "hf_dtype": hf_dtype,
-                                      "hf_attn": args.hf_attn, "budget_bytes": budget,
-                                      "hf_max_time_a": args.hf_max_time_a, "seed": args.seed,
-                                      "cases": cases}, base_env, args.hf_timeout, Path(tmp))
+            spec = {"hf_config": harness.hf_config_dict(args), "hf_dtype": hf_dtype,
+                    "hf_attn": args.hf_attn, "budget_bytes": budget,
+                    "hf_max_time_a": args.hf_max_time_a, "seed": args.seed, "cases": cases}
+            hf = _child("native_hf", spec, base_env, args.hf_timeout, Path(tmp))
     summary, rows = _write(args, budget, total, cases, paged, hf, hf_dtype)
     print_table(rows, COLUMNS)
     print("  ".join(f"{k}={v if not isinstance(v, float) else round(v, 2)}"
@@ -184,7 +186,8 @@ def _rows(paged: dict, hf: dict, cases: dict) -> list[dict]:
                          "new_tokens": h.get("new_tokens", h.get("generated_before_end")),
                          "output_tok_s": h.get("output_tok_s"),
                          "peak_gib": _gib(h.get("peak_allocated_bytes")),
-                         "note": "whole GPU" if name == "c_whole_gpu" else (h.get("error") or "")[:60]})
+                         "note": ("whole GPU" if name == "c_whole_gpu"
+                                  else (h.get("error") or "")[:60])})
         p = pc.get(name)
         if p:
             rows.append({"case": name, "system": "pagedjax", "status": p["status"],
@@ -200,7 +203,9 @@ def _rows(paged: dict, hf: dict, cases: dict) -> list[dict]:
                      "status": f"{cont['seqs_in_same_budget']} fit", "requests":
                      cont["seqs_in_same_budget"], "prompt_len": cases["b"]["context"]
                      - cases["b"]["new_tokens"], "new_tokens": cases["b"]["new_tokens"],
-                     "note": f"{cont.get('seqs_allocatable')} allocatable with no headroom"})
+                     "note": ("allocation not measured on the CPU"
+                              if cont.get("seqs_allocatable") is None else
+                              f"{cont['seqs_allocatable']} allocatable with no headroom")})
     return rows
 
 
@@ -237,8 +242,8 @@ def _plot(path, paged, hf, budget, args) -> None:
          "labels": [f"contiguous\n{reserve}/seq reserved", "transformers", "pagedjax"],
          "values": [s["contiguous_seqs_same_budget"], s["hf_8k_max_batch"],
                     s["paged_8k_concurrent"]]},
-        {"kind": "bars", "title": f"(c) {args.c_batch} x {args.c_prompt_len} + {args.c_new_tokens}: "
-                                  "output tok/s", "ylabel": "tok/s",
+        {"kind": "bars", "title": f"(c) {args.c_batch} x {args.c_prompt_len} + "
+                                  f"{args.c_new_tokens}: output tok/s", "ylabel": "tok/s",
          "labels": [f"transformers\n{s['hf_c_memory'] or ''}", "pagedjax"],
          "values": [s["hf_c_output_tok_s"], s["paged_c_output_tok_s"]]},
     ]

@@ -1,11 +1,12 @@
-"""Rewrite the results section of ``benchmarks/README.md`` from the JSON under ``benchmarks/results/``.
+"""Rewrite the results section of ``benchmarks/README.md`` from ``benchmarks/results/*/*.json``.
 
     python -m benchmarks.report                 # benchmarks/results -> benchmarks/README.md
     python -m benchmarks.report --results DIR --print   # render any folder to stdout
 
-For every scenario of ``python -m benchmarks``, each results file (``<device>/<scenario>[-tag].json``,
-accelerators first) becomes: the device, date, commit and exact command, its table
-(``figures.table`` or ``figures.rows``), the summary figures, and its PNG when one sits beside it.
+For every scenario of ``python -m benchmarks``, each results file
+(``<device>/<scenario>[-tag].json``, accelerators first) becomes: the device, date, commit and
+exact command, its table (``figures.table`` or ``figures.rows``), the summary figures, and its PNG
+when one sits beside it.
 A scenario with no file says "not yet measured" and how to run it. Only the text between the
 ``<!-- results:begin -->`` and ``<!-- results:end -->`` markers is replaced.
 """

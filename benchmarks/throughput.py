@@ -1,4 +1,4 @@
-"""throughput: offline LLM.generate throughput (requests/s, total and output tok/s), as `vllm bench throughput`.
+"""throughput: offline LLM.generate requests/s, total and output tok/s, as `vllm bench throughput`.
 
 Two workloads, both with ``ignore_eos`` so every request generates exactly its output length:
 
@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=1000)
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--num-warmup-prompts", type=int, default=None,
-                   help="requests in the warm-up generate (default: min(num-prompts, max-num-seqs))")
+                   help="requests in the warm-up (default: min(num-prompts, max-num-seqs))")
     p.add_argument("--full-warmup", action="store_true",
                    help="compile every bucket up to the longest request instead of a warm-up pass")
 
@@ -81,6 +81,12 @@ def run(args) -> dict:
         warm_compiled = warm.compilations
     warmup_s = time.perf_counter() - t0
     logger.info("warm-up: %d step shapes compiled in %.1f s", warm_compiled, warmup_s)
+    tag = "" if args.dataset == "random" else args.dataset
+    # a placeholder until the measured run ends: a run killed by a time limit says how far it got
+    write_result("throughput", {"output_tok_s": None, "compilations_after_warmup": None,
+                                "warmup_s": warmup_s, "warmup_compilations": warm_compiled,
+                                "status": "warm-up done, measured run not finished"},
+                 {}, out=args.out, tag=tag)
 
     r = harness.generate(llm, prompts, params)
     print(f"Throughput: {r.requests_s:.2f} requests/s, {r.total_tok_s:.2f} total tokens/s, "
@@ -103,7 +109,6 @@ def run(args) -> dict:
     print_table([{k: summary[k] for k in ("dataset", "num_prompts", "mean_input_len",
                                           "mean_output_len", "requests_per_s", "total_tok_s",
                                           "output_tok_s", "compilations_after_warmup")}])
-    tag = "" if args.dataset == "random" else args.dataset
     figures = {
         "model": loaded.cfg.name or args.model, "dtype": loaded.dtype,
         "engine": {"max_model_len": e.max_model_len, "max_num_seqs": args.max_num_seqs,

@@ -36,7 +36,8 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt", default="The capital of France is")
     ap.add_argument("--tokens", type=int, default=8)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pagedjax").setLevel(logging.INFO)  # ours, not jax's backend chatter
     t0 = time.perf_counter()
     loaded = load_model(args.model, load_format=args.load_format)
     print(f"loaded {loaded.cfg.name or loaded.source} ({loaded.cfg.num_params() / 1e6:.0f}M "

@@ -13,7 +13,7 @@ from collections import deque
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, share: bool = True):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
@@ -21,6 +21,10 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.free_blocks: deque[int] = deque(range(num_blocks))
         self.tables: dict[int, list[int]] = {}
+        # share=False is a debug switch for the beam benchmark: a fork copies every block at
+        # once, as an engine without copy-on-write would; the copies ride the next step
+        self.share = share
+        self.pending_copies: list[tuple[int, int]] = []
 
     # ---- queries -------------------------------------------------------------------------
     @property
@@ -79,6 +83,14 @@ class BlockManager:
         if child_id in self.tables:
             raise RuntimeError(f"fork: sequence {child_id} already has blocks")
         table = list(self.table(parent_id))
+        if not self.share:
+            if len(table) > self.num_free:
+                raise RuntimeError(f"fork without sharing needs {len(table)} blocks, "
+                                   f"{self.num_free} free")
+            copy = [self._take() for _ in table]
+            self.pending_copies += zip(table, copy)
+            self.tables[child_id] = copy
+            return
         for b in table:
             self.ref_counts[b] += 1
         self.tables[child_id] = table

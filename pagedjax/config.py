@@ -38,6 +38,7 @@ class EngineArgs:
     attention_backend: str = "auto"
     seed: int = 0
     tensor_parallel_size: int = 1
+    disable_kv_sharing: bool = False  # debug: forks copy blocks instead of sharing them
 
     def __post_init__(self):
         self.validate()

@@ -82,7 +82,8 @@ class LLMEngine:
         self.spec = kv_pool.KVPoolSpec.for_model(cfg, num_blocks, args.block_size, self.dtype)
         kv_pool.check_fits(self.spec, self.max_model_len)
         kv_pool.log_capacity(self.spec, self.max_model_len)
-        self.block_manager = BlockManager(num_blocks, args.block_size)
+        self.block_manager = BlockManager(num_blocks, args.block_size,
+                                          share=not args.disable_kv_sharing)
         self.swap_space = swap.make_swap_space(args, self.spec, self.max_model_len)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs,
                                    self.max_num_batched_tokens, args.enable_chunked_prefill,

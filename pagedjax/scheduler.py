@@ -67,7 +67,8 @@ class Scheduler:
         return bool(self.waiting or self.running or self.swapped)
 
     def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch([], [], [])
+        batch = ScheduledBatch([], [], self.bm.pending_copies)
+        self.bm.pending_copies = []
         budget = self.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:

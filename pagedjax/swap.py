@@ -143,6 +143,9 @@ class HostKVPool:
     def _allocate(self, runner) -> None:
         """Allocate and touch every piece through the real transfer path, and compile both jits."""
         t0 = time.perf_counter()
+        # Commit the pool to its sharding now: a step's output pool is committed, and jit compiles
+        # committed and uncommitted arguments separately.
+        runner.pool = jax.tree.map(lambda x: jax.device_put(x, x.sharding), runner.pool)
         staging = self._gather(runner.pool, np.zeros(self.piece_blocks, np.int32))
         self._device_sharding = staging.sharding
         self._host_sharding = (staging.sharding.with_memory_kind(self.memory_kind)

@@ -20,6 +20,7 @@ import threading
 import time
 from typing import AsyncIterator, Callable
 
+from pagedjax.beam_search import BeamSearchParams
 from pagedjax.engine import LLMEngine
 from pagedjax.outputs import RequestOutput
 from pagedjax.sampling_params import SamplingParams
@@ -37,7 +38,12 @@ class EngineDeadError(RuntimeError):
 class Submission:
     request_id: str
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | BeamSearchParams
+
+    @property
+    def num_seqs(self) -> int:
+        p = self.params
+        return p.beam_width if isinstance(p, BeamSearchParams) else p.best_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +52,9 @@ class Snapshot:
 
     running: int = 0
     waiting: int = 0
+    swapped: int = 0
     kv_cache_usage: float = 0.0
+    cpu_cache_usage: float = 0.0
 
 
 class RequestStream:
@@ -147,7 +155,7 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine is not running ({self.dead or 'stopped'})")
         stream = RequestStream([s.request_id for s in subs])
         fut = stream.loop.create_future()
-        seqs = sum(s.params.best_of for s in subs)
+        seqs = sum(s.num_seqs for s in subs)
         with self._lock:
             self._submitted_seqs += seqs
         self._commands.put(lambda: self._add(subs, arrival_time, stream, fut, seqs))
@@ -211,10 +219,13 @@ class AsyncEngine:
         else:
             try:
                 for s in subs:
-                    self.engine.add_request(s.request_id, s.prompt_token_ids, s.params,
-                                            arrival_time=arrival, stream=True)
+                    if isinstance(s.params, BeamSearchParams):  # outputs only when done
+                        self.engine.add_beam_request(s.request_id, s.prompt_token_ids, s.params)
+                    else:
+                        self.engine.add_request(s.request_id, s.prompt_token_ids, s.params,
+                                                arrival_time=arrival, stream=True)
                     added.append(s.request_id)
-            except Exception as e:  # ValueError: a bad prompt; anything else fails this request only
+            except Exception as e:  # ValueError: a bad prompt; any other error fails only this
                 error = e
                 for rid in added:
                     self.engine.abort(rid)
@@ -266,11 +277,14 @@ class AsyncEngine:
 
     def _publish(self) -> None:
         eng, m = self.engine, self.metrics
-        snap = Snapshot(eng.num_running, eng.num_waiting, eng.kv_cache_usage)
+        snap = Snapshot(eng.num_running, eng.num_waiting, eng.num_swapped, eng.kv_cache_usage,
+                        eng.cpu_cache_usage)
         self.snapshot = snap
         m.running.set(snap.running)
         m.waiting.set(snap.waiting)
+        m.swapped.set(snap.swapped)
         m.kv_usage.set(snap.kv_cache_usage)
+        m.cpu_usage.set(snap.cpu_cache_usage)
         totals = (eng.stats.prompt_tokens, eng.stats.generation_tokens,
                   eng.scheduler.num_preemptions)
         for counter, new, old in zip((m.prompt_tokens, m.generation_tokens, m.preemptions),
@@ -286,10 +300,10 @@ class AsyncEngine:
         if not self.log_stats or elapsed < self.log_interval:
             return
         prompt, gen = totals[0] - self._logged_totals[0], totals[1] - self._logged_totals[1]
-        if prompt or gen or snap.running or snap.waiting:  # quiet while idle, like vLLM
+        if prompt or gen or snap.running or snap.waiting or snap.swapped:  # quiet when idle
             logger.info(
                 "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
-                "Running: %d reqs, Waiting: %d reqs, Swapped: 0 reqs, GPU KV cache usage: %.1f%%",
-                prompt / elapsed, gen / elapsed, snap.running, snap.waiting,
-                100 * snap.kv_cache_usage)
+                "Running: %d reqs, Waiting: %d reqs, Swapped: %d reqs, GPU KV cache usage: %.1f%%, "
+                "CPU KV cache usage: %.1f%%", prompt / elapsed, gen / elapsed, snap.running,
+                snap.waiting, snap.swapped, 100 * snap.kv_cache_usage, 100 * snap.cpu_cache_usage)
         self._last_log, self._logged_totals = now, totals[:2]

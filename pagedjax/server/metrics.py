@@ -2,9 +2,8 @@
 
 Each server owns its registry (no global state, so tests and several engines in one process do
 not collide). Gauges are set by the engine thread after every step; histograms are observed there
-from the engine's per-request timestamps. Placeholders that stay at 0 until their feature lands:
-``num_requests_swapped`` and ``cpu_cache_usage_perc`` (swap preemption), ``prefix_cache_queries``
-and ``prefix_cache_hits`` (prefix caching).
+from the engine's per-request timestamps. ``prefix_cache_queries`` and ``prefix_cache_hits`` are placeholders that
+stay at 0 until prefix caching lands.
 """
 from __future__ import annotations
 
@@ -39,7 +38,7 @@ class EngineMetrics:
         self.waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled.")
         self.swapped = gauge("num_requests_swapped", "Sequences swapped out to host memory.")
         self.kv_usage = gauge("kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.")
-        self.cpu_usage = gauge("cpu_cache_usage_perc", "Host swap-space usage; 1 means 100 percent.")
+        self.cpu_usage = gauge("cpu_cache_usage_perc", "Host swap usage; 1 means 100 percent.")
         self.preemptions = counter("num_preemptions", "Cumulative number of preemptions.")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of admitted requests.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")

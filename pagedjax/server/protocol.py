@@ -39,7 +39,9 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
-    use_beam_search: bool = False
+    use_beam_search: bool = False  # width: best_of if given, else n; returns the n best
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
 
 
 class CompletionRequest(_SamplingFields):

@@ -15,6 +15,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from pagedjax.beam_search import BeamSearchParams
 from pagedjax.outputs import CompletionOutput, RequestOutput
 from pagedjax.sampling_params import SamplingParams
 
@@ -26,8 +27,8 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers
 
     def body(self) -> P.ErrorResponse:
         return P.ErrorResponse(error=P.ErrorInfo(message=self.message, type=self.type,
@@ -52,7 +53,7 @@ class _ChoiceState:
 class _Delta:
     text: str
     token_ids: list[int]
-    logprobs: list[float] | None
+    logprobs: list[dict[int, float]] | None  # per token: the top k and the sampled token
     finish_reason: str | None
     stop_reason: int | str | None
 
@@ -97,10 +98,13 @@ class OpenAIServing:
             raise APIError(404, f"The model `{model}` does not exist; this server serves "
                                 f"`{self.model_name}`.", param="model", code="model_not_found")
 
-    def _check_unsupported(self, req: P._SamplingFields) -> None:
+    def _check_unsupported(self, req: P._SamplingFields, logprobs: bool) -> None:
         if req.use_beam_search:
-            raise APIError(400, "use_beam_search is not supported yet: it arrives with the beam "
-                                "search issue", param="use_beam_search")
+            for name, used in (("stop", req.stop), ("stop_token_ids", req.stop_token_ids),
+                               ("logprobs", logprobs)):
+                if used:
+                    raise APIError(400, f"{name} is not supported with use_beam_search",
+                                   param=name)
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(req, name):
                 raise APIError(400, f"{name} is not supported yet; leave it at 0", param=name)
@@ -125,6 +129,20 @@ class OpenAIServing:
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
 
+    def _engine_params(self, req: P._SamplingFields, params: SamplingParams, ids: list[int]):
+        """What the engine runs for one prompt: ``params``, or a beam search of width
+        ``params.best_of`` whose ``params.n`` best hypotheses are returned."""
+        if not req.use_beam_search:
+            return params
+        try:
+            return BeamSearchParams(
+                beam_width=params.best_of, ignore_eos=req.ignore_eos,
+                max_tokens=params.max_tokens or self.max_model_len - len(ids),
+                temperature=req.temperature or 0.0, length_penalty=req.length_penalty,
+                early_stopping=req.early_stopping)
+        except ValueError as e:
+            raise APIError(400, f"use_beam_search: {e}", param="use_beam_search") from None
+
     def _check_length(self, ids: list[int], max_tokens: int | None) -> None:
         try:
             self.engine.validate_prompt(ids)
@@ -144,7 +162,8 @@ class OpenAIServing:
         queued = self.aengine.num_queued
         if queued >= self.max_waiting_requests:
             raise APIError(503, f"the server is overloaded: {queued} sequences are waiting "
-                                f"(--max-waiting-requests {self.max_waiting_requests}); retry later",
+                                f"(--max-waiting-requests {self.max_waiting_requests}); "
+                                "retry later",
                            type="server_error", code="overloaded", headers={"Retry-After": "1"})
 
     def _encode(self, text: str) -> list[int]:
@@ -165,7 +184,8 @@ class OpenAIServing:
         except EngineDeadError as e:
             raise APIError(503, str(e), type="server_error", code="engine_dead") from None
 
-    async def _collect(self, stream: RequestStream, raw: Request) -> dict[str, RequestOutput] | None:
+    async def _collect(self, stream: RequestStream,
+                       raw: Request) -> dict[str, RequestOutput] | None:
         """Wait for every request of ``stream`` to finish; None (and the requests aborted) when
         the client goes away first."""
         final: dict[str, RequestOutput] = {}
@@ -180,7 +200,10 @@ class OpenAIServing:
             await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not consumer.done():
                 return None
-            consumer.result()  # engine errors surface here
+            try:
+                consumer.result()
+            except EngineDeadError as e:
+                raise APIError(500, str(e), type="server_error", code="engine_dead") from None
             return final
         finally:
             consumer.cancel()
@@ -209,13 +232,13 @@ class OpenAIServing:
 
     async def create_completion(self, req: P.CompletionRequest, raw: Request) -> Response:
         self.check_model(req.model)
-        self._check_unsupported(req)
+        self._check_unsupported(req, req.logprobs is not None)
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.echo and req.logprobs is not None:
             raise APIError(400, "echo with logprobs needs prompt logprobs, which are not "
                                 "supported yet", param="echo")
-        if req.stream and req.best_of is not None and req.best_of != req.n:
+        if req.stream and not req.use_beam_search and req.best_of not in (None, req.n):
             raise APIError(400, "best_of must equal n when streaming", param="best_of")
         params = self._params(req, max_tokens=req.max_tokens, best_of=req.best_of,
                               logprobs=req.logprobs)
@@ -223,45 +246,47 @@ class OpenAIServing:
         for _, ids in prompts:
             self._check_length(ids, req.max_tokens)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        subs = [Submission(f"{rid}-{i}", ids, params) for i, (_, ids) in enumerate(prompts)]
+        subs = [Submission(f"{rid}-{i}", ids, self._engine_params(req, params, ids))
+                for i, (_, ids) in enumerate(prompts)]
         stream = await self._submit(subs)
         echoes = [(t if t is not None else self._decode(ids)) if req.echo else ""
                   for t, ids in prompts]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._streaming(self._completion_chunks(rid, stream, params, echoes, prompts,
-                                                           include_usage), stream)
+                                                           include_usage, req.use_beam_search),
+                                   stream)
         final = await self._collect(stream, raw)
         if final is None:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         choices, completion_tokens = [], 0
         for i, sub in enumerate(subs):
-            for j, o in enumerate(final[sub.request_id].outputs):
+            for j, o in enumerate(final[sub.request_id].outputs[:params.n]):
                 completion_tokens += len(o.token_ids)
                 lp = (self._completion_logprobs(o.token_ids, o.logprobs, 0)
                       if req.logprobs is not None else None)
                 choices.append(P.CompletionChoice(
                     index=i * params.n + j, text=echoes[i] + o.text, logprobs=lp,
-                    finish_reason=_openai_finish(o.finish_reason), stop_reason=o.stop_reason))
+                    finish_reason=_openai_finish(o.finish_reason),
+                    stop_reason=_stop_reason(req, o)))
         usage = _usage(sum(len(ids) for _, ids in prompts), completion_tokens)
         return _json(P.CompletionResponse(id=rid, model=self.model_name, choices=choices,
                                           usage=usage))
 
-    def _completion_logprobs(self, token_ids: list[int], logprobs: list[float] | None,
+    def _completion_logprobs(self, token_ids: list[int], tops: list[dict[int, float]] | None,
                              offset: int) -> P.CompletionLogprobs:
-        # top_logprobs holds the sampled token only until the engine reports top-k candidates
         out = P.CompletionLogprobs()
-        for t, lp in zip(token_ids, logprobs or []):
+        for t, top in zip(token_ids, tops or []):
             tok = self._decode([t])
             out.tokens.append(tok)
-            out.token_logprobs.append(lp)
-            out.top_logprobs.append({tok: lp})
+            out.token_logprobs.append(top.get(t))
+            out.top_logprobs.append({self._decode([i]): lp for i, lp in _best_first(top)})
             out.text_offset.append(offset)
             offset += len(tok)
         return out
 
     async def _completion_chunks(self, rid: str, stream: RequestStream, params: SamplingParams,
-                                 echoes: list[str], prompts, include_usage: bool):
+                                 echoes: list[str], prompts, include_usage: bool, use_beam: bool):
         created, n = int(time.time()), params.n
         index_of = {r: i for i, r in enumerate(stream.request_ids)}
         holdback = max((len(s) for s in params.stop), default=1) - 1
@@ -282,7 +307,7 @@ class OpenAIServing:
             async for batch in stream.updates():
                 for out in batch:
                     base = index_of[out.request_id] * n
-                    for o in out.outputs:
+                    for o in out.outputs[:n]:  # a beam search returns its n best
                         index = base + o.index
                         state = states.setdefault(index, _ChoiceState())
                         d = _next_delta(state, o, holdback)
@@ -293,7 +318,8 @@ class OpenAIServing:
                         if params.logprobs is not None:
                             lp = self._completion_logprobs(d.token_ids, d.logprobs, state.offset)
                             state.offset += sum(len(t) for t in lp.tokens)
-                        yield chunk(index, d.text, lp, d.finish_reason, d.stop_reason)
+                        yield chunk(index, d.text, lp, d.finish_reason,
+                                    None if use_beam else d.stop_reason)
             if include_usage:
                 usage = _usage(sum(len(ids) for _, ids in prompts), sum(completion_tokens.values()))
                 yield sse(P.CompletionResponse(id=rid, created=created, model=self.model_name,
@@ -330,7 +356,7 @@ class OpenAIServing:
 
     async def create_chat_completion(self, req: P.ChatCompletionRequest, raw: Request) -> Response:
         self.check_model(req.model)
-        self._check_unsupported(req)
+        self._check_unsupported(req, req.logprobs)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -339,38 +365,40 @@ class OpenAIServing:
         ids = self._chat_prompt(req)
         self._check_length(ids, max_tokens)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await self._submit([Submission(rid, ids, params)])
+        stream = await self._submit([Submission(rid, ids, self._engine_params(req, params, ids))])
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._streaming(self._chat_chunks(rid, stream, params, len(ids), include_usage),
-                                   stream)
+            return self._streaming(self._chat_chunks(rid, stream, params, len(ids), include_usage,
+                                                     req.use_beam_search), stream)
         final = await self._collect(stream, raw)
         if final is None:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        out = final[rid]
+        outs = final[rid].outputs[:params.n]  # a beam search returns its n best
         choices = [P.ChatChoice(
             index=j, message=P.AssistantMessage(content=o.text),
             logprobs=self._chat_logprobs(o.token_ids, o.logprobs, params.logprobs),
-            finish_reason=_openai_finish(o.finish_reason), stop_reason=o.stop_reason)
-            for j, o in enumerate(out.outputs)]
-        usage = _usage(len(ids), sum(len(o.token_ids) for o in out.outputs))
+            finish_reason=_openai_finish(o.finish_reason), stop_reason=_stop_reason(req, o))
+            for j, o in enumerate(outs)]
+        usage = _usage(len(ids), sum(len(o.token_ids) for o in outs))
         return _json(P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices,
                                               usage=usage))
 
-    def _chat_logprobs(self, token_ids, logprobs, k: int | None) -> P.ChatLogprobs | None:
+    def _chat_logprobs(self, token_ids: list[int], tops: list[dict[int, float]] | None,
+                       k: int | None) -> P.ChatLogprobs | None:
         if k is None:
             return None
-        content = []
-        for t, lp in zip(token_ids, logprobs or []):
+
+        def entry(t: int, lp: float) -> dict:
             tok = self._decode([t])
-            b = list(tok.encode("utf-8"))
-            # the sampled token only, until the engine reports top-k candidates
-            top = [P.TopLogprob(token=tok, logprob=lp, bytes=b)] if k > 0 else []
-            content.append(P.ChatTokenLogprob(token=tok, logprob=lp, bytes=b, top_logprobs=top))
-        return P.ChatLogprobs(content=content)
+            return dict(token=tok, logprob=lp, bytes=list(tok.encode("utf-8")))
+
+        return P.ChatLogprobs(content=[
+            P.ChatTokenLogprob(**entry(t, top.get(t)), top_logprobs=[
+                P.TopLogprob(**entry(i, lp)) for i, lp in _best_first(top)[:k]])
+            for t, top in zip(token_ids, tops or [])])
 
     async def _chat_chunks(self, rid: str, stream: RequestStream, params: SamplingParams,
-                           prompt_tokens: int, include_usage: bool):
+                           prompt_tokens: int, include_usage: bool, use_beam: bool):
         created = int(time.time())
         holdback = max((len(s) for s in params.stop), default=1) - 1
         states = [_ChoiceState() for _ in range(params.n)]
@@ -386,7 +414,7 @@ class OpenAIServing:
                 yield chunk([P.ChatChunkChoice(index=j, delta=P.DeltaMessage(role="assistant",
                                                                              content=""))])
             async for batch in stream.updates():
-                for o in (o for out in batch for o in out.outputs):
+                for o in (o for out in batch for o in out.outputs[:params.n]):
                     d = _next_delta(states[o.index], o, holdback)
                     if d is None:
                         continue
@@ -394,7 +422,8 @@ class OpenAIServing:
                     yield chunk([P.ChatChunkChoice(
                         index=o.index, delta=P.DeltaMessage(content=d.text or None),
                         logprobs=self._chat_logprobs(d.token_ids, d.logprobs, params.logprobs),
-                        finish_reason=d.finish_reason, stop_reason=d.stop_reason)])
+                        finish_reason=d.finish_reason,
+                        stop_reason=None if use_beam else d.stop_reason)])
             if include_usage:
                 yield chunk([], _usage(prompt_tokens, sum(completion_tokens)))
         except EngineDeadError as e:
@@ -405,6 +434,14 @@ class OpenAIServing:
 async def _disconnected(raw: Request) -> None:
     while (await raw.receive())["type"] != "http.disconnect":
         pass
+
+
+def _best_first(top: dict[int, float]) -> list[tuple[int, float]]:
+    return sorted(top.items(), key=lambda kv: -kv[1])
+
+
+def _stop_reason(req: P._SamplingFields, o: CompletionOutput) -> int | str | None:
+    return None if req.use_beam_search else o.stop_reason  # a beam's is its score
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> P.UsageInfo:

@@ -18,7 +18,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pagedjax import LLM
 from pagedjax.server import add_arguments, build_server
-from tests.conftest import TinyModel
 
 API_KEY = "sk-test-key"
 MODEL = "tiny"

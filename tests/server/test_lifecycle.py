@@ -30,7 +30,21 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server, slow_engine):
                     break  # closes the connection with ~45 tokens still to go (>= 0.9 s)
     server.wait_metric(ABORTS, lambda v: v == aborts + 1, label="abort", timeout=5)
     server.wait_metric(KV, lambda v: v == 0.0, timeout=5)
-    assert not server.aengine.engine.has_unfinished()
+    assert server.metrics()[("pagedjax:num_requests_running", "")] == 0
+
+
+def test_abandoned_openai_chat_stream_aborts_and_frees_blocks(server, slow_engine):
+    aborts = server.metrics()[(ABORTS, "abort")]
+    stream = server.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=50, stream=True,
+        extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    stream.close()  # the client walks away after a few chunks
+    server.wait_metric(ABORTS, lambda v: v == aborts + 1, label="abort", timeout=5)
+    server.wait_metric(KV, lambda v: v == 0.0, timeout=5)
+    assert server.metrics()[("pagedjax:num_requests_running", "")] == 0
 
 
 def test_client_timeout_on_a_plain_request_aborts_it(server, slow_engine):
@@ -87,7 +101,7 @@ def test_metrics_expose_vllm_names_with_live_values(server):
 
 
 LOG_LINE = re.compile(r"Avg prompt throughput: [\d.]+ tokens/s, Avg generation throughput: "
-                      r"[\d.]+ tokens/s, Running: \d+ reqs, Waiting: \d+ reqs, Swapped: 0 reqs, "
+                      r"[\d.]+ tokens/s, Running: \d+ reqs, Waiting: \d+ reqs, Swapped: \d+ reqs, "
                       r"GPU KV cache usage: [\d.]+%")
 
 
@@ -110,3 +124,33 @@ def test_serve_flags_default_to_localhost_and_vllm_names():
     args = parser.parse_args(["--max-model-len", "128", "--max-num-seqs", "8"])
     assert (args.host, args.port, args.max_request_bytes) == ("127.0.0.1", 8000, 1 << 20)
     assert (args.max_model_len, args.max_num_seqs, args.served_model_name) == (128, 8, None)
+
+
+def test_a_failing_engine_step_fails_requests_and_health(tok_model, monkeypatch):
+    from pagedjax.engine import LLMEngine
+    from pagedjax.config import EngineArgs
+    from pagedjax.server.engine_loop import AsyncEngine
+    from pagedjax.server.metrics import EngineMetrics
+    from tests.server.conftest import ENGINE_ARGS
+
+    engine = LLMEngine(EngineArgs(**ENGINE_ARGS), loaded=tok_model)
+
+    def broken_step():
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine, "step", broken_step)
+    aengine = AsyncEngine(engine, EngineMetrics(MODEL), log_stats=False).start()
+    running = start_uvicorn(uvicorn.Server(uvicorn.Config(
+        build_app(aengine, MODEL), host="127.0.0.1", port=0, log_level="critical")))
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    try:
+        with httpx.Client(base_url=running.url, timeout=10) as http:
+            assert http.get("/health").status_code == 200
+            r = http.post("/v1/completions", json=body)
+            assert r.status_code == 500 and "device lost" in r.json()["error"]["message"]
+            assert http.get("/health").status_code == 503
+            r = http.post("/v1/completions", json=body)
+            assert r.status_code == 503 and "not running" in r.json()["error"]["message"]
+    finally:
+        running.stop()
+        aengine.shutdown()

@@ -3,7 +3,7 @@ import asyncio
 
 import pytest
 
-from pagedjax import SamplingParams
+from pagedjax import BeamSearchParams, SamplingParams
 from pagedjax.generate import build_prompt
 from tests.server.conftest import MODEL
 
@@ -79,13 +79,26 @@ def test_token_id_prompts_lists_echo_stop_and_logprobs(server, ref_llm):
     want = [ref_texts(ref_llm, p, temperature=0.0, max_tokens=8, ignore_eos=True)[0]
             for p in (a, b)]
     r = client.completions.create(model=MODEL, prompt=[a, b], max_tokens=8, temperature=0,
-                                  logprobs=0, extra_body=IGNORE_EOS)
+                                  logprobs=3, extra_body=IGNORE_EOS)
     assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == want
     lp = r.choices[0].logprobs
     ref = ref_llm.generate([a], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
-                                               logprobs=0), use_tqdm=False)[0].outputs[0]
-    assert lp.tokens == [ref_llm.tokenizer.decode([t]) for t in ref.token_ids]
-    assert lp.token_logprobs == pytest.approx(ref.logprobs, abs=1e-5)
+                                               logprobs=3), use_tqdm=False)[0].outputs[0]
+    decode = ref_llm.tokenizer.decode
+    assert lp.tokens == [decode([t]) for t in ref.token_ids]
+    assert lp.token_logprobs == pytest.approx([top[t] for t, top in zip(ref.token_ids,
+                                                                        ref.logprobs)], abs=1e-5)
+    for got, top in zip(lp.top_logprobs, ref.logprobs):  # greedy: the sampled token is the top 1
+        assert len(got) == 3
+        assert got == pytest.approx({decode([i]): v for i, v in top.items()}, abs=1e-5)
+        assert max(got.values()) == pytest.approx(lp.token_logprobs[lp.top_logprobs.index(got)])
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                          max_tokens=4, temperature=0, logprobs=True,
+                                          top_logprobs=2, extra_body=IGNORE_EOS)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
     echoed = client.completions.create(model=MODEL, prompt="abc", max_tokens=4, temperature=0,
                                        echo=True, extra_body=IGNORE_EOS)
     assert echoed.choices[0].text.startswith("abc")
@@ -99,6 +112,27 @@ def test_token_id_prompts_lists_echo_stop_and_logprobs(server, ref_llm):
     streamed = client.completions.create(model=MODEL, prompt="abc", max_tokens=20, temperature=0,
                                          stop=[stop], stream=True, extra_body=IGNORE_EOS)
     assert "".join(c.choices[0].text for c in streamed) == cut
+
+
+def test_beam_search_equals_llm_beam_search(server, ref_llm):
+    prompt = [30, 31, 32, 33, 34]
+    want = ref_llm.beam_search([prompt], BeamSearchParams(beam_width=3, max_tokens=10,
+                                                          ignore_eos=True))[0].sequences
+    client = server.client()
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, n=2, best_of=3,
+                                  temperature=0, extra_body={"use_beam_search": True, **IGNORE_EOS})
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == [s.text for s in want[:2]]
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "beam"}], max_tokens=6, n=2, stream=True,
+        extra_body={"use_beam_search": True, **IGNORE_EOS})
+    texts = ["", ""]
+    for chunk in chat:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    ids = build_prompt(ref_llm.tokenizer, "beam", raw=False, system=None)
+    best = ref_llm.beam_search([ids], BeamSearchParams(beam_width=2, max_tokens=6,
+                                                       ignore_eos=True))[0].sequences
+    assert texts == [s.text for s in best]
 
 
 def test_16_concurrent_requests_equal_one_at_a_time(server):

@@ -1,0 +1,227 @@
+"""Preemption by swap: KV blocks go to a host pool and come back bit-exact; outputs never change;
+nothing is lost, duplicated or leaked under any mix of swap and recompute."""
+import logging
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings, strategies as st
+
+from pagedjax import LLM, SamplingParams
+from pagedjax.block_manager import BlockManager
+from pagedjax.config import EngineArgs
+from pagedjax.kv_pool import KVPoolSpec, allocate
+from pagedjax.scheduler import Scheduler
+from pagedjax.sequence import Sequence, Status
+from pagedjax.swap import HostKVPool, make_swap_space, piece_blocks_for
+from pagedjax.swap_space import SwapSpace
+from tests.conftest import assert_no_leak
+
+GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+# 16 blocks x 16 tokens hold ~2 of these sequences (up to 80 + 20 tokens = 7 blocks each), so
+# running ones preempt each other; max_model_len 256 gives host pieces of 2 blocks (16 // 8).
+ENGINE = dict(block_size=16, max_model_len=256, max_num_batched_tokens=64, max_num_seqs=6)
+
+
+def _prompts(n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 128, size=int(k)).tolist() for k in rng.integers(40, 81, size=n)]
+
+
+def assert_swap_pools_free(llm) -> None:
+    assert_no_leak(llm)
+    space = llm.engine.swap_space
+    space.check_invariants()
+    assert space.bm.num_free == space.num_pieces, "host pieces leaked"
+    assert not llm.engine.scheduler.swapped
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_qwen):
+    """The same prompts with a pool that never preempts."""
+    llm = LLM(loaded=tiny_qwen, num_gpu_blocks_override=64, **ENGINE)
+    outs = llm.generate(_prompts(), GREEDY, use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions == 0
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def swap_llm(tiny_qwen):
+    return LLM(loaded=tiny_qwen, num_gpu_blocks_override=16, preemption_mode="swap",
+               num_cpu_blocks_override=64, **ENGINE)
+
+
+def test_swap_preemption_outputs_match_no_preemption(swap_llm, reference):
+    llm = swap_llm
+    compiled = llm.engine.host_pool.num_compilations
+    outs = llm.generate(_prompts(), GREEDY, use_tqdm=False)
+    sched, stats = llm.engine.scheduler, llm.engine.host_pool.stats
+    assert sched.num_preemptions_swap > 0 and sched.num_preemptions_recompute == 0
+    assert stats.blocks["out"] == stats.blocks["in"] > 0
+    assert [o.outputs[0].token_ids for o in outs] == reference
+    assert llm.engine.host_pool.num_compilations == compiled == 2, "swap shapes must not compile"
+    assert llm.engine.num_swapped == 0 and llm.engine.cpu_cache_usage == 0.0
+    assert_swap_pools_free(llm)
+
+
+def test_full_host_pool_falls_back_to_recompute_and_logs(tiny_qwen, reference, caplog):
+    # 8 host blocks = 4 pieces of 2: room for one swapped sequence, so later victims recompute.
+    llm = LLM(loaded=tiny_qwen, num_gpu_blocks_override=16, preemption_mode="swap",
+              num_cpu_blocks_override=8, **ENGINE)
+    with caplog.at_level(logging.INFO):
+        outs = llm.generate(_prompts(), GREEDY, use_tqdm=False)
+    sched = llm.engine.scheduler
+    assert sched.num_preemptions_swap > 0 and sched.num_preemptions_recompute > 0
+    assert "host swap pool full: preempting seq" in caplog.text
+    assert "Swapping out" in caplog.text and "Swapping in" in caplog.text
+    assert [o.outputs[0].token_ids for o in outs] == reference
+    assert_swap_pools_free(llm)
+
+
+def test_abort_of_swapped_request_frees_host_blocks(swap_llm):
+    engine = swap_llm.engine
+    for i, p in enumerate(_prompts(seed=1)):
+        engine.add_request(f"a{i}", p, GREEDY)
+    for _ in range(200):
+        engine.step()
+        if engine.num_swapped:
+            break
+    assert engine.num_swapped, "the workload was meant to swap"
+    assert engine.cpu_cache_usage > 0
+    victim = engine.scheduler.swapped[0]
+    assert victim.status is Status.SWAPPED
+    engine.abort(victim.request_id)
+    assert victim.finished and victim not in engine.scheduler.swapped
+    assert victim.seq_id not in engine.swap_space.bm.tables
+    while engine.has_unfinished():
+        engine.step()
+    assert_swap_pools_free(swap_llm)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_swapped_blocks_round_trip_bit_exact(dtype):
+    """Random bit patterns (NaN payloads included) out to host pieces and back into other blocks."""
+    spec = KVPoolSpec(num_layers=3, num_blocks=16, block_size=4, num_kv_heads=2, head_dim=8,
+                      dtype=dtype)
+    bits = jnp.uint16 if dtype == "bfloat16" else jnp.uint32
+    keys = iter(jax.random.split(jax.random.key(0), 2 * spec.num_layers + 1))
+    runner = types.SimpleNamespace(pool=[tuple(
+        jax.lax.bitcast_convert_type(jax.random.bits(next(keys), spec.page_shape, bits), dtype)
+        for _ in "kv") for _ in range(spec.num_layers)])
+    before = [np.asarray(jax.lax.bitcast_convert_type(x, bits)) for kv in runner.pool for x in kv]
+    assert allocate(spec)[0][0].shape == runner.pool[0][0].shape
+
+    bm, space = BlockManager(16, 4), SwapSpace(num_pieces=5, piece_blocks=2, block_size=4)
+    host = HostKVPool(spec, space, runner)
+    bm.append_slots(0, 0, 4 * 5)  # 5 blocks: 3 pieces, the last one padded
+    bm.append_slots(1, 0, 4 * 2)
+    table0 = list(bm.table(0))
+    out = space.swap_out(bm, 0) + space.swap_out(bm, 1)
+    host.execute(types.SimpleNamespace(swap_out=out, swap_in=[]), runner)
+    bm.append_slots(2, 0, 4 * 16)  # every device block taken by someone else ...
+    runner.pool = [(jnp.zeros_like(k), jnp.full_like(v, 7)) for k, v in runner.pool]  # ... and overwritten
+    bm.free(2)
+    bm.append_slots(3, 0, 4 * 3)  # seq 0 comes back into different blocks
+    back = space.swap_in(bm, 0)
+    host.execute(types.SimpleNamespace(swap_out=[], swap_in=back), runner)
+    assert sorted(bm.table(0)) != sorted(table0)
+    after = [np.asarray(jax.lax.bitcast_convert_type(x, bits)) for kv in runner.pool for x in kv]
+    for b_old, b_new in zip(table0, bm.table(0)):
+        for x, y in zip(before, after):
+            np.testing.assert_array_equal(x[b_old], y[b_new])
+    assert host.stats.blocks == {"out": 7, "in": 5}
+    assert host.stats.link_bytes["out"] == 4 * host.piece_bytes  # 3 + 1 pieces
+    space.free(1)  # seq 1 is dropped while swapped (an abort)
+    bm.free(0)
+    bm.free(3)
+    space.check_invariants()
+    assert space.bm.num_free == space.num_pieces and bm.num_free == 16
+
+
+def test_swap_configuration_errors():
+    with pytest.raises(ValueError, match="--swap-space"):
+        EngineArgs(preemption_mode="swap")
+    spec = KVPoolSpec(num_layers=28, num_blocks=100, block_size=16, num_kv_heads=4, head_dim=128)
+    with pytest.raises(ValueError, match="holds no KV block"):
+        make_swap_space(EngineArgs(preemption_mode="swap", swap_space=1e-6), spec, 8192)
+    assert make_swap_space(EngineArgs(swap_space=4), spec, 8192) is None  # recompute mode
+    space = make_swap_space(EngineArgs(preemption_mode="swap", swap_space=1), spec, 8192)
+    # Qwen2.5-7B: 896 KiB blocks, pieces of 32 blocks = 28 MiB, 1 GiB = 36 pieces
+    assert (space.piece_blocks, space.num_pieces) == (32, 36)
+    assert piece_blocks_for(1 << 20, num_cpu_blocks=3, max_blocks_per_seq=4096) == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 40), st.integers(1, 12), st.integers(0, 8),
+                          st.one_of(st.none(), st.integers(0, 60))), min_size=1, max_size=12),
+       st.integers(8, 30), st.integers(0, 8), st.sampled_from([1, 2, 4]), st.integers(4, 64),
+       st.integers(1, 6))
+def test_no_request_lost_or_duplicated_under_swap_and_recompute(reqs, num_blocks, host_pieces,
+                                                                piece, budget, max_seqs):
+    """A fake device that really moves token ids between a device and a host array: every request
+    ends with exactly its tokens, every scheduled sequence reads back its whole context, whatever
+    mix of swap and recompute the pools force; at the end both pools are all free.
+    reqs: (prompt length, max tokens, arrival step, abort step or None)."""
+    bs = 4
+    assume(max(p + m for p, m, _, _ in reqs) <= num_blocks * bs)  # else refused up front
+    bm = BlockManager(num_blocks, bs)
+    space = SwapSpace(host_pieces, piece, bs) if host_pieces else None
+    sched = Scheduler(bm, max_num_seqs=max_seqs, max_num_batched_tokens=budget, swap_space=space)
+    dev = np.full((num_blocks * bs,), -1)
+    host = np.full(((host_pieces or 1) * piece * bs,), -1)
+    seqs = [Sequence(str(i), [(7 * i + j) % 50 + 100 for j in range(p)],
+                     SamplingParams(max_tokens=m), arrival=i, seed=0)
+            for i, (p, m, _, _) in enumerate(reqs)]
+
+    def expected_output(i, k):  # what the fake model samples: a function of (request, position)
+        return (13 * i + k) % 89
+
+    for step in range(5000):
+        for i, (_, _, arrive, abort) in enumerate(reqs):
+            if arrive == step:
+                sched.add(seqs[i])
+            if abort == step and arrive <= step and not seqs[i].finished:
+                sched.finish(seqs[i], "abort")
+        if not sched.has_unfinished() and step > max(a for _, _, a, _ in reqs):
+            break
+        batch = sched.schedule()
+        for d, h in batch.swap_out:  # the gather reads freed blocks before anything writes
+            host[h * bs:(h + 1) * bs] = dev[d * bs:(d + 1) * bs]
+        for h, d in batch.swap_in:
+            dev[d * bs:(d + 1) * bs] = host[h * bs:(h + 1) * bs]
+        for s, d in batch.copies:
+            dev[d * bs:(d + 1) * bs] = dev[s * bs:(s + 1) * bs]
+        assert len({s.seq_id for s in batch.seqs}) == len(batch.seqs), "scheduled twice"
+        assert batch.num_tokens <= budget and len(batch.seqs) <= max_seqs
+        for s, n in zip(batch.seqs, batch.num_new_tokens):
+            end = s.num_computed_tokens + n
+            for pos in range(s.num_computed_tokens, end):
+                dev[bm.slot(s.seq_id, pos)] = s.token_at(pos)
+            assert [dev[bm.slot(s.seq_id, pos)] for pos in range(end)] == s.tokens(0, end)
+            s.num_computed_tokens = end
+            if end == s.num_tokens:
+                i = int(s.request_id)
+                s.output_token_ids.append(expected_output(i, len(s.output_token_ids)))
+                if len(s.output_token_ids) == s.params.max_tokens:
+                    sched.finish(s, "length")
+        bm.check_invariants()
+        queues = [list(map(id, q)) for q in (sched.running, sched.waiting, sched.swapped)]
+        assert sum(map(len, queues)) == len(set().union(*queues)), "a sequence in two queues"
+        for s in sched.swapped:
+            assert s.status is Status.SWAPPED and not bm.table(s.seq_id)
+            assert space.num_blocks[s.seq_id] == bm.blocks_for(s.num_computed_tokens)
+        if space is not None:
+            space.check_invariants()
+        else:
+            assert sched.num_preemptions_swap == 0
+    assert not sched.has_unfinished(), "the workload did not drain"
+    for i, (s, (_, m, _, abort)) in enumerate(zip(seqs, reqs)):
+        if s.finish_reason == "length":
+            assert s.output_token_ids == [expected_output(i, k) for k in range(m)]
+        else:
+            assert s.finish_reason == "abort" and abort is not None
+    assert bm.num_free == num_blocks
+    assert space is None or space.bm.num_free == host_pieces
+    assert sched.num_preemptions == sched.num_preemptions_swap + sched.num_preemptions_recompute
