@@ -272,7 +272,11 @@ def correctness(b: Bench) -> dict:
         args = _ragged_batch(b, seqs)
         if b.tiny and not kw:
             kw = {"block_m": 32, "block_n": 16}
-        res = ragged_paged_attention(*args, backend=b.backend, interpret=b.interpret, **kw)
+        try:
+            res = ragged_paged_attention(*args, backend=b.backend, interpret=b.interpret, **kw)
+        except Exception as e:  # noqa: BLE001 - a kernel that fails to build is a finding
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:1500]}"}
+            continue
         ref = paged_attention_ref(*_f32(*args[:3]), *args[3:])
         real = int(args[5][-1])
         out[name] = {"rel_err": _rel(res, ref), "nan": bool(jnp.isnan(res).any()),
@@ -329,44 +333,63 @@ def kv_write(b: Bench) -> dict:
 def run(args: argparse.Namespace) -> dict:
     b = Bench(args)
     record = {"heads": {"q": b.n, "kv": b.k, "head_dim": b.h}, "block_size": b.bs,
-              "dtype": "bfloat16", "interpret": b.interpret, "backend": b.backend}
-    record["correctness"] = correctness(b)
-    logger.info("correctness: %s", record["correctness"])
-    record["copy_GBps"] = copy_bandwidth(b) / 1e9
-    record["matmul_TFLOPs"] = matmul_flops(b) / 1e12
+              "dtype": "bfloat16", "interpret": b.interpret, "backend": b.backend, "decode": []}
     peer = not args.no_peer and b.backend == "pallas-gpu"
-    decode = []
-    for batch in b.batches:
-        for ctx in b.contexts:
-            target = (batch, ctx) in ((64, 4096), (1, 32768), (8, 32768))
+    targets = [(64, 4096), (1, 32768), (8, 32768)]
+    grid = [(bt, c) for bt in b.batches for c in b.contexts]
+
+    def decode_rows(shapes):
+        for batch, ctx in shapes:
             try:
                 row = decode_case(b, batch, ctx, record["copy_GBps"] * 1e9,
-                                  args.sweep and target, peer)
+                                  args.sweep and (batch, ctx) in targets, peer)
             except Exception as e:  # noqa: BLE001 - record the failure, keep measuring
-                row = {"batch": batch, "ctx": ctx, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-            decode.append(row)
+                row = {"batch": batch, "ctx": ctx, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+            record["decode"].append(row)
             logger.info("decode %s", row)
-            _save(record, decode, None, args)
-    record["decode"] = decode
-    prows, psum = prefill(b, record["matmul_TFLOPs"] * 1e12, args.sweep)
-    record["prefill"], record["prefill_best"] = prows, psum
-    record["kv_write_xla"] = kv_write(b)
-    record["compilations_after_warmup"] = compilations_after_warmup(b)
-    summary = _summary(record)
-    path = _save(record, decode, summary, args)
+            _save(record, args)
+
+    def prefill_rows():
+        record["prefill"], record["prefill_best"] = prefill(b, record["matmul_TFLOPs"] * 1e12,
+                                                            args.sweep)
+
+    # Most wanted first, each saved as it lands: a run cut short still leaves the target figures.
+    sections = [
+        ("correctness", lambda: record.__setitem__("correctness", correctness(b))),
+        ("copy", lambda: record.__setitem__("copy_GBps", copy_bandwidth(b) / 1e9)),
+        ("matmul", lambda: record.__setitem__("matmul_TFLOPs", matmul_flops(b) / 1e12)),
+        ("decode targets", lambda: decode_rows([s for s in grid if s in targets])),
+        ("prefill", prefill_rows),
+        ("decode grid", lambda: decode_rows([s for s in grid if s not in targets])),
+        ("kv write", lambda: record.__setitem__("kv_write_xla", kv_write(b))),
+        ("compilations", lambda: record.__setitem__("compilations_after_warmup",
+                                                    compilations_after_warmup(b))),
+    ]
+    for name, section in sections:
+        t0 = time.perf_counter()
+        try:
+            section()
+        except Exception as e:  # noqa: BLE001 - record the failure, keep measuring
+            logger.exception("section %s failed", name)
+            record.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e)[:500]}"
+        logger.info("section %s: %.1f s", name, time.perf_counter() - t0)
+        _save(record, args)
+    record["decode"].sort(key=lambda r: (r["batch"], r["ctx"]))
+    path = _save(record, args)
     _plot(path.with_suffix(".png"), record)
     cols = ["batch", "ctx", "us", "GBps", "pct_copy", "jax_us", "jax_pct_copy", "speedup_vs_jax"]
-    common.print_table([r for r in decode if "us" in r], cols)
-    common.print_table([r for r in prows if "TFLOPs" in r],
+    common.print_table([r for r in record["decode"] if "us" in r], cols)
+    common.print_table([r for r in record.get("prefill", []) if "TFLOPs" in r],
                        ["case", "q_len", "ctx", "us", "TFLOPs", "pct_matmul", "tile"])
-    print({k: v for k, v in summary.items()})
+    summary = _summary(record)
+    print(summary)
     return summary
 
 
 def _summary(rec: dict) -> dict:
     def row(batch, ctx):
         return next((r for r in rec["decode"] if r["batch"] == batch and r["ctx"] == ctx), {})
-    pb = rec.get("prefill_best", {})
+    pb = rec.get("prefill_best") or {}
     cud = pb.get("cudnn", {}).get("TFLOPs")
     pre = pb.get("causal", {}).get("TFLOPs")
     return {"decode_b64_ctx4096_pct_copy_bw": row(64, 4096).get("pct_copy"),
@@ -377,21 +400,20 @@ def _summary(rec: dict) -> dict:
             "copy_GBps": rec.get("copy_GBps"), "matmul_TFLOPs": rec.get("matmul_TFLOPs")}
 
 
-def _save(record, decode, summary, args):
-    rec = dict(record, decode=decode)
-    return common.write_result("kernel", summary or _summary(rec), rec, args.out,
+def _save(record, args):
+    return common.write_result("kernel", _summary(record), record, args.out,
                                tag="tiny" if args.tiny else "")
 
 
 def _plot(path, rec):
-    rows = [r for r in rec["decode"] if "us" in r]
+    rows = [r for r in rec.get("decode", []) if "us" in r]
     labels = [f"{r['batch']}x{r['ctx']}" for r in rows]
     panels = [{"kind": "bars", "title": "decode attention, % of copy bandwidth",
                "ylabel": "% of copy bw", "labels": labels, "rotation": 45,
                "values": [r["pct_copy"] for r in rows],
                "notes": [f"{r['pct_copy']:.0f}" + (f"/{r['jax_pct_copy']:.0f}" if "jax_pct_copy"
                                                     in r else "") for r in rows]}]
-    pb = rec.get("prefill_best", {})
+    pb = rec.get("prefill_best") or {}
     names = [n for n in ("causal", "chunk", "cudnn") if pb.get(n, {}).get("TFLOPs")]
     panels.append({"kind": "bars", "title": "prefill attention (ours causal, ours chunk, cuDNN)",
                    "ylabel": "TFLOP/s", "labels": names,

@@ -17,22 +17,28 @@ def resolve_backend(backend: str) -> str:
     return {"gpu": "pallas-gpu", "tpu": "pallas-tpu"}.get(platform, "reference")
 
 
-def make_attend(backend: str, interpret: bool = False):
-    """attend(q [T,N,H], k [T,K,H], v [T,K,H], (k_pages, v_pages), meta) -> (out, pages)."""
+def make_attend(backend: str, interpret: bool = False, mesh=None):
+    """attend(q [T,N,H], k [T,K,H], v [T,K,H], (k_pages, v_pages), meta) -> (out, pages).
+    With a mesh (tensor parallelism) it runs per device on that device's heads (shard_map)."""
     backend = resolve_backend(backend)
     if backend == "reference":
-        attention = paged_attention_ref
+        def attention(*args, decode_only):
+            return paged_attention_ref(*args)
     else:
         from pagedjax.kernels.dispatch import ragged_paged_attention
 
-        def attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc):
-            return ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens,
-                                          query_start_loc, backend=backend, interpret=interpret)
+        def attention(*args, decode_only):
+            return ragged_paged_attention(*args, backend=backend, interpret=interpret,
+                                          decode_only=decode_only)
 
     def attend(q, k, v, pages, meta):
         k_pages, v_pages = write_kv_ref(pages[0], pages[1], k, v, meta["slot_mapping"])
         out = attention(q, k_pages, v_pages, meta["block_tables"], meta["context_lens"],
-                        meta["query_start_loc"])
+                        meta["query_start_loc"], decode_only=meta["decode_only"])
         return out, (k_pages, v_pages)
 
-    return attend
+    if mesh is None:
+        return attend
+    from pagedjax.sharding import shard_attend
+
+    return shard_attend(attend, mesh)

@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 
-from . import kv_pool, swap
+from . import kv_pool, sharding, swap
 from .beam_search import BeamSearchParams, BeamState
 from .block_manager import BlockManager
 from .config import EngineArgs
@@ -78,8 +78,11 @@ class LLMEngine:
                 f"--max-num-batched-tokens {self.max_num_batched_tokens} is smaller than "
                 f"--max-model-len {self.max_model_len} with chunked prefill off: a long prompt "
                 "could never be scheduled; raise it or enable chunked prefill")
+        # tp > 1: params sharded (KV heads replicated when tp > K) before memory is measured
+        self.tp = sharding.TensorParallel.build(cfg, loaded.params, args.tensor_parallel_size)
         num_blocks = self._num_blocks(args, loaded)
-        self.spec = kv_pool.KVPoolSpec.for_model(cfg, num_blocks, args.block_size, self.dtype)
+        self.spec = kv_pool.KVPoolSpec.for_model(self.tp.cfg, num_blocks, args.block_size,
+                                                 self.dtype)
         kv_pool.check_fits(self.spec, self.max_model_len)
         kv_pool.log_capacity(self.spec, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, args.block_size,
@@ -89,10 +92,12 @@ class LLMEngine:
                                    self.max_num_batched_tokens, args.enable_chunked_prefill,
                                    swap_space=self.swap_space)
         interpret = jax.devices()[0].platform == "cpu"
-        self.runner = ModelRunner(cfg, loaded.params, self.spec, max_model_len=self.max_model_len,
+        self.runner = ModelRunner(self.tp.cfg, self.tp.params, self.spec,
+                                  max_model_len=self.max_model_len,
                                   max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=self.max_num_batched_tokens,
-                                  attention_backend=args.attention_backend, interpret=interpret)
+                                  attention_backend=args.attention_backend, interpret=interpret,
+                                  mesh=self.tp.mesh)
         self.host_pool = (swap.HostKVPool(self.spec, self.swap_space, self.runner)
                           if self.swap_space is not None else None)
         self.eos_token_ids = set(cfg.eos_token_ids)

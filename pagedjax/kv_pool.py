@@ -112,15 +112,26 @@ def host_bytes_per_layer(spec: KVPoolSpec) -> int:
     return int(np.prod(spec.page_shape)) * dtype_bytes(spec.dtype) * 2
 
 
+def _bits(x: jax.Array) -> jax.Array:
+    # Block moves work on the raw bits: XLA on the CPU computes bf16 in f32 and would
+    # canonicalise NaN payloads in a stack or scatter; a same-width bitcast costs nothing.
+    return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+
+
 def gather_blocks(pool, ids: jax.Array) -> jax.Array:
     """Blocks ``ids`` [P] of every layer, stacked: [2L, P, block_size, K, H] (K and V of layer l
-    at 2l and 2l + 1): one staging array for one host transfer (swap-out)."""
-    return jnp.stack([pages[ids] for kv in pool for pages in kv])
+    at 2l and 2l + 1): one staging array for one host transfer (swap-out). Bit-exact."""
+    staging = jnp.stack([_bits(pages)[ids] for kv in pool for pages in kv])
+    return jax.lax.bitcast_convert_type(staging, pool[0][0].dtype)
 
 
 def scatter_blocks(pool, staging: jax.Array, ids: jax.Array):
     """Inverse of ``gather_blocks`` (swap-in): row i of ``staging`` [2L, P, ...] goes to block
-    ids[i]; negative ids are padding and write nothing."""
+    ids[i]; negative ids are padding and write nothing. Bit-exact."""
     ids = jnp.where(ids < 0, pool[0][0].shape[0], ids)
-    return [(k.at[ids].set(staging[2 * i], mode="drop"),
-             v.at[ids].set(staging[2 * i + 1], mode="drop")) for i, (k, v) in enumerate(pool)]
+    rows = _bits(staging)
+
+    def put(pages, row):
+        return jax.lax.bitcast_convert_type(_bits(pages).at[ids].set(row, mode="drop"), pages.dtype)
+
+    return [(put(k, rows[2 * i]), put(v, rows[2 * i + 1])) for i, (k, v) in enumerate(pool)]

@@ -15,7 +15,7 @@ import numpy as np
 
 from pagedjax.models import ModelConfig, forward_paged
 
-from . import kv_pool
+from . import kv_pool, sharding
 from .attention import make_attend
 from .block_manager import BlockManager
 from .scheduler import ScheduledBatch
@@ -29,12 +29,14 @@ _INT, _F32 = False, True
 
 @dataclasses.dataclass(frozen=True)
 class StepLayout:
-    """Static shape of one step: T token rows, S sequence rows, W block-table width, C copies."""
+    """Static shape of one step: T token rows, S sequence rows, W block-table width, C copies;
+    ``decode``: every sequence brings one token (the kernels then take the split-K decode path)."""
 
     T: int
     S: int
     W: int
     C: int
+    decode: bool = False
 
     def fields(self):
         T, S, W, C = self.T, self.S, self.W, self.C
@@ -85,27 +87,36 @@ def _pow2_at_least(n: int, lo: int) -> int:
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, params, spec: kv_pool.KVPoolSpec, *, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, attention_backend: str = "auto",
-                 interpret: bool = False):
+                 interpret: bool = False, mesh=None):
         self.cfg = cfg
-        self.params = params
+        self.mesh = mesh  # tensor parallelism (pagedjax.sharding); None on one device
+        self.params = params if mesh is None else sharding.place_params(cfg, params, mesh)
         self.spec = spec
         self.block_size = spec.block_size
         self.max_blocks = -(-max_model_len // spec.block_size)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.pool = kv_pool.allocate(spec)
-        attend = make_attend(attention_backend, interpret=interpret)
+        pool_sharding = None if mesh is None else sharding.pool_sharding(mesh)
+        self.pool = kv_pool.allocate(spec, sharding=pool_sharding)
+        attend = make_attend(attention_backend, interpret=interpret, mesh=mesh)
+        # Under tp the results come back replicated (every process reads them) and the pool
+        # keeps its KV-head sharding from step to step.
+        out = {} if mesh is None else {"out_shardings": (
+            (sharding.replicated(mesh),) * len(StepResult._fields) + (pool_sharding,))}
+        self._to_device = jnp.asarray if mesh is None else functools.partial(
+            jax.device_put, device=sharding.replicated(mesh))
         self._step = jax.jit(functools.partial(_step, cfg=cfg, attend=attend),
-                             static_argnames=("layout",), donate_argnames=("pool",))
+                             static_argnames=("layout",), donate_argnames=("pool",), **out)
 
     # ---- buckets -----------------------------------------------------------------------------
-    def layout_for(self, num_tokens: int, num_seqs: int, max_blocks: int, num_copies: int):
+    def layout_for(self, num_tokens: int, num_seqs: int, max_blocks: int, num_copies: int,
+                   decode: bool = False):
         T = min(_pow2_at_least(num_tokens, 16), max(self.max_num_batched_tokens, 16))
         T = max(T, num_tokens)
         S = min(_pow2_at_least(num_seqs, 4), max(self.max_num_seqs, 4))
         W = min(_pow2_at_least(max_blocks, 4), self.max_blocks)
         C = 0 if num_copies == 0 else _pow2_at_least(num_copies, 4)
-        return StepLayout(T, S, max(W, 1), C)
+        return StepLayout(T, S, max(W, 1), C, decode)
 
     def buckets(self, max_context: int | None = None) -> list[StepLayout]:
         """Every copy-free step shape the engine can produce for contexts up to max_context."""
@@ -121,7 +132,9 @@ class ModelRunner:
         ws = sorted({self.layout_for(1, 1, w, 0).W for w in ladder(1, max_blocks)})
         ss = sorted({self.layout_for(1, s, 1, 0).S for s in ladder(1, self.max_num_seqs)})
         ts = sorted({self.layout_for(t, 1, 1, 0).T for t in ladder(1, t_max)})
-        return [StepLayout(t, s, w, 0) for t in ts for s in ss if s <= t for w in ws]
+        mixed = [StepLayout(t, s, w, 0) for t in ts for s in ss if s <= t for w in ws]
+        decode = {self.layout_for(s, s, w, 0, decode=True) for s in ss for w in ws}
+        return mixed + sorted(decode, key=lambda x: (x.T, x.S, x.W))
 
     def warmup(self, max_context: int | None = None) -> int:
         """Compile every bucket by running all-padding steps (they write nothing). Returns the
@@ -146,7 +159,7 @@ class ModelRunner:
         n_tok = sum(counts)
         max_blocks = max(len(bm.table(s.seq_id)) for s in seqs)
         layout = self.layout_for(n_tok, len(seqs) + len(batch.forks), max_blocks,
-                                 len(batch.copies))
+                                 len(batch.copies), decode=n_tok == len(seqs))
         bs = self.block_size
         packed = np.zeros(layout.size, dtype=np.int32)
         view = {name: packed[at:at + n] for name, (at, n, _) in layout.offsets.items()}
@@ -201,7 +214,8 @@ class ModelRunner:
 
     def execute(self, packed: np.ndarray, layout: StepLayout) -> "StepResult":
         """Dispatch the step; the result's arrays stay on the device until the host reads them."""
-        *out, self.pool = self._step(self.params, self.pool, jnp.asarray(packed), layout=layout)
+        *out, self.pool = self._step(self.params, self.pool, self._to_device(packed),
+                                     layout=layout)
         return StepResult(*out)
 
 
@@ -210,6 +224,7 @@ def _step(params, pool, packed, *, layout: StepLayout, cfg: ModelConfig, attend)
     if layout.C:
         pool = kv_pool.copy_blocks(pool, f["copy_src"], f["copy_dst"])
     meta = {k: f[k] for k in ("slot_mapping", "block_tables", "context_lens", "query_start_loc")}
+    meta["decode_only"] = layout.decode  # static: a Python bool, not a traced value
     logits, pool = forward_paged(params, cfg, f["tokens"], f["positions"], pool, meta, attend,
                                  f["logits_indices"])
     return (*sample(logits, f["temperature"], f["top_p"], f["top_k"], f["min_p"], f["seeds"],

@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="largest request body accepted; larger ones get 413 (default 1 MiB)")
     g.add_argument("--max-waiting-requests", type=int, default=1024,
                    help="answer 503 while this many sequences wait for the scheduler")
-    g.add_argument("--max-logprobs", type=int, default=20)
+    g.add_argument("--max-logprobs", type=int, default=20,
+                   help="most logprobs / top_logprobs a request may ask for (at most 20)")
     g.add_argument("--log-stats-interval", type=float, default=5.0,
                    help="seconds between throughput log lines while busy")
     g.add_argument("--disable-log-stats", action="store_true")
@@ -61,9 +62,14 @@ def build_server(args: argparse.Namespace, loaded=None):
     from .engine_loop import AsyncEngine
     from .metrics import EngineMetrics
 
+    from pagedjax.sampler import MAX_LOGPROBS
+
     for flag in ("max_request_bytes", "max_waiting_requests"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
+    if not 0 <= args.max_logprobs <= MAX_LOGPROBS:
+        raise ValueError(f"--max-logprobs {args.max_logprobs} must be in [0, {MAX_LOGPROBS}]: "
+                         f"the engine step returns the top {MAX_LOGPROBS}")
     engine = LLMEngine(EngineArgs.from_namespace(args), loaded=loaded)
     name = served_name(args)
     aengine = AsyncEngine(engine, EngineMetrics(name), log_interval=args.log_stats_interval,

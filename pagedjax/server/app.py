@@ -13,7 +13,8 @@ from starlette.responses import JSONResponse, Response
 
 from . import protocol as P
 from .engine_loop import AsyncEngine
-from .serving import APIError, OpenAIServing
+from .responses import APIError
+from .serving import OpenAIServing
 
 logger = logging.getLogger(__name__)
 
@@ -26,16 +27,19 @@ def _error_response(err: APIError) -> JSONResponse:
 
 def _validation_error(exc: RequestValidationError) -> APIError:
     """FastAPI's 422 as OpenAI's 400, one line per bad field."""
-    fields: dict[str, list[str]] = {}  # top-level field -> its messages (several for a union)
+    # top-level field -> (full path of its first error, its messages: several for a union)
+    fields: dict[str, tuple[str, list[str]]] = {}
     for e in exc.errors():
         if e.get("type") == "json_invalid":
             detail = (e.get("ctx") or {}).get("error", "")
             return APIError(400, f"malformed JSON body: {detail}".rstrip(": "))
         loc = [str(x) for x in e.get("loc", ())][1:] or ["body"]  # loc[0] is "body"
-        msgs = fields.setdefault(loc[0], [])
+        _, msgs = fields.setdefault(loc[0], (".".join(loc), []))
         if e.get("msg") not in msgs:
             msgs.append(e.get("msg"))
-    parts = [f"{field}: {' or '.join(msgs[:3])}" for field, msgs in fields.items()]
+    # a union's errors carry the member types in their paths ("prompt.list[int]"): name the field
+    parts = [f"{path if len(msgs) == 1 else field}: {' or '.join(msgs[:3])}"
+             for field, (path, msgs) in fields.items()]
     return APIError(400, "invalid request: " + "; ".join(parts[:4]), param=next(iter(fields)))
 
 

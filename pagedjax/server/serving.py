@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import dataclasses
 import time
 import uuid
 from typing import AsyncIterator
@@ -16,67 +15,13 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from pagedjax.beam_search import BeamSearchParams
-from pagedjax.outputs import CompletionOutput, RequestOutput
+from pagedjax.outputs import RequestOutput
 from pagedjax.sampling_params import SamplingParams
 
 from . import protocol as P
 from .engine_loop import AsyncEngine, EngineDeadError, RequestStream, Submission
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type = status, message, type
-        self.param, self.code, self.headers = param, code, headers
-
-    def body(self) -> P.ErrorResponse:
-        return P.ErrorResponse(error=P.ErrorInfo(message=self.message, type=self.type,
-                                                 param=self.param, code=self.code or self.status))
-
-
-def sse(payload: str) -> str:
-    return f"data: {payload}\n\n"
-
-
-@dataclasses.dataclass
-class _ChoiceState:
-    """How much of one sample has been streamed."""
-
-    text_sent: int = 0
-    tokens_sent: int = 0
-    offset: int = 0  # text_offset of the next logprobs token
-    done: bool = False
-
-
-@dataclasses.dataclass
-class _Delta:
-    text: str
-    token_ids: list[int]
-    logprobs: list[dict[int, float]] | None  # per token: the top k and the sampled token
-    finish_reason: str | None
-    stop_reason: int | str | None
-
-
-def _next_delta(state: _ChoiceState, o: CompletionOutput, holdback: int) -> _Delta | None:
-    """The part of ``o`` not sent yet. While a sample runs, the last ``holdback`` characters are
-    held back: a stop string completed by a later token truncates the text there, and text
-    already sent cannot be taken back."""
-    if state.done:
-        return None
-    finished = o.finish_reason is not None
-    end = len(o.text) if finished else max(len(o.text) - holdback, state.text_sent)
-    if end == state.text_sent and not finished:
-        return None  # the new tokens are reported with the next text
-    d = _Delta(o.text[state.text_sent:end], o.token_ids[state.tokens_sent:],
-               o.logprobs[state.tokens_sent:] if o.logprobs is not None else None,
-               _openai_finish(o.finish_reason), o.stop_reason)
-    state.text_sent, state.tokens_sent, state.done = end, len(o.token_ids), finished
-    return d
-
-
-def _openai_finish(reason: str | None) -> str | None:
-    return None if reason is None else ("length" if reason == "length" else "stop")
+from .responses import (APIError, ChoiceState, best_first, json_response, next_delta,
+                        openai_finish, sse, stop_reason, usage_info)
 
 
 class OpenAIServing:
@@ -179,8 +124,8 @@ class OpenAIServing:
         self._check_load()
         try:
             return await self.aengine.submit(subs, time.time())
-        except ValueError as e:
-            raise APIError(400, str(e), param="prompt") from None
+        except ValueError as e:  # what only the engine checks (n vs --max-num-seqs, ...)
+            raise APIError(400, str(e)) from None
         except EngineDeadError as e:
             raise APIError(503, str(e), type="server_error", code="engine_dead") from None
 
@@ -267,11 +212,11 @@ class OpenAIServing:
                       if req.logprobs is not None else None)
                 choices.append(P.CompletionChoice(
                     index=i * params.n + j, text=echoes[i] + o.text, logprobs=lp,
-                    finish_reason=_openai_finish(o.finish_reason),
-                    stop_reason=_stop_reason(req, o)))
-        usage = _usage(sum(len(ids) for _, ids in prompts), completion_tokens)
-        return _json(P.CompletionResponse(id=rid, model=self.model_name, choices=choices,
-                                          usage=usage))
+                    finish_reason=openai_finish(o.finish_reason),
+                    stop_reason=stop_reason(req, o)))
+        usage = usage_info(sum(len(ids) for _, ids in prompts), completion_tokens)
+        return json_response(P.CompletionResponse(id=rid, model=self.model_name,
+                                                  choices=choices, usage=usage))
 
     def _completion_logprobs(self, token_ids: list[int], tops: list[dict[int, float]] | None,
                              offset: int) -> P.CompletionLogprobs:
@@ -280,7 +225,7 @@ class OpenAIServing:
             tok = self._decode([t])
             out.tokens.append(tok)
             out.token_logprobs.append(top.get(t))
-            out.top_logprobs.append({self._decode([i]): lp for i, lp in _best_first(top)})
+            out.top_logprobs.append({self._decode([i]): lp for i, lp in best_first(top)})
             out.text_offset.append(offset)
             offset += len(tok)
         return out
@@ -290,7 +235,7 @@ class OpenAIServing:
         created, n = int(time.time()), params.n
         index_of = {r: i for i, r in enumerate(stream.request_ids)}
         holdback = max((len(s) for s in params.stop), default=1) - 1
-        states: dict[int, _ChoiceState] = {}
+        states: dict[int, ChoiceState] = {}
         completion_tokens: dict[int, int] = {}
 
         def chunk(index: int, text: str, lp=None, finish=None, stop_reason=None) -> str:
@@ -309,8 +254,8 @@ class OpenAIServing:
                     base = index_of[out.request_id] * n
                     for o in out.outputs[:n]:  # a beam search returns its n best
                         index = base + o.index
-                        state = states.setdefault(index, _ChoiceState())
-                        d = _next_delta(state, o, holdback)
+                        state = states.setdefault(index, ChoiceState())
+                        d = next_delta(state, o, holdback)
                         if d is None:
                             continue
                         completion_tokens[index] = len(o.token_ids)
@@ -321,7 +266,8 @@ class OpenAIServing:
                         yield chunk(index, d.text, lp, d.finish_reason,
                                     None if use_beam else d.stop_reason)
             if include_usage:
-                usage = _usage(sum(len(ids) for _, ids in prompts), sum(completion_tokens.values()))
+                usage = usage_info(sum(len(ids) for _, ids in prompts),
+                                   sum(completion_tokens.values()))
                 yield sse(P.CompletionResponse(id=rid, created=created, model=self.model_name,
                                                choices=[], usage=usage).model_dump_json())
         except EngineDeadError as e:
@@ -377,11 +323,11 @@ class OpenAIServing:
         choices = [P.ChatChoice(
             index=j, message=P.AssistantMessage(content=o.text),
             logprobs=self._chat_logprobs(o.token_ids, o.logprobs, params.logprobs),
-            finish_reason=_openai_finish(o.finish_reason), stop_reason=_stop_reason(req, o))
+            finish_reason=openai_finish(o.finish_reason), stop_reason=stop_reason(req, o))
             for j, o in enumerate(outs)]
-        usage = _usage(len(ids), sum(len(o.token_ids) for o in outs))
-        return _json(P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices,
-                                              usage=usage))
+        usage = usage_info(len(ids), sum(len(o.token_ids) for o in outs))
+        return json_response(P.ChatCompletionResponse(id=rid, model=self.model_name,
+                                                      choices=choices, usage=usage))
 
     def _chat_logprobs(self, token_ids: list[int], tops: list[dict[int, float]] | None,
                        k: int | None) -> P.ChatLogprobs | None:
@@ -394,14 +340,14 @@ class OpenAIServing:
 
         return P.ChatLogprobs(content=[
             P.ChatTokenLogprob(**entry(t, top.get(t)), top_logprobs=[
-                P.TopLogprob(**entry(i, lp)) for i, lp in _best_first(top)[:k]])
+                P.TopLogprob(**entry(i, lp)) for i, lp in best_first(top)[:k]])
             for t, top in zip(token_ids, tops or [])])
 
     async def _chat_chunks(self, rid: str, stream: RequestStream, params: SamplingParams,
                            prompt_tokens: int, include_usage: bool, use_beam: bool):
         created = int(time.time())
         holdback = max((len(s) for s in params.stop), default=1) - 1
-        states = [_ChoiceState() for _ in range(params.n)]
+        states = [ChoiceState() for _ in range(params.n)]
         completion_tokens = [0] * params.n
 
         def chunk(choices: list[P.ChatChunkChoice], usage=None) -> str:
@@ -415,7 +361,7 @@ class OpenAIServing:
                                                                              content=""))])
             async for batch in stream.updates():
                 for o in (o for out in batch for o in out.outputs[:params.n]):
-                    d = _next_delta(states[o.index], o, holdback)
+                    d = next_delta(states[o.index], o, holdback)
                     if d is None:
                         continue
                     completion_tokens[o.index] = len(o.token_ids)
@@ -425,7 +371,7 @@ class OpenAIServing:
                         finish_reason=d.finish_reason,
                         stop_reason=None if use_beam else d.stop_reason)])
             if include_usage:
-                yield chunk([], _usage(prompt_tokens, sum(completion_tokens)))
+                yield chunk([], usage_info(prompt_tokens, sum(completion_tokens)))
         except EngineDeadError as e:
             yield sse(APIError(500, str(e), type="server_error").body().model_dump_json())
         yield sse("[DONE]")
@@ -434,21 +380,3 @@ class OpenAIServing:
 async def _disconnected(raw: Request) -> None:
     while (await raw.receive())["type"] != "http.disconnect":
         pass
-
-
-def _best_first(top: dict[int, float]) -> list[tuple[int, float]]:
-    return sorted(top.items(), key=lambda kv: -kv[1])
-
-
-def _stop_reason(req: P._SamplingFields, o: CompletionOutput) -> int | str | None:
-    return None if req.use_beam_search else o.stop_reason  # a beam's is its score
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> P.UsageInfo:
-    return P.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                       total_tokens=prompt_tokens + completion_tokens)
-
-
-def _json(model) -> Response:
-    return Response(model.model_dump_json(), media_type="application/json")
-

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import jax
 import pytest
-from loader_testutil import DATA, make_torch_model, tiny_tokenizer
+from tests.models.loader_testutil import DATA, make_torch_model, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from loader_testutil import tiny_tokenizer
+from tests.models.loader_testutil import tiny_tokenizer
 
 from pagedjax.models import RopeScaling, load_model
 from pagedjax.models.checkpoint import is_checkpoint, restore_checkpoint, save_checkpoint

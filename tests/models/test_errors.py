@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
-from loader_testutil import write_gguf
+from tests.models.loader_testutil import write_gguf
 from safetensors.numpy import save_file
 
 from pagedjax.models import ModelConfig, load_model

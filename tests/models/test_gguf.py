@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
-from loader_testutil import llama_cpp_permute, torch_logits, write_gguf
+from tests.models.loader_testutil import llama_cpp_permute, torch_logits, write_gguf
 
 from pagedjax.models import ModelConfig, RopeScaling, forward_dense, load_model
 from pagedjax.models.gguf_loader import load_gguf

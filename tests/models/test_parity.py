@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from loader_testutil import torch_logits
+from tests.models.loader_testutil import torch_logits
 
 from pagedjax.models import forward_dense, load_model
 

@@ -96,9 +96,12 @@ def test_token_id_prompts_lists_echo_stop_and_logprobs(server, ref_llm):
                                           max_tokens=4, temperature=0, logprobs=True,
                                           top_logprobs=2, extra_body=IGNORE_EOS)
     content = chat.choices[0].logprobs.content
-    assert len(content) == 4 and all(len(c.top_logprobs) == 2 for c in content)
+    ref = ref_llm.generate([build_prompt(ref_llm.tokenizer, "x", raw=False, system=None)],
+                           SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                           use_tqdm=False)[0].outputs[0]
+    assert [c.token for c in content] == [decode([t]) for t in ref.token_ids]
+    assert all(len(c.top_logprobs) == 2 for c in content)
     assert all(c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
-    assert "".join(c.token for c in content) == chat.choices[0].message.content
     echoed = client.completions.create(model=MODEL, prompt="abc", max_tokens=4, temperature=0,
                                        echo=True, extra_body=IGNORE_EOS)
     assert echoed.choices[0].text.startswith("abc")
