@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     set_argv(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from pagedjax.distributed import maybe_initialize
+
+    maybe_initialize(args)  # before anything touches a device
     return available[args.scenario].run(args)
 
 

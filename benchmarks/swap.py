@@ -40,8 +40,8 @@ POLICIES = ("no-pressure", "swap", "recompute")
 BALLAST = -1  # the sequence id that holds the blocks a pressure run takes out of the pool
 FULL = dict(num_prompts=5, prompt_len=8192, output_len=500, pool_prompts=3.05, swap_space=4.0,
             bw_mib=1024, warmup_output_len=8, max_num_batched_tokens=2048)
-TINY = dict(num_prompts=5, prompt_len=96, output_len=48, pool_prompts=3.05,
-            swap_space=1 / 1024, bw_mib=16, warmup_output_len=4, max_num_batched_tokens=32)
+TINY = dict(num_prompts=5, prompt_len=64, output_len=32, pool_prompts=3.05,
+            swap_space=1 / 1024, bw_mib=16, warmup_output_len=4, max_num_batched_tokens=64)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -104,6 +104,8 @@ def run(args) -> dict:
         "mean_output_len": r.output_tokens / len(prompts),
         "host_fraction": r.host_s / r.elapsed_s, "preemptions": r.preemptions,
         "kv_cache_tokens": e.spec.num_tokens, "warmup_s": warmup_s,
+        # under tp every GPU holds every block (its share of the heads): tokens per GPU = tokens
+        "tp": args.tensor_parallel_size, "pool_tokens_per_gpu": e.spec.num_tokens,
         "warmup_compilations": warm_compiled,
     }
     print_table([{k: summary[k] for k in ("dataset", "num_prompts", "mean_input_len",

@@ -149,9 +149,11 @@ def _combine_kernel(o_part_ref, m_ref, l_ref, cl_ref, qsl_ref, o_ref, *, num_seq
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_tokens: int, block_kv: int,
-                       num_sms: int = 132, min_split_tokens: int = 256) -> int:
+                       num_sms: int = 132, min_split_tokens: int = 512) -> int:
     """Fewest power-of-two splits that give about two programs per SM, each split at least
-    ``min_split_tokens`` long (shorter splits spend more on the merge than they save)."""
+    ``min_split_tokens`` long. Measured on an H100 (benchmarks/KERNEL_NOTES.md): 256-token splits
+    lost 7% to 512-token ones at 1 x 32K (short programs are mostly pipeline fill), while at
+    8 x 32K and 64 x 4K this rule picks the fastest of the splits timed."""
     p = 1
     while (num_seqs * num_kv_heads * p < 2 * num_sms and 2 * p * max(min_split_tokens, block_kv)
            <= max_tokens):

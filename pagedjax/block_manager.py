@@ -9,7 +9,7 @@ before it writes this step's K/V.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 
 
 class BlockManager:
@@ -19,12 +19,15 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        # insertion-ordered: blocks are reused least recently freed first (the LRU order prefix
+        # caching evicts in), and a cached block can leave the free list in O(1) on a hit
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.tables: dict[int, list[int]] = {}
         # share=False is a debug switch for the beam benchmark: a fork copies every block at
         # once, as an engine without copy-on-write would; the copies ride the next step
         self.share = share
         self.pending_copies: list[tuple[int, int]] = []
+        self.queries = self.hits = 0  # prefix-cache lookups and hits, in tokens
 
     # ---- queries -------------------------------------------------------------------------
     @property
@@ -99,10 +102,20 @@ class BlockManager:
         for b in reversed(self.tables.pop(seq_id, [])):
             self.ref_counts[b] -= 1
             if self.ref_counts[b] == 0:
-                self.free_blocks.append(b)
+                self._release(b)
+
+    # ---- prefix caching (pagedjax.prefix_cache overrides; without it nothing is cached) -------
+    def match_prefix(self, seq_id: int, token_ids: list[int]) -> int:
+        return 0
+
+    def commit_full_blocks(self, seq_id: int, token_ids, num_computed: int) -> None:
+        pass
+
+    def _release(self, b: int) -> None:
+        self.free_blocks[b] = None
 
     def _take(self) -> int:
-        b = self.free_blocks.popleft()
+        b, _ = self.free_blocks.popitem(last=False)
         self.ref_counts[b] = 1
         return b
 

@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None):
     args = p.parse_args(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        from pagedjax.distributed import maybe_initialize
+
+        maybe_initialize(args)  # before anything touches a device
         return module.run(args)
     except (ValueError, FileNotFoundError) as e:  # bad input: the message says what to change
         p.exit(2, f"pagedjax {argv[0]}: error: {e}\n")

@@ -39,6 +39,7 @@ class EngineArgs:
     seed: int = 0
     tensor_parallel_size: int = 1
     disable_kv_sharing: bool = False  # debug: forks copy blocks instead of sharing them
+    enable_prefix_caching: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -119,5 +120,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-cpu-blocks-override", type=int, default=None,
                    help="host swap pool size in KV blocks (overrides --swap-space)")
     g.add_argument("--attention-backend", default=d.attention_backend, choices=ATTENTION_BACKENDS)
+    g.add_argument("--enable-prefix-caching", action="store_true",
+                   help="reuse the KV blocks of prompt prefixes seen before")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
+    from pagedjax.distributed import add_distributed_arguments
+
+    add_distributed_arguments(parser)

@@ -14,6 +14,7 @@ from .beam_search import BeamSearchParams, BeamState
 from .block_manager import BlockManager
 from .config import EngineArgs
 from .detokenizer import IncrementalDetokenizer
+from .prefix_cache import PrefixCachingBlockManager
 from .memory_report import default_max_num_batched_tokens, format_memory_report, memory_report
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .runner import ModelRunner
@@ -85,8 +86,12 @@ class LLMEngine:
                                                  self.dtype)
         kv_pool.check_fits(self.spec, self.max_model_len)
         kv_pool.log_capacity(self.spec, self.max_model_len)
-        self.block_manager = BlockManager(num_blocks, args.block_size,
-                                          share=not args.disable_kv_sharing)
+        if args.enable_prefix_caching:
+            self.block_manager = PrefixCachingBlockManager(
+                num_blocks, args.block_size, share=not args.disable_kv_sharing, salt=hash(cfg))
+        else:
+            self.block_manager = BlockManager(num_blocks, args.block_size,
+                                              share=not args.disable_kv_sharing)
         self.swap_space = swap.make_swap_space(args, self.spec, self.max_model_len)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs,
                                    self.max_num_batched_tokens, args.enable_chunked_prefill,
@@ -110,7 +115,7 @@ class LLMEngine:
 
     def _num_blocks(self, args: EngineArgs, loaded) -> int:
         """The planner's arithmetic (pagedjax.memory_report), fed with this device's numbers."""
-        dev = jax.devices()[0]
+        dev = jax.local_devices()[0]  # multi-host: devices()[0] may be another process's
         stats = dev.memory_stats() if dev.platform != "cpu" else None
         self.memory = memory_report(self.cfg, args, self.dtype,
                                     total_bytes=stats["bytes_limit"] if stats else None,
@@ -230,6 +235,7 @@ class LLMEngine:
                 req.metrics.first_scheduled_time = now
             seq.num_computed_tokens += n
             self.stats.computed_tokens += n
+            self.block_manager.commit_full_blocks(seq.seq_id, seq.tokens, seq.num_computed_tokens)
             if seq.num_computed_tokens < seq.num_tokens:
                 continue  # a prefill chunk that is not the last: its sample is discarded
             if req.beam is not None:

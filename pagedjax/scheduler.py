@@ -97,10 +97,16 @@ class Scheduler:
             seq = self.waiting[0]
             if self.running and len(self.running) + seq.seats > self.max_num_seqs:
                 break
+            cached = 0
+            if seq.num_computed_tokens == 0 and not self.bm.table(seq.seq_id):
+                cached = self.bm.match_prefix(seq.seq_id, seq.tokens(0, seq.num_tokens))
+                seq.num_computed_tokens = cached
             n = min(seq.num_uncomputed, budget)
-            if n < seq.num_uncomputed and not self.chunked:
-                break
-            if not self.bm.can_append(seq.seq_id, seq.num_computed_tokens, n):
+            if ((n < seq.num_uncomputed and not self.chunked)
+                    or not self.bm.can_append(seq.seq_id, seq.num_computed_tokens, n)):
+                if cached:  # give the cached blocks back until the sequence can start
+                    self.bm.free(seq.seq_id)
+                    seq.num_computed_tokens = 0
                 break
             self.waiting.popleft()
             self.insert_running(seq)

@@ -123,6 +123,7 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}
         self._seen: dict[str, tuple[int, float]] = {}  # request -> (tokens so far, last token time)
         self._totals = (0, 0, 0)  # prompt tokens, generation tokens, preemptions already counted
+        self._prefix = (0, 0)
         self._last_log = time.monotonic()
         self._logged_totals = (0, 0)
         self._thread = threading.Thread(target=self._run, name="pagedjax-engine", daemon=True)
@@ -292,6 +293,11 @@ class AsyncEngine:
             if new > old:
                 counter.inc(new - old)
         self._totals = totals
+        prefix = (eng.block_manager.queries, eng.block_manager.hits)
+        for counter, new, old in zip((m.prefix_queries, m.prefix_hits), prefix, self._prefix):
+            if new > old:
+                counter.inc(new - old)
+        self._prefix = prefix
         self._maybe_log(snap, totals)
 
     def _maybe_log(self, snap: Snapshot, totals: tuple[int, int, int]) -> None:

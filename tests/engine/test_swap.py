@@ -68,7 +68,7 @@ def test_swap_preemption_outputs_match_no_preemption(swap_llm, reference):
     assert swaps >= 3 and recomputes == 0
     assert stats.blocks["out"] == stats.blocks["in"] > 0
     assert [o.outputs[0].token_ids for o in outs] == reference
-    assert llm.engine.host_pool.num_compilations == compiled == 2, "swap shapes must not compile"
+    assert llm.engine.host_pool.num_compilations == compiled, "swap shapes must not compile"
     assert llm.engine.num_swapped == 0 and llm.engine.cpu_cache_usage == 0.0
     assert_swap_pools_free(llm)
 

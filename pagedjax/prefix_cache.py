@@ -1,0 +1,82 @@
+"""Automatic prefix caching: full blocks are remembered by their content and reused.
+
+A full block's key is a hash chained from its parent block's key and its own token ids (the
+chain starts from a salt naming the model, so the key covers everything before the block). A
+freed block keeps its key while it sits in the free list; it is evicted only when the free list
+hands it out again, least recently freed first, and ``free`` releases a sequence's tail first,
+so a finished sequence's tail goes before its shared prefix. A hit is checked against the
+stored token ids, so a hash collision costs a miss, never wrong K/V.
+"""
+from __future__ import annotations
+
+from .block_manager import BlockManager
+
+
+class PrefixCachingBlockManager(BlockManager):
+    def __init__(self, num_blocks: int, block_size: int, share: bool = True, salt: int = 0):
+        super().__init__(num_blocks, block_size, share)
+        self.salt = salt
+        self.cached: dict[int, int] = {}  # key -> block
+        self.block_key: dict[int, tuple[int, tuple[int, ...]]] = {}  # block -> (key, tokens)
+        self.keys: dict[int, list[int]] = {}  # seq -> keys of its committed full blocks
+
+    def match_prefix(self, seq_id: int, token_ids: list[int]) -> int:
+        """Attach the cached blocks of the longest cached prefix of ``token_ids`` to a sequence
+        that holds no blocks; returns the number of tokens now in the cache. At least one
+        token is always left to compute, so the step has a row to sample from."""
+        if self.tables.get(seq_id):
+            raise RuntimeError(f"match_prefix: sequence {seq_id} already has blocks")
+        bs, parent, table, keys = self.block_size, self.salt, [], []
+        full = (len(token_ids) - 1) // bs
+        for i in range(full):
+            tokens = tuple(token_ids[i * bs:(i + 1) * bs])
+            key = hash((parent, tokens))
+            block = self.cached.get(key)
+            if block is None or self.block_key[block][1] != tokens:
+                break
+            if self.ref_counts[block] == 0:
+                del self.free_blocks[block]
+            self.ref_counts[block] += 1
+            table.append(block)
+            keys.append(key)
+            parent = key
+        self.queries += full * bs
+        self.hits += len(table) * bs
+        if table:
+            self.tables[seq_id], self.keys[seq_id] = table, keys
+        return len(table) * bs
+
+    def commit_full_blocks(self, seq_id: int, token_ids, num_computed: int) -> None:
+        """Register the sequence's blocks that are now full and computed. ``token_ids(a, b)``
+        returns the tokens at positions a..b-1."""
+        keys = self.keys.setdefault(seq_id, [])
+        table = self.tables.get(seq_id, [])
+        bs = self.block_size
+        for i in range(len(keys), min(num_computed // bs, len(table))):
+            tokens = tuple(token_ids(i * bs, (i + 1) * bs))
+            key = hash((keys[-1] if keys else self.salt, tokens))
+            keys.append(key)
+            if key not in self.cached:  # an identical block cached earlier stays the one
+                self.cached[key] = table[i]
+                self.block_key[table[i]] = (key, tokens)
+
+    def fork(self, parent_id: int, child_id: int) -> None:
+        super().fork(parent_id, child_id)
+        if self.share:
+            self.keys[child_id] = list(self.keys.get(parent_id, []))
+
+    def free(self, seq_id: int) -> None:
+        self.keys.pop(seq_id, None)
+        super().free(seq_id)
+
+    def _take(self) -> int:
+        block = super()._take()
+        key, _ = self.block_key.pop(block, (None, None))
+        if key is not None and self.cached.get(key) == block:
+            del self.cached[key]  # evicted: the least recently freed cached block
+        return block
+
+    def check_invariants(self) -> None:
+        super().check_invariants()
+        for key, block in self.cached.items():
+            assert self.block_key[block][0] == key, f"block {block} is cached under another key"
