@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -39,11 +40,15 @@ def device_name() -> str:
 def environment() -> dict:
     import jax
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except Exception:  # noqa: BLE001
-        commit = None
+    # The device machine gets the working tree without .git: its runs pass the commit in.
+    commit = os.environ.get("PAGEDJAX_GIT_COMMIT")
+    if not commit:
+        try:
+            out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                 cwd=Path(__file__).parent, timeout=10).stdout.strip()
+            commit = out if len(out) == 40 else None
+        except Exception:  # noqa: BLE001
+            commit = None
     return {
         "device": device_name(),
         "devices": [str(d) for d in jax.devices()],

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness, plots
@@ -75,6 +78,19 @@ def _measure(llm, batch: int, input_len: int, args) -> dict:
     return row
 
 
+def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), measured here."""
+    n = nbytes // 4 if jax.devices()[0].platform != "cpu" else (1 << 22)
+    x = jnp.arange(n, dtype=jnp.float32)
+    f = jax.jit(lambda a: a + 1.0)
+    f(x).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        x = f(x)
+    x.block_until_ready()
+    return 2 * n * 4 * reps / (time.perf_counter() - t0)
+
+
 def run(args) -> dict:
     loaded = harness.load(args)
     longest = max(args.input_lens) + args.output_len
@@ -85,6 +101,18 @@ def run(args) -> dict:
     print(f"Avg latency: {np.mean([r['e2e_mean_s'] for r in rows]):.4f} seconds over "
           f"{len(rows)} batch x length pairs")
     summary = {"compilations_after_warmup": sum(r["compilations"] for r in rows)}
+    b1 = [r for r in rows if r["batch"] == 1 and r["tpot_p50_ms"]]
+    if b1:  # issue 4's figures: batch-1 decode speed and model-bandwidth utilisation
+        r = b1[0]
+        copy_bw = copy_bandwidth()
+        cfg = loaded.cfg
+        weights = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(loaded.params))
+        kv = cfg.kv_bytes_per_token(jnp.dtype(loaded.dtype).itemsize) * (
+            r["input_len"] + args.output_len / 2)  # mean context read per decode step
+        step_s = r["tpot_p50_ms"] / 1e3
+        summary.update(batch1_tok_s=1.0 / step_s,
+                       batch1_mbu_pct=100.0 * (weights + kv) / step_s / copy_bw,
+                       copy_GBps=copy_bw / 1e9, weight_GB=weights / 1e9)
     for r in rows:
         key = f"b{r['batch']}_in{r['input_len']}"
         summary[f"{key}_e2e_p50_s"] = r["e2e_p50_s"]

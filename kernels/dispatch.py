@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .reference import paged_attention_ref
+from .reference import paged_attention_ref, write_kv_ref
 
 BACKENDS = ("pallas-gpu", "pallas-tpu", "reference")
 _TUNING = {
@@ -84,10 +84,11 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     check_shapes(q, k_pages, v_pages, block_tables, context_lens, query_start_loc)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    unknown = set(tuning) - _TUNING[(backend, bool(decode_only))]
+    known = _TUNING[(backend, bool(decode_only))]
+    unknown = set(tuning) - known
     if unknown:
         raise ValueError(f"unknown tuning knobs for {backend} (decode_only={decode_only}): "
-                         f"{sorted(unknown)}; known: {sorted(_TUNING[(backend, bool(decode_only))])}")
+                         f"{sorted(unknown)}; known: {sorted(known)}")
     h = q.shape[2]
     scale = float(h ** -0.5 if scale is None else scale)
     if backend == "reference":
@@ -123,3 +124,29 @@ def _check_gpu(q, k_pages, decode_only, tuning) -> None:
         raise ValueError(f"block_m ({tuning['block_m']}) must hold one token's {group} query heads")
     if not decode_only and tuning.get("block_m", 128) < 16 or tuning.get("block_n", 16) < 16:
         raise ValueError("block_m and block_n must be >= 16 (the smallest tile tl.dot takes)")
+
+
+def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping, *, backend: str = "reference",
+             interpret: bool = False):
+    """Write this step's K/V rows into their pool slots; returns the updated (k_pages, v_pages).
+
+    k_pages, v_pages: [num_blocks, block_size, K, H]; k_new, v_new: [T, K, H];
+    slot_mapping: [T] int32, slot = block * block_size + offset, negative for padding rows.
+    backend "pallas-gpu": one fused Pallas launch writing K and V in place (needs K * H a power of
+    two, else falls back); anything else: the XLA scatter of ``write_kv_ref``. Which is faster on
+    the GPU is measured by ``python -m benchmarks kernel`` (figures["kv_write_us"]).
+    """
+    if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
+        raise ValueError(f"k_pages/v_pages must both be [num_blocks, block_size, K, H], got "
+                         f"{k_pages.shape} and {v_pages.shape}")
+    t = k_new.shape[0]
+    if k_new.shape != (t, *k_pages.shape[2:]) or v_new.shape != k_new.shape:
+        raise ValueError(f"k_new/v_new must be [T, K, H] = [T, {k_pages.shape[2]}, "
+                         f"{k_pages.shape[3]}], got {k_new.shape} and {v_new.shape}")
+    if slot_mapping.shape != (t,) or slot_mapping.dtype != jnp.int32:
+        raise ValueError(f"slot_mapping must be int32 [{t}], got {slot_mapping.dtype} "
+                         f"{slot_mapping.shape}")
+    if backend == "pallas-gpu" and _is_pow2(k_pages.shape[2] * k_pages.shape[3]):
+        from .kv_write_gpu import write_kv_gpu
+        return write_kv_gpu(k_pages, v_pages, k_new, v_new, slot_mapping, interpret=interpret)
+    return write_kv_ref(k_pages, v_pages, k_new, v_new, slot_mapping)

@@ -1,4 +1,4 @@
-"""Ragged paged attention for GPUs (chunked prefill, mixed prefill + decode): Pallas, Triton lowering.
+"""Ragged paged attention for GPUs (chunked prefill, mixed prefill + decode), Pallas on Triton.
 
 A program owns one *query tile* of one sequence and one KV head: ``block_q`` consecutive query
 tokens times the ``G = N / K`` query heads of that KV head, packed as ``block_m = block_q * G``
@@ -111,13 +111,14 @@ def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qs
 @functools.partial(jax.jit, static_argnames=(
     "scale", "block_m", "block_n", "num_warps", "num_stages", "interpret"))
 def ragged_paged_attention_gpu(q, k_pages, v_pages, block_tables, context_lens, query_start_loc,
-                               *, scale: float, block_m: int = 128, block_n: int = 64,
+                               *, scale: float, block_m: int = 128, block_n: int = 128,
                                num_warps: int = 8, num_stages: int = 3, interpret: bool = False):
     """Ragged (chunked-prefill / mixed) attention over a paged KV cache.
 
     q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H]; block_tables: [S, W] int32;
     context_lens: [S] int32; query_start_loc: [S + 1] int32. Returns [T, N, H] in q's dtype with
-    padding rows zero. H, block_m (>= N / K) and block_n must be powers of two.
+    padding rows zero. H, block_m (>= N / K) and block_n must be powers of two. Default tile: the
+    best sum over causal 8K and 2K-over-6K chunked prefill on an H100 (KERNEL_NOTES.md).
     Shapes are checked by ``pagedjax.kernels.dispatch.ragged_paged_attention``.
     """
     t, n, h = q.shape

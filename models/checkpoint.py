@@ -85,4 +85,4 @@ def restore_tokenizer(path: str | Path):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(tok_dir))
+    return AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=False)

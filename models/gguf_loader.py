@@ -176,7 +176,8 @@ def load_gguf_tokenizer(path: str | Path):
 
     path = Path(path)
     try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                             trust_remote_code=False)
     except (KeyError, ValueError, OSError) as e:  # a GGUF without tokenizer.ggml.* metadata
         logger.warning("%s: no usable tokenizer in the GGUF metadata (%s: %s)", path,
                        type(e).__name__, e)

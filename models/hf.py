@@ -102,7 +102,8 @@ def load_tokenizer(source: str | Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(source))
+        # False, not the default None: None asks on stdin whether to run a folder's own code
+        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
     except (OSError, ValueError) as e:
         logger.warning("%s: no tokenizer could be loaded (%s); pass tokenizer=... to load_model "
                        "to decode text", source, e)

@@ -111,6 +111,9 @@ class BlockManager:
     def commit_full_blocks(self, seq_id: int, token_ids, num_computed: int) -> None:
         pass
 
+    def drop_cache(self) -> None:
+        """Forget every cached block's contents (the device pool was lost: pagedjax.faults)."""
+
     def _release(self, b: int) -> None:
         self.free_blocks[b] = None
 

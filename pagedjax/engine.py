@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 
-from . import kv_pool, sharding, swap
+from . import faults, kv_pool, sharding, swap
 from .beam_search import BeamSearchParams, BeamState
 from .block_manager import BlockManager
 from .config import EngineArgs
@@ -97,14 +97,15 @@ class LLMEngine:
                                    self.max_num_batched_tokens, args.enable_chunked_prefill,
                                    swap_space=self.swap_space)
         interpret = jax.devices()[0].platform == "cpu"
-        self.runner = ModelRunner(self.tp.cfg, self.tp.params, self.spec,
-                                  max_model_len=self.max_model_len,
-                                  max_num_seqs=args.max_num_seqs,
-                                  max_num_batched_tokens=self.max_num_batched_tokens,
-                                  attention_backend=args.attention_backend, interpret=interpret,
-                                  mesh=self.tp.mesh)
-        self.host_pool = (swap.HostKVPool(self.spec, self.swap_space, self.runner)
-                          if self.swap_space is not None else None)
+        with faults.explain_oom_at_start("allocating the KV pool", self.spec, self.max_model_len):
+            self.runner = ModelRunner(self.tp.cfg, self.tp.params, self.spec,
+                                      max_model_len=self.max_model_len,
+                                      max_num_seqs=args.max_num_seqs,
+                                      max_num_batched_tokens=self.max_num_batched_tokens,
+                                      attention_backend=args.attention_backend,
+                                      interpret=interpret, mesh=self.tp.mesh)
+            self.host_pool = (swap.HostKVPool(self.spec, self.swap_space, self.runner)
+                              if self.swap_space is not None else None)
         self.eos_token_ids = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -209,16 +210,20 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
-        if batch.swap_out or batch.swap_in:  # before the step writes into the freed blocks
-            t0 += self.host_pool.execute(batch, self.runner)  # transfer time is not host time
-        if not batch:
-            return []
-        batch.forks = [(i, child) for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
-                       if seq.pending_forks and seq.num_computed_tokens + n == seq.num_tokens
-                       for child in seq.pending_forks]
-        packed, layout = self.runner.prepare(batch, self.block_manager)
-        t1 = time.perf_counter()
-        result = self.runner.execute(packed, layout).to_host()  # the one device wait
+        try:
+            if batch.swap_out or batch.swap_in:  # before the step writes into the freed blocks
+                t0 += self.host_pool.execute(batch, self.runner)  # transfer time is not host time
+            if not batch:
+                return []
+            batch.forks = [(i, child)
+                           for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
+                           if seq.pending_forks and seq.num_computed_tokens + n == seq.num_tokens
+                           for child in seq.pending_forks]
+            packed, layout = self.runner.prepare(batch, self.block_manager)
+            t1 = time.perf_counter()
+            result = self.runner.execute(packed, layout).to_host()  # the one device wait
+        except Exception as e:  # only this step's requests fail; the KV pool is rebuilt
+            return faults.fail_step(self, batch, e)
         t2 = time.perf_counter()
         outputs = self._postprocess(batch, result)
         self.stats.steps += 1
@@ -306,8 +311,8 @@ class LLMEngine:
         req.metrics.last_token_time = now
         p = req.params
         detok = req.detoks[seq.index]
-        if detok is not None:
-            detok.add(token)
+        if detok is not None and (req.stream or p.stop):
+            detok.add(token)  # offline requests without stop strings decode once, at the end
         if token in p.stop_token_ids:
             return self.scheduler.finish(seq, "stop", token)
         if not p.ignore_eos and token in self.eos_token_ids:
@@ -326,8 +331,12 @@ class LLMEngine:
             return self._beam_output(req)
         outs = []
         for seq, detok in zip(req.seqs, req.detoks):
+            if detok is not None and not req.stream and not req.params.stop:
+                text = self._decode(seq.output_token_ids, req.params.skip_special_tokens)
+            else:
+                text = detok.text if detok else ""
             outs.append(CompletionOutput(
-                index=seq.index, text=detok.text if detok else "",
+                index=seq.index, text=text,
                 token_ids=list(seq.output_token_ids), cumulative_logprob=seq.cumulative_logprob,
                 logprobs=list(seq.output_top_logprobs) if req.params.logprobs is not None else None,
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
@@ -345,8 +354,9 @@ class LLMEngine:
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
                              req.finished, req.metrics)
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else ""
+    def _decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return (self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+                if self.tokenizer else "")
 
     # ---- introspection -----------------------------------------------------------------------
     @property

@@ -60,6 +60,10 @@ class PrefixCachingBlockManager(BlockManager):
                 self.cached[key] = table[i]
                 self.block_key[table[i]] = (key, tokens)
 
+    def drop_cache(self) -> None:
+        self.cached.clear()
+        self.block_key.clear()
+
     def fork(self, parent_id: int, child_id: int) -> None:
         super().fork(parent_id, child_id)
         if self.share:

@@ -16,7 +16,7 @@ import numpy as np
 from pagedjax.models import ModelConfig, forward_paged
 
 from . import kv_pool, sharding
-from .attention import make_attend
+from .attention import make_attend, resolve_backend
 from .block_manager import BlockManager
 from .scheduler import ScheduledBatch
 from .sampler import sample
@@ -98,6 +98,11 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         pool_sharding = None if mesh is None else sharding.pool_sharding(mesh)
         self.pool = kv_pool.allocate(spec, sharding=pool_sharding)
+        # The Pallas kernels loop over each sequence's real context, so a wider block table costs
+        # nothing there: fix W at the maximum and give mixed steps S = min(max seqs, T). That
+        # leaves ~15 step shapes to compile instead of hundreds. The reference attention's cost
+        # grows with W and S, so on it both stay bucketed.
+        self.coarse_buckets = resolve_backend(attention_backend) != "reference"
         attend = make_attend(attention_backend, interpret=interpret, mesh=mesh)
         # Under tp the results come back replicated (every process reads them) and the pool
         # keeps its KV-head sharding from step to step.
@@ -113,8 +118,13 @@ class ModelRunner:
                    decode: bool = False):
         T = min(_pow2_at_least(num_tokens, 16), max(self.max_num_batched_tokens, 16))
         T = max(T, num_tokens)
-        S = min(_pow2_at_least(num_seqs, 4), max(self.max_num_seqs, 4))
+        s_max = max(self.max_num_seqs, 4)
+        S = min(_pow2_at_least(num_seqs, 4), s_max)
         W = min(_pow2_at_least(max_blocks, 4), self.max_blocks)
+        if self.coarse_buckets:
+            W = self.max_blocks
+            if not decode:
+                S = max(S, min(_pow2_at_least(s_max, 4), T))
         C = 0 if num_copies == 0 else _pow2_at_least(num_copies, 4)
         return StepLayout(T, S, max(W, 1), C, decode)
 

@@ -30,7 +30,7 @@ class Sequence:
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V sit in the cache
     status: Status = Status.WAITING
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
     cumulative_logprob: float = 0.0
     output_top_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)

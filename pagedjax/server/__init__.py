@@ -33,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="answer 503 while this many sequences wait for the scheduler")
     g.add_argument("--max-logprobs", type=int, default=20,
                    help="most logprobs / top_logprobs a request may ask for (at most 20)")
+    g.add_argument("--max-n", type=int, default=None,
+                   help="most samples (n, best_of, beam width) one request may ask for "
+                        "(default: --max-num-seqs)")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let in-flight requests finish (new ones get "
+                        "503) before the rest are aborted and the server exits")
     g.add_argument("--log-stats-interval", type=float, default=5.0,
                    help="seconds between throughput log lines while busy")
     g.add_argument("--disable-log-stats", action="store_true")
@@ -61,11 +67,12 @@ def build_server(args: argparse.Namespace, loaded=None):
     from .app import build_app
     from .engine_loop import AsyncEngine
     from .metrics import EngineMetrics
+    from .shutdown import DrainingServer
 
     from pagedjax.sampler import MAX_LOGPROBS
 
-    for flag in ("max_request_bytes", "max_waiting_requests"):
-        if getattr(args, flag) < 1:
+    for flag in ("max_request_bytes", "max_waiting_requests", "max_n"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
     if not 0 <= args.max_logprobs <= MAX_LOGPROBS:
         raise ValueError(f"--max-logprobs {args.max_logprobs} must be in [0, {MAX_LOGPROBS}]: "
@@ -76,10 +83,10 @@ def build_server(args: argparse.Namespace, loaded=None):
                           log_stats=not args.disable_log_stats).start()
     app = build_app(aengine, name, args.api_key, max_request_bytes=args.max_request_bytes,
                     max_waiting_requests=args.max_waiting_requests,
-                    max_logprobs=args.max_logprobs, root=args.model)
+                    max_logprobs=args.max_logprobs, max_n=args.max_n, root=args.model)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             timeout_keep_alive=5)
-    return uvicorn.Server(config), aengine
+    return DrainingServer(config, aengine, args.drain_timeout), aengine
 
 
 def run(args: argparse.Namespace) -> None:

@@ -104,9 +104,10 @@ async def _drain(receive, limit: int) -> None:
 
 def build_app(aengine: AsyncEngine, served_model_name: str, api_key: str | None = None, *,
               max_request_bytes: int = MiB, max_waiting_requests: int = 1024,
-              max_logprobs: int = 20, root: str | None = None) -> FastAPI:
+              max_logprobs: int = 20, max_n: int | None = None,
+              root: str | None = None) -> FastAPI:
     serving = OpenAIServing(aengine, served_model_name, max_waiting_requests=max_waiting_requests,
-                            max_logprobs=max_logprobs)
+                            max_logprobs=max_logprobs, max_n=max_n)
     app = FastAPI(title="pagedjax", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serving = serving
 
@@ -132,6 +133,9 @@ def build_app(aengine: AsyncEngine, served_model_name: str, api_key: str | None 
 
     @app.get("/health")
     async def health():
+        if aengine.draining:
+            return _error_response(APIError(503, "the server is shutting down",
+                                            type="server_error", code="shutting_down"))
         if not aengine.is_alive:
             return _error_response(APIError(503, "the engine is not running", type="server_error",
                                             code="engine_dead"))

@@ -30,8 +30,19 @@ from .metrics import EngineMetrics
 logger = logging.getLogger(__name__)
 
 
-class EngineDeadError(RuntimeError):
+class RequestFailedError(RuntimeError):
+    """A request the engine could not finish; ``status`` and ``code`` are what its client sees."""
+
+    def __init__(self, message: str, status: int = 500, code: str = "request_failed"):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+class EngineDeadError(RequestFailedError):
     """The engine thread stopped (a step raised, or the server is shutting down)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, 500, "engine_dead")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +127,8 @@ class AsyncEngine:
         self.dead: BaseException | None = None
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._stopping = False
+        self.draining = False  # set on SIGTERM: new requests get 503 (server/shutdown.py)
+        self._refusal: RequestFailedError | None = None  # set by fail_all: later adds fail too
         self._submitted_seqs = 0  # guarded by _lock: sequences handed to submit() ...
         self._added_seqs = 0  # ... and those the engine thread has taken in (added or refused)
         self._lock = threading.Lock()
@@ -149,6 +162,14 @@ class AsyncEngine:
             pending = self._submitted_seqs - self._added_seqs
         return self.snapshot.waiting + pending
 
+    @property
+    def num_in_flight(self) -> int:
+        """Requests being served, counting those not yet handed to the engine (read by the
+        drain; the engine thread's dict is only sized here, never iterated)."""
+        with self._lock:
+            pending = self._submitted_seqs - self._added_seqs
+        return len(self._streams) + pending
+
     async def submit(self, subs: list[Submission], arrival_time: float) -> RequestStream:
         """Add all of ``subs`` or none: a ValueError from the engine (a bad prompt) is raised here
         after undoing the ones already added."""
@@ -171,6 +192,11 @@ class AsyncEngine:
         """Abort requests (finished or unknown ones are ignored); returns at once."""
         ids = list(request_ids)
         self._commands.put(lambda: self._abort(ids))
+
+    def fail_all(self, error: RequestFailedError) -> None:
+        """Abort every request in flight and any added later, their clients getting ``error``
+        (the end of a drain); returns at once."""
+        self._commands.put(lambda: self._fail_all(error))
 
     # ---- engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
@@ -217,6 +243,8 @@ class AsyncEngine:
         error: BaseException | None = None
         if self.dead is not None:
             error = EngineDeadError(f"the engine stopped: {self.dead}")
+        elif self._refusal is not None:
+            error = self._refusal
         else:
             try:
                 for s in subs:
@@ -246,6 +274,13 @@ class AsyncEngine:
                 self.metrics.finished["abort"].inc()
                 logger.debug("aborted request %s", rid)
 
+    def _fail_all(self, error: RequestFailedError) -> None:
+        self._refusal = error
+        streams = set(self._streams.values())
+        self._abort(list(self._streams))
+        for stream in streams:
+            self._call(stream.loop, stream._fail, error)
+
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         now = time.time()
         by_loop: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
@@ -257,6 +292,10 @@ class AsyncEngine:
             if out.finished:
                 del self._streams[out.request_id]
                 self._seen.pop(out.request_id, None)
+            if out.error is not None:  # its device step failed (pagedjax.faults): a 500
+                self._call(stream.loop, stream._fail,
+                           RequestFailedError(out.error, code="engine_step_failed"))
+                continue
             by_loop[stream.loop].append((stream, out))
         for loop, items in by_loop.items():
             self._call(loop, _deliver_all, items)
@@ -272,7 +311,8 @@ class AsyncEngine:
                 m.itl.observe(now - last)
             self._seen[out.request_id] = (n, now)
         if out.finished:
-            reason = out.outputs[0].finish_reason if out.outputs else "stop"
+            reason = "error" if out.error is not None else (
+                out.outputs[0].finish_reason if out.outputs else "stop")
             m.finished.get(reason, m.finished["stop"]).inc()
             m.e2e.observe((metrics.finished_time or now) - metrics.arrival_time)
 

@@ -19,20 +19,23 @@ from pagedjax.outputs import RequestOutput
 from pagedjax.sampling_params import SamplingParams
 
 from . import protocol as P
-from .engine_loop import AsyncEngine, EngineDeadError, RequestStream, Submission
+from .engine_loop import (AsyncEngine, EngineDeadError, RequestFailedError, RequestStream,
+                          Submission)
 from .responses import (APIError, ChoiceState, best_first, json_response, next_delta,
                         openai_finish, sse, stop_reason, usage_info)
 
 
 class OpenAIServing:
     def __init__(self, aengine: AsyncEngine, served_model_name: str, *,
-                 max_waiting_requests: int = 1024, max_logprobs: int = 20):
+                 max_waiting_requests: int = 1024, max_logprobs: int = 20,
+                 max_n: int | None = None):
         self.aengine = aengine
         self.engine = aengine.engine  # read-only use: config and the pure validate_prompt
         self.model_name = served_model_name
         self.max_model_len = self.engine.max_model_len
         self.max_waiting_requests = max_waiting_requests
         self.max_logprobs = max_logprobs
+        self.max_n = max_n or self.engine.args.max_num_seqs
         # The engine thread decodes with the engine's tokenizer; the handlers encode with their
         # own copy, so the two threads never share a tokenizer object.
         self.tokenizer = copy.deepcopy(self.engine.tokenizer)
@@ -62,7 +65,7 @@ class OpenAIServing:
             raise APIError(400, f"logprobs {logprobs} is over the maximum ({self.max_logprobs})",
                            param="logprobs")
         try:
-            return SamplingParams(
+            params = SamplingParams(
                 n=req.n, best_of=best_of,
                 temperature=1.0 if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p,
@@ -73,6 +76,11 @@ class OpenAIServing:
                 skip_special_tokens=req.skip_special_tokens)
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
+        if params.best_of > self.max_n:  # before anything is sized by it
+            name = "n" if params.n > self.max_n else "best_of"
+            raise APIError(400, f"{name} = {getattr(params, name)} is over the maximum "
+                                f"({self.max_n}, --max-n)", param=name)
+        return params
 
     def _engine_params(self, req: P._SamplingFields, params: SamplingParams, ids: list[int]):
         """What the engine runs for one prompt: ``params``, or a beam search of width
@@ -101,6 +109,9 @@ class OpenAIServing:
                      "max_tokens.", param="max_tokens")
 
     def _check_load(self) -> None:
+        if self.aengine.draining:
+            raise APIError(503, "the server is shutting down; retry on another replica",
+                           type="server_error", code="shutting_down")
         if not self.aengine.is_alive:
             raise APIError(503, "the engine is not running", type="server_error",
                            code="engine_dead")
@@ -128,6 +139,8 @@ class OpenAIServing:
             raise APIError(400, str(e)) from None
         except EngineDeadError as e:
             raise APIError(503, str(e), type="server_error", code="engine_dead") from None
+        except RequestFailedError as e:  # refused at the end of a drain
+            raise APIError(e.status, str(e), type="server_error", code=e.code) from None
 
     async def _collect(self, stream: RequestStream,
                        raw: Request) -> dict[str, RequestOutput] | None:
@@ -147,8 +160,8 @@ class OpenAIServing:
                 return None
             try:
                 consumer.result()
-            except EngineDeadError as e:
-                raise APIError(500, str(e), type="server_error", code="engine_dead") from None
+            except RequestFailedError as e:  # its step failed, the engine died, or a drain ended
+                raise APIError(e.status, str(e), type="server_error", code=e.code) from None
             return final
         finally:
             consumer.cancel()
@@ -188,6 +201,10 @@ class OpenAIServing:
         params = self._params(req, max_tokens=req.max_tokens, best_of=req.best_of,
                               logprobs=req.logprobs)
         prompts = self._completion_prompts(req.prompt)
+        if len(prompts) * params.best_of > self.max_waiting_requests:
+            raise APIError(400, f"{len(prompts)} prompts x best_of {params.best_of} sequences "
+                                f"are more than the server queues ({self.max_waiting_requests}, "
+                                "--max-waiting-requests): split the request", param="prompt")
         for _, ids in prompts:
             self._check_length(ids, req.max_tokens)
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -270,8 +287,9 @@ class OpenAIServing:
                                    sum(completion_tokens.values()))
                 yield sse(P.CompletionResponse(id=rid, created=created, model=self.model_name,
                                                choices=[], usage=usage).model_dump_json())
-        except EngineDeadError as e:
-            yield sse(APIError(500, str(e), type="server_error").body().model_dump_json())
+        except RequestFailedError as e:
+            yield sse(APIError(e.status, str(e), type="server_error",
+                               code=e.code).body().model_dump_json())
         yield sse("[DONE]")
 
     # ---- /v1/chat/completions ----------------------------------------------------------------
@@ -372,8 +390,9 @@ class OpenAIServing:
                         stop_reason=None if use_beam else d.stop_reason)])
             if include_usage:
                 yield chunk([], usage_info(prompt_tokens, sum(completion_tokens)))
-        except EngineDeadError as e:
-            yield sse(APIError(500, str(e), type="server_error").body().model_dump_json())
+        except RequestFailedError as e:
+            yield sse(APIError(e.status, str(e), type="server_error",
+                               code=e.code).body().model_dump_json())
         yield sse("[DONE]")
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pagedjax.kernels.dispatch import ragged_paged_attention
+from pagedjax.kernels.dispatch import ragged_paged_attention, write_kv
 
 T, S, W, NB = 64, 8, 32, 300
 SD = jax.ShapeDtypeStruct
@@ -23,10 +23,17 @@ ARGS = (SD((T, 28, 128), jnp.bfloat16), SD((NB, 16, 4, 128), jnp.bfloat16),
     ("cuda", "pallas-gpu", {"decode_only": True, "num_splits": 1}, "paged_decode"),
     ("cuda", "pallas-gpu", {"decode_only": True, "num_splits": 8}, "paged_decode_combine"),
     ("cuda", "pallas-gpu", {}, "ragged_paged_attention"),
+    ("cuda", "write_kv", {}, "write_kv"),
     ("tpu", "pallas-tpu", {"decode_only": True}, "paged_decode_tpu"),
     ("tpu", "pallas-tpu", {}, "ragged_paged_attention_tpu"),
 ])
 def test_lowers_for_device(platform, backend, kwargs, marker):
-    fn = jax.jit(functools.partial(ragged_paged_attention, backend=backend, **kwargs))
-    text = fn.trace(*ARGS).lower(lowering_platforms=(platform,)).as_text()
+    if backend == "write_kv":
+        fn = jax.jit(functools.partial(write_kv, backend="pallas-gpu"))
+        args = (*ARGS[1:3], SD((T, 4, 128), jnp.bfloat16), SD((T, 4, 128), jnp.bfloat16),
+                SD((T,), jnp.int32))
+    else:
+        fn = jax.jit(functools.partial(ragged_paged_attention, backend=backend, **kwargs))
+        args = ARGS
+    text = fn.trace(*args).lower(lowering_platforms=(platform,)).as_text()
     assert marker in text

@@ -1,0 +1,124 @@
+"""What the engine does when the device fails: one failed step costs its own requests, nobody else's.
+
+A device step can fail after the KV pool was donated to it (an XLA runtime error, a lost
+transfer): the runner's pool then points at deleted buffers, or at the poisoned output of the
+failed step. Either way every KV block is lost, so recovery is a reset: the step's requests
+finish with an error (their blocks freed), every other sequence goes back to the front of the
+waiting queue to be recomputed (its generated tokens kept, as after a recompute preemption),
+cached prefixes are forgotten, and the pool is allocated afresh with the same shapes and
+shardings, so the compiled step is reused. If the reset itself fails the error propagates: the
+engine is then beyond repair, and the server reports itself dead.
+
+Out-of-memory at start is turned into an error that says which flags to change.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+
+from .kv_pool import GiB, KVPoolSpec
+from .outputs import RequestOutput
+from .sequence import Status
+
+if TYPE_CHECKING:
+    from .engine import LLMEngine
+    from .scheduler import ScheduledBatch
+
+logger = logging.getLogger(__name__)
+
+OOM_HINT = ("lower --gpu-memory-utilization (or set --num-gpu-blocks-override) to leave the "
+            "compiler more room, or lower --max-model-len / --max-num-batched-tokens / "
+            "--max-num-seqs to shrink the step")
+
+
+class DeviceOutOfMemoryError(ValueError):
+    """The device ran out of memory while the engine started; the message says what to change."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+@contextlib.contextmanager
+def explain_oom_at_start(what: str, spec: KVPoolSpec, max_model_len: int):
+    """Re-raise an out-of-memory error from the block as a DeviceOutOfMemoryError (a ValueError:
+    the CLI prints it without a traceback)."""
+    try:
+        yield
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        raise DeviceOutOfMemoryError(
+            f"out of device memory while {what} (KV pool: {spec.num_blocks} blocks, "
+            f"{spec.total_bytes / GiB:.2f} GiB; --max-model-len {max_model_len}): "
+            f"{OOM_HINT}. The device said: {e}") from e
+
+
+def fail_step(engine: "LLMEngine", batch: "ScheduledBatch", error: Exception) -> list[RequestOutput]:
+    """The device part of ``batch``'s step raised ``error``: finish the step's requests with
+    ``finish_reason="error"`` and reset the device state. Returns their final outputs, each with
+    ``error`` set."""
+    message = f"the device step failed: {type(error).__name__}: {error}"
+    if is_out_of_memory(error):
+        message += f" ({OOM_HINT})"
+    failed = list(dict.fromkeys(s.request_id for s in batch.seqs))
+    logger.error("%s; failing %d request(s) of the step, recomputing the rest", message,
+                 len(failed), exc_info=error)
+    now = time.time()
+    outputs = []
+    for rid in failed:
+        req = engine.requests.pop(rid, None)
+        if req is None:
+            continue
+        for seq in req.seqs:
+            if not seq.finished:
+                engine.scheduler.finish(seq, "error")
+        req.metrics.finished_time = now
+        out = engine._output(req)
+        outputs.append(dataclasses.replace(out, finished=True, error=message))
+    reset_device_state(engine)
+    return outputs
+
+
+def reset_device_state(engine: "LLMEngine") -> None:
+    """Every KV block is lost: recompute every surviving sequence into a fresh pool."""
+    sched, bm = engine.scheduler, engine.block_manager
+    survivors = sorted([*sched.running, *sched.swapped], key=lambda s: s.arrival)
+    for seq in [*survivors, *sched.waiting]:
+        bm.free(seq.seq_id)
+        if sched.swap is not None:
+            sched.swap.free(seq.seq_id)
+        seq.num_computed_tokens = 0
+        seq.status = Status.WAITING
+    sched.running.clear()
+    sched.swapped.clear()
+    sched.waiting.extendleft(reversed(survivors))  # oldest first, ahead of new prompts
+    sched.num_preemptions += len(survivors)
+    sched.num_preemptions_recompute += len(survivors)
+    bm.pending_copies = []
+    bm.drop_cache()
+    if bm.num_free != bm.num_blocks:
+        raise RuntimeError(f"{bm.num_blocks - bm.num_free} KV blocks are still held by no live "
+                           "sequence after a failed step; the engine cannot recover")
+    engine.runner.pool = fresh_pool(engine.runner.pool)
+    logger.warning("KV pool reallocated; %d sequence(s) will be recomputed", len(survivors))
+
+
+def fresh_pool(old):
+    """Zeros shaped, typed, sharded and committed like ``old`` (the step's jit cache keys on all
+    four, so the compiled step is reused); ``old``'s live buffers are freed first, so the device
+    never holds two pools."""
+    leaves, tree = jax.tree.flatten(old)
+    specs = [(x.shape, x.dtype, x.sharding, x._committed) for x in leaves]
+    for x in leaves:
+        if not x.is_deleted():
+            x.delete()
+    return jax.tree.unflatten(tree, [jnp.zeros(shape, dtype, device=sharding if committed else None)
+                                     for shape, dtype, sharding, committed in specs])

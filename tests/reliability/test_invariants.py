@@ -1,0 +1,177 @@
+"""Property tests: random add / step / abort / device-fault sequences (n > 1 and beam forks,
+recompute and swap preemption, prefix caching) through the real LLMEngine on a fake device keep
+the block manager and scheduler consistent, and lose or duplicate no request."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings, strategies as st
+
+from pagedjax.beam_search import BeamSearchParams
+from pagedjax.sampling_params import SamplingParams
+from tests.reliability.fake_device import EOS, fake_engine
+
+MAX_MODEL_LEN = 32
+
+ADD = st.tuples(st.just("add"), st.integers(1, MAX_MODEL_LEN - 2), st.integers(1, 24),
+                st.integers(1, 3), st.integers(0, 1), st.booleans(), st.integers(0, 2))
+BEAM = st.tuples(st.just("beam"), st.integers(1, 20), st.integers(1, 3), st.integers(1, 8))
+STEP = st.tuples(st.just("step"), st.integers(1, 6))
+ABORT = st.tuples(st.just("abort"), st.integers(0, 1000))
+FAIL = st.tuples(st.just("fail"))
+OPS = st.lists(st.one_of(ADD, ADD, BEAM, STEP, STEP, STEP, ABORT, FAIL), min_size=1, max_size=40)
+CONFIG = st.fixed_dictionaries({
+    "num_gpu_blocks_override": st.integers(4, 20),  # 4 blocks: one max_model_len sequence
+    "max_num_seqs": st.integers(1, 4),
+    "max_num_batched_tokens": st.sampled_from([8, 16, 40]),
+    "enable_prefix_caching": st.booleans(),
+    "preemption_mode": st.sampled_from(["recompute", "swap"]),
+})
+
+
+@dataclasses.dataclass
+class Tracked:
+    prompt_len: int
+    max_tokens: int  # what the engine will generate at most
+    n: int  # outputs expected (beam: at most this many)
+    ignore_eos: bool
+    beam: bool = False
+    aborted: bool = False
+    failed: bool = False
+    finished: int = 0  # finished outputs seen
+
+
+def check_invariants(engine, tracked: dict[str, Tracked]) -> None:
+    bm, sched = engine.block_manager, engine.scheduler
+    bm.check_invariants()  # ref counts == uses, each block free xor referenced
+    assert min(bm.ref_counts) >= 0
+    queued = [*sched.running, *sched.waiting, *sched.swapped]
+    assert len({s.seq_id for s in queued}) == len(queued), "a sequence is queued twice"
+    running = {s.seq_id for s in sched.running}
+    held = {sid for sid, table in bm.tables.items() if table}
+    assert held <= running, f"sequences {held - running} hold blocks but are not running"
+    for s in sched.running:
+        assert not s.finished and s.request_id in engine.requests
+        table = bm.table(s.seq_id)
+        assert len(table) == bm.blocks_for(s.num_computed_tokens), "block table vs computed"
+        assert len(set(table)) == len(table), "a block twice in one table"
+    for s in sched.waiting:
+        assert not s.finished and s.request_id in engine.requests
+        assert s.num_computed_tokens == 0 and not bm.table(s.seq_id)
+    if sched.swap is not None:
+        sched.swap.check_invariants()
+        assert set(sched.swap.num_blocks) == {s.seq_id for s in sched.swapped}
+        for s in sched.swapped:
+            assert not s.finished and s.request_id in engine.requests
+            assert sched.swap.num_blocks[s.seq_id] == bm.blocks_for(s.num_computed_tokens)
+    queued_ids = {s.seq_id for s in queued}
+    for rid, req in engine.requests.items():
+        assert not tracked[rid].aborted and not tracked[rid].finished
+        pending = {c.seq_id for s in req.seqs for c in s.pending_forks}
+        for s in req.seqs:
+            if not s.finished:  # queued once, or an n > 1 sample not forked yet
+                assert (s.seq_id in queued_ids) != (s.seq_id in pending), f"seq {s.seq_id} lost"
+    live = {s.seq_id for req in engine.requests.values() for s in req.seqs}
+    assert queued_ids <= live, "a queued sequence belongs to no live request"
+
+
+def record(outputs, tracked: dict[str, Tracked]) -> None:
+    for out in outputs:
+        t = tracked[out.request_id]
+        assert not t.aborted, f"{out.request_id}: output after abort"
+        assert t.finished == 0, f"{out.request_id}: output after its final output"
+        if not out.finished:
+            continue
+        t.finished += 1
+        if out.error is not None:
+            t.failed = True
+            assert "injected device fault" in out.error
+            assert all(o.finish_reason == "error" for o in out.outputs)
+            continue
+        if t.beam:
+            assert 1 <= len(out.outputs) <= t.n
+            assert all(len(o.token_ids) <= t.max_tokens for o in out.outputs)
+            continue
+        assert len(out.outputs) == t.n
+        for o in out.outputs:
+            if t.ignore_eos or EOS not in o.token_ids:
+                assert len(o.token_ids) == t.max_tokens and o.finish_reason == "length", o
+            else:
+                assert o.token_ids.index(EOS) == len(o.token_ids) - 1 and o.finish_reason == "stop"
+
+
+def run_ops(config: dict, ops: list, seed: int = 0):
+    engine, device = fake_engine(seed, **config, num_cpu_blocks_override=6)
+    tracked: dict[str, Tracked] = {}
+    seats = config["max_num_seqs"]
+    for i, op in enumerate(ops):
+        rid = f"r{i}"
+        if op[0] == "add":
+            _, plen, max_tokens, n, extra, ignore_eos, prefix = op
+            best_of = min(n + extra, seats)
+            n = min(n, best_of)
+            prompt = [10 + prefix] * (plen // 2) + [20 + i % 50] * (plen - plen // 2)
+            engine.add_request(rid, prompt, SamplingParams(
+                n=n, best_of=best_of, max_tokens=max_tokens, ignore_eos=ignore_eos,
+                temperature=0.8, seed=i))
+            tracked[rid] = Tracked(plen, min(max_tokens, MAX_MODEL_LEN - plen), n, ignore_eos)
+        elif op[0] == "beam":
+            _, plen, width, max_tokens = op
+            width = min(width, seats)
+            engine.add_beam_request(rid, [30 + i % 50] * plen,
+                                    BeamSearchParams(beam_width=width, max_tokens=max_tokens))
+            tracked[rid] = Tracked(plen, min(max_tokens, MAX_MODEL_LEN - plen), width, False,
+                                   beam=True)
+        elif op[0] == "step":
+            for _ in range(op[1]):
+                record(engine.step(), tracked)
+                check_invariants(engine, tracked)
+        elif op[0] == "abort" and engine.requests:
+            victim = sorted(engine.requests)[op[1] % len(engine.requests)]
+            engine.abort(victim)
+            tracked[victim].aborted = True
+        elif op[0] == "fail":
+            device.fail = True
+        check_invariants(engine, tracked)
+    for _ in range(3000):  # drain: everything left finishes
+        if not engine.has_unfinished():
+            break
+        record(engine.step(), tracked)
+        check_invariants(engine, tracked)
+    assert not engine.has_unfinished(), "the workload did not drain in 3000 steps"
+    bm = engine.block_manager
+    assert bm.num_free == bm.num_blocks, f"{bm.num_blocks - bm.num_free} blocks leaked"
+    assert not engine.requests and not bm.tables
+    if engine.swap_space is not None:
+        assert engine.swap_space.bm.num_free == engine.swap_space.num_pieces
+    for rid, t in tracked.items():  # nothing lost, nothing twice
+        assert t.finished == (0 if t.aborted else 1), f"{rid}: {t}"
+    return engine, device, tracked
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(CONFIG, OPS, st.integers(0, 2**16))
+def test_random_workloads_keep_the_invariants(config, ops, seed):
+    engine, device, tracked = run_ops(config, ops, seed)
+    sched = engine.scheduler
+    event(f"preempted by {config['preemption_mode']}: "
+          f"{'yes' if sched.num_preemptions else 'no'}")
+    event(f"failed steps: {min(device.failures, 2)}")
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_the_property_workload_preempts_forks_and_fails(mode):
+    """The property test is not vacuous: a fixed workload of the same kind preempts (in the mode
+    asked), forks samples and beams, and survives a fault with requests in flight."""
+    ops = [("add", 20, 12, 3, 0, True, 0), ("beam", 10, 3, 6), ("add", 25, 8, 1, 1, False, 1),
+           ("step", 6), ("fail",), ("add", 20, 12, 2, 0, True, 0), ("step", 3),
+           ("abort", 1), ("step", 4)]
+    engine, device, tracked = run_ops(
+        {"num_gpu_blocks_override": 6, "max_num_seqs": 4, "max_num_batched_tokens": 16,
+         "enable_prefix_caching": True, "preemption_mode": mode}, ops)
+    sched = engine.scheduler
+    assert device.failures == 1
+    assert any(t.failed for t in tracked.values()) and any(
+        t.finished and not t.failed for t in tracked.values())
+    assert (sched.num_preemptions_swap if mode == "swap" else sched.num_preemptions_recompute)
