@@ -80,19 +80,18 @@ def run(args) -> dict:
         vocab = llm.engine.cfg.vocab_size
         prompts = [rng.integers(10, vocab - 1, size=args.prompt_len).tolist()
                    for _ in range(args.num_requests)]
-        c0 = None
         for kind in ("greedy", "n4", "beam"):
-            warm = [prompts[0][:args.prompt_len]]  # warm-up: the same shapes, one request
-            _run(llm, kind, warm, args)
-            c0 = llm.engine.runner.num_compilations if c0 is None else c0
-            # peak blocks of ONE request, then the whole batch for speed
+            # warm-up: the same requests, so every step shape is compiled before timing; then
+            # peak blocks of ONE request (its own shapes, compiled there), then the timed batch
+            _run(llm, kind, prompts, args)
             _, _, one_peak, prompt_ratio = _run(llm, kind, prompts[:1], args)
+            c0 = llm.engine.runner.num_compilations
             dt, gen, _, _ = _run(llm, kind, prompts, args)
             rows.append({"sharing": share, "kind": kind, "peak_blocks_per_request": one_peak,
                          "max_concurrent_requests": llm.engine.spec.num_blocks // max(one_peak, 1),
                          "output_tok_s": gen / dt, "prompt_part_ratio": prompt_ratio})
-        figures[f"compilations_after_warmup_share_{share}"] = (
-            llm.engine.runner.num_compilations - c0)
+            figures[f"compilations_after_warmup_{kind}_share_{share}"] = (
+                llm.engine.runner.num_compilations - c0)
         del llm
     print_table(rows)
     by = {(r["sharing"], r["kind"]): r for r in rows}

@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 POLICIES = ("no-pressure", "swap", "recompute")
 BALLAST = -1  # the sequence id that holds the blocks a pressure run takes out of the pool
+COLUMNS = ["policy", "output_tok_s", "elapsed_s", "steps", "preemptions_swap",
+           "preemptions_recompute", "swap_out_events", "swap_in_events", "swap_out_gib",
+           "swap_out_gb_s", "swap_in_gb_s", "compilations", "completed"]
 FULL = dict(num_prompts=5, prompt_len=8192, output_len=500, pool_prompts=3.05, swap_space=4.0,
             bw_mib=1024, warmup_output_len=8, max_num_batched_tokens=2048)
 TINY = dict(num_prompts=5, prompt_len=64, output_len=32, pool_prompts=3.05,
@@ -182,11 +185,10 @@ def run(args) -> dict:
         logger.info("%s: %.1f output tok/s, %d swaps out, %d recomputes", policy,
                     row["output_tok_s"], row["swap_out_events"], row["preemptions_recompute"])
         summary, figures = _summarise(args, raw, piece_raw, rows, by, e, big, small, warmup_s)
+        figures["table"] = {"columns": COLUMNS,
+                            "rows": [{c: r[c] for c in COLUMNS} for r in rows]}
         write_result("swap", summary, figures, out=args.out, tag="tiny" if args.tiny else "")
-    columns = ["policy", "output_tok_s", "elapsed_s", "steps", "preemptions_swap",
-               "preemptions_recompute", "swap_out_events", "swap_in_events", "swap_out_gib",
-               "swap_out_gb_s", "swap_in_gb_s", "compilations", "completed"]
-    print_table(rows, columns)
+    print_table(rows, COLUMNS)
     print(f"raw pinned bandwidth: device->host {raw['d2h_gb_s']:.1f} GB/s, host->device "
           f"{raw['h2d_gb_s']:.1f} GB/s; swaps reached {summary['swap_pct_raw_bw'] or 0:.0f}% of it")
     _plot(results_dir(args.out) / f"swap{'-tiny' if args.tiny else ''}.png", rows, raw, args)

@@ -145,6 +145,7 @@ class LLMEngine:
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenize(prompt) if text is not None else [int(t) for t in prompt]
         self.validate_prompt(ids)
+        self._check_pool_room(params.best_of, len(ids), params.max_tokens)
         seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31 - 1))
         arrival = next(self._arrivals)
         # sample i draws with seed + i: the same tokens as a lone request with that seed
@@ -174,6 +175,7 @@ class LLMEngine:
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenize(prompt) if text is not None else [int(t) for t in prompt]
         self.validate_prompt(ids)
+        self._check_pool_room(params.beam_width, len(ids), params.max_tokens)
         max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
         params = dataclasses.replace(params, max_tokens=max_tokens)
         sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -194,6 +196,17 @@ class LLMEngine:
         bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.cfg.vocab_size})")
+
+    def _check_pool_room(self, num_seqs: int, prompt_len: int, max_tokens: int | None) -> None:
+        """Refuse a request whose sequences could not all hold their KV at once: they would
+        preempt one another forever (a recomputed sample shares no blocks with its siblings)."""
+        longest = min(prompt_len + (max_tokens or self.max_model_len), self.max_model_len)
+        need = num_seqs * self.block_manager.blocks_for(longest)
+        if need > self.block_manager.num_blocks:
+            raise ValueError(
+                f"{num_seqs} sequences of up to {longest} tokens may need {need} KV blocks at "
+                f"once and the pool holds {self.block_manager.num_blocks}: lower n / best_of / "
+                "the beam width or max_tokens, or give the KV cache more memory")
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
@@ -254,7 +267,7 @@ class LLMEngine:
                 self.block_manager.fork(seq.seq_id, child.seq_id)
                 child.num_computed_tokens = seq.num_computed_tokens
                 self.scheduler.insert_running(child)
-            seq.pending_forks = []
+            seq.pending_forks, seq.seats = [], 1  # the samples now hold their own seats
             self._append(req, seq, result, i, now)
             touched[req.request_id] = req
         for j, (_, child) in enumerate(batch.forks, start=len(batch.seqs)):

@@ -95,7 +95,7 @@ class Scheduler:
         while (not self.swapped and self.waiting and len(self.running) < self.max_num_seqs
                and budget > 0):
             seq = self.waiting[0]
-            if self.running and len(self.running) + seq.seats > self.max_num_seqs:
+            if self.running and self.seats_taken() + seq.seats > self.max_num_seqs:
                 break
             cached = 0
             if seq.num_computed_tokens == 0 and not self.bm.table(seq.seq_id):
@@ -113,6 +113,11 @@ class Scheduler:
             self._take(batch, seq, n)
             budget -= n
         return batch
+
+    def seats_taken(self) -> int:
+        """Running slots in use: a sequence that will still fork (n > 1 before its prompt is
+        done, a beam before its first round) holds one for each sequence it will become."""
+        return sum(s.seats for s in self.running)
 
     def insert_running(self, seq: Sequence) -> None:
         seq.status = Status.RUNNING
@@ -151,7 +156,7 @@ class Scheduler:
         room; returns the token budget left."""
         while self.swapped and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.swapped[0]
-            if self.running and len(self.running) + seq.seats > self.max_num_seqs:
+            if self.running and self.seats_taken() + seq.seats > self.max_num_seqs:
                 break
             n = min(seq.num_uncomputed, budget)
             if n < seq.num_uncomputed and not self.chunked:

@@ -36,7 +36,7 @@ class Sequence:
     output_top_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
     # n > 1 sampling: the other samples, forked from this sequence when its prompt is computed
     pending_forks: list["Sequence"] = dataclasses.field(default_factory=list)
-    seats: int = 1  # running slots the request will need (best_of, or the beam width)
+    seats: int = 1  # running slots it takes: best_of or the beam width until it forks, then 1
 
     @property
     def num_tokens(self) -> int:

@@ -130,8 +130,8 @@ def test_swapped_blocks_round_trip_bit_exact(dtype):
     table0 = list(bm.table(0))
     out = space.swap_out(bm, 0) + space.swap_out(bm, 1)
     host.execute(types.SimpleNamespace(swap_out=out, swap_in=[]), runner)
-    bm.append_slots(2, 0, 4 * 16)  # every device block taken by someone else ...
-    runner.pool = [(jnp.zeros_like(k), jnp.full_like(v, 7)) for k, v in runner.pool]  # ... and overwritten
+    bm.append_slots(2, 0, 4 * 16)  # every device block taken by someone else and overwritten
+    runner.pool = [(jnp.zeros_like(k), jnp.full_like(v, 7)) for k, v in runner.pool]
     bm.free(2)
     bm.append_slots(3, 0, 4 * 3)  # seq 0 comes back into different blocks
     back = space.swap_in(bm, 0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, note, settings, strategies as st
 
 from pagedjax.beam_search import BeamSearchParams
 from pagedjax.sampling_params import SamplingParams
@@ -14,16 +14,23 @@ from tests.reliability.fake_device import EOS, fake_engine
 
 MAX_MODEL_LEN = 32
 
-ADD = st.tuples(st.just("add"), st.integers(1, MAX_MODEL_LEN - 2), st.integers(1, 24),
-                st.integers(1, 3), st.integers(0, 1), st.booleans(), st.integers(0, 2))
+# lengths skewed long: hypothesis favours small numbers, and preemption needs full pools
+PROMPT_LEN = st.integers(1, MAX_MODEL_LEN - 2) | st.integers(16, MAX_MODEL_LEN - 2)
+MAX_TOKENS = st.integers(1, 24) | st.integers(12, 24)
+ADD = st.tuples(st.just("add"), PROMPT_LEN, MAX_TOKENS, st.sampled_from([1, 1, 1, 2, 3]),
+                st.sampled_from([0, 0, 1]), st.booleans(), st.integers(0, 2))
 BEAM = st.tuples(st.just("beam"), st.integers(1, 20), st.integers(1, 3), st.integers(1, 8))
-STEP = st.tuples(st.just("step"), st.integers(1, 6))
+STEP = st.tuples(st.just("step"), st.integers(1, 12))
 ABORT = st.tuples(st.just("abort"), st.integers(0, 1000))
 FAIL = st.tuples(st.just("fail"))
-OPS = st.lists(st.one_of(ADD, ADD, BEAM, STEP, STEP, STEP, ABORT, FAIL), min_size=1, max_size=40)
+# weighted by a percentile (one_of would weigh the kinds alike): faults are rare, as they kill
+# every request of their step
+OP = st.integers(0, 99).flatmap(lambda p: ADD if p < 40 else BEAM if p < 48 else STEP if p < 88
+                                else ABORT if p < 96 else FAIL)
+OPS = st.lists(OP, min_size=8, max_size=40)
 CONFIG = st.fixed_dictionaries({
-    "num_gpu_blocks_override": st.integers(4, 20),  # 4 blocks: one max_model_len sequence
-    "max_num_seqs": st.integers(1, 4),
+    "num_gpu_blocks_override": st.integers(4, 10),  # 4 blocks: one max_model_len sequence
+    "max_num_seqs": st.sampled_from([1, 2, 3, 4, 4]),
     "max_num_batched_tokens": st.sampled_from([8, 16, 40]),
     "enable_prefix_caching": st.booleans(),
     "preemption_mode": st.sampled_from(["recompute", "swap"]),
@@ -87,7 +94,6 @@ def record(outputs, tracked: dict[str, Tracked]) -> None:
         if out.error is not None:
             t.failed = True
             assert "injected device fault" in out.error
-            assert all(o.finish_reason == "error" for o in out.outputs)
             continue
         if t.beam:
             assert 1 <= len(out.outputs) <= t.n
@@ -101,6 +107,18 @@ def record(outputs, tracked: dict[str, Tracked]) -> None:
                 assert o.token_ids.index(EOS) == len(o.token_ids) - 1 and o.finish_reason == "stop"
 
 
+def admitted(add) -> bool:
+    """Run an add; False if the engine refused it because its samples could never all fit the
+    pool at once (they would preempt one another forever)."""
+    try:
+        add()
+    except ValueError as e:
+        assert "KV blocks at once" in str(e), e
+        event("refused: the pool cannot hold all its sequences")
+        return False
+    return True
+
+
 def run_ops(config: dict, ops: list, seed: int = 0):
     engine, device = fake_engine(seed, **config, num_cpu_blocks_override=6)
     tracked: dict[str, Tracked] = {}
@@ -112,15 +130,18 @@ def run_ops(config: dict, ops: list, seed: int = 0):
             best_of = min(n + extra, seats)
             n = min(n, best_of)
             prompt = [10 + prefix] * (plen // 2) + [20 + i % 50] * (plen - plen // 2)
-            engine.add_request(rid, prompt, SamplingParams(
-                n=n, best_of=best_of, max_tokens=max_tokens, ignore_eos=ignore_eos,
-                temperature=0.8, seed=i))
+            if not admitted(lambda: engine.add_request(rid, prompt, SamplingParams(
+                    n=n, best_of=best_of, max_tokens=max_tokens, ignore_eos=ignore_eos,
+                    temperature=0.8, seed=i))):
+                continue
             tracked[rid] = Tracked(plen, min(max_tokens, MAX_MODEL_LEN - plen), n, ignore_eos)
         elif op[0] == "beam":
             _, plen, width, max_tokens = op
             width = min(width, seats)
-            engine.add_beam_request(rid, [30 + i % 50] * plen,
-                                    BeamSearchParams(beam_width=width, max_tokens=max_tokens))
+            if not admitted(lambda: engine.add_beam_request(
+                    rid, [30 + i % 50] * plen, BeamSearchParams(beam_width=width,
+                                                                max_tokens=max_tokens))):
+                continue
             tracked[rid] = Tracked(plen, min(max_tokens, MAX_MODEL_LEN - plen), width, False,
                                    beam=True)
         elif op[0] == "step":
@@ -153,6 +174,7 @@ def run_ops(config: dict, ops: list, seed: int = 0):
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(CONFIG, OPS, st.integers(0, 2**16))
 def test_random_workloads_keep_the_invariants(config, ops, seed):
+    note(f"run_ops({config}, {ops}, {seed})")  # to replay a failure by hand
     engine, device, tracked = run_ops(config, ops, seed)
     sched = engine.scheduler
     event(f"preempted by {config['preemption_mode']}: "
