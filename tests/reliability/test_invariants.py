@@ -33,7 +33,7 @@ CONFIG = st.fixed_dictionaries({
     "max_num_seqs": st.sampled_from([1, 2, 3, 4, 4]),
     "max_num_batched_tokens": st.sampled_from([8, 16, 40]),
     "enable_prefix_caching": st.booleans(),
-    "preemption_mode": st.sampled_from(["recompute", "swap"]),
+    "preemption_mode": st.sampled_from(["recompute", "swap", "swap"]),  # swap preempts less
 })
 
 
@@ -114,7 +114,6 @@ def admitted(add) -> bool:
         add()
     except ValueError as e:
         assert "KV blocks at once" in str(e), e
-        event("refused: the pool cannot hold all its sequences")
         return False
     return True
 
@@ -171,24 +170,26 @@ def run_ops(config: dict, ops: list, seed: int = 0):
     return engine, device, tracked
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(CONFIG, OPS, st.integers(0, 2**16))
 def test_random_workloads_keep_the_invariants(config, ops, seed):
     note(f"run_ops({config}, {ops}, {seed})")  # to replay a failure by hand
     engine, device, tracked = run_ops(config, ops, seed)
     sched = engine.scheduler
-    event(f"preempted by {config['preemption_mode']}: "
-          f"{'yes' if sched.num_preemptions else 'no'}")
+    event(f"{config['preemption_mode']} mode: preempted by swap {sched.num_preemptions_swap > 0}"
+          f", by recompute {sched.num_preemptions_recompute > 0}")
     event(f"failed steps: {min(device.failures, 2)}")
+    event(f"forks: n > 1 {any(t.n > 1 and not t.beam for t in tracked.values())}, beams "
+          f"{any(t.beam for t in tracked.values())}")
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 def test_the_property_workload_preempts_forks_and_fails(mode):
     """The property test is not vacuous: a fixed workload of the same kind preempts (in the mode
     asked), forks samples and beams, and survives a fault with requests in flight."""
-    ops = [("add", 20, 12, 3, 0, True, 0), ("beam", 10, 3, 6), ("add", 25, 8, 1, 1, False, 1),
-           ("step", 6), ("fail",), ("add", 20, 12, 2, 0, True, 0), ("step", 3),
-           ("abort", 1), ("step", 4)]
+    ops = [("add", 20, 12, 1, 0, True, 0), ("add", 10, 6, 2, 0, True, 1), ("beam", 6, 2, 6),
+           ("add", 25, 7, 1, 0, True, 0), ("step", 6), ("fail",), ("add", 20, 12, 1, 1, True, 0),
+           ("step", 3), ("abort", 1), ("step", 4)]
     engine, device, tracked = run_ops(
         {"num_gpu_blocks_override": 6, "max_num_seqs": 4, "max_num_batched_tokens": 16,
          "enable_prefix_caching": True, "preemption_mode": mode}, ops)
