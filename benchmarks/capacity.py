@@ -21,9 +21,12 @@ from __future__ import annotations
 import argparse
 import logging
 
+import jax
+
 from benchmarks import harness, plots
 from benchmarks.common import print_table, results_dir, write_result
 from pagedjax.kv_pool import GiB
+from pagedjax.memory_report import memory_report
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,13 @@ def _probe(loaded, args, max_model_len: int) -> dict:
     except ValueError as e:  # the pool cannot hold one sequence of this length
         return {**row, "error": str(e)}
     spec = llm.engine.spec
+    # what `pagedjax plan --device` predicts: the same arithmetic, but weights from the config
+    # instead of the bytes the loaded model really occupies
+    stats = jax.local_devices()[0].memory_stats() if jax.local_devices()[0].platform != "cpu" else None
+    plan = memory_report(loaded.cfg, llm.engine.args, loaded.dtype,
+                         total_bytes=stats["bytes_limit"] if stats else None,
+                         max_model_len=max_model_len)
+    row.update(planner_blocks=plan["num_blocks"], planner_max_concurrency=plan["max_concurrency"])
     row.update(kv_cache_tokens=spec.num_tokens, kv_cache_gib=spec.total_bytes / GiB,
                kv_cache_blocks=spec.num_blocks, max_concurrency=spec.num_tokens / max_model_len,
                max_num_batched_tokens=llm.engine.max_num_batched_tokens)
@@ -130,7 +140,9 @@ def run(args) -> dict:
 
 
 def _summary(rows: list[dict]) -> dict:
-    summary = {"compilations_after_warmup": sum(r.get("compilations", 0) for r in rows)}
+    summary = {"compilations_after_warmup": sum(r.get("compilations", 0) for r in rows),
+               "planner_matches_engine": all(r.get("planner_blocks") == r.get("kv_cache_blocks")
+                                             for r in rows if "kv_cache_blocks" in r)}
     for r in rows:
         m = r["max_model_len"]
         summary[f"max_concurrency_{m}"] = r.get("max_concurrency")

@@ -73,6 +73,7 @@ def test_capacity_quick(tmp_path):
     assert rows[32]["kv_cache_tokens"] == rows[64]["kv_cache_tokens"] == 256
     assert (summary["max_concurrency_32"], summary["max_concurrency_64"]) == (8, 4)
     assert rows[32]["requests"] == 8 and rows[64]["requests"] == 4  # --quick caps at 8
+    assert summary["planner_matches_engine"] is True
     assert all(r["output_tok_s"] > 0 and r["preemptions"] == 0 for r in rows.values())
     assert (tmp_path / "capacity.png").exists()
 
