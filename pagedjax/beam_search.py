@@ -40,6 +40,8 @@ class BeamSearchParams:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
         if self.temperature != 0.0:
             raise ValueError("beam search is deterministic here: temperature must be 0.0")
+        if not -10.0 <= self.length_penalty <= 10.0:  # len ** lp must stay a finite nonzero float
+            raise ValueError(f"length_penalty must be in [-10, 10], got {self.length_penalty}")
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 
 @dataclasses.dataclass
@@ -37,11 +38,11 @@ class SamplingParams:
         need(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n}")
         need(isinstance(self.best_of, int) and self.best_of >= self.n,
              f"best_of must be an integer >= n ({self.n}), got {self.best_of}")
-        need(self.temperature >= 0.0,
-             f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        need(0.0 <= self.temperature < math.inf,
+             f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature}")
         need(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
-        need(isinstance(self.top_k, int) and (self.top_k in (-1, 0) or self.top_k >= 1),
-             f"top_k must be -1 or 0 (disabled) or >= 1, got {self.top_k}")
+        need(isinstance(self.top_k, int) and (self.top_k in (-1, 0) or 1 <= self.top_k < 2**31),
+             f"top_k must be -1 or 0 (disabled) or in [1, 2**31), got {self.top_k}")
         need(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
         need(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
              f"max_tokens must be an integer >= 1, got {self.max_tokens}")

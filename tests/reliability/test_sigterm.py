@@ -15,8 +15,10 @@ import time
 import httpx
 
 from tests.reliability.conftest import FIGURES
+from tests.server.conftest import char_tokenizer
 
-# A tiny dummy-weight Qwen2; no tokenizer, so prompts are token ids.
+# A tiny dummy-weight Qwen2 with the server tests' char tokenizer (a stream without a tokenizer
+# has no text to send before its end).
 CONFIG = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 128,
           "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 8192,
@@ -24,7 +26,7 @@ CONFIG = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_s
 DRAIN = 2.0
 # 8000 decode steps take seconds on any machine (the host side of a step alone is ~0.3 ms), so
 # LONG is still running when the drain ends; SHORT's 8 steps end well within it.
-LONG = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 8000, "ignore_eos": True,
+LONG = {"model": "tiny", "prompt": "hello", "max_tokens": 8000, "ignore_eos": True,
         "stream": True}
 SHORT = {**LONG, "max_tokens": 8}
 
@@ -37,8 +39,10 @@ def _events(lines):
 
 def test_sigterm_drains_then_exits_0(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    char_tokenizer(CONFIG["vocab_size"]).save_pretrained(tmp_path / "tokenizer")
     argv = [sys.executable, "-m", "pagedjax.cli", "serve", "--load-format", "dummy",
-            "--model", str(tmp_path / "config.json"), "--served-model-name", "tiny",
+            "--model", str(tmp_path / "config.json"), "--tokenizer", str(tmp_path / "tokenizer"),
+            "--served-model-name", "tiny",
             "--port", "0", "--max-model-len", "8192", "--block-size", "128",
             "--max-num-seqs", "2", "--max-num-batched-tokens", "256",
             "--num-gpu-blocks-override", "160", "--drain-timeout", str(DRAIN),
@@ -55,7 +59,7 @@ def test_sigterm_drains_then_exits_0(tmp_path):
     threading.Thread(target=pump, daemon=True).start()
     try:
         url = _wait_for_url(log, proc, lines, timeout=90)
-        with httpx.Client(base_url=url, timeout=60) as http:
+        with httpx.Client(base_url=url, timeout=30) as http:
             warm = http.post("/v1/completions", json={**SHORT, "stream": False})  # compiles
             assert warm.status_code == 200, warm.text
             long_events, short_events = [], []

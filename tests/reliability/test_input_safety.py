@@ -1,0 +1,179 @@
+"""Input safety: caps on what one request may ask for (token ids, max_tokens, n / best_of, prompt
+count, sampling values), no pickle and no model-folder code ever loaded, the API key compared in
+constant time."""
+from __future__ import annotations
+
+import fnmatch
+import hmac
+import json
+import pickle
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pagedjax.models import load_model
+from pagedjax.models.hf import HUB_PATTERNS
+from tests.models.test_errors import HF_TINY, _hf_folder
+from tests.reliability.conftest import MAX_WAITING
+from tests.server.conftest import API_KEY, MODEL
+
+ROOT = Path(__file__).resolve().parents[2]
+GOOD = {"model": MODEL, "prompt": "hello", "max_tokens": 3, "temperature": 0}
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+CAPS = [  # (name, path, body, status, message fragment, param)
+    ("negative token id", "/v1/completions", {**GOOD, "prompt": [5, -1]}, 400,
+     "outside the vocabulary", "prompt"),
+    ("huge token id", "/v1/completions", {**GOOD, "prompt": [2**40]}, 400,
+     "outside the vocabulary", "prompt"),
+    ("token id out of range in a batch", "/v1/completions", {**GOOD, "prompt": [[5], [128]]},
+     400, "outside the vocabulary", "prompt"),
+    ("empty token list in a batch", "/v1/completions", {**GOOD, "prompt": [[5], []]}, 400,
+     "empty", "prompt"),
+    ("huge max_tokens", "/v1/completions", {**GOOD, "max_tokens": 10**12}, 400,
+     "maximum context length", "max_tokens"),
+    ("negative max_tokens", "/v1/completions", {**GOOD, "max_tokens": -5}, 400, "max_tokens",
+     "max_tokens"),
+    ("huge max_completion_tokens", "/v1/chat/completions",
+     {**CHAT, "max_completion_tokens": 10**9}, 400, "maximum context length", "max_tokens"),
+    ("huge n", "/v1/completions", {**GOOD, "n": 10**9}, 400, "--max-n", "n"),
+    ("n over --max-n", "/v1/chat/completions", {**CHAT, "n": 5}, 400, "--max-n", "n"),
+    ("huge best_of", "/v1/completions", {**GOOD, "best_of": 10**6}, 400, "--max-n", "best_of"),
+    ("huge beam", "/v1/completions", {**GOOD, "use_beam_search": True, "n": 10**6}, 400,
+     "--max-n", "n"),
+    ("more prompts than the queue", "/v1/completions",
+     {**GOOD, "prompt": [[5]] * (MAX_WAITING + 1)}, 400, "split the request", "prompt"),
+    ("huge logprobs", "/v1/completions", {**GOOD, "logprobs": 10**9}, 400, "logprobs",
+     "logprobs"),
+    ("huge top_k", "/v1/completions", {**GOOD, "top_k": 2**40}, 400, "top_k", "top_k"),
+    ("huge length_penalty", "/v1/completions",
+     {**GOOD, "use_beam_search": True, "n": 2, "length_penalty": 1e308}, 400, "length_penalty",
+     "use_beam_search"),
+    ("huge stop token id", "/v1/completions", {**GOOD, "stop_token_ids": [2**70]}, 200, None,
+     None),
+    ("huge seed", "/v1/completions", {**GOOD, "seed": -(2**70), "temperature": 0.5}, 200, None,
+     None),
+]
+
+
+@pytest.mark.parametrize("name, path, body, status, fragment, param", CAPS,
+                         ids=[c[0] for c in CAPS])
+def test_request_caps(rel_server, name, path, body, status, fragment, param):
+    with rel_server.http() as http:
+        r = http.post(path, json=body)
+        assert r.status_code == status, r.text
+        if status != 200:
+            err = r.json()["error"]
+            assert fragment in err["message"] and err["param"] == param, err
+        assert http.post("/v1/completions", json=GOOD).status_code == 200
+        assert http.get("/health").status_code == 200
+
+
+def test_non_finite_numbers_are_refused(rel_server):
+    """Python's JSON parser takes NaN and Infinity; sampling values must still be sane."""
+    with rel_server.http() as http:
+        for field, value in (("temperature", "NaN"), ("top_p", "NaN"), ("min_p", "NaN"),
+                             ("temperature", "Infinity"), ("length_penalty", "NaN")):
+            extra = ', "use_beam_search": true' if field == "length_penalty" else ""
+            raw = (f'{{"model": "{MODEL}", "prompt": "hi", "max_tokens": 2, '
+                   f'"{field}": {value}{extra}}}')
+            r = http.post("/v1/completions", content=raw,
+                          headers={"Content-Type": "application/json"})
+            assert r.status_code == 400 and field in r.json()["error"]["message"], (field, r.text)
+
+
+def test_api_key_is_compared_in_constant_time(rel_server, monkeypatch):
+    calls = []
+    real = hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    expected = f"Bearer {API_KEY}".encode()
+    r = httpx.get(f"{rel_server.url}/v1/models", headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and calls == [(b"Bearer nope", expected)]
+    r = httpx.get(f"{rel_server.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 200 and calls[-1] == (expected, expected)
+
+
+class _Boobytrap:
+    """Unpickling this touches ``marker``: proof that a loader ran pickle on a checkpoint."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("with_safetensors", [False, True])
+def test_pickle_checkpoints_are_never_loaded(tmp_path, with_safetensors):
+    folder = tmp_path / "model"
+    if with_safetensors:
+        _hf_folder(folder)
+    else:
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(HF_TINY))
+    marker = tmp_path / "unpickled"
+    for name in ("pytorch_model.bin", "model.pt", "model.pth", "model.ckpt", "model.pkl"):
+        (folder / name).write_bytes(pickle.dumps(_Boobytrap(marker)))
+    if with_safetensors:
+        assert load_model(str(folder), dtype="float32").cfg.vocab_size == HF_TINY["vocab_size"]
+    else:
+        with pytest.raises(FileNotFoundError, match=r"safetensors only, not PyTorch \.bin"):
+            load_model(str(folder))
+    assert not marker.exists(), "a pickle was loaded"
+    assert not any(fnmatch.fnmatch(name, pattern) for pattern in HUB_PATTERNS
+                   for name in ("pytorch_model.bin", "model.pt", "model.pkl", "modeling_x.py"))
+
+
+def test_model_folder_code_never_runs(tmp_path, monkeypatch):
+    """A folder whose config and tokenizer point at their own code (auto_map): the model loads
+    with pagedjax's decoder, the custom tokenizer is refused, and its code is never imported,
+    even with "y" on stdin (transformers asks there unless told trust_remote_code=False)."""
+    folder = _hf_folder(tmp_path / "model", hf={**HF_TINY, "auto_map": {
+        "AutoConfig": "configuration_evil.EvilConfig",
+        "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}})
+    marker = tmp_path / "ran"
+    code = f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+    for module in ("configuration_evil", "modeling_evil", "tokenization_evil"):
+        (folder / f"{module}.py").write_text(code + f"class Evil{module}: pass\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "EvilTokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}}))
+    monkeypatch.setattr("builtins.input", lambda *a, **k: "y")
+    loaded = load_model(str(folder), dtype="float32")
+    assert loaded.cfg.family == "llama" and loaded.tokenizer is None
+    assert not marker.exists(), "code from the model folder ran"
+
+
+SOURCES = [p for d in ("pagedjax", "models", "kernels") for p in (ROOT / d).rglob("*.py")]
+FORBIDDEN = re.compile(r"pickle\.loads?\(|torch\.load\(|allow_pickle\s*=\s*True|"
+                       r"trust_remote_code\s*=\s*True|\beval\(|\bexec\(|yaml\.load\(")
+
+
+def test_no_source_unpickles_or_trusts_remote_code():
+    assert len(SOURCES) > 20
+    hits = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in SOURCES
+            for i, line in enumerate(p.read_text().splitlines(), 1) if FORBIDDEN.search(line)]
+    assert not hits, hits
+    # every transformers loader call says trust_remote_code=False (None would ask on stdin)
+    for p in SOURCES:
+        text = p.read_text()
+        calls = re.findall(r"from_pretrained\((.*?)\)\n", text, flags=re.S)
+        for args in calls:
+            assert "trust_remote_code=False" in args, f"{p.relative_to(ROOT)}: {args}"
+
+
+def test_server_binds_localhost_by_default(rel_server):
+    from pagedjax.server import add_arguments
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).host == "127.0.0.1"
+    assert rel_server.url.startswith("http://127.0.0.1:")
