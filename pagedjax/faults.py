@@ -1,4 +1,4 @@
-"""What the engine does when the device fails: one failed step costs its own requests, nobody else's.
+"""What the engine does when the device fails: a failed step costs its own requests, no others.
 
 A device step can fail after the KV pool was donated to it (an XLA runtime error, a lost
 transfer): the runner's pool then points at deleted buffers, or at the poisoned output of the
@@ -61,7 +61,8 @@ def explain_oom_at_start(what: str, spec: KVPoolSpec, max_model_len: int):
             f"{OOM_HINT}. The device said: {e}") from e
 
 
-def fail_step(engine: "LLMEngine", batch: "ScheduledBatch", error: Exception) -> list[RequestOutput]:
+def fail_step(engine: "LLMEngine", batch: "ScheduledBatch",
+              error: Exception) -> list[RequestOutput]:
     """The device part of ``batch``'s step raised ``error``: finish the step's requests with
     ``finish_reason="error"`` and reset the device state. Returns their final outputs, each with
     ``error`` set."""
@@ -116,7 +117,7 @@ def fresh_pool(old):
     four, so the compiled step is reused); ``old``'s live buffers are freed first, so the device
     never holds two pools."""
     leaves, tree = jax.tree.flatten(old)
-    specs = [(x.shape, x.dtype, x.sharding, x._committed) for x in leaves]
+    specs = [(x.shape, x.dtype, x.sharding, x._committed) for x in leaves]  # no public flag
     for x in leaves:
         if not x.is_deleted():
             x.delete()

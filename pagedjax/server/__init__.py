@@ -4,7 +4,7 @@
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream as SSE), GET /v1/models,
 GET /health, GET /metrics (Prometheus, ``pagedjax:`` names). Binds 127.0.0.1 unless told
-otherwise.
+otherwise. SIGTERM drains in-flight requests before exiting (server/shutdown.py).
 """
 from __future__ import annotations
 

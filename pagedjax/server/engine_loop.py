@@ -206,7 +206,8 @@ class AsyncEngine:
                 if self.engine.has_unfinished() and not self._stopping:
                     self._dispatch(self.engine.step())
                 self._publish()
-        except Exception as e:  # a failed step leaves the engine in an unknown state: stop
+        except Exception as e:  # a host-side error leaves the engine in an unknown state: stop
+            # (a failed device step is handled inside LLMEngine.step: pagedjax.faults)
             logger.exception("engine step failed; failing all requests")
             self.dead = e
         finally:

@@ -11,15 +11,20 @@ import re
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
-from pagedjax.models import load_model
+from pagedjax.models import ModelConfig, load_model
 from pagedjax.models.hf import HUB_PATTERNS
-from tests.models.test_errors import HF_TINY, _hf_folder
+from pagedjax.models.params import param_shapes
 from tests.reliability.conftest import MAX_WAITING
 from tests.server.conftest import API_KEY, MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
+HF_TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64,
+           "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
 GOOD = {"model": MODEL, "prompt": "hello", "max_tokens": 3, "temperature": 0}
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
@@ -98,6 +103,16 @@ def test_api_key_is_compared_in_constant_time(rel_server, monkeypatch):
     assert r.status_code == 401 and calls == [(b"Bearer nope", expected)]
     r = httpx.get(f"{rel_server.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
     assert r.status_code == 200 and calls[-1] == (expected, expected)
+
+
+def _hf_folder(path: Path, hf: dict = HF_TINY) -> Path:
+    """config.json + one safetensors file of the right shapes."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(hf))
+    weights = {n: np.full(s, 0.01, np.float32)
+               for n, s in param_shapes(ModelConfig.from_hf(hf)).items()}
+    save_file(weights, str(path / "model.safetensors"))
+    return path
 
 
 class _Boobytrap:
