@@ -209,12 +209,16 @@ class LLMEngine:
                 "the beam width or max_tokens, or give the KV cache more memory")
 
     def abort(self, request_id: str) -> None:
+        self.end_request(request_id, "abort")
+
+    def end_request(self, request_id: str, reason: str) -> Request | None:
+        """Finish every live sequence of a request with ``reason`` and forget the request."""
         req = self.requests.pop(request_id, None)
-        if req is None:
-            return
-        for s in req.seqs:
-            if not s.finished:
-                self.scheduler.finish(s, "abort")
+        if req is not None:
+            for s in req.seqs:
+                if not s.finished:
+                    self.scheduler.finish(s, reason)
+        return req
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

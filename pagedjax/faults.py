@@ -75,12 +75,9 @@ def fail_step(engine: "LLMEngine", batch: "ScheduledBatch",
     now = time.time()
     outputs = []
     for rid in failed:
-        req = engine.requests.pop(rid, None)
+        req = engine.end_request(rid, "error")
         if req is None:
             continue
-        for seq in req.seqs:
-            if not seq.finished:
-                engine.scheduler.finish(seq, "error")
         req.metrics.finished_time = now
         out = engine._output(req)
         outputs.append(dataclasses.replace(out, finished=True, error=message))
