@@ -25,6 +25,8 @@ def _fake_engine(num_seqs: int, prompt_len: int, steps: int):
 
     from pagedjax import LLM, SamplingParams
     from pagedjax.models import ModelConfig
+    from pagedjax.runner import StepResult
+    from pagedjax.sampler import MAX_LOGPROBS
 
     cfg = ModelConfig(family="llama", vocab_size=32000, hidden_size=64, intermediate_size=64,
                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
@@ -43,8 +45,10 @@ def _fake_engine(num_seqs: int, prompt_len: int, steps: int):
     rng = np.random.default_rng(0)
 
     def fake_execute(packed, layout):  # what the device would return, instantly
-        return (rng.integers(3, cfg.vocab_size, size=layout.S).astype(np.int32),
-                np.full(layout.S, -1.0, np.float32))
+        top = np.tile(np.arange(3, 3 + MAX_LOGPROBS, dtype=np.int32), (layout.S, 1))
+        return StepResult(rng.integers(3, cfg.vocab_size, size=layout.S).astype(np.int32),
+                          np.full(layout.S, -1.0, np.float32),
+                          np.full((layout.S, MAX_LOGPROBS), -2.0, np.float32), top)
 
     llm.engine.runner.execute = fake_execute
     sp = SamplingParams(max_tokens=steps + 10, ignore_eos=True, temperature=0.7)
@@ -68,7 +72,7 @@ def run(args) -> dict:
             t1 = time.perf_counter()
             packed, layout = engine.runner.prepare(batch, engine.block_manager)
             t2 = time.perf_counter()
-            engine._postprocess(batch, *engine.runner.execute(packed, layout))
+            engine._postprocess(batch, engine.runner.execute(packed, layout).to_host())
             t3 = time.perf_counter()
             times["schedule"] += t1 - t0
             times["prepare"] += t2 - t1

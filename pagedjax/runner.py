@@ -179,6 +179,16 @@ class ModelRunner:
         slots[:] = -1
         tables = view["block_tables"].reshape(layout.S, layout.W)
         qsl = view["query_start_loc"]
+        temperature, top_p, min_p = fview["temperature"], fview["top_p"], fview["min_p"]
+        top_k, seeds, counters = view["top_k"], view["seeds"], view["counters"]
+
+        def sampling_row(row: int, seq) -> None:
+            p = seq.params
+            temperature[row], top_p[row], top_k[row], min_p[row] = (
+                p.temperature, p.top_p, p.top_k, p.min_p)
+            seeds[row] = seq.seed
+            counters[row] = len(seq.output_token_ids)
+
         at = 0
         for i, (seq, n) in enumerate(zip(seqs, counts)):
             start = seq.num_computed_tokens
@@ -196,27 +206,15 @@ class ModelRunner:
             at += n
             qsl[i + 1] = at
             view["context_lens"][i] = start + n
-            p = seq.params
-            fview["temperature"][i] = p.temperature
-            fview["top_p"][i] = p.top_p
-            view["top_k"][i] = p.top_k
-            fview["min_p"][i] = p.min_p
-            view["seeds"][i] = seq.seed
-            view["counters"][i] = len(seq.output_token_ids)
+            sampling_row(i, seq)
         qsl[len(seqs) + 1:] = at
         view["logits_indices"][:len(seqs)] = qsl[1:len(seqs) + 1] - 1
         fview["top_p"][len(seqs):] = 1.0
         for j, (parent, child) in enumerate(batch.forks, start=len(seqs)):
             view["logits_indices"][j] = qsl[parent + 1] - 1
-            p = child.params
-            fview["temperature"][j], fview["top_p"][j], fview["min_p"][j] = (
-                p.temperature, p.top_p, p.min_p)
-            view["top_k"][j] = p.top_k
-            view["seeds"][j] = child.seed
-            view["counters"][j] = len(child.output_token_ids)
+            sampling_row(j, child)
         if batch.copies:
             src, dst = zip(*batch.copies)
-            view["copy_src"][:] = 0
             view["copy_dst"][:] = -1
             view["copy_src"][:len(src)] = src
             view["copy_dst"][:len(dst)] = dst

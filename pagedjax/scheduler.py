@@ -92,10 +92,11 @@ class Scheduler:
         if batch.num_preempted:
             return batch  # no admissions in a step that had to preempt
         budget = self._swap_in(batch, budget)
+        seats = self.seats_taken()  # summed once; admissions below add their own
         while (not self.swapped and self.waiting and len(self.running) < self.max_num_seqs
                and budget > 0):
             seq = self.waiting[0]
-            if self.running and self.seats_taken() + seq.seats > self.max_num_seqs:
+            if self.running and seats + seq.seats > self.max_num_seqs:
                 break
             cached = 0
             if seq.num_computed_tokens == 0 and not self.bm.table(seq.seq_id):
@@ -110,6 +111,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.insert_running(seq)
+            seats += seq.seats
             self._take(batch, seq, n)
             budget -= n
         return batch
@@ -154,9 +156,10 @@ class Scheduler:
     def _swap_in(self, batch: ScheduledBatch, budget: int) -> int:
         """Swapped sequences come back (oldest first) and run this step, while the device has
         room; returns the token budget left."""
+        seats = self.seats_taken()  # summed once; swap-ins below add their own
         while self.swapped and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.swapped[0]
-            if self.running and self.seats_taken() + seq.seats > self.max_num_seqs:
+            if self.running and seats + seq.seats > self.max_num_seqs:
                 break
             n = min(seq.num_uncomputed, budget)
             if n < seq.num_uncomputed and not self.chunked:
@@ -166,6 +169,7 @@ class Scheduler:
             self.swapped.popleft()
             batch.swap_in += self.swap.swap_in(self.bm, seq.seq_id)
             self.insert_running(seq)
+            seats += seq.seats
             self._take(batch, seq, n)
             budget -= n
         return budget
