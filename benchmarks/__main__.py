@@ -11,6 +11,7 @@ from benchmarks.common import set_argv
 
 SCENARIOS = {
     "host-overhead": "benchmarks.host_overhead",
+    "step-profile": "benchmarks.step_profile",
     "kernel": "benchmarks.kernel",
     "latency": "benchmarks.latency",
     "throughput": "benchmarks.throughput",

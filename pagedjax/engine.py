@@ -178,7 +178,9 @@ class LLMEngine:
         self._check_pool_room(params.beam_width, len(ids), params.max_tokens)
         max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
         params = dataclasses.replace(params, max_tokens=max_tokens)
-        sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        # logprobs: the step returns each beam's top 2 x width candidates
+        sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                            logprobs=2 * params.beam_width)
         seq = Sequence(request_id, ids, sp, next(self._arrivals), seed=0, seats=params.beam_width)
         self.requests[request_id] = Request(
             request_id, text, ids, sp, [seq], [], RequestMetrics(time.time()),

@@ -44,7 +44,7 @@ class StepLayout:
                 ("block_tables", S * W, _INT), ("context_lens", S, _INT),
                 ("query_start_loc", S + 1, _INT), ("logits_indices", S, _INT),
                 ("temperature", S, _F32), ("top_p", S, _F32), ("top_k", S, _INT),
-                ("min_p", S, _F32), ("seeds", S, _INT), ("counters", S, _INT),
+                ("min_p", S, _F32), ("seeds", S, _INT), ("counters", S, _INT), ("num_top", S, _INT),
                 ("copy_src", C, _INT), ("copy_dst", C, _INT))
 
     @functools.cached_property
@@ -181,6 +181,7 @@ class ModelRunner:
         qsl = view["query_start_loc"]
         temperature, top_p, min_p = fview["temperature"], fview["top_p"], fview["min_p"]
         top_k, seeds, counters = view["top_k"], view["seeds"], view["counters"]
+        num_top = view["num_top"]
 
         def sampling_row(row: int, seq) -> None:
             p = seq.params
@@ -188,6 +189,7 @@ class ModelRunner:
                 p.temperature, p.top_p, p.top_k, p.min_p)
             seeds[row] = seq.seed
             counters[row] = len(seq.output_token_ids)
+            num_top[row] = p.logprobs or 0
 
         at = 0
         for i, (seq, n) in enumerate(zip(seqs, counts)):
@@ -236,4 +238,4 @@ def _step(params, pool, packed, *, layout: StepLayout, cfg: ModelConfig, attend)
     logits, pool = forward_paged(params, cfg, f["tokens"], f["positions"], pool, meta, attend,
                                  f["logits_indices"])
     return (*sample(logits, f["temperature"], f["top_p"], f["top_k"], f["min_p"], f["seeds"],
-                    f["counters"]), pool)
+                    f["counters"], f["num_top"]), pool)

@@ -2,43 +2,68 @@
 
 The random draw for a sequence's i-th output token depends only on (seed, i), so a sequence
 samples the same tokens whether it runs alone, in any batch, or after a preemption.
+
+Cost: a step samples S rows over the whole vocabulary (152k for Qwen2.5). Sorting those rows is
+the expensive part, so sorting happens only when some row of the step filters (top-p < 1, top-k,
+min-p); likewise the top-20 logprobs only when some row asks for them (logprobs=k or a beam).
+The draw itself is Gumbel-max in vocabulary order with noise from (seed, i), and a filter only
+masks tokens, so a row draws the same token whichever of these paths its batch takes.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-
-def _filtered_sample(logits, temperature, top_p, top_k, min_p, seeds, counters):
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    order = jnp.argsort(-scaled, axis=-1)
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    rank = jnp.arange(logits.shape[-1])[None, :]
-    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]  # always keeps the top token
-    keep &= (top_k[:, None] <= 0) | (rank < top_k[:, None])
-    keep &= probs >= min_p[:, None] * probs[:, :1]
-    masked = jnp.where(keep, sorted_logits, -jnp.inf)
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
-    choice = jax.vmap(jax.random.categorical)(keys, masked)
-    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
-
-
 MAX_LOGPROBS = 20  # top candidates returned per row: logprobs=k outputs and beam search (2 x width)
 
 
-def sample(logits, temperature, top_p, top_k, min_p, seeds, counters):
-    """logits [S, V] float32; per-row params [S]. Returns tokens [S] int32, their logprobs [S],
-    and the top MAX_LOGPROBS (logprobs, ids) [S, MAX_LOGPROBS] per row, all logprobs under the
-    unmodified model distribution (vLLM's default)."""
+def _keep_mask(scaled, top_p, top_k, min_p):
+    """[S, V] bool: the tokens a row may draw after its top-p / top-k / min-p filters. Each
+    filter keeps a prefix of the row sorted by logit, so the mask is a threshold on the logit."""
+    sorted_logits = -jnp.sort(-scaled, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    rank = jnp.arange(scaled.shape[-1])[None, :]
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]  # always keeps the top token
+    keep &= (top_k[:, None] <= 0) | (rank < top_k[:, None])
+    keep &= probs >= min_p[:, None] * probs[:, :1]
+    n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)
+    threshold = jnp.take_along_axis(sorted_logits, (n_keep - 1)[:, None], axis=-1)
+    return scaled >= threshold
+
+
+def _draw(logits, temperature, top_p, top_k, min_p, seeds, counters):
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    filters = (top_p < 1.0) | (top_k > 0) | (min_p > 0.0)
+    keep = jax.lax.cond(jnp.any(filters & (temperature > 0.0)),
+                        lambda: _keep_mask(scaled, top_p, top_k, min_p),
+                        lambda: jnp.ones(scaled.shape, bool))
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[-1:], jnp.float32))(keys)
+    return jnp.argmax(jnp.where(keep, scaled + noise, -jnp.inf), axis=-1)
+
+
+def sample(logits, temperature, top_p, top_k, min_p, seeds, counters, num_top):
+    """logits [S, V] float32; per-row params [S]; num_top [S]: top logprobs a row wants (0: none).
+    Returns tokens [S] int32, their logprobs [S], and the top MAX_LOGPROBS (logprobs, ids)
+    [S, MAX_LOGPROBS] per row (zeros unless some row of the step wants them), all logprobs under
+    the unmodified model distribution (vLLM's default)."""
     greedy = jnp.argmax(logits, axis=-1)
     tokens = jax.lax.cond(
         jnp.all(temperature == 0.0),
         lambda: greedy,
         lambda: jnp.where(temperature == 0.0, greedy,
-                          _filtered_sample(logits, temperature, top_p, top_k, min_p, seeds, counters)),
+                          _draw(logits, temperature, top_p, top_k, min_p, seeds, counters)),
     ).astype(jnp.int32)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    top_lp, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logits.shape[-1]))
-    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    return tokens, chosen, top_lp, top_ids.astype(jnp.int32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
+    k = min(MAX_LOGPROBS, logits.shape[-1])
+
+    def top():
+        top_logits, ids = jax.lax.top_k(logits, k)
+        return top_logits - lse[:, None], ids.astype(jnp.int32)
+
+    top_lp, top_ids = jax.lax.cond(
+        jnp.any(num_top > 0), top,
+        lambda: (jnp.zeros((logits.shape[0], k), jnp.float32),
+                 jnp.zeros((logits.shape[0], k), jnp.int32)))
+    return tokens, chosen, top_lp, top_ids
