@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from benchmarks import harness
-from benchmarks.common import print_table, write_result
+from benchmarks.common import print_table, results_dir, write_result
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0,
                    help="1.0 as the throughput benchmark (random sampling), 0 for greedy")
     p.add_argument("--top-kernels", type=int, default=25)
+    p.add_argument("--keep-trace", type=_ints, default=[],
+                   help="batch sizes whose raw trace is copied next to the JSON")
 
 
 def category(name: str) -> str:
@@ -80,13 +82,15 @@ def summarize_trace(path: str, steps: int, top: int) -> dict:
             continue
         dur = float(e.get("dur", 0.0))
         by_name[e.get("name", "?")] += dur
-        spans.append((float(e["ts"]), float(e["ts"]) + dur))
+        spans.append((float(e["ts"]), float(e["ts"]) + dur, e.get("name", "?")))
     spans.sort()  # busy time = union of the device intervals (streams may overlap)
-    end = -1.0
-    for a, b in spans:
+    end, last, gaps = -1.0, None, collections.Counter()
+    for a, b, name in spans:
+        if last is not None and a - end > 5.0:  # idle device: which kernels does it sit between?
+            gaps[(last[:60], name[:60])] += a - end
         if b > end:
             busy += b - max(a, end)
-            end = b
+            end, last = b, name
     by_cat = collections.Counter()
     for name, us in by_name.items():
         by_cat[category(name)] += us
@@ -98,10 +102,12 @@ def summarize_trace(path: str, steps: int, top: int) -> dict:
             "by_category_ms": {k: v / per for k, v in by_cat.most_common()},
             "top_kernels_ms": [{"name": n[:160], "ms": v / per, "category": category(n)}
                                for n, v in by_name.most_common(top)],
-            "num_kernel_names": len(by_name)}
+            "num_kernel_names": len(by_name),
+            "idle_gaps_ms": [{"after": a, "before": b, "ms": v / per}
+                             for (a, b), v in gaps.most_common(top)]}
 
 
-def _trace(engine, steps: int, top: int) -> dict:
+def _trace(engine, steps: int, top: int, keep_to: str | None = None) -> dict:
     import jax
 
     with tempfile.TemporaryDirectory() as d:
@@ -116,6 +122,10 @@ def _trace(engine, steps: int, top: int) -> dict:
         if not files:
             return {"error": f"no trace file under {d}", "wall_ms_per_step": wall / steps * 1e3}
         out = summarize_trace(files[-1], steps, top)
+        if keep_to:
+            import shutil
+
+            shutil.copy(files[-1], keep_to)
     out["wall_ms_per_step"] = wall / steps * 1e3  # profiling slows the host a little
     return out
 
@@ -151,20 +161,25 @@ def measure(llm, batch: int, args) -> dict:
     batch_ = e.scheduler.schedule()
     packed, layout = e.runner.prepare(batch_, e.block_manager)
     jax.block_until_ready(e.runner.execute(packed, layout))
-    t0 = time.perf_counter()
+    t0, dispatch = time.perf_counter(), 0.0
     for _ in range(args.steps):
+        t1 = time.perf_counter()
         out = e.runner.execute(packed, layout)
+        dispatch += time.perf_counter() - t1
     jax.block_until_ready(out)
     device_s = (time.perf_counter() - t0) / args.steps
     e._postprocess(batch_, out.to_host())  # keep the engine's state consistent
 
     row = {"batch": batch, "input_len": args.input_len, "layout": str(layout),
            "step_ms": step_s * 1e3, "host_ms": host_s * 1e3, "dispatch_wait_ms": wait_s * 1e3,
-           "device_loop_ms": device_s * 1e3, "tok_s": batch / step_s,
+           "device_loop_ms": device_s * 1e3, "dispatch_ms": dispatch / args.steps * 1e3,
+           "tok_s": batch / step_s,
            "tok_s_device_bound": batch / device_s,
            "compilations": e.runner.num_compilations - c0}
     if args.trace_steps:
-        row["trace"] = _trace(e, args.trace_steps, args.top_kernels)
+        keep = (str(results_dir(args.out) / f"trace-b{batch}.json.gz")
+                if batch in args.keep_trace else None)
+        row["trace"] = _trace(e, args.trace_steps, args.top_kernels, keep)
         row["device_busy_ms"] = row["trace"].get("device_busy_ms")
     for rid in ids:
         e.abort(rid)
@@ -181,6 +196,7 @@ def run(args) -> dict:
     llm = harness.make_llm(loaded, ea)
     rows = [measure(llm, b, args) for b in args.batch_sizes]
     print_table(rows, ["batch", "step_ms", "host_ms", "dispatch_wait_ms", "device_loop_ms",
+                       "dispatch_ms",
                        "device_busy_ms", "tok_s", "tok_s_device_bound", "compilations"])
     for r in rows:
         t = r.get("trace", {})
@@ -189,6 +205,8 @@ def run(args) -> dict:
                                                       for k, v in t["by_category_ms"].items()))
             for k in t["top_kernels_ms"][:12]:
                 print(f"    {k['ms']:8.3f} ms  {k['category']:9s} {k['name'][:100]}")
+            for g in t["idle_gaps_ms"][:8]:
+                print(f"    idle {g['ms']:8.3f} ms  after {g['after']}  before {g['before']}")
     summary = {f"b{r['batch']}_{k}": r[k] for r in rows
                for k in ("step_ms", "device_loop_ms", "host_ms", "tok_s")}
     summary["compilations_after_warmup"] = sum(r["compilations"] for r in rows)

@@ -10,10 +10,14 @@ each, greedy, ``ignore_eos``. Three policies over the same workload:
 * ``recompute``: the same small pool, preemption by recompute (an 8K-token prefill each time).
 
 Figures: swap events, blocks and bytes each way, the achieved transfer GB/s against the raw
-pinned host<->device bandwidth measured in the same run (one large ``jax.device_put`` each way,
-best of several warm repeats, and the same at the swap's piece size), output tok/s of each
-policy, and output tok/s over time (PNG). ``swap_pct_raw_bw`` is the time the raw bandwidth would
-need for the payload moved, over the time the swaps took, in percent.
+pinned host<->device bandwidth measured in the same run, output tok/s of each policy, and output
+tok/s over time (PNG). A swap's time runs from its dispatch to its data being in place (gather or
+scatter included: ``pagedjax.swap``). ``swap_pct_raw_bw`` is the time the raw bandwidth would need
+for the payload moved (padding of the last piece counts against the swap), over the time the
+swaps took, in percent, like with like: raw = transfers of the engine's piece size, as many per
+call as one swap program moves (``benchmarks.swap_bandwidth``); ``swap_pct_raw_bw_large`` is the
+same against one large (1 GiB) transfer each way. ``--transfer-only`` measures the transfers
+alone, without a model, in under a minute (``benchmarks.swap_bandwidth``).
 
 One engine serves the three policies so that they share compiled step shapes (a compile of the 7B
 step costs seconds): its pool is the no-pressure size, and the pressure runs park the surplus
@@ -29,10 +33,10 @@ import argparse
 import logging
 import time
 
-import numpy as np
-
 from benchmarks import harness, plots
 from benchmarks.common import print_table, results_dir, write_result
+from benchmarks.swap_bandwidth import (direction_figures, pct_of_raw, raw_large, raw_pieces,
+                                       transfer_only)
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +46,10 @@ COLUMNS = ["policy", "output_tok_s", "elapsed_s", "steps", "preemptions_swap",
            "preemptions_recompute", "swap_out_events", "swap_in_events", "swap_out_gib",
            "swap_out_gb_s", "swap_in_gb_s", "compilations", "completed"]
 FULL = dict(num_prompts=5, prompt_len=8192, output_len=500, pool_prompts=3.05, swap_space=4.0,
-            bw_mib=1024, warmup_output_len=8, max_num_batched_tokens=2048)
+            bw_mib=1024, warmup_output_len=8, max_num_batched_tokens=2048, rounds=5)
 TINY = dict(num_prompts=5, prompt_len=64, output_len=32, pool_prompts=3.05,
-            swap_space=1 / 1024, bw_mib=16, warmup_output_len=4, max_num_batched_tokens=64)
+            swap_space=1 / 1024, bw_mib=16, warmup_output_len=4, max_num_batched_tokens=64,
+            rounds=2)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,12 +60,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         ("pool_prompts", "device pool of the pressure runs, in prompts' worth of "
                                          "KV blocks (the workload needs ~5.3)"),
                         ("bw_mib", "MiB per raw bandwidth transfer"),
-                        ("warmup_output_len", "new tokens of the short warm-up pass")):
+                        ("warmup_output_len", "new tokens of the short warm-up pass"),
+                        ("rounds", "--transfer-only: rounds of swapping 3 sequences out and back")):
         kind = float if name == "pool_prompts" else int
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                        help=f"{help_} (default {FULL[name]}; --tiny {TINY[name]})")
     p.add_argument("--warmup", choices=("short", "full"), default="short")
     p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--transfer-only", action="store_true",
+                   help="only the swap transfers and the raw bandwidth, no model (< 1 minute)")
 
 
 def _fill_defaults(args) -> None:
@@ -70,37 +78,6 @@ def _fill_defaults(args) -> None:
             setattr(args, name, value)
     if args.max_model_len is None:
         args.max_model_len = args.prompt_len + args.output_len
-
-
-# ---- raw bandwidth ---------------------------------------------------------------------------
-def raw_bandwidth(nbytes: int, repeats: int = 5) -> dict:
-    """GB/s of one ``jax.device_put`` of ``nbytes`` device -> pinned host and back: the first
-    (cold: fresh host memory) and the best of the warm repeats (each one frees the previous
-    buffer first, as the swap pool does)."""
-    import jax
-    import jax.numpy as jnp
-
-    from pagedjax.swap import host_memory_kind
-
-    kind = host_memory_kind()
-    x = jax.block_until_ready(jnp.ones((max(nbytes // 4, 1),), jnp.float32))
-    dev = x.sharding
-    to_host = ((lambda a: jax.device_put(a, dev.with_memory_kind(kind))) if kind
-               else (lambda a: np.asarray(jax.device_get(a))))
-    d2h, h2d, h = [], [], None
-    for _ in range(repeats + 1):
-        h = None
-        t = time.perf_counter()
-        h = jax.block_until_ready(to_host(x))
-        d2h.append(x.nbytes / (time.perf_counter() - t) / 1e9)
-    for _ in range(repeats + 1):
-        t = time.perf_counter()
-        y = jax.block_until_ready(jax.device_put(h, dev))
-        h2d.append(x.nbytes / (time.perf_counter() - t) / 1e9)
-        del y
-    return {"bytes": int(x.nbytes), "memory_kind": kind or "numpy",
-            "d2h_gb_s": max(d2h[1:]), "h2d_gb_s": max(h2d[1:]),
-            "d2h_first_gb_s": d2h[0], "h2d_first_gb_s": h2d[0], "d2h_all": d2h, "h2d_all": h2d}
 
 
 # ---- one policy ------------------------------------------------------------------------------
@@ -126,14 +103,14 @@ def _run_policy(llm, policy: str, prompts, params, ballast_blocks: int) -> dict:
            "preemptions_recompute": sched.num_preemptions_recompute - pre0[1],
            "compilations": r.compilations + host.num_compilations - hc0}
     for d in ("out", "in"):
+        f = direction_figures(events, d)
         mine = [ev for ev in events if ev.direction == d]
-        payload, secs = sum(ev.payload_bytes for ev in mine), sum(ev.seconds for ev in mine)
-        row |= {f"swap_{d}_events": len(mine), f"swap_{d}_blocks": sum(ev.blocks for ev in mine),
-                f"swap_{d}_gib": payload / harness.GiB,
+        row |= {f"swap_{d}_events": f["events"], f"swap_{d}_blocks": sum(ev.blocks for ev in mine),
+                f"swap_{d}_gib": f["bytes"] / harness.GiB,
                 f"swap_{d}_link_gib": sum(ev.link_bytes for ev in mine) / harness.GiB,
-                f"swap_{d}_s": secs, f"swap_{d}_gb_s": payload / secs / 1e9 if secs else None}
+                f"swap_{d}_s": f["s"], f"swap_{d}_gb_s": f["gb_s"]}
     row["events"] = [{"t": ev.time - t0, "direction": ev.direction, "blocks": ev.blocks,
-                      "pieces": ev.pieces, "ms": ev.seconds * 1e3,
+                      "pieces": ev.pieces, "programs": ev.programs, "ms": ev.seconds * 1e3,
                       "gb_s": ev.payload_bytes / ev.seconds / 1e9} for ev in events]
     row["timeline"] = harness.thin(r.timeline)
     row["rate"] = harness.rate_series(r.timeline)
@@ -144,13 +121,15 @@ def run(args) -> dict:
     from pagedjax import SamplingParams
 
     _fill_defaults(args)
+    if args.transfer_only:
+        return transfer_only(args)
     policies = [p for p in args.policies.split(",") if p]
     if not set(policies) <= set(POLICIES):
         raise ValueError(f"--policies {args.policies!r}: choose from {POLICIES}")
     loaded = harness.load(args)
-    raw = raw_bandwidth(int(args.bw_mib * (1 << 20)))
-    logger.info("raw pinned bandwidth: device->host %.1f GB/s, host->device %.1f GB/s (first "
-                "transfers %.1f / %.1f GB/s)", raw["d2h_gb_s"], raw["h2d_gb_s"],
+    raw = raw_large(int(args.bw_mib * (1 << 20)))
+    logger.info("raw pinned bandwidth, one large transfer: device->host %.1f GB/s, host->device "
+                "%.1f GB/s (first transfers %.1f / %.1f GB/s)", raw["d2h_gb_s"], raw["h2d_gb_s"],
                 raw["d2h_first_gb_s"], raw["h2d_first_gb_s"])
 
     bs = args.block_size
@@ -162,7 +141,8 @@ def run(args) -> dict:
                              max_num_batched_tokens=args.max_num_batched_tokens)
     llm = harness.make_llm(loaded, ea)
     e = llm.engine
-    piece_raw = raw_bandwidth(e.host_pool.piece_bytes, repeats=10)
+    host = e.host_pool
+    piece_raw = raw_pieces(host.piece_bytes, host.sizes[0])
     prompts = harness.random_prompts([args.prompt_len] * args.num_prompts, e.cfg.vocab_size,
                                      args.seed)
     greedy = dict(temperature=0.0, ignore_eos=True)
@@ -189,22 +169,30 @@ def run(args) -> dict:
                             "rows": [{c: r[c] for c in COLUMNS} for r in rows]}
         write_result("swap", summary, figures, out=args.out, tag="tiny" if args.tiny else "")
     print_table(rows, COLUMNS)
-    print(f"raw pinned bandwidth: device->host {raw['d2h_gb_s']:.1f} GB/s, host->device "
-          f"{raw['h2d_gb_s']:.1f} GB/s; swaps reached {summary['swap_pct_raw_bw'] or 0:.0f}% of it")
-    _plot(results_dir(args.out) / f"swap{'-tiny' if args.tiny else ''}.png", rows, raw, args)
+    basis = piece_raw or raw
+    print(f"raw pinned bandwidth at the engine's transfer sizes: device->host "
+          f"{basis['d2h_gb_s']:.1f} GB/s, host->device {basis['h2d_gb_s']:.1f} GB/s; swaps reached "
+          f"{summary['swap_pct_raw_bw'] or 0:.0f}% of it "
+          f"({summary['swap_pct_raw_bw_large'] or 0:.0f}% of one large transfer's "
+          f"{raw['d2h_gb_s']:.1f} / {raw['h2d_gb_s']:.1f} GB/s)")
+    _plot(results_dir(args.out) / f"swap{'-tiny' if args.tiny else ''}.png", rows, raw, piece_raw,
+          args)
     harness.release(llm)
     return summary
 
 
 def _summarise(args, raw, piece_raw, rows, by, e, big, small, warmup_s):
     sw = by.get("swap")
-    pct = None
-    if sw and (sw["swap_out_s"] + sw["swap_in_s"]) > 0:
-        ideal = (sw["swap_out_gib"] * harness.GiB / (raw["d2h_gb_s"] * 1e9)
-                 + sw["swap_in_gib"] * harness.GiB / (raw["h2d_gb_s"] * 1e9))
-        pct = 100.0 * ideal / (sw["swap_out_s"] + sw["swap_in_s"])
+
+    def pct(basis):
+        if not sw or basis is None:
+            return None
+        return pct_of_raw(sw["swap_out_gib"] * harness.GiB, sw["swap_out_s"],
+                          sw["swap_in_gib"] * harness.GiB, sw["swap_in_s"], basis)
+
     summary = {
-        "swap_pct_raw_bw": pct,
+        "swap_pct_raw_bw": pct(piece_raw or raw),  # like with like: the engine's transfer sizes
+        "swap_pct_raw_bw_large": pct(raw),
         "all_completed": all(r["completed"] for r in rows),
         **{f"output_tok_s_{p.replace('-', '_')}": by[p]["output_tok_s"] if p in by else None
            for p in POLICIES},
@@ -214,7 +202,10 @@ def _summarise(args, raw, piece_raw, rows, by, e, big, small, warmup_s):
         "swap_gib_moved": sw["swap_out_gib"] + sw["swap_in_gib"] if sw else None,
         "swap_out_gb_s": sw["swap_out_gb_s"] if sw else None,
         "swap_in_gb_s": sw["swap_in_gb_s"] if sw else None,
-        "raw_d2h_gb_s": raw["d2h_gb_s"], "raw_h2d_gb_s": raw["h2d_gb_s"],
+        "raw_piece_d2h_gb_s": (piece_raw or raw)["d2h_gb_s"],
+        "raw_piece_h2d_gb_s": (piece_raw or raw)["h2d_gb_s"],
+        "raw_large_d2h_gb_s": raw["d2h_gb_s"], "raw_large_h2d_gb_s": raw["h2d_gb_s"],
+        "swap_transfers": e.host_pool.transfers,
         "preemptions_recompute": by["recompute"]["preemptions_recompute"] if "recompute" in by
         else None,
     }
@@ -230,8 +221,13 @@ def _summarise(args, raw, piece_raw, rows, by, e, big, small, warmup_s):
                    "swap_space_gib": args.swap_space, "host_pieces": len(e.host_pool.pieces),
                    "piece_blocks": e.host_pool.piece_blocks,
                    "piece_mib": e.host_pool.piece_bytes / (1 << 20),
+                   "pieces_per_program": e.host_pool.sizes,
                    "host_memory_kind": e.host_pool.memory_kind or "numpy"},
-        "raw_bandwidth": raw, "raw_bandwidth_piece": piece_raw,
+        "raw_bandwidth_large": raw, "raw_bandwidth_pieces": piece_raw,
+        "basis": "swap_pct_raw_bw: the swap run's transfers against raw_bandwidth_pieces (the "
+                 "engine's piece size, as many per call as one swap program moves, pinned, this "
+                 "run); swap_pct_raw_bw_large: against raw_bandwidth_large (one 1 GiB transfer "
+                 "each way)",
         "warmup": args.warmup, "warmup_s": warmup_s,
         "rows": [{k: v for k, v in r.items() if k not in ("timeline", "rate", "events")}
                  for r in rows],
@@ -241,7 +237,7 @@ def _summarise(args, raw, piece_raw, rows, by, e, big, small, warmup_s):
     return summary, figures
 
 
-def _plot(path, rows, raw, args) -> None:
+def _plot(path, rows, raw, piece_raw, args) -> None:
     series = {f"{r['policy']} ({r['output_tok_s']:,.0f} tok/s)": tuple(r["rate"]) for r in rows}
     ev = [e for r in rows for e in r["events"]]
     gbs = {}
@@ -254,7 +250,8 @@ def _plot(path, rows, raw, args) -> None:
          "series": series},
         {"kind": "lines", "title": "swap transfers vs raw pinned bandwidth", "xlabel": "s",
          "ylabel": "GB/s", "series": gbs,
-         "hlines": {f"raw d2h {raw['d2h_gb_s']:.1f}": raw["d2h_gb_s"],
-                    f"raw h2d {raw['h2d_gb_s']:.1f}": raw["h2d_gb_s"]}} if gbs else None,
+         "hlines": {f"raw {what} {d} {r[d + '_gb_s']:.1f}": r[d + "_gb_s"]
+                    for what, r in (("large", raw), ("pieces", piece_raw)) if r
+                    for d in ("d2h", "h2d")}} if gbs else None,
     ], title=f"swap thrashing: {args.num_prompts} x {args.prompt_len} tokens + "
              f"{args.output_len} new, pool {args.pool_prompts} prompts")

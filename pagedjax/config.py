@@ -40,6 +40,8 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     disable_kv_sharing: bool = False  # debug: forks copy blocks instead of sharing them
     enable_prefix_caching: bool = False
+    # schedule and dispatch step k+1 while step k runs (its sampled tokens stay on the device)
+    async_scheduling: bool = True
 
     def __post_init__(self):
         self.validate()
@@ -122,6 +124,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default=d.attention_backend, choices=ATTENTION_BACKENDS)
     g.add_argument("--enable-prefix-caching", action="store_true",
                    help="reuse the KV blocks of prompt prefixes seen before")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                   default=d.async_scheduling,
+                   help="prepare and dispatch the next step while the device runs this one "
+                        "(--no-async-scheduling: one step at a time)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
     from pagedjax.distributed import add_distributed_arguments

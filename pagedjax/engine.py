@@ -17,11 +17,11 @@ from .detokenizer import IncrementalDetokenizer
 from .prefix_cache import PrefixCachingBlockManager
 from .memory_report import default_max_num_batched_tokens, format_memory_report, memory_report
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .runner import ModelRunner
+from .runner import ModelRunner, StepResult
 from .sampler import MAX_LOGPROBS
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
-from .sequence import Sequence, Status
+from .scheduler import ScheduledBatch, Scheduler
+from .sequence import PLACEHOLDER, Sequence, Status
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,18 @@ class Request:
         if self.beam is not None:
             return self.beam.done
         return all(s.finished for s in self.seqs)
+
+
+@dataclasses.dataclass
+class InFlight:
+    """A dispatched step: its batch, its device results, and per sequence row that samples the
+    index of its PLACEHOLDER in ``output_token_ids`` (None for a beam row)."""
+
+    batch: ScheduledBatch
+    result: StepResult
+    samples: dict[int, int | None]
+    needs_host: bool  # a beam round or a fork: complete it before scheduling the next step
+    want_top: bool  # some row wants its top logprobs: fetch them
 
 
 @dataclasses.dataclass
@@ -110,6 +122,8 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.requests: dict[str, Request] = {}
+        self._on_device: list[InFlight] = []  # dispatched, not yet completed (at most 2)
+        self._dispatching: ScheduledBatch | None = None  # scheduled, on its way to the device
         self.stats = EngineStats()
         self._arrivals = itertools.count()
         self._seed_rng = np.random.default_rng(args.seed)
@@ -223,46 +237,102 @@ class LLMEngine:
         return req
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._on_device)
 
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and dispatch the next step, then wait for the previous one and return its
+        outputs. With async scheduling the two overlap: the next step is prepared and queued
+        while the device still runs the last one, reading the tokens it does not know yet from
+        the device (PLACEHOLDERs). A step whose results decide what runs next (a beam round, a
+        fork of n > 1 samples) is waited for before anything else is scheduled."""
         t0 = time.perf_counter()
-        batch = self.scheduler.schedule()
+        wait0 = self.stats.device_seconds
+        outputs: list[RequestOutput] = []
         try:
-            if batch.swap_out or batch.swap_in:  # before the step writes into the freed blocks
-                t0 += self.host_pool.execute(batch, self.runner)  # transfer time is not host time
-            if not batch:
-                return []
-            batch.forks = [(i, child)
-                           for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
-                           if seq.pending_forks and seq.num_computed_tokens + n == seq.num_tokens
-                           for child in seq.pending_forks]
-            packed, layout = self.runner.prepare(batch, self.block_manager)
-            t1 = time.perf_counter()
-            result = self.runner.execute(packed, layout).to_host()  # the one device wait
-        except Exception as e:  # only this step's requests fail; the KV pool is rebuilt
-            return faults.fail_step(self, batch, e)
-        t2 = time.perf_counter()
-        outputs = self._postprocess(batch, result)
-        self.stats.steps += 1
-        self.stats.device_seconds += t2 - t1
-        self.stats.host_seconds += (t1 - t0) + (time.perf_counter() - t2)
+            dispatched = self._schedule_and_dispatch()
+            while len(self._on_device) > 1 or (self._on_device and (
+                    not dispatched or self._on_device[0].needs_host
+                    or not self.args.async_scheduling)):
+                outputs += self._complete_oldest()
+        except Exception as e:  # only the failed steps' requests fail; the KV pool is rebuilt
+            failed = [f.batch for f in self._on_device] + [b for b in [self._dispatching] if b]
+            self._on_device, self._dispatching = [], None
+            return outputs + faults.fail_step(self, failed, e)
+        self.stats.host_seconds += time.perf_counter() - t0 - (self.stats.device_seconds - wait0)
         return outputs
 
-    def _postprocess(self, batch, result) -> list[RequestOutput]:
-        now = time.time()
+    def _complete_oldest(self) -> list[RequestOutput]:
+        outputs = self._complete(self._on_device[0])
+        self._on_device.pop(0)
+        return outputs
+
+    def _schedule_and_dispatch(self) -> bool:
+        """Schedule the next step and queue it on the device (``self._on_device``)."""
+        batch = self.scheduler.schedule()
+        if batch.swap_out or batch.swap_in:  # before the step writes into the freed blocks
+            t = self.host_pool.execute(batch, self.runner)
+            self.stats.device_seconds += t  # transfer time is not host time
+        if not batch:
+            return False
+        self._dispatching = batch
+        batch.forks = [(i, child)
+                       for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
+                       if seq.pending_forks and seq.num_computed_tokens + n == seq.num_tokens
+                       for child in seq.pending_forks]
+        packed, layout = self.runner.prepare(batch, self.block_manager)
+        result = self.runner.execute(packed, layout)
+        # The step is on its way: its tokens count as computed, and each row that samples gets
+        # a PLACEHOLDER for its token, filled when the step completes.
+        step_id, samples, needs_host, want_top = self.runner.step_id, {}, bool(batch.forks), False
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue  # a prefill chunk that is not the last: it samples nothing
+            req = self.requests[seq.request_id]
+            want_top |= req.params.logprobs is not None or req.beam is not None
+            if req.beam is not None:  # the beam round decides the next tokens
+                needs_host = True
+                samples[i] = None
+                continue
+            samples[i] = len(seq.output_token_ids)
+            seq.output_token_ids.append(PLACEHOLDER)
+            seq.num_pending += 1
+            seq.pending_src = (step_id, i)
+            if (len(seq.output_token_ids) >= req.max_tokens
+                    or seq.num_tokens >= self.max_model_len):
+                seq.last_token_pending = True
+        want_top |= any(self.requests[c.request_id].params.logprobs is not None
+                        for _, c in batch.forks)
+        self._dispatching = None
+        self._on_device.append(InFlight(batch, result, samples, needs_host, want_top))
+        return True
+
+    def _complete(self, f: "InFlight") -> list[RequestOutput]:
+        """Wait for a dispatched step's samples and apply them: tokens, finishes, beam rounds,
+        forks. Sequences that ended while the step ran (aborted, or stopped by the step before)
+        are skipped."""
+        t = time.perf_counter()
+        result = f.result.to_host(f.want_top)  # the one device wait
+        self.stats.device_seconds += time.perf_counter() - t
+        self.stats.steps += 1
+        batch, now = f.batch, time.time()
         touched: dict[str, Request] = {}
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            if seq.finished:
+                continue
             req = self.requests[seq.request_id]
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
-            seq.num_computed_tokens += n
             self.stats.computed_tokens += n
-            self.block_manager.commit_full_blocks(seq.seq_id, seq.tokens, seq.num_computed_tokens)
-            if seq.num_computed_tokens < seq.num_tokens:
-                continue  # a prefill chunk that is not the last: its sample is discarded
+            if i not in f.samples:  # a prefill chunk that is not the last
+                self.block_manager.commit_full_blocks(seq.seq_id, seq.tokens,
+                                                      min(seq.num_computed_tokens,
+                                                          seq.num_known_tokens))
+                continue
             if req.beam is not None:
+                self.block_manager.commit_full_blocks(seq.seq_id, seq.tokens,
+                                                      seq.num_computed_tokens)
                 req.beam_candidates[seq.seq_id] = list(zip(result.top_logprobs[i].tolist(),
                                                            result.top_ids[i].tolist()))
                 if len(req.beam_candidates) == len(req.seqs):
@@ -274,10 +344,15 @@ class LLMEngine:
                 child.num_computed_tokens = seq.num_computed_tokens
                 self.scheduler.insert_running(child)
             seq.pending_forks, seq.seats = [], 1  # the samples now hold their own seats
-            self._append(req, seq, result, i, now)
+            self._append(req, seq, result, i, now, at=f.samples[i])
+            if not seq.finished:
+                self.block_manager.commit_full_blocks(seq.seq_id, seq.tokens,
+                                                      min(seq.num_computed_tokens,
+                                                          seq.num_known_tokens))
             touched[req.request_id] = req
         for j, (_, child) in enumerate(batch.forks, start=len(batch.seqs)):
-            self._append(self.requests[child.request_id], child, result, j, now)
+            if not child.finished:
+                self._append(self.requests[child.request_id], child, result, j, now)
         outputs = []
         for r in touched.values():
             finished = r.finished
@@ -314,9 +389,16 @@ class LLMEngine:
         self.stats.generation_tokens += len(new)
         req.seqs = new
 
-    def _append(self, req: Request, seq: Sequence, result, row: int, now: float) -> None:
+    def _append(self, req: Request, seq: Sequence, result, row: int, now: float,
+                at: int | None = None) -> None:
+        """Record the token of ``row`` (into its PLACEHOLDER ``at``, else appended) and finish
+        the sequence if it ends here; a finished sequence drops its later placeholders."""
         token, logprob = int(result.tokens[row]), float(result.logprobs[row])
-        seq.output_token_ids.append(token)
+        if at is None:
+            seq.output_token_ids.append(token)
+        else:
+            seq.output_token_ids[at] = token
+            seq.num_pending -= 1
         seq.output_logprobs.append(logprob)
         seq.cumulative_logprob += logprob
         k = req.params.logprobs
@@ -333,17 +415,24 @@ class LLMEngine:
         if detok is not None and (req.stream or p.stop):
             detok.add(token)  # offline requests without stop strings decode once, at the end
         if token in p.stop_token_ids:
-            return self.scheduler.finish(seq, "stop", token)
+            return self._finish(seq, "stop", token)
         if not p.ignore_eos and token in self.eos_token_ids:
-            return self.scheduler.finish(seq, "stop", None)
+            return self._finish(seq, "stop", None)
         if detok is not None and p.stop:
             for s in p.stop:
-                at = detok.text.find(s)
-                if at >= 0:
-                    detok.text = detok.text[:at]
-                    return self.scheduler.finish(seq, "stop", s)
-        if len(seq.output_token_ids) >= req.max_tokens or seq.num_tokens >= self.max_model_len:
-            return self.scheduler.finish(seq, "length")
+                cut = detok.text.find(s)
+                if cut >= 0:
+                    detok.text = detok.text[:cut]
+                    return self._finish(seq, "stop", s)
+        known = seq.num_known_tokens
+        if known - len(seq.prompt_token_ids) >= req.max_tokens or known >= self.max_model_len:
+            return self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        if seq.num_pending:  # tokens sampled after the end by a step already dispatched
+            del seq.output_token_ids[-seq.num_pending:]
+            seq.num_pending = 0
+        self.scheduler.finish(seq, reason, stop_reason)
 
     def _output(self, req: Request) -> RequestOutput:
         if req.beam is not None:

@@ -61,15 +61,16 @@ def explain_oom_at_start(what: str, spec: KVPoolSpec, max_model_len: int):
             f"{OOM_HINT}. The device said: {e}") from e
 
 
-def fail_step(engine: "LLMEngine", batch: "ScheduledBatch",
+def fail_step(engine: "LLMEngine", batches: "list[ScheduledBatch]",
               error: Exception) -> list[RequestOutput]:
-    """The device part of ``batch``'s step raised ``error``: finish the step's requests with
+    """A device step raised ``error`` while ``batches`` were on the device (with async
+    scheduling, the one running and the one queued behind it): finish their requests with
     ``finish_reason="error"`` and reset the device state. Returns their final outputs, each with
     ``error`` set."""
     message = f"the device step failed: {type(error).__name__}: {error}"
     if is_out_of_memory(error):
         message += f" ({OOM_HINT})"
-    failed = list(dict.fromkeys(s.request_id for s in batch.seqs))
+    failed = list(dict.fromkeys(s.request_id for b in batches for s in b.seqs))
     logger.error("%s; failing %d request(s) of the step, recomputing the rest", message,
                  len(failed), exc_info=error)
     now = time.time()

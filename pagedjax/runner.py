@@ -40,7 +40,8 @@ class StepLayout:
 
     def fields(self):
         T, S, W, C = self.T, self.S, self.W, self.C
-        return (("tokens", T, _INT), ("positions", T, _INT), ("slot_mapping", T, _INT),
+        return (("tokens", T, _INT), ("token_src", T, _INT), ("positions", T, _INT),
+                ("slot_mapping", T, _INT),
                 ("block_tables", S * W, _INT), ("context_lens", S, _INT),
                 ("query_start_loc", S + 1, _INT), ("logits_indices", S, _INT),
                 ("temperature", S, _F32), ("top_p", S, _F32), ("top_k", S, _INT),
@@ -76,8 +77,11 @@ class StepResult(NamedTuple):
     top_logprobs: jax.Array
     top_ids: jax.Array
 
-    def to_host(self) -> "StepResult":
-        return StepResult(*jax.device_get(tuple(self)))
+    def to_host(self, with_top: bool = True) -> "StepResult":
+        """The one device wait of a step; the top logprobs travel only when a row wants them."""
+        if with_top:
+            return StepResult(*jax.device_get(tuple(self)))
+        return StepResult(*jax.device_get((self.tokens, self.logprobs)), None, None)
 
 
 def _pow2_at_least(n: int, lo: int) -> int:
@@ -107,11 +111,16 @@ class ModelRunner:
         # Under tp the results come back replicated (every process reads them) and the pool
         # keeps its KV-head sharding from step to step.
         out = {} if mesh is None else {"out_shardings": (
-            (sharding.replicated(mesh),) * len(StepResult._fields) + (pool_sharding,))}
+            (sharding.replicated(mesh),) * (len(StepResult._fields) + 1) + (pool_sharding,))}
         self._to_device = jnp.asarray if mesh is None else functools.partial(
             jax.device_put, device=sharding.replicated(mesh))
         self._step = jax.jit(functools.partial(_step, cfg=cfg, attend=attend),
                              static_argnames=("layout",), donate_argnames=("pool",), **out)
+        # The last step's sampled tokens, on the device, padded to every bucket's S: the next
+        # step reads the tokens it was dispatched without (async scheduling) from here.
+        self.max_rows = _pow2_at_least(max(max_num_seqs, 4), 4)
+        self._sampled = self._to_device(np.zeros(self.max_rows, np.int32))
+        self.step_id = 0  # id of the last dispatched step
 
     # ---- buckets -----------------------------------------------------------------------------
     def layout_for(self, num_tokens: int, num_seqs: int, max_blocks: int, num_copies: int,
@@ -143,7 +152,8 @@ class ModelRunner:
         ss = sorted({self.layout_for(1, s, 1, 0).S for s in ladder(1, self.max_num_seqs)})
         ts = sorted({self.layout_for(t, 1, 1, 0).T for t in ladder(1, t_max)})
         mixed = [StepLayout(t, s, w, 0) for t in ts for s in ss if s <= t for w in ws]
-        decode = {self.layout_for(s, s, w, 0, decode=True) for s in ss for w in ws}
+        decode = {self.layout_for(s, s, w, 0, decode=True)
+                  for s in ladder(1, self.max_num_seqs) for w in ws}
         return mixed + sorted(decode, key=lambda x: (x.T, x.S, x.W))
 
     def warmup(self, max_context: int | None = None) -> int:
@@ -152,8 +162,9 @@ class ModelRunner:
         layouts = self.buckets(max_context)
         for layout in layouts:
             packed = np.zeros(layout.size, dtype=np.int32)
-            at, n, _ = layout.offsets["slot_mapping"]
-            packed[at:at + n] = -1
+            for field in ("slot_mapping", "token_src"):
+                at, n, _ = layout.offsets[field]
+                packed[at:at + n] = -1
             jax.block_until_ready(self.execute(packed, layout))
         return len(layouts)
 
@@ -164,7 +175,9 @@ class ModelRunner:
     # ---- one step ----------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch, bm: BlockManager) -> tuple[np.ndarray, StepLayout]:
         """Rows 0..len(seqs)-1 sample for the scheduled sequences; rows after them sample the
-        first token of each ``batch.forks`` child from its parent's logits (n > 1 sampling)."""
+        first token of each ``batch.forks`` child from its parent's logits (n > 1 sampling).
+        A token still on the device (a PLACEHOLDER sampled by the last dispatched step) is read
+        there: its row's ``token_src`` names the row of that step's output."""
         seqs, counts = batch.seqs, batch.num_new_tokens
         n_tok = sum(counts)
         max_blocks = max(len(bm.table(s.seq_id)) for s in seqs)
@@ -177,6 +190,7 @@ class ModelRunner:
                  for name, (_, _, is_float) in layout.offsets.items() if is_float}
         tokens, positions, slots = view["tokens"], view["positions"], view["slot_mapping"]
         slots[:] = -1
+        view["token_src"][:] = -1
         tables = view["block_tables"].reshape(layout.S, layout.W)
         qsl = view["query_start_loc"]
         temperature, top_p, min_p = fview["temperature"], fview["top_p"], fview["min_p"]
@@ -205,6 +219,13 @@ class ModelRunner:
                 tokens[at:at + n] = seq.tokens(start, start + n)
                 positions[at:at + n] = pos
                 slots[at:at + n] = np.asarray(table)[pos // bs] * bs + pos % bs
+            if seq.num_pending and start + n == seq.num_tokens:  # its last token is on the device
+                step_id, row = seq.pending_src
+                if step_id != self.step_id:
+                    raise RuntimeError(f"seq {seq.seq_id}: its pending token comes from step "
+                                       f"{step_id}, not the step in flight ({self.step_id})")
+                tokens[at + n - 1] = 0
+                view["token_src"][at + n - 1] = row
             at += n
             qsl[i + 1] = at
             view["context_lens"][i] = start + n
@@ -224,18 +245,23 @@ class ModelRunner:
 
     def execute(self, packed: np.ndarray, layout: StepLayout) -> "StepResult":
         """Dispatch the step; the result's arrays stay on the device until the host reads them."""
-        *out, self.pool = self._step(self.params, self.pool, self._to_device(packed),
-                                     layout=layout)
+        *out, self._sampled, self.pool = self._step(self.params, self.pool, self._sampled,
+                                                    self._to_device(packed), layout=layout)
+        self.step_id += 1
         return StepResult(*out)
 
 
-def _step(params, pool, packed, *, layout: StepLayout, cfg: ModelConfig, attend):
+def _step(params, pool, sampled, packed, *, layout: StepLayout, cfg: ModelConfig, attend):
     f = layout.unpack(packed)
+    src = f["token_src"]  # >= 0: the token is row src of the previous step's samples
+    f["tokens"] = jnp.where(src >= 0, sampled[jnp.clip(src, 0, sampled.shape[0] - 1)],
+                            f["tokens"])
     if layout.C:
         pool = kv_pool.copy_blocks(pool, f["copy_src"], f["copy_dst"])
     meta = {k: f[k] for k in ("slot_mapping", "block_tables", "context_lens", "query_start_loc")}
     meta["decode_only"] = layout.decode  # static: a Python bool, not a traced value
     logits, pool = forward_paged(params, cfg, f["tokens"], f["positions"], pool, meta, attend,
                                  f["logits_indices"])
-    return (*sample(logits, f["temperature"], f["top_p"], f["top_k"], f["min_p"], f["seeds"],
-                    f["counters"], f["num_top"]), pool)
+    result = sample(logits, f["temperature"], f["top_p"], f["top_k"], f["min_p"], f["seeds"],
+                    f["counters"], f["num_top"])
+    return (*result, jnp.zeros_like(sampled).at[:layout.S].set(result[0]), pool)

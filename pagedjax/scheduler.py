@@ -98,6 +98,8 @@ class Scheduler:
             seq = self.waiting[0]
             if self.running and seats + seq.seats > self.max_num_seqs:
                 break
+            if seq.last_token_pending:  # preempted while its final token was on the device
+                break
             cached = 0
             if seq.num_computed_tokens == 0 and not self.bm.table(seq.seq_id):
                 cached = self.bm.match_prefix(seq.seq_id, seq.tokens(0, seq.num_tokens))

@@ -8,6 +8,7 @@ import itertools
 from .sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
+PLACEHOLDER = -1  # an output token still on the device (async scheduling)
 
 
 class Status(enum.Enum):
@@ -37,6 +38,15 @@ class Sequence:
     # n > 1 sampling: the other samples, forked from this sequence when its prompt is computed
     pending_forks: list["Sequence"] = dataclasses.field(default_factory=list)
     seats: int = 1  # running slots it takes: best_of or the beam width until it forks, then 1
+    # Async scheduling: the trailing ``num_pending`` output tokens are PLACEHOLDERs, sampled by
+    # steps still on the device; ``pending_src`` = (step id, row) of the newest one there.
+    num_pending: int = 0
+    pending_src: tuple[int, int] | None = None
+    last_token_pending: bool = False  # its final token is on the device: schedule it no more
+
+    @property
+    def num_known_tokens(self) -> int:
+        return self.num_tokens - self.num_pending
 
     @property
     def num_tokens(self) -> int:
@@ -44,6 +54,8 @@ class Sequence:
 
     @property
     def num_uncomputed(self) -> int:
+        if self.last_token_pending:
+            return 0
         return self.num_tokens - self.num_computed_tokens
 
     def token_at(self, i: int) -> int:

@@ -1,24 +1,64 @@
 """Host-offload swap: the host block pool and the transfers that fill and drain it.
 
-The host pool is a list of fixed-size *pieces*, each one host array of ``P`` device blocks
-``[2L, P, block_size, K, H]`` in pinned host memory (JAX's ``pinned_host`` memory kind; plain
-numpy where the platform has none). Why pieces: a ``jax.Array`` is immutable, so no transfer can
-write into part of one big host array; instead one device->host transfer produces a whole piece
-and one host->device transfer consumes a whole piece. One shape means one compiled gather and one
-compiled scatter (nothing compiles after start), host chunks of one size that the allocator hands
-back warm, and padding only in the last piece of each sequence. Pieces are sized to ~32 MiB so the
-fixed cost of a transfer is small against its bytes.
+The host pool is a list of fixed-size *pieces*, each one host array (pytree) of ``P`` device blocks
+in ``kv_pool.gather_blocks`` layout ``[2L, P, block_size, K, H]``, in pinned host memory (JAX's
+``pinned_host`` memory kind; numpy where the platform has none). Why pieces: a ``jax.Array`` is
+immutable, so no transfer can write into part of one big host array; one piece is written whole
+and read whole. One shape per piece means host chunks of one size that the allocator hands back
+warm, and padding only in the last piece of each sequence. Pieces are <= 32 MiB (28 MiB for
+Qwen2.5-7B: 32 blocks).
 
-Swap-out, per piece: a jitted gather of the blocks from the device pool (not donated) into a
-staging array, then one device->host transfer. Swap-in, per piece: one host->device transfer, then
-a jitted scatter into the donated pool. Both run before the step is dispatched and wait for their
-transfers, so every log line's time is the transfer's own: the step needs swapped-in blocks anyway;
-on the way out this gives up overlap with the step in exchange for exact figures (and the freed
-blocks are read before anything can write them).
+Transfers run inside the swap programs. A step's swap-out is one jitted program per group of
+pieces (groups of 16, 8, 4, 2, 1 pieces: all compiled at start): it gathers the blocks of all its
+pieces from the device pool (not donated) and its outputs *are* the host pieces (``out_shardings``
+in ``pinned_host``), so XLA issues the device->host copies itself, back to back, with no runtime
+round trip per piece. Swap-in is the mirror: one program per group takes the host pieces as
+arguments, moves them to the device (``device_put`` inside the jit), concatenates them and
+scatters every block into the donated pool. Why: on the lent H100 the first design (a jitted
+gather and a ``jax.device_put`` per 28 MiB piece, all dispatched, then one wait) moved ~1 ms per
+piece, 26 GB/s out and 17 GB/s in, against 52.6 GB/s for one 1 GiB transfer and 32 GB/s for one
+28 MiB transfer alone: the figures fit a fixed cost of ~0.4 ms per runtime transfer that async
+dispatch did not overlap (an inference; ``benchmarks swap --transfer-only`` measures it).
+``in_program=False`` keeps that design (the gather or scatter in one program, the transfers as one
+batched ``jax.device_put``) for comparison, and is the fallback, per direction, where a platform
+cannot compile transfers into a program.
 
-The pool is allocated and touched at start by running the real transfer path into every piece:
-on the lent H100 a first transfer into fresh host memory ran at 1.7 GB/s, into warm pinned memory
-at ~50 GB/s (ANCHORS.md).
+``execute`` waits for the pool (the step before, where the engine dispatches steps ahead), then
+dispatches the swap programs and returns; the host prepares and dispatches the step while the
+bytes move. Order, reasoned on the runtime's data dependencies:
+
+* swap-out reads blocks that the scheduler has already freed, and this step (or the swap-in) may
+  write into them. The gather is dispatched *before* the step, reading ``runner.pool`` as it is
+  (the previous step's output: every token the scheduler counts as computed is in it); the step
+  then donates that same pool. The runtime runs an execution that donates a buffer after every
+  execution already dispatched that reads it (same stream, or the buffer's usage events), so the
+  freed blocks are read before anything overwrites them. Dispatched after the step, the gather
+  would read the step's output pool, where the freed blocks may already hold new K/V: that order
+  would be wrong, and no wait could repair it.
+* overlap of swap-out with the step: with the copies inside the gather program, the step (which
+  donates the pool the program reads) runs after the whole program, copies included; only the
+  ``device_put`` design, whose copies read the gather's own outputs and nothing else, lets them
+  run beside the step. That costs ~10 ms per swap-out of ~500 blocks (3 in the thrashing run,
+  ~0.1% of its time) and buys full link speed on every swap.
+* swap-in scatters into the donated pool, and the step takes the scatter's output pool: the step
+  cannot start before the blocks are in place.
+* host pieces are never written in place: a swap-out makes new arrays, and a swap-in reads the
+  arrays it was handed (taken before this step's swap-out replaces any). Reading a piece whose
+  swap-out has not finished waits for it (its definition event).
+
+Timing: each step's swap-out and swap-in is one ``SwapEvent``; a short-lived thread waits for its
+outputs (the host pieces; for swap-in a scalar output of the scatter programs, defined when the
+program completes) and records the time from dispatch to data in place. The device is idle at
+dispatch (``execute`` waited for the pool: swaps are rare, and without that wait a step queued
+ahead would count as transfer time), so that is the swap's own time: transfers plus the gather
+or scatter (a few percent). The watcher reads the clock when it gets the GIL back, at once while
+the engine waits for a step's tokens; a long Python stretch on the engine's thread can only make
+a swap look slower. ``stats`` waits for events still in flight.
+
+The pool is allocated and touched at start by running the real swap programs into every piece,
+plus one program's worth of headroom (a piece being replaced may still be read by a swap-in in
+flight, so its memory is not back yet): on the lent H100 a first transfer into fresh host memory
+ran at 1.7 GB/s, into warm pinned memory at ~50 GB/s (ANCHORS.md).
 """
 from __future__ import annotations
 
@@ -26,9 +66,11 @@ import collections
 import dataclasses
 import logging
 import os
+import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import kv_pool
@@ -38,6 +80,7 @@ logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
 PIECE_TARGET_BYTES = 32 * MiB
+MAX_GROUP = 16  # pieces per swap program; programs for 16, 8, 4, 2 and 1 pieces
 
 
 def piece_blocks_for(bytes_per_block: int, num_cpu_blocks: int, max_blocks_per_seq: int) -> int:
@@ -82,13 +125,14 @@ def _check_host_memory(nbytes: int) -> None:
 
 @dataclasses.dataclass
 class SwapEvent:
-    time: float  # time.perf_counter() at the start
+    time: float  # time.perf_counter() at dispatch
     direction: str  # "out" | "in"
     blocks: int  # device blocks moved (payload)
     pieces: int  # host pieces moved (what crossed the link, padding included)
     payload_bytes: int
     link_bytes: int
-    seconds: float
+    seconds: float  # dispatch -> data in place
+    programs: int = 1  # swap programs (groups of pieces) dispatched
 
 
 @dataclasses.dataclass
@@ -114,73 +158,178 @@ def host_memory_kind() -> str | None:
     return "pinned_host" if "pinned_host" in kinds else None
 
 
-class HostKVPool:
-    """The host pieces and the swap transfers; ``execute`` runs one step's swaps on the runner's
-    pool. Bookkeeping (which slot holds what) is the ``SwapSpace``'s."""
+def group_sizes(n: int, sizes) -> list[int]:
+    """``n`` pieces as groups of the compiled sizes (descending powers of two): 17 -> [16, 1]."""
+    out = []
+    for s in sizes:
+        out += [s] * (n // s)
+        n %= s
+    return out
 
-    def __init__(self, spec: kv_pool.KVPoolSpec, space: SwapSpace, runner):
+
+def _on_bits(f, *xs):
+    """``f`` applied to the raw bits of same-dtype arrays ``xs``: XLA on the CPU computes bf16 in
+    f32 and would canonicalise NaN payloads in a slice or concatenate (cf. ``kv_pool._bits``)."""
+    dtype = xs[0].dtype
+    bits = jnp.dtype(f"uint{8 * dtype.itemsize}")
+    return jax.lax.bitcast_convert_type(
+        f(*(jax.lax.bitcast_convert_type(x, bits) for x in xs)), dtype)
+
+
+def _split(staging, g: int):
+    """``g`` pieces of a gathered staging pytree whose leaves are [2L, g * P, ...]."""
+    def piece(x, i):
+        return _on_bits(lambda b: b.reshape(b.shape[0], g, b.shape[1] // g, *b.shape[2:])[:, i], x)
+
+    return tuple(jax.tree.map(lambda x: piece(x, i), staging) for i in range(g))
+
+
+def _gather_program(g: int, out_shardings):
+    def gather(pool, ids):  # ids [g, P] -> g pieces (on the host when out_shardings say so)
+        return _split(kv_pool.gather_blocks(pool, ids.reshape(-1)), g)
+
+    return jax.jit(gather, out_shardings=out_shardings)
+
+
+def _scatter_program(to_device):
+    def scatter(pool, pieces, ids):  # g pieces (host or device), ids [g, P]; -1 writes nothing
+        if to_device is not None:
+            pieces = tuple(jax.device_put(p, to_device) for p in pieces)
+        staging = jax.tree.map(
+            lambda *xs: _on_bits(lambda *b: jnp.concatenate(b, axis=1), *xs), *pieces)
+        # ids[0, 0] is a marker output: defined when the whole program has run, and not donated
+        # to the step like the pool, so the event's watcher can wait on it.
+        return kv_pool.scatter_blocks(pool, staging, ids.reshape(-1)), ids[0, 0]
+
+    return jax.jit(scatter, donate_argnums=0)
+
+
+class HostKVPool:
+    """The host pieces and the swap transfers; ``execute`` dispatches one step's swaps on the
+    runner's pool. Bookkeeping (which slot holds what) is the ``SwapSpace``'s."""
+
+    def __init__(self, spec: kv_pool.KVPoolSpec, space: SwapSpace, runner,
+                 in_program: bool | None = None):
         self.spec, self.space = spec, space
-        p = self.piece_blocks = space.piece_blocks
-        self.piece_shape = (2 * spec.num_layers, p, spec.block_size, spec.num_kv_heads,
-                            spec.head_dim)
-        self.piece_bytes = int(np.prod(self.piece_shape)) * kv_pool.dtype_bytes(spec.dtype)
+        self.piece_blocks = space.piece_blocks
         self.block_bytes = spec.bytes_per_block
         self.memory_kind = host_memory_kind()
-        self.stats = SwapStats()
-        self._gather = jax.jit(kv_pool.gather_blocks)
-        self._scatter = jax.jit(kv_pool.scatter_blocks, donate_argnums=0)
+        want = self.memory_kind is not None and in_program is not False
+        self.in_program = {"out": want, "in": want}  # where the transfers run, per direction
+        self.sizes = [s for s in (16, 8, 4, 2, 1) if s <= min(MAX_GROUP, space.num_pieces)]
         self.pieces: list = [None] * space.num_pieces
-        self._allocate(runner)
+        self._stats = SwapStats()
+        self._lock = threading.Lock()
+        self._watchers: list[threading.Thread] = []
+        self._allocate(runner, in_program)
+
+    @property
+    def stats(self) -> SwapStats:
+        self.wait()
+        return self._stats
 
     @property
     def num_compilations(self) -> int:
-        return self._gather._cache_size() + self._scatter._cache_size()
+        return sum(f._cache_size() for f in (*self._gathers.values(), *self._scatters.values()))
 
     @property
     def total_bytes(self) -> int:
         return len(self.pieces) * self.piece_bytes
 
-    def _allocate(self, runner) -> None:
-        """Allocate and touch every piece through the real transfer path, and compile both jits."""
+    @property
+    def transfers(self) -> str:
+        """How the bytes travel, e.g. ``in the swap programs`` or ``out: jax.device_put, ...``."""
+        how = {d: "in the swap programs" if v else "jax.device_put" if self.memory_kind
+               else "numpy" for d, v in self.in_program.items()}
+        return how["out"] if how["out"] == how["in"] else f"out: {how['out']}, in: {how['in']}"
+
+    def program_temp_bytes(self, pool) -> dict:
+        """Device scratch bytes of the largest swap programs (XLA's memory analysis): a scatter
+        whose scratch is the size of a pool array copies that array instead of writing in place."""
+        g, ids = self.sizes[0], np.zeros((self.sizes[0], self.piece_blocks), np.int32)
+        pieces = tuple(self.pieces[:g])
+        out = {}
+        for name, lowered in (("gather", lambda: self._gathers[g].lower(pool, ids)),
+                              ("scatter", lambda: self._scatters[g].lower(pool, pieces, ids))):
+            m = lowered().compile().memory_analysis()
+            out[f"{name}_temp_bytes"] = None if m is None else int(m.temp_size_in_bytes)
+        return out
+
+    def wait(self) -> None:
+        """Until every dispatched swap has landed and been recorded."""
+        for t in self._watchers:
+            t.join()
+        self._watchers.clear()
+
+    # ---- start ---------------------------------------------------------------------------------
+    def _allocate(self, runner, in_program: bool | None) -> None:
+        """Compile every swap program and allocate and touch every piece by running them."""
         t0 = time.perf_counter()
         # Commit the pool to its sharding now: a step's output pool is committed, and jit compiles
         # committed and uncommitted arguments separately.
         runner.pool = jax.tree.map(lambda x: jax.device_put(x, x.sharding), runner.pool)
-        staging = self._gather(runner.pool, np.zeros(self.piece_blocks, np.int32))
-        self._device_sharding = staging.sharding
-        self._host_sharding = (staging.sharding.with_memory_kind(self.memory_kind)
-                               if self.memory_kind else None)
-        for i in range(len(self.pieces)):
-            self.pieces[i] = self._to_host(staging)
-        jax.block_until_ready(self.pieces)
-        nowhere = np.full(self.piece_blocks, -1, np.int32)  # padding only: writes nothing
-        runner.pool = self._scatter(runner.pool, self._to_device(self.pieces[0]), nowhere)
-        jax.block_until_ready(runner.pool)
-        logger.info("CPU swap space: %d pieces x %d blocks = %d blocks (%.2f GiB, %s) allocated "
-                    "in %.2f s", len(self.pieces), self.piece_blocks,
+        probe = jax.jit(kv_pool.gather_blocks)(runner.pool, np.zeros(self.piece_blocks, np.int32))
+        self.piece_bytes = sum(x.nbytes for x in jax.tree.leaves(probe))
+        self._dev = jax.tree.map(lambda x: x.sharding, probe)
+        self._host = (jax.tree.map(lambda s: s.with_memory_kind(self.memory_kind), self._dev)
+                      if self.memory_kind else None)
+        del probe
+        for direction, build in (("out", self._build_out), ("in", self._build_in)):
+            try:
+                build(runner)
+            except Exception as e:  # noqa: BLE001 - a platform without in-program transfers
+                if not self.in_program[direction] or in_program:
+                    raise
+                logger.warning("swap-%s: transfers inside the swap programs failed here (%s: %s);"
+                               " using jax.device_put", direction, type(e).__name__, e)
+                self.in_program[direction] = False
+                build(runner)
+        logger.info("CPU swap space: %d pieces x %d blocks = %d blocks (%.2f GiB, %s, transfers "
+                    "%s) allocated in %.2f s", len(self.pieces), self.piece_blocks,
                     len(self.pieces) * self.piece_blocks, self.total_bytes / kv_pool.GiB,
-                    self.memory_kind or "numpy", time.perf_counter() - t0)
+                    self.memory_kind or "numpy", self.transfers, time.perf_counter() - t0)
 
-    def _to_host(self, x: jax.Array):
-        if self._host_sharding is None:
-            return np.asarray(jax.device_get(x))
-        return jax.device_put(x, self._host_sharding)
+    def _build_out(self, runner) -> None:
+        out_sh = self._host if self.in_program["out"] else None
+        self._gathers = {g: _gather_program(g, (out_sh,) * g if out_sh else None)
+                         for g in self.sizes}
+        zeros = np.zeros(self.piece_blocks, np.int32)
+        everything = list(range(len(self.pieces)))
+        self.pieces = [None] * len(self.pieces)
+        self._swap_out(runner.pool, [(p, zeros) for p in everything], watch=False)
+        for g in self.sizes:  # every program size runs once, into pieces that exist anyway
+            self._swap_out(runner.pool, [(p, zeros) for p in everything[:g]], watch=False)
+        # Headroom: a piece being replaced may still be read by a swap-in in flight.
+        headroom = self._dispatch_out(runner.pool, [(None, zeros)] * self.sizes[0])
+        jax.block_until_ready([self.pieces, headroom])
 
-    def _to_device(self, x) -> jax.Array:
-        return jax.device_put(x, self._device_sharding)
+    def _build_in(self, runner) -> None:
+        self._scatters = {g: _scatter_program(self._dev if self.in_program["in"] else None)
+                          for g in self.sizes}
+        nowhere = np.full(self.piece_blocks, -1, np.int32)  # padding only: writes nothing
+        for g in self.sizes:
+            runner.pool, marks = self._dispatch_in(
+                runner.pool, [(self.pieces[p], nowhere) for p in range(g)])
+            jax.block_until_ready(marks)
+        jax.block_until_ready(runner.pool)
 
-    # ---- one step ----------------------------------------------------------------------------
+    # ---- one step ------------------------------------------------------------------------------
     def execute(self, batch, runner) -> float:
-        """This step's swap-out, then swap-in, on ``runner.pool``; returns the seconds spent."""
+        """Dispatch this step's swap-out, then its swap-in, on ``runner.pool``; returns the
+        seconds the host waited on the device (for the pool; on a platform without pinned host
+        memory also for the transfers), which the engine keeps out of its host time."""
         t0 = time.perf_counter()
-        # Host arrays are read before the swap-out can refill a piece freed by this step's swap-in.
+        jax.block_until_ready(runner.pool)  # the step before: its time is not the swap's
+        waited = time.perf_counter() - t0
+        # Host arrays are taken before the swap-out can refill a piece freed by this step's swap-in.
         incoming = [(self.pieces[piece], dst)
                     for piece, dst in self._by_piece(batch.swap_in, pad=-1)]
         if batch.swap_out:
-            self._swap_out(runner.pool, batch.swap_out)
+            self._swap_out(runner.pool, self._by_piece([(s, d) for d, s in batch.swap_out], pad=0),
+                           blocks=len(batch.swap_out))
         if incoming:
             runner.pool = self._swap_in(runner.pool, incoming, len(batch.swap_in))
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0 if self.memory_kind is None else waited
 
     def _by_piece(self, slot_block: list[tuple[int, int]], pad: int):
         """Group (host slot, device block) pairs by piece: device block ids by row, padded."""
@@ -192,29 +341,71 @@ class HostKVPool:
             rows[piece][row] = block
         return list(rows.items())
 
-    def _swap_out(self, pool, pairs: list[tuple[int, int]]) -> None:
+    def _swap_out(self, pool, groups, blocks: int = 0, watch: bool = True) -> None:
         t0 = time.perf_counter()
-        groups = self._by_piece([(slot, dev) for dev, slot in pairs], pad=0)
-        for piece, ids in groups:
-            staging = self._gather(pool, ids)  # [2L, P, block_size, K, H] on the device
-            self.pieces[piece] = None  # give the old chunk back before taking one of its size
-            self.pieces[piece] = self._to_host(staging)
-        jax.block_until_ready([self.pieces[piece] for piece, _ in groups])
-        self._record("out", t0, len(pairs), len(groups))
+        for piece, _ in groups:  # release the old chunks before taking new ones of their size
+            self.pieces[piece] = None
+        new = self._dispatch_out(pool, groups)
+        for (piece, _), host in zip(groups, new):
+            self.pieces[piece] = host
+        if watch:
+            self._watch("out", t0, blocks, len(groups), new)
 
-    def _swap_in(self, pool, incoming, num_blocks: int):
+    def _dispatch_out(self, pool, groups) -> list:
+        """The swap-out programs for ``groups`` [(piece, device ids [P])]: the new host pieces."""
+        new, at = [], 0
+        for g in group_sizes(len(groups), self.sizes):
+            ids = np.stack([ids for _, ids in groups[at:at + g]])
+            new += self._gathers[g](pool, ids)
+            at += g
+        if self.in_program["out"]:
+            return new
+        if self.memory_kind is None:
+            return [jax.tree.map(np.asarray, jax.device_get(p)) for p in new]
+        leaves, tree = jax.tree.flatten(new)
+        host = jax.tree.leaves([self._host] * len(new))
+        return jax.tree.unflatten(tree, jax.device_put(leaves, host))  # one batched call
+
+    def _swap_in(self, pool, incoming, blocks: int):
         t0 = time.perf_counter()
-        for host, dst in incoming:
-            pool = self._scatter(pool, self._to_device(host), dst)
-        jax.block_until_ready(pool)
-        self._record("in", t0, num_blocks, len(incoming))
+        pool, marks = self._dispatch_in(pool, incoming)
+        self._watch("in", t0, blocks, len(incoming), marks)
         return pool
 
-    def _record(self, direction: str, t0: float, blocks: int, pieces: int) -> None:
+    def _dispatch_in(self, pool, incoming):
+        """The swap-in programs for ``incoming`` [(host piece, device ids [P])]."""
+        pieces = [p for p, _ in incoming]
+        if not self.in_program["in"] and self.memory_kind is not None:
+            leaves, tree = jax.tree.flatten(pieces)
+            dev = jax.tree.leaves([self._dev] * len(pieces))
+            pieces = jax.tree.unflatten(tree, jax.device_put(leaves, dev))  # one batched call
+        marks, at = [], 0
+        for g in group_sizes(len(incoming), self.sizes):
+            ids = np.stack([ids for _, ids in incoming[at:at + g]])
+            pool, mark = self._scatters[g](pool, tuple(pieces[at:at + g]), ids)
+            marks.append(mark)
+            at += g
+        return pool, marks
+
+    # ---- timing --------------------------------------------------------------------------------
+    def _watch(self, direction: str, t0: float, blocks: int, pieces: int, ready) -> None:
+        programs = len(group_sizes(pieces, self.sizes))
+        t = threading.Thread(target=self._finish, name=f"pagedjax-swap-{direction}", daemon=True,
+                             args=(direction, t0, blocks, pieces, programs, ready))
+        t.start()
+        self._watchers = [w for w in self._watchers if w.is_alive()] + [t]
+
+    def _finish(self, direction, t0, blocks, pieces, programs, ready) -> None:
+        try:
+            jax.block_until_ready(ready)
+        except Exception:  # noqa: BLE001 - the step that uses the pool reports the failure
+            logger.exception("swap-%s of %d blocks failed", direction, blocks)
+            return
         seconds = time.perf_counter() - t0
         e = SwapEvent(t0, direction, blocks, pieces, blocks * self.block_bytes,
-                      pieces * self.piece_bytes, seconds)
-        self.stats.add(e)
+                      pieces * self.piece_bytes, seconds, programs)
+        with self._lock:
+            self._stats.add(e)
         logger.info("Swapping %s %d blocks (%.1f MiB) in %.1f ms (%.1f GB/s)", direction, blocks,
                     e.payload_bytes / MiB, seconds * 1e3,
                     e.payload_bytes / max(seconds, 1e-9) / 1e9)

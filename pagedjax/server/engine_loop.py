@@ -137,6 +137,7 @@ class AsyncEngine:
         self._seen: dict[str, tuple[int, float]] = {}  # request -> (tokens so far, last token time)
         self._totals = (0, 0, 0)  # prompt tokens, generation tokens, preemptions already counted
         self._prefix = (0, 0)
+        self._compiled = 0  # step shapes compiled, already counted
         self._last_log = time.monotonic()
         self._logged_totals = (0, 0)
         self._thread = threading.Thread(target=self._run, name="pagedjax-engine", daemon=True)
@@ -339,6 +340,10 @@ class AsyncEngine:
             if new > old:
                 counter.inc(new - old)
         self._prefix = prefix
+        compiled = eng.runner.num_compilations
+        if compiled > self._compiled:
+            m.compilations.inc(compiled - self._compiled)
+            self._compiled = compiled
         self._maybe_log(snap, totals)
 
     def _maybe_log(self, snap: Snapshot, totals: tuple[int, int, int]) -> None:

@@ -3,7 +3,9 @@
 Each server owns its registry (no global state, so tests and several engines in one process do
 not collide). Gauges are set by the engine thread after every step; histograms are observed there
 from the engine's per-request timestamps. ``prefix_cache_queries`` and ``prefix_cache_hits`` count
-tokens looked up and found with --enable-prefix-caching (0 without it).
+tokens looked up and found with --enable-prefix-caching (0 without it). ``step_compilations``
+counts the step shapes the engine compiled, so a benchmark can tell that nothing compiled while it
+measured (there is no vLLM counterpart).
 """
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ class EngineMetrics:
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
         self.prefix_queries = counter("prefix_cache_queries", "Prefix-cache queries, in tokens.")
         self.prefix_hits = counter("prefix_cache_hits", "Prefix-cache hits, in tokens.")
+        self.compilations = counter("step_compilations", "Engine step shapes compiled so far; "
+                                    "none after warm-up is the target.")
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between a request's tokens.",
                              ITL_BUCKETS)

@@ -15,7 +15,8 @@ from pagedjax.config import EngineArgs
 from pagedjax.kv_pool import KVPoolSpec, allocate
 from pagedjax.scheduler import Scheduler
 from pagedjax.sequence import Sequence, Status
-from pagedjax.swap import HostKVPool, make_swap_space, piece_blocks_for
+from pagedjax import swap
+from pagedjax.swap import HostKVPool, group_sizes, make_swap_space, piece_blocks_for
 from pagedjax.swap_space import SwapSpace
 from tests.conftest import assert_no_leak
 
@@ -81,6 +82,7 @@ def test_full_host_pool_falls_back_to_recompute_and_logs(swap_llm, reference, ca
     swap0, rec0 = _preemptions(llm)
     with caplog.at_level(logging.INFO):
         outs = llm.generate(_prompts(), GREEDY, use_tqdm=False)
+        llm.engine.host_pool.wait()  # the last swap's line is written when its data has landed
     space.bm.free(-1)
     swaps, recomputes = (b - a for a, b in zip((swap0, rec0), _preemptions(llm)))
     assert swaps > 0 and recomputes > 0
@@ -110,9 +112,35 @@ def test_abort_of_swapped_request_frees_host_blocks(swap_llm):
     assert_swap_pools_free(swap_llm)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_swapped_blocks_round_trip_bit_exact(dtype):
-    """Random bit patterns (NaN payloads included) out to host pieces and back into other blocks."""
+TRANSFERS = {  # how the bytes travel -> HostKVPool(in_program=...), expected .transfers
+    "in-program": (True, "in the swap programs"),
+    "device_put": (False, "jax.device_put"),
+    "numpy": (None, "numpy"),  # a platform without pinned host memory
+    "fallback": (None, "out: in the swap programs, in: jax.device_put"),
+}
+
+
+@pytest.mark.parametrize("dtype,transfers", [("bfloat16", "in-program"), ("float32", "in-program"),
+                                             ("bfloat16", "device_put"), ("bfloat16", "numpy"),
+                                             ("bfloat16", "fallback")])
+def test_swapped_blocks_round_trip_bit_exact(dtype, transfers, monkeypatch, caplog):
+    """Random bit patterns (NaN payloads included) out to host pieces and back into other blocks,
+    whichever way the bytes travel: inside the swap programs, by ``jax.device_put``, through
+    numpy, or by ``jax.device_put`` for the direction whose in-program transfers do not compile."""
+    if transfers == "numpy":
+        monkeypatch.setattr(swap, "host_memory_kind", lambda: None)
+    if transfers == "fallback":
+        real = swap._scatter_program
+
+        def no_host_arguments(to_device):
+            if to_device is None:
+                return real(None)
+
+            def fails(*args):
+                raise RuntimeError("host memory arguments are not supported here")
+            fails._cache_size = lambda: 0
+            return fails
+        monkeypatch.setattr(swap, "_scatter_program", no_host_arguments)
     spec = KVPoolSpec(num_layers=3, num_blocks=16, block_size=4, num_kv_heads=2, head_dim=8,
                       dtype=dtype)
     bits = jnp.uint16 if dtype == "bfloat16" else jnp.uint32
@@ -124,14 +152,25 @@ def test_swapped_blocks_round_trip_bit_exact(dtype):
     assert allocate(spec)[0][0].shape == runner.pool[0][0].shape
 
     bm, space = BlockManager(16, 4), SwapSpace(num_pieces=5, piece_blocks=2, block_size=4)
-    host = HostKVPool(spec, space, runner)
+    in_program, how = TRANSFERS[transfers]
+    with caplog.at_level(logging.WARNING):
+        host = HostKVPool(spec, space, runner, in_program=in_program)
+    assert host.transfers == how
+    assert ("swap-in: transfers inside the swap programs failed" in caplog.text) == (
+        transfers == "fallback")
+    assert host.sizes == [4, 2, 1] and host.num_compilations == 6
     bm.append_slots(0, 0, 4 * 5)  # 5 blocks: 3 pieces, the last one padded
     bm.append_slots(1, 0, 4 * 2)
     table0 = list(bm.table(0))
     out = space.swap_out(bm, 0) + space.swap_out(bm, 1)
     host.execute(types.SimpleNamespace(swap_out=out, swap_in=[]), runner)
-    bm.append_slots(2, 0, 4 * 16)  # every device block taken by someone else and overwritten
-    runner.pool = [(jnp.zeros_like(k), jnp.full_like(v, 7)) for k, v in runner.pool]
+    # At once, as the engine's step does: every device block taken by someone else and
+    # overwritten in place by a program that donates the pool the swap-out is still reading.
+    bm.append_slots(2, 0, 4 * 16)
+    overwrite = jax.jit(lambda pool: [(jnp.zeros_like(k), jnp.full_like(v, 7)) for k, v in pool],
+                        donate_argnums=0,  # committed output, like the step's pool
+                        out_shardings=jax.tree.map(lambda x: x.sharding, runner.pool))
+    runner.pool = overwrite(runner.pool)
     bm.free(2)
     bm.append_slots(3, 0, 4 * 3)  # seq 0 comes back into different blocks
     back = space.swap_in(bm, 0)
@@ -142,7 +181,11 @@ def test_swapped_blocks_round_trip_bit_exact(dtype):
         for x, y in zip(before, after):
             np.testing.assert_array_equal(x[b_old], y[b_new])
     assert host.stats.blocks == {"out": 7, "in": 5}
-    assert host.stats.link_bytes["out"] == 4 * host.piece_bytes  # 3 + 1 pieces
+    assert host.stats.link_bytes["out"] == 4 * host.piece_bytes  # 3 + 1 pieces: one program
+    assert [(e.direction, e.pieces, e.programs) for e in host.stats.events] == [
+        ("out", 4, 1), ("in", 3, 2)]  # 3 pieces = programs of 2 and 1
+    assert all(e.seconds > 0 for e in host.stats.events)
+    assert host.num_compilations == 6, "swap programs compile at start only"
     space.free(1)  # seq 1 is dropped while swapped (an abort)
     bm.free(0)
     bm.free(3)
@@ -161,6 +204,10 @@ def test_swap_configuration_errors():
     # Qwen2.5-7B: 896 KiB blocks, pieces of 32 blocks = 28 MiB, 1 GiB = 36 pieces
     assert (space.piece_blocks, space.num_pieces) == (32, 36)
     assert piece_blocks_for(1 << 20, num_cpu_blocks=3, max_blocks_per_seq=4096) == 2
+    assert group_sizes(17, [16, 8, 4, 2, 1]) == [16, 1]
+    assert group_sizes(12, [16, 8, 4, 2, 1]) == [8, 4]
+    assert group_sizes(40, [16, 8, 4, 2, 1]) == [16, 16, 8]
+    assert group_sizes(3, [2, 1]) == [2, 1] and group_sizes(0, [1]) == []
 
 
 @settings(max_examples=150, deadline=None)

@@ -34,7 +34,7 @@ class FakeResult(NamedTuple):
     top_logprobs: np.ndarray  # [S, MAX_LOGPROBS], best first
     top_ids: np.ndarray  # [S, MAX_LOGPROBS], distinct per row
 
-    def to_host(self) -> "FakeResult":
+    def to_host(self, with_top: bool = True) -> "FakeResult":
         return self
 
 

@@ -1,0 +1,274 @@
+"""serve: an async client against `pagedjax serve`, printing `vllm bench serve`'s table.
+
+The scenario starts a ``pagedjax serve`` process on 127.0.0.1 with the engine flags given here
+(``--model``, ``--max-num-seqs``, ..., or ``--tiny``), or attaches to a running one with
+``--base-url``. The server is always a separate process, so the client's event loop never competes
+with the engine thread for the GIL.
+
+Workload, as vLLM's ``random`` dataset: ``--num-prompts`` prompts of exactly ``--input-len``
+random token ids (ids 2.. of the model's vocabulary, seeded), each asking for exactly
+``--output-len`` tokens (``ignore_eos``, greedy, as vLLM's client sends). Prompts travel as token
+ids (``/v1/completions`` accepts a list of ints), so their length is exact and no tokenizer is
+needed on the client side. Dummy weights have no tokenizer, and a server without one has no text
+to stream until a request ends; so a started server gets a synthetic word-level tokenizer of the
+model's vocabulary size (token i decodes to "wi"): every token streams as its own text, and the
+server pays a real tokenizer's incremental-detokenization cost. An attached server needs a
+tokenizer for the same reason (the run warns when streams arrive in one piece).
+
+Arrivals: ``--request-rate`` requests/s as a Poisson process (exponential gaps; ``--burstiness``
+!= 1 gives vLLM's gamma gaps), seeded, or ``inf`` to send them all at once;
+``--max-concurrency`` caps the requests in flight (the rest wait on the client, outside their
+timing). A comma list of rates measures each in turn against the same server.
+
+Figures, vLLM's definitions: TTFT = first streamed token after sending; TPOT = (latency - TTFT) /
+(output tokens - 1) per request; ITL = gaps between consecutive streamed chunks over all requests
+(a chunk carries one token unless the client falls behind: ``tokens_per_chunk`` says);
+throughputs over the duration of the whole run. Before each measured rate a warm-up of
+``--num-warmup-prompts`` requests with the same shape and rate compiles the step shapes it
+needs; ``compilations_after_warmup`` comes from the server's ``pagedjax:step_compilations``
+counter (null for a server without it), and the server's token counters are read around each
+run to check the client's counts. The server process, the tokenizer and the client live in
+``serving_client.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import harness, plots
+from benchmarks.common import print_table, results_dir, write_result
+from benchmarks.serving_client import RequestResult, run_requests, scrape, started_server
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = ["request_rate", "max_concurrency", "completed", "failed", "duration",
+           "request_throughput", "output_throughput", "total_token_throughput", "mean_ttft_ms",
+           "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms",
+           "mean_itl_ms", "median_itl_ms", "p99_itl_ms", "compilations"]
+HEADLINE = ("output_throughput", "request_throughput", "median_ttft_ms", "p99_ttft_ms",
+            "median_tpot_ms", "median_itl_ms")
+COUNTERS = ("prompt_tokens", "generation_tokens", "num_preemptions", "step_compilations")
+
+
+def _rates(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    harness.add_engine_arguments(p)
+    p.add_argument("--base-url", default=None,
+                   help="attach to this running server (e.g. http://127.0.0.1:8000) instead of "
+                        "starting one; --model still names the shape (for the vocabulary size)")
+    p.add_argument("--api-key", default=os.environ.get("PAGEDJAX_API_KEY"))
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--input-len", type=int, default=1000)
+    p.add_argument("--output-len", type=int, default=200)
+    p.add_argument("--request-rate", type=_rates, default=[math.inf],
+                   help="requests/s (Poisson), inf = all at once; a comma list runs each")
+    p.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of the arrival gaps; 1 = Poisson (vLLM's meaning)")
+    p.add_argument("--max-concurrency", type=int, default=None,
+                   help="most requests in flight at once (default: no limit)")
+    p.add_argument("--num-warmup-prompts", type=int, default=None,
+                   help="warm-up requests before each rate (default: --num-prompts, at most "
+                        "2 x --max-concurrency, or 64 without one)")
+    p.add_argument("--server-timeout", type=float, default=900.0,
+                   help="seconds to wait for a started server to answer /health")
+    p.add_argument("--server-arg", action="append", default=[],
+                   help="extra argument for the started `pagedjax serve` (repeatable)")
+    p.add_argument("--tag", default="", help="results file serve-<tag>.json")
+
+
+# ---- figures ---------------------------------------------------------------------------------
+def metrics(results: list[RequestResult], duration: float) -> dict:
+    """vLLM ``bench serve``'s figures (names as in its JSON) over the successful requests."""
+    ok = [r for r in results if r.ok]
+    ms = 1e3
+    ttft = [r.ttft * ms for r in ok]
+    tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) * ms for r in ok if r.output_tokens > 1]
+    itl = [g * ms for r in ok for g in r.itl]
+    e2e = [r.latency * ms for r in ok]
+    inp, out = sum(r.prompt_len for r in ok), sum(r.output_tokens for r in ok)
+    m = {"completed": len(ok), "failed": len(results) - len(ok), "duration": duration,
+         "total_input_tokens": inp, "total_output_tokens": out,
+         "request_throughput": len(ok) / duration, "output_throughput": out / duration,
+         "total_token_throughput": (inp + out) / duration,
+         "tokens_per_chunk": out / max(sum(r.chunks for r in ok), 1)}
+    for name, xs in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2el", e2e)):
+        a = np.asarray(xs) if xs else np.zeros(1)
+        m |= {f"mean_{name}_ms": float(a.mean()), f"median_{name}_ms": float(np.median(a)),
+              f"std_{name}_ms": float(a.std()), f"p90_{name}_ms": float(np.percentile(a, 90)),
+              f"p99_{name}_ms": float(np.percentile(a, 99))}
+    return m
+
+
+def print_vllm_table(m: dict, rate: float, max_concurrency: int | None) -> None:
+    line = "{:<40} {:<10}".format
+    num = "{:<40} {:<10.2f}".format
+    print("{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=50, c="="))
+    print(line("Request rate (req/s):", str(rate)))
+    print(line("Maximum request concurrency:", str(max_concurrency)))
+    print(line("Successful requests:", m["completed"]))
+    print(line("Failed requests:", m["failed"]))
+    print(num("Benchmark duration (s):", m["duration"]))
+    print(line("Total input tokens:", m["total_input_tokens"]))
+    print(line("Total generated tokens:", m["total_output_tokens"]))
+    print(num("Request throughput (req/s):", m["request_throughput"]))
+    print(num("Output token throughput (tok/s):", m["output_throughput"]))
+    print(num("Total Token throughput (tok/s):", m["total_token_throughput"]))
+    for key, title in (("ttft", "Time to First Token"),
+                       ("tpot", "Time per Output Token (excl. 1st token)"),
+                       ("itl", "Inter-token Latency")):
+        print("{s:{c}^{n}}".format(s=title, n=50, c="-"))
+        for stat, label in (("mean", "Mean"), ("median", "Median"), ("p99", "P99")):
+            print(num(f"{label} {key.upper()} (ms):", m[f"{stat}_{key}_ms"]))
+    print("=" * 50)
+
+
+def _cdf(xs: list[float], points: int = 101) -> tuple[list[float], list[float]]:
+    if not xs:
+        return [], []
+    q = np.linspace(0, 100, points)
+    return np.percentile(xs, q).tolist(), (q / 100).tolist()
+
+
+def _label(rate: float) -> str:
+    return "inf" if math.isinf(rate) else f"{rate:g}"
+
+
+# ---- the scenario ----------------------------------------------------------------------------
+def run(args) -> dict:
+    # This process is only a client: it must not take GPU memory from the server it starts (JAX
+    # preallocates 75% on its first use, which here is only the results' device name).
+    server_env = dict(os.environ)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+    vocab = harness.hf_config_dict(args)["vocab_size"]
+    if args.max_model_len is None:
+        args.max_model_len = args.input_len + args.output_len
+    n_warm = args.num_warmup_prompts
+    if n_warm is None:
+        n_warm = min(args.num_prompts, 2 * (args.max_concurrency or 32))
+    tag = f"-{args.tag}" if args.tag else ""
+    rows, runs = [], []
+    with contextlib.ExitStack() as stack:
+        url = args.base_url or stack.enter_context(started_server(args, vocab, server_env))
+        card = _model_card(url, args)
+        prompts = harness.random_prompts([args.input_len] * args.num_prompts, vocab, args.seed)
+        for i, rate in enumerate(args.request_rate):
+            row, results = _measure(url, args, card["id"], prompts, vocab, n_warm, i, rate)
+            rows.append(row)
+            runs.append(results)
+            # rewritten after every rate: a run cut short by a time limit keeps what it finished
+            summary, figures = _summarise(args, url, rows, runs, n_warm)
+            write_result("serve", summary, figures, out=args.out, tag=args.tag)
+    print_table(figures["table"]["rows"], COLUMNS)
+    _plot(results_dir(args.out) / f"serve{tag}.png", runs, args)
+    return summary
+
+
+def _model_card(url: str, args) -> dict:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    card = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]
+    if args.input_len + args.output_len > card["max_model_len"]:
+        raise ValueError(f"--input-len {args.input_len} + --output-len {args.output_len} is more "
+                         f"than the server's max_model_len {card['max_model_len']}")
+    return card
+
+
+def _measure(url: str, args, model: str, prompts, vocab: int, n_warm: int, i: int, rate: float):
+    """Warm up, then measure one request rate; returns its table row and the request results."""
+    go = dict(output_len=args.output_len, rate=rate, burstiness=args.burstiness,
+              max_concurrency=args.max_concurrency)
+    t0, c0 = time.perf_counter(), scrape(url)
+    if n_warm:
+        warm = harness.random_prompts([args.input_len] * n_warm, vocab, args.seed + 1000 + i)
+        res, _, _ = asyncio.run(run_requests(url, args.api_key, model, warm,
+                                              seed=args.seed + 1000 + i, **go))
+        bad = [r.error for r in res if not r.ok]
+        if bad:
+            raise RuntimeError(f"{len(bad)} of {n_warm} warm-up requests failed: {bad[0]}")
+    before = scrape(url)
+    warm_s, warm_compiled = time.perf_counter() - t0, _delta(c0, before, "step_compilations")
+    logger.info("rate %s: warm-up of %d requests took %.1f s (%s step shapes compiled)",
+                _label(rate), n_warm, warm_s, warm_compiled)
+    results, duration, peak = asyncio.run(run_requests(url, args.api_key, model, prompts,
+                                                        seed=args.seed + i, **go))
+    after = scrape(url)
+    m = metrics(results, duration)
+    server = {k: _delta(before, after, k) for k in COUNTERS}
+    print_vllm_table(m, rate, args.max_concurrency)
+    errors = [r.error for r in results if not r.ok]
+    if errors:
+        logger.warning("%d requests failed, e.g. %s", len(errors), errors[0])
+    if m["completed"] and m["tokens_per_chunk"] > 1.5:
+        logger.warning("%.1f tokens per streamed chunk: the server streams in large pieces "
+                       "(no tokenizer?) or the client fell behind; ITL is per chunk",
+                       m["tokens_per_chunk"])
+    row = {"request_rate": _label(rate), "max_concurrency": args.max_concurrency, **m,
+           "compilations": server["step_compilations"], "peak_concurrency": peak,
+           "warmup_s": warm_s, "warmup_compilations": warm_compiled, "server": server,
+           "errors": errors[:5]}
+    return row, results
+
+
+def _delta(before: dict, after: dict, key: str):
+    if key not in after or key not in before:
+        return None  # a server without this counter
+    return int(after[key] - before[key])
+
+
+def _summarise(args, url: str, rows: list[dict], runs, n_warm: int):
+    first = rows[0]
+    compiled = [r["compilations"] for r in rows]
+    summary = {k: first[k] for k in ("completed", "failed", "duration", "request_throughput",
+                                     "output_throughput", "total_token_throughput",
+                                     "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms",
+                                     "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms",
+                                     "mean_itl_ms", "median_itl_ms", "p99_itl_ms")}
+    summary |= {"request_rate": first["request_rate"], "max_concurrency": args.max_concurrency,
+                "all_succeeded": all(r["failed"] == 0 for r in rows),
+                # null: the server has no pagedjax:step_compilations counter (attached to another)
+                "compilations_after_warmup": None if None in compiled else sum(compiled)}
+    for r in rows[1:]:
+        summary |= {f"rate{r['request_rate']}_{k}": r[k] for k in HEADLINE}
+    figures = {
+        "model": args.model if not args.tiny else "tiny", "server_url": url,
+        "server_started_here": args.base_url is None, "num_prompts": args.num_prompts,
+        "input_len": args.input_len, "output_len": args.output_len,
+        "burstiness": args.burstiness, "num_warmup_prompts": n_warm,
+        "dataset": "random token ids, fixed lengths, ignore_eos, temperature 0",
+        "rows": rows,
+        "requests": [[{"start_s": r.start, "ttft_ms": r.ttft * 1e3, "latency_ms": r.latency * 1e3,
+                       "output_tokens": r.output_tokens, "chunks": r.chunks, "ok": r.ok}
+                      for r in results] for results in runs],
+        "itl_cdf_ms": [_cdf([g * 1e3 for r in results if r.ok for g in r.itl])[0]
+                       for results in runs],
+        "table": {"columns": COLUMNS, "rows": [{c: r[c] for c in COLUMNS} for r in rows]},
+    }
+    return summary, figures
+
+
+def _plot(path: Path, runs, args) -> None:
+    ttft, itl = {}, {}
+    for rate, results in zip(args.request_rate, runs):
+        ok = [r for r in results if r.ok]
+        ttft[f"rate {_label(rate)}"] = _cdf([r.ttft * 1e3 for r in ok])
+        itl[f"rate {_label(rate)}"] = _cdf([g * 1e3 for r in ok for g in r.itl])
+    plots.save(path, [
+        {"kind": "lines", "title": "TTFT distribution (CDF)", "xlabel": "ms",
+         "ylabel": "fraction of requests", "series": ttft},
+        {"kind": "lines", "title": "inter-token latency distribution (CDF)", "xlabel": "ms",
+         "ylabel": "fraction of gaps", "series": itl},
+    ], title=f"serve: {args.num_prompts} x {args.input_len}/{args.output_len}, "
+             f"max concurrency {args.max_concurrency}")
