@@ -44,7 +44,8 @@ def _fake_engine(num_seqs: int, prompt_len: int, steps: int):
               max_num_batched_tokens=max(2048, num_seqs), max_model_len=cfg.max_position_embeddings)
     rng = np.random.default_rng(0)
 
-    def fake_execute(packed, layout):  # what the device would return, instantly
+    def fake_execute(inputs):  # what the device would return, instantly
+        layout = inputs.layout
         top = np.tile(np.arange(3, 3 + MAX_LOGPROBS, dtype=np.int32), (layout.S, 1))
         return StepResult(rng.integers(3, cfg.vocab_size, size=layout.S).astype(np.int32),
                           np.full(layout.S, -1.0, np.float32),
@@ -58,6 +59,20 @@ def _fake_engine(num_seqs: int, prompt_len: int, steps: int):
     return llm.engine, jnp
 
 
+def timed(obj, name: str, times: dict, key: str) -> None:
+    """Wrap ``obj.name`` so its time accumulates into ``times[key]``."""
+    fn = getattr(obj, name)
+
+    def wrapper(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            times[key] += time.perf_counter() - t
+
+    setattr(obj, name, wrapper)
+
+
 def run(args) -> dict:
     rows = []
     for b in map(int, args.batch_sizes.split(",")):
@@ -66,18 +81,15 @@ def run(args) -> dict:
                   for s in r.seqs):
             engine.step()  # prefill everyone first
         times = {"schedule": 0.0, "prepare": 0.0, "postprocess": 0.0}
+        timed(engine.scheduler, "schedule", times, "schedule")
+        timed(engine.runner, "prepare", times, "prepare")
+        timed(engine, "_complete", times, "postprocess")
+        t0 = time.perf_counter()
         for _ in range(args.steps):
-            t0 = time.perf_counter()
-            batch = engine.scheduler.schedule()
-            t1 = time.perf_counter()
-            packed, layout = engine.runner.prepare(batch, engine.block_manager)
-            t2 = time.perf_counter()
-            engine._postprocess(batch, engine.runner.execute(packed, layout).to_host())
-            t3 = time.perf_counter()
-            times["schedule"] += t1 - t0
-            times["prepare"] += t2 - t1
-            times["postprocess"] += t3 - t2
+            engine.step()
+        total = (time.perf_counter() - t0) / args.steps * 1e3
         per = {k: v / args.steps * 1e3 for k, v in times.items()}
+        per["other"] = total - sum(per.values())  # dispatch bookkeeping, step loop
         rows.append({"running_seqs": b, **{f"{k}_ms": v for k, v in per.items()},
                      "total_ms": sum(per.values())})
     print_table(rows)

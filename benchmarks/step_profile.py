@@ -157,32 +157,34 @@ def measure(llm, batch: int, args) -> dict:
     host_s = (e.stats.host_seconds - st0[0]) / args.steps
     wait_s = (e.stats.device_seconds - st0[1]) / args.steps
 
-    # the device's own time: the same decode step, dispatched back to back, one wait at the end
-    batch_ = e.scheduler.schedule()
-    packed, layout = e.runner.prepare(batch_, e.block_manager)
-    jax.block_until_ready(e.runner.execute(packed, layout))
-    t0, dispatch = time.perf_counter(), 0.0
-    for _ in range(args.steps):
-        t1 = time.perf_counter()
-        out = e.runner.execute(packed, layout)
-        dispatch += time.perf_counter() - t1
-    jax.block_until_ready(out)
-    device_s = (time.perf_counter() - t0) / args.steps
-    e._postprocess(batch_, out.to_host())  # keep the engine's state consistent
-
-    row = {"batch": batch, "input_len": args.input_len, "layout": str(layout),
+    row = {"batch": batch, "input_len": args.input_len,
            "step_ms": step_s * 1e3, "host_ms": host_s * 1e3, "dispatch_wait_ms": wait_s * 1e3,
-           "device_loop_ms": device_s * 1e3, "dispatch_ms": dispatch / args.steps * 1e3,
-           "tok_s": batch / step_s,
-           "tok_s_device_bound": batch / device_s,
-           "compilations": e.runner.num_compilations - c0}
+           "tok_s": batch / step_s, "compilations": e.runner.num_compilations - c0}
     if args.trace_steps:
         keep = (str(results_dir(args.out) / f"trace-b{batch}.json.gz")
                 if batch in args.keep_trace else None)
         row["trace"] = _trace(e, args.trace_steps, args.top_kernels, keep)
         row["device_busy_ms"] = row["trace"].get("device_busy_ms")
-    for rid in ids:
+    # the device's own time: the same decode step, dispatched back to back, one wait at the end
+    while e._on_device:  # settle the engine: nothing in flight
+        e._complete_oldest()
+    inputs = e.runner.prepare(e.scheduler.schedule(), e.block_manager)
+    row["layout"] = str(inputs.layout)
+    jax.block_until_ready(e.runner.execute(inputs))
+    t0, dispatch = time.perf_counter(), 0.0
+    for _ in range(args.steps):  # the same step again and again (same slots, same tokens)
+        t1 = time.perf_counter()
+        out = e.runner.execute(inputs)
+        dispatch += time.perf_counter() - t1
+    jax.block_until_ready(out)
+    device_s = (time.perf_counter() - t0) / args.steps
+    for rid in ids:  # the scheduled step was never completed: end the requests here
         e.abort(rid)
+
+    row.update(device_loop_ms=device_s * 1e3, dispatch_ms=dispatch / args.steps * 1e3,
+               tok_s_device_bound=batch / device_s)
+    while e.has_unfinished():  # (nothing should be left)
+        e.step()
     logger.info("batch %d: step %.2f ms (host %.2f, wait %.2f), device loop %.2f ms", batch,
                 row["step_ms"], row["host_ms"], row["dispatch_wait_ms"], row["device_loop_ms"])
     return row

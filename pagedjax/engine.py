@@ -280,8 +280,7 @@ class LLMEngine:
                        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
                        if seq.pending_forks and seq.num_computed_tokens + n == seq.num_tokens
                        for child in seq.pending_forks]
-        packed, layout = self.runner.prepare(batch, self.block_manager)
-        result = self.runner.execute(packed, layout)
+        result = self.runner.execute(self.runner.prepare(batch, self.block_manager))
         # The step is on its way: its tokens count as computed, and each row that samples gets
         # a PLACEHOLDER for its token, filled when the step completes.
         step_id, samples, needs_host, want_top = self.runner.step_id, {}, bool(batch.forks), False

@@ -44,8 +44,6 @@ class StepLayout:
                 ("slot_mapping", T, _INT),
                 ("block_tables", S * W, _INT), ("context_lens", S, _INT),
                 ("query_start_loc", S + 1, _INT), ("logits_indices", S, _INT),
-                ("temperature", S, _F32), ("top_p", S, _F32), ("top_k", S, _INT),
-                ("min_p", S, _F32), ("seeds", S, _INT), ("counters", S, _INT), ("num_top", S, _INT),
                 ("copy_src", C, _INT), ("copy_dst", C, _INT))
 
     @functools.cached_property
@@ -67,6 +65,33 @@ class StepLayout:
             out[name] = jax.lax.bitcast_convert_type(x, jnp.float32) if is_float else x
         out["block_tables"] = out["block_tables"].reshape(self.S, self.W)
         return out
+
+
+# Per sampling row, one row each of the step's [len(SAMPLING_FIELDS), S] int32 sampling array.
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seeds", "counters", "num_top")
+_SAMPLING_FLOATS = ("temperature", "top_p", "min_p")
+
+
+class SampleMode(NamedTuple):
+    """Static sampler flags of one step (pagedjax.sampler.sample)."""
+
+    random: bool = True  # some row has temperature > 0
+    filters: bool = False  # some such row uses top-p / top-k / min-p
+    top: bool = False  # some row wants its top logprobs
+
+
+SAMPLE_MODES = tuple(SampleMode(r, f, t) for r in (False, True) for f in (False, True)
+                     for t in (False, True) if r or not f)
+
+
+class StepInputs(NamedTuple):
+    """What ``prepare`` builds and ``execute`` sends: the model step's packed array and static
+    layout, the sampler's per-row parameters and static flags."""
+
+    packed: np.ndarray
+    layout: StepLayout
+    sampling: np.ndarray
+    mode: SampleMode
 
 
 class StepResult(NamedTuple):
@@ -111,7 +136,7 @@ class ModelRunner:
         # Under tp the results come back replicated (every process reads them) and the pool
         # keeps its KV-head sharding from step to step.
         out = {} if mesh is None else {"out_shardings": (
-            (sharding.replicated(mesh),) * (len(StepResult._fields) + 1) + (pool_sharding,))}
+            (sharding.replicated(mesh), pool_sharding))}
         self._to_device = jnp.asarray if mesh is None else functools.partial(
             jax.device_put, device=sharding.replicated(mesh))
         self._step = jax.jit(functools.partial(_step, cfg=cfg, attend=attend),
@@ -119,6 +144,10 @@ class ModelRunner:
         # The last step's sampled tokens, on the device, padded to every bucket's S: the next
         # step reads the tokens it was dispatched without (async scheduling) from here.
         self.max_rows = _pow2_at_least(max(max_num_seqs, 4), 4)
+        sample_out = {} if mesh is None else {"out_shardings": (
+            (sharding.replicated(mesh),) * (len(StepResult._fields) + 1))}
+        self._sample = jax.jit(functools.partial(_sample_step, max_rows=self.max_rows),
+                               static_argnames=("mode",), **sample_out)
         self._sampled = self._to_device(np.zeros(self.max_rows, np.int32))
         self.step_id = 0  # id of the last dispatched step
 
@@ -157,23 +186,30 @@ class ModelRunner:
         return mixed + sorted(decode, key=lambda x: (x.T, x.S, x.W))
 
     def warmup(self, max_context: int | None = None) -> int:
-        """Compile every bucket by running all-padding steps (they write nothing). Returns the
-        number of shapes compiled."""
+        """Compile every bucket by running all-padding steps (they write nothing), and the
+        sampler in every mode for every S. Returns the number of step shapes compiled."""
         layouts = self.buckets(max_context)
         for layout in layouts:
             packed = np.zeros(layout.size, dtype=np.int32)
             for field in ("slot_mapping", "token_src"):
                 at, n, _ = layout.offsets[field]
                 packed[at:at + n] = -1
-            jax.block_until_ready(self.execute(packed, layout))
+            sampling = np.zeros((len(SAMPLING_FIELDS), layout.S), np.int32)
+            jax.block_until_ready(self.execute(StepInputs(packed, layout, sampling, SampleMode())))
+        for S in sorted({layout.S for layout in layouts}):
+            logits = jnp.zeros((S, self.cfg.vocab_size), jnp.float32)
+            sampling = self._to_device(np.zeros((len(SAMPLING_FIELDS), S), np.int32))
+            for mode in SAMPLE_MODES:
+                jax.block_until_ready(self._sample(logits, sampling, mode=mode))
         return len(layouts)
 
     @property
     def num_compilations(self) -> int:
-        return self._step._cache_size()
+        """Programs compiled so far: model step shapes plus sampler (S, mode) variants."""
+        return self._step._cache_size() + self._sample._cache_size()
 
     # ---- one step ----------------------------------------------------------------------------
-    def prepare(self, batch: ScheduledBatch, bm: BlockManager) -> tuple[np.ndarray, StepLayout]:
+    def prepare(self, batch: ScheduledBatch, bm: BlockManager) -> StepInputs:
         """Rows 0..len(seqs)-1 sample for the scheduled sequences; rows after them sample the
         first token of each ``batch.forks`` child from its parent's logits (n > 1 sampling).
         A token still on the device (a PLACEHOLDER sampled by the last dispatched step) is read
@@ -186,8 +222,9 @@ class ModelRunner:
         bs = self.block_size
         packed = np.zeros(layout.size, dtype=np.int32)
         view = {name: packed[at:at + n] for name, (at, n, _) in layout.offsets.items()}
-        fview = {name: view[name].view(np.float32)
-                 for name, (_, _, is_float) in layout.offsets.items() if is_float}
+        sampling = np.zeros((len(SAMPLING_FIELDS), layout.S), np.int32)
+        view.update(zip(SAMPLING_FIELDS, sampling))
+        fview = {name: view[name].view(np.float32) for name in _SAMPLING_FLOATS}
         tokens, positions, slots = view["tokens"], view["positions"], view["slot_mapping"]
         slots[:] = -1
         view["token_src"][:] = -1
@@ -236,17 +273,27 @@ class ModelRunner:
         for j, (parent, child) in enumerate(batch.forks, start=len(seqs)):
             view["logits_indices"][j] = qsl[parent + 1] - 1
             sampling_row(j, child)
+        rows = slice(0, len(seqs) + len(batch.forks))
+        randoms = temperature[rows] > 0
+        mode = SampleMode(
+            random=bool(randoms.any()),
+            filters=bool((randoms & ((top_p[rows] < 1) | (top_k[rows] > 0) | (min_p[rows] > 0)))
+                         .any()),
+            top=bool((num_top[rows] > 0).any()))
         if batch.copies:
             src, dst = zip(*batch.copies)
             view["copy_dst"][:] = -1
             view["copy_src"][:len(src)] = src
             view["copy_dst"][:len(dst)] = dst
-        return packed, layout
+        return StepInputs(packed, layout, sampling, mode)
 
-    def execute(self, packed: np.ndarray, layout: StepLayout) -> "StepResult":
-        """Dispatch the step; the result's arrays stay on the device until the host reads them."""
-        *out, self._sampled, self.pool = self._step(self.params, self.pool, self._sampled,
-                                                    self._to_device(packed), layout=layout)
+    def execute(self, inputs: StepInputs) -> "StepResult":
+        """Dispatch the model step and its sampler; the results stay on the device until the
+        host reads them. Nothing here waits for the device."""
+        logits, self.pool = self._step(self.params, self.pool, self._sampled,
+                                       self._to_device(inputs.packed), layout=inputs.layout)
+        *out, self._sampled = self._sample(logits, self._to_device(inputs.sampling),
+                                           mode=inputs.mode)
         self.step_id += 1
         return StepResult(*out)
 
@@ -254,14 +301,22 @@ class ModelRunner:
 def _step(params, pool, sampled, packed, *, layout: StepLayout, cfg: ModelConfig, attend):
     f = layout.unpack(packed)
     src = f["token_src"]  # >= 0: the token is row src of the previous step's samples
-    f["tokens"] = jnp.where(src >= 0, sampled[jnp.clip(src, 0, sampled.shape[0] - 1)],
-                            f["tokens"])
+    tokens = jnp.where(src >= 0, sampled[jnp.clip(src, 0, sampled.shape[0] - 1)], f["tokens"])
     if layout.C:
         pool = kv_pool.copy_blocks(pool, f["copy_src"], f["copy_dst"])
     meta = {k: f[k] for k in ("slot_mapping", "block_tables", "context_lens", "query_start_loc")}
     meta["decode_only"] = layout.decode  # static: a Python bool, not a traced value
-    logits, pool = forward_paged(params, cfg, f["tokens"], f["positions"], pool, meta, attend,
-                                 f["logits_indices"])
-    result = sample(logits, f["temperature"], f["top_p"], f["top_k"], f["min_p"], f["seeds"],
-                    f["counters"], f["num_top"])
-    return (*result, jnp.zeros_like(sampled).at[:layout.S].set(result[0]), pool)
+    return forward_paged(params, cfg, tokens, f["positions"], pool, meta, attend,
+                         f["logits_indices"])
+
+
+def _sample_step(logits, sampling, *, mode: SampleMode, max_rows: int):
+    """Sample the step's rows; also returns the tokens padded to ``max_rows`` (the next step's
+    ``sampled`` input)."""
+    p = dict(zip(SAMPLING_FIELDS, sampling))
+    for name in _SAMPLING_FLOATS:
+        p[name] = jax.lax.bitcast_convert_type(p[name], jnp.float32)
+    result = sample(logits, p["temperature"], p["top_p"], p["top_k"], p["min_p"], p["seeds"],
+                    p["counters"], random=mode.random, filters=mode.filters, top=mode.top)
+    padded = jnp.zeros((max_rows,), jnp.int32).at[:logits.shape[0]].set(result[0])
+    return (*result, padded)

@@ -6,6 +6,9 @@ samples the same tokens whether it runs alone, in any batch, or after a preempti
 Cost: a step samples S rows over the whole vocabulary (152k for Qwen2.5). Sorting those rows is
 the expensive part, so sorting happens only when some row of the step filters (top-p < 1, top-k,
 min-p); likewise the top-20 logprobs only when some row asks for them (logprobs=k or a beam).
+These are static flags the host sets per step (one small compiled sampler per combination), not
+``lax.cond``: a device-side branch makes XLA copy its predicate to the host and wait for it, and
+the host could not queue the next step while the device runs this one (async scheduling).
 The draw itself is Gumbel-max in vocabulary order with noise from (seed, i), and a filter only
 masks tokens, so a row draws the same token whichever of these paths its batch takes.
 """
@@ -31,39 +34,40 @@ def _keep_mask(scaled, top_p, top_k, min_p):
     return scaled >= threshold
 
 
-def _draw(logits, temperature, top_p, top_k, min_p, seeds, counters):
+def _draw(logits, temperature, top_p, top_k, min_p, seeds, counters, filters: bool):
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    filters = (top_p < 1.0) | (top_k > 0) | (min_p > 0.0)
-    keep = jax.lax.cond(jnp.any(filters & (temperature > 0.0)),
-                        lambda: _keep_mask(scaled, top_p, top_k, min_p),
-                        lambda: jnp.ones(scaled.shape, bool))
+    keep = True
+    if filters:  # static: some row of the step filters; the others keep every token
+        row_filters = (top_p < 1.0) | (top_k > 0) | (min_p > 0.0)
+        keep = _keep_mask(scaled, top_p, top_k, min_p) | ~row_filters[:, None]
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
     noise = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[-1:], jnp.float32))(keys)
     return jnp.argmax(jnp.where(keep, scaled + noise, -jnp.inf), axis=-1)
 
 
-def sample(logits, temperature, top_p, top_k, min_p, seeds, counters, num_top):
-    """logits [S, V] float32; per-row params [S]; num_top [S]: top logprobs a row wants (0: none).
-    Returns tokens [S] int32, their logprobs [S], and the top MAX_LOGPROBS (logprobs, ids)
-    [S, MAX_LOGPROBS] per row (zeros unless some row of the step wants them), all logprobs under
-    the unmodified model distribution (vLLM's default)."""
+def sample(logits, temperature, top_p, top_k, min_p, seeds, counters, *, random: bool = True,
+           filters: bool = True, top: bool = True):
+    """logits [S, V] float32; per-row params [S]. Static flags, set by the host from the step's
+    rows (no device-side branch, so dispatch never waits on the device): ``random`` some row has
+    temperature > 0, ``filters`` some such row uses top-p / top-k / min-p, ``top`` some row wants
+    its top logprobs. Returns tokens [S] int32, their logprobs [S], and the top MAX_LOGPROBS
+    (logprobs, ids) [S, MAX_LOGPROBS] per row (zeros unless ``top``), all logprobs under the
+    unmodified model distribution (vLLM's default)."""
     greedy = jnp.argmax(logits, axis=-1)
-    tokens = jax.lax.cond(
-        jnp.all(temperature == 0.0),
-        lambda: greedy,
-        lambda: jnp.where(temperature == 0.0, greedy,
-                          _draw(logits, temperature, top_p, top_k, min_p, seeds, counters)),
-    ).astype(jnp.int32)
+    if random:
+        tokens = jnp.where(temperature == 0.0, greedy,
+                           _draw(logits, temperature, top_p, top_k, min_p, seeds, counters,
+                                 filters))
+    else:
+        tokens = greedy
+    tokens = tokens.astype(jnp.int32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
     k = min(MAX_LOGPROBS, logits.shape[-1])
-
-    def top():
+    if top:
         top_logits, ids = jax.lax.top_k(logits, k)
-        return top_logits - lse[:, None], ids.astype(jnp.int32)
-
-    top_lp, top_ids = jax.lax.cond(
-        jnp.any(num_top > 0), top,
-        lambda: (jnp.zeros((logits.shape[0], k), jnp.float32),
-                 jnp.zeros((logits.shape[0], k), jnp.int32)))
+        top_lp, top_ids = top_logits - lse[:, None], ids.astype(jnp.int32)
+    else:
+        top_lp = jnp.zeros((logits.shape[0], k), jnp.float32)
+        top_ids = jnp.zeros((logits.shape[0], k), jnp.int32)
     return tokens, chosen, top_lp, top_ids

@@ -59,7 +59,8 @@ class FakeDevice:
         self.fail = False
         self.calls = self.failures = 0
 
-    def __call__(self, packed, layout) -> FakeResult:
+    def __call__(self, inputs) -> FakeResult:
+        layout = inputs.layout
         self.calls += 1
         if self.fail:
             self.fail = False

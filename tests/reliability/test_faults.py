@@ -119,8 +119,9 @@ def test_out_of_memory_at_start_names_the_flags(tiny_qwen, tmp_path, monkeypatch
 
 def test_a_failed_step_in_the_server_is_a_500_for_its_requests_only(rel_server, rel_ref,
                                                                      monkeypatch):
-    """Six requests, four run at a time: the step that fails holds some of them; those get a
-    500 (an error event when streaming), the others complete with the sequential result."""
+    """Six requests, four run at a time: the steps on the device when one fails (the failing one
+    and, with async scheduling, the one before it) hold some of them; those get a 500 (an error
+    event when streaming), the others complete with the sequential result."""
     engine = rel_server.aengine.engine
     runner = engine.runner
     step = engine.step
@@ -136,12 +137,14 @@ def test_a_failed_step_in_the_server_is_a_500_for_its_requests_only(rel_server, 
         last[:] = [tuple(s.prompt_token_ids) for s in batch.seqs]
         return prepare(batch, bm)
 
-    def failing_execute(packed, layout):
+    def failing_execute(inputs):
         if armed.is_set() and len(last) >= 2 and engine.scheduler.waiting:
             armed.clear()
-            victims.extend(last)
+            victims.extend(last)  # and the step still on the device (async scheduling)
+            victims.extend(tuple(s.prompt_token_ids) for f in engine._on_device
+                           for s in f.batch.seqs)
             lose_the_pool_then_raise(runner)
-        return execute(packed, layout)
+        return execute(inputs)
 
     monkeypatch.setattr(engine, "step", slow_step)
     monkeypatch.setattr(runner, "prepare", spy_prepare)
