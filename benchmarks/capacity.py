@@ -13,6 +13,10 @@ and ``--max-num-seqs`` = the largest concurrency, runs every row, after one warm
 largest row's workload (``--warmup same``). The rows run smallest first and the JSON is rewritten
 after each, so a run cut short keeps its finished rows.
 
+``--kv-cache-dtype fp8_e4m3`` (or fp8_e5m2 / int8) runs every row on a quantized pool and also
+probes an ``auto`` (model dtype) engine at the same memory: ``summary["fp8_pool_token_ratio"]`` is
+pool tokens quantized / model dtype (2x minus the scales' share: 1.97x at head_dim 128).
+
 ``--quick`` cuts every size for a smoke run; ``--max-concurrency-cap`` bounds the requests per row
 (the CPU's default 1 GiB pool would otherwise admit thousands of tiny requests).
 """
@@ -25,8 +29,9 @@ import jax
 
 from benchmarks import harness, plots
 from benchmarks.common import print_table, results_dir, write_result
+from pagedjax import kv_pool
 from pagedjax.kv_pool import GiB
-from pagedjax.memory_report import memory_report
+from pagedjax.memory_report import memory_report, resolve_kv_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +61,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
 
 
-def _probe(loaded, args, max_model_len: int) -> dict:
+def _probe(loaded, args, max_model_len: int, **overrides) -> dict:
     """Start an engine at this max_model_len (it sizes its pool and logs vLLM's capacity lines),
     read the pool, drop it. Nothing is compiled."""
     row = {"max_model_len": max_model_len}
     try:
-        llm = harness.make_llm(loaded, harness.engine_args(args, max_model_len=max_model_len))
+        llm = harness.make_llm(loaded, harness.engine_args(args, max_model_len=max_model_len,
+                                                           **overrides))
     except ValueError as e:  # the pool cannot hold one sequence of this length
         return {**row, "error": str(e)}
     spec = llm.engine.spec
@@ -107,8 +113,13 @@ def run(args) -> dict:
         if "error" not in r and (r["requests"] < 1 or args.input_len >= r["max_model_len"]):
             r["error"] = f"{r['requests']} requests of {args.input_len} tokens do not fit"
     ok = [r for r in rows if "error" not in r]
-    summary = _summary(rows)
-    write_result("capacity", summary, _figures(loaded, args, rows), out=args.out)
+    base = None
+    if args.kv_cache_dtype != "auto" and ok:
+        # the same memory in the model's dtype: the pool does not depend on max_model_len
+        base = _probe(loaded, args, ok[0]["max_model_len"], kv_cache_dtype="auto")
+        base["kv_cache_dtype"] = "auto"
+    summary = _summary(rows, args, base)
+    write_result("capacity", summary, _figures(loaded, args, rows, base), out=args.out)
     if ok:
         # max_model_len only changes the admission arithmetic above; what runs depends on the
         # requests. One engine (the longest max_model_len, the same pool) measures every row, so
@@ -130,19 +141,26 @@ def run(args) -> dict:
                         w.compilations, w.elapsed_s)
         for r in sorted(ok, key=lambda r: r["requests"]):  # quickest rows first
             _measure(llm, r, args)
-            summary = {**_summary(rows), **warm}
+            summary = {**_summary(rows, args, base), **warm}
             # rewritten after every row: a run cut short still leaves its finished rows
-            write_result("capacity", summary, _figures(loaded, args, rows), out=args.out)
+            write_result("capacity", summary, _figures(loaded, args, rows, base), out=args.out)
         harness.release(llm)
     print_table(rows, COLUMNS)
     _plot(results_dir(args.out) / "capacity.png", rows, args)
     return summary
 
 
-def _summary(rows: list[dict]) -> dict:
+def _summary(rows: list[dict], args, base: dict | None = None) -> dict:
     summary = {"compilations_after_warmup": sum(r.get("compilations", 0) for r in rows),
                "planner_matches_engine": all(r.get("planner_blocks") == r.get("kv_cache_blocks")
-                                             for r in rows if "kv_cache_blocks" in r)}
+                                             for r in rows if "kv_cache_blocks" in r),
+               "kv_cache_dtype": args.kv_cache_dtype}
+    if base is not None:
+        prefix = "fp8" if args.kv_cache_dtype.startswith("fp8") else args.kv_cache_dtype
+        row = next(r for r in rows if r["max_model_len"] == base["max_model_len"])
+        summary[f"{prefix}_pool_token_ratio"] = (
+            row["kv_cache_tokens"] / base["kv_cache_tokens"] if "kv_cache_tokens" in base
+            else None)
     for r in rows:
         m = r["max_model_len"]
         summary[f"max_concurrency_{m}"] = r.get("max_concurrency")
@@ -150,14 +168,16 @@ def _summary(rows: list[dict]) -> dict:
     return summary
 
 
-def _figures(loaded, args, rows) -> dict:
+def _figures(loaded, args, rows, base: dict | None = None) -> dict:
+    kv_dtype = resolve_kv_dtype(args.kv_cache_dtype, loaded.dtype)
     return {"model": loaded.cfg.name or args.model, "dtype": loaded.dtype,
+            "kv_cache_dtype": kv_dtype,
             "gpu_memory_utilization": args.gpu_memory_utilization,
             "input_len": args.input_len, "output_len": args.output_len,
             "max_concurrency_cap": args.max_concurrency_cap, "warmup": args.warmup,
-            "kv_bytes_per_token": loaded.cfg.kv_bytes_per_token(
-                2 if loaded.dtype != "float32" else 4),
-            "rows": rows, "table": {"columns": COLUMNS, "rows": rows}}
+            "kv_bytes_per_token": kv_pool.kv_bytes_per_token(loaded.cfg, kv_dtype),
+            "model_dtype_pool": base, "rows": rows,
+            "table": {"columns": COLUMNS, "rows": rows}}
 
 
 def _plot(path, rows, args) -> None:

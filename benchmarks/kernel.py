@@ -8,6 +8,11 @@ consecutive calls are different and (R times the KV bytes >= 4x the L2) the L2 c
 Correctness is checked on the device first: each kernel against the reference on a ragged batch
 with context lengths 0/1/15/16/17/long, and every timed decode shape against jax's kernel.
 ``--tiny`` runs the same code on the CPU in interpret mode (a test calls it).
+
+Quantized KV (``--kv-cache-dtype``, default fp8_e4m3; ``auto`` skips it): every decode shape is
+timed a second time on the same pages quantized (``QuantizedPages``: 1-byte values and a bf16
+scale per token and KV head), and checked against the reference on those quantized pages;
+``summary["fp8_decode_speedup"]`` is bf16 time / fp8 time at 64 x 4096.
 """
 from __future__ import annotations
 
@@ -21,16 +26,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pagedjax.kernels import paged_attention_ref
+from pagedjax.kernels import paged_attention_ref, quantize_pages
 from pagedjax.kernels.dispatch import ragged_paged_attention, write_kv
+from pagedjax.kernels.quantization import QUANTIZED_DTYPES, SCALE_BYTES
 
 from . import common, plots
+from .kernel_quantized import check_quantized_write, quantized_decode, quantized_sweep
 
 logger = logging.getLogger(__name__)
 L2_BYTES = 50 << 20
 SWEEP_DECODE = [{"num_splits": "x2"}, {"num_splits": "/2"}, {"block_kv": 128}, {"block_kv": 32},
                 {"num_warps": 8}, {"num_stages": 2}, {"num_stages": 4}]
-PREFILL_TILES = [dict(block_m=128, block_n=128, num_warps=8, num_stages=3),  # the default
+# {}: no knobs, dispatch's choice (the Mosaic GPU kernel for one sequence on Hopper, else Triton
+# with its defaults); the rest tune the Triton kernel.
+PREFILL_TILES = [dict(),
+                 dict(block_m=128, block_n=128, num_warps=8, num_stages=3),  # Triton's default
                  dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
                  dict(block_m=128, block_n=64, num_warps=4, num_stages=3),
                  dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
@@ -48,7 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep", action="store_true",
                    help="also time tuning variants of our kernels at the target shapes")
     p.add_argument("--no-peer", action="store_true", help="skip jax's own paged_attention")
+    p.add_argument("--no-prefill", action="store_true", help="skip the prefill section")
     p.add_argument("--target-ms", type=float, default=25.0, help="device time per measurement")
+    p.add_argument("--kv-cache-dtype", default="fp8_e4m3", choices=["auto", *QUANTIZED_DTYPES],
+                   help="also time decode (and check every kernel) on the same pages quantized "
+                        "to this dtype; auto: bf16 only")
 
 
 class Bench:
@@ -65,6 +79,7 @@ class Bench:
         self.target_s = args.target_ms / 1e3
         self.mem = _device_memory() * 0.75
         self.key = jax.random.PRNGKey(0)
+        self.kv_dtype = None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
 
     def rand(self, shape, dtype=None):
         self.key, sub = jax.random.split(self.key)
@@ -109,8 +124,9 @@ def decode_case(b: Bench, batch: int, ctx: int, copy_bw: float, sweep: bool, pee
     n, k, h, bs = b.n, b.k, b.h, b.bs
     w = -(-ctx // bs)
     kv_bytes = 2 * batch * ctx * k * h * 2
+    q_kv_bytes = 2 * batch * ctx * k * (h + SCALE_BYTES) if b.kv_dtype else 0
     rot = int(np.clip(-(-4 * L2_BYTES // kv_bytes), 1, 16)) if not b.tiny else 1
-    if kv_bytes * rot * (2 if peer else 1) > b.mem:
+    if (kv_bytes * (2 if peer else 1) + q_kv_bytes) * rot > b.mem:
         return {"batch": batch, "ctx": ctx, "skipped": "does not fit"}
     pages = rot * batch * w
     kp, vp = b.rand((pages + 1, bs, k, h)), b.rand((pages + 1, bs, k, h))
@@ -122,13 +138,13 @@ def decode_case(b: Bench, batch: int, ctx: int, copy_bw: float, sweep: bool, pee
     bytes_per_call = kv_bytes + 2 * q.nbytes
     pred = bytes_per_call / 2.5e12 + 4e-6
 
-    def ours(tuning):
+    def ours(tuning, pages=(kp, vp), pred=pred):
         def step(x, c):
             for r in range(rot):
                 x = ragged_paged_attention(x, c[0], c[1], c[2][r], cl, qsl, backend=b.backend,
                                            interpret=b.interpret, decode_only=True, **tuning)
             return x
-        return b.timed(step, q, (kp, vp, tables), rot, pred)
+        return b.timed(step, q, (*pages, tables), rot, pred)
 
     row = {"batch": batch, "ctx": ctx, "kv_MB": kv_bytes / 1e6, "rotations": rot}
     t = ours({})
@@ -139,6 +155,9 @@ def decode_case(b: Bench, batch: int, ctx: int, copy_bw: float, sweep: bool, pee
                                                     decode_only=True))
     if batch * ctx <= 65536:
         row["rel_err_vs_ref"] = _rel(out, paged_attention_ref(*_f32(q, kp, vp), tables[0], cl, qsl))
+    if b.kv_dtype:
+        row.update(quantized_decode(b, ours, q, kp, vp, tables, cl, qsl, out, t, q_kv_bytes,
+                                     copy_bw))
     if sweep:
         from pagedjax.kernels.decode_attention_gpu import _num_sms, default_num_splits
         p = default_num_splits(batch, k, w * bs, 64, _num_sms())
@@ -154,6 +173,11 @@ def decode_case(b: Bench, batch: int, ctx: int, copy_bw: float, sweep: bool, pee
             except Exception as e:  # noqa: BLE001 - a variant that fails to compile is a finding
                 row["sweep"][str(tun)] = f"failed: {type(e).__name__}: {str(e)[:200]}"
         row["default_num_splits"] = p
+        if b.kv_dtype:
+            try:
+                row["kv_sweep"] = quantized_sweep(b, ours, q, kp, vp, (tables, cl, qsl), rot, p)
+            except Exception as e:  # noqa: BLE001 - keep the row's main figures
+                row["kv_sweep"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
     if peer:
         row.update(_peer(b, q, kp, vp, tables, cl, rot, pred, out, bytes_per_call, copy_bw))
         row["speedup_vs_jax"] = row.get("jax_us", math.nan) / row["us"]
@@ -212,7 +236,7 @@ def prefill(b: Bench, mm_flops: float, sweep: bool) -> tuple[list[dict], dict]:
         q = q_all[t_all - q_len:]
         cl, qsl = jnp.array([q_len + ctx0], jnp.int32), jnp.array([0, q_len], jnp.int32)
         flops = 4 * n * h * (q_len * ctx0 + q_len * (q_len + 1) / 2)
-        tiles = PREFILL_TILES if (sweep and not b.tiny) else PREFILL_TILES[:1]
+        tiles = PREFILL_TILES if (sweep and not b.tiny) else PREFILL_TILES[:2]
         for tile in tiles:
             if b.tiny:
                 tile = dict(tile, block_m=32, block_n=16)
@@ -281,16 +305,26 @@ def correctness(b: Bench) -> dict:
         args = _ragged_batch(b, seqs)
         if b.tiny and not kw:
             kw = {"block_m": 32, "block_n": 16}
-        try:
-            res = ragged_paged_attention(*args, backend=b.backend, interpret=b.interpret, **kw)
-        except Exception as e:  # noqa: BLE001 - a kernel that fails to build is a finding
-            out[name] = {"error": f"{type(e).__name__}: {str(e)[:1500]}"}
-            continue
         ref = paged_attention_ref(*_f32(*args[:3]), *args[3:])
-        real = int(args[5][-1])
-        out[name] = {"rel_err": _rel(res, ref), "nan": bool(jnp.isnan(res).any()),
-                     "padding_zero": bool((res[real:] == 0).all())}
+        out[name] = _check(b, args, kw, ref)
+        if b.kv_dtype:  # the same pages quantized, against the reference on them
+            qargs = (args[0], quantize_pages(args[1], b.kv_dtype),
+                     quantize_pages(args[2], b.kv_dtype), *args[3:])
+            ref = paged_attention_ref(args[0].astype(jnp.float32), *qargs[1:])
+            out[f"{name}-{b.kv_dtype}"] = _check(b, qargs, kw, ref)
+    if b.kv_dtype:
+        out[f"write-{b.kv_dtype}"] = check_quantized_write(b)
     return out
+
+
+def _check(b: Bench, args, kw, ref) -> dict:
+    try:
+        res = ragged_paged_attention(*args, backend=b.backend, interpret=b.interpret, **kw)
+    except Exception as e:  # noqa: BLE001 - a kernel that fails to build is a finding
+        return {"error": f"{type(e).__name__}: {str(e)[:1500]}"}
+    real = int(args[5][-1])
+    return {"rel_err": _rel(res, ref), "nan": bool(jnp.isnan(res).any()),
+            "padding_zero": bool((res[real:] == 0).all())}
 
 
 def _ragged_batch(b: Bench, seqs, width: int | None = None):
@@ -334,15 +368,20 @@ def kv_write(b: Bench) -> dict:
     pages = 64 if b.tiny else 16384
     kp, vp = b.rand((pages, b.bs, b.k, b.h)), b.rand((pages, b.bs, b.k, b.h))
     out = {}
+    pools = [("", (kp, vp))]
+    if b.kv_dtype:
+        pools.append((f"_{b.kv_dtype}", tuple(quantize_pages(x, b.kv_dtype) for x in (kp, vp))))
     for t in ([4] if b.tiny else [64, 2048]):
         kn, vn = b.rand((t, b.k, b.h)), b.rand((t, b.k, b.h))
         slots = jnp.asarray(np.random.default_rng(t).permutation(pages * b.bs)[:t], jnp.int32)
-        for name, backend in (("xla", "reference"), ("pallas", b.backend)):
-            step = functools.partial(_write_step, backend=backend, interpret=b.interpret)
-            try:
-                out[f"{name}_T{t}_us"] = b.timed(step, (kp, vp), (kn, vn, slots), 1, 5e-6) * 1e6
-            except Exception as e:  # noqa: BLE001
-                out[f"{name}_T{t}_us"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+        for suffix, pool in pools:
+            for name, backend in (("xla", "reference"), ("pallas", b.backend)):
+                step = functools.partial(_write_step, backend=backend, interpret=b.interpret)
+                key = f"{name}_T{t}{suffix}_us"
+                try:
+                    out[key] = b.timed(step, pool, (kn, vn, slots), 1, 5e-6) * 1e6
+                except Exception as e:  # noqa: BLE001
+                    out[key] = f"failed: {type(e).__name__}: {str(e)[:300]}"
     return out
 
 
@@ -350,7 +389,8 @@ def kv_write(b: Bench) -> dict:
 def run(args: argparse.Namespace) -> dict:
     b = Bench(args)
     record = {"heads": {"q": b.n, "kv": b.k, "head_dim": b.h}, "block_size": b.bs,
-              "dtype": "bfloat16", "interpret": b.interpret, "backend": b.backend, "decode": []}
+              "dtype": "bfloat16", "kv_cache_dtype": b.kv_dtype or "auto",
+              "interpret": b.interpret, "backend": b.backend, "decode": []}
     peer = not args.no_peer and b.backend == "pallas-gpu"
     targets = [(64, 4096), (1, 32768), (8, 32768)]
     grid = [(bt, c) for bt in b.batches for c in b.contexts]
@@ -376,7 +416,7 @@ def run(args: argparse.Namespace) -> dict:
         ("copy", lambda: record.__setitem__("copy_GBps", copy_bandwidth(b) / 1e9)),
         ("matmul", lambda: record.__setitem__("matmul_TFLOPs", matmul_flops(b) / 1e12)),
         ("decode targets", lambda: decode_rows([s for s in grid if s in targets])),
-        ("prefill", prefill_rows),
+        *([] if args.no_prefill else [("prefill", prefill_rows)]),
         ("decode grid", lambda: decode_rows([s for s in grid if s not in targets])),
         ("kv write", lambda: record.__setitem__("kv_write_us", kv_write(b))),
         ("compilations", lambda: record.__setitem__("compilations_after_warmup",
@@ -395,6 +435,8 @@ def run(args: argparse.Namespace) -> dict:
     path = _save(record, args)
     _plot(path.with_suffix(".png"), record)
     cols = ["batch", "ctx", "us", "GBps", "pct_copy", "jax_us", "jax_pct_copy", "speedup_vs_jax"]
+    if b.kv_dtype:
+        cols += ["kv_us", "kv_pct_copy", "kv_speedup"]
     common.print_table([r for r in record["decode"] if "us" in r], cols)
     common.print_table([r for r in record.get("prefill", []) if "TFLOPs" in r],
                        ["case", "q_len", "ctx", "us", "TFLOPs", "pct_matmul", "tile"])
@@ -409,7 +451,14 @@ def _summary(rec: dict) -> dict:
     pb = rec.get("prefill_best") or {}
     cud = pb.get("cudnn", {}).get("TFLOPs")
     pre = pb.get("causal", {}).get("TFLOPs")
-    return {"decode_b64_ctx4096_pct_copy_bw": row(64, 4096).get("pct_copy"),
+    quantized = {}
+    if rec.get("kv_cache_dtype", "auto") != "auto":
+        prefix = "fp8" if rec["kv_cache_dtype"].startswith("fp8") else rec["kv_cache_dtype"]
+        quantized = {f"{prefix}_decode_speedup": row(64, 4096).get("kv_speedup"),
+                     f"{prefix}_decode_b64_ctx4096_pct_copy_bw": row(64, 4096).get("kv_pct_copy"),
+                     "kv_cache_dtype": rec["kv_cache_dtype"]}
+    return {**quantized,
+            "decode_b64_ctx4096_pct_copy_bw": row(64, 4096).get("pct_copy"),
             "decode_b64_ctx4096_speedup_vs_jax": row(64, 4096).get("speedup_vs_jax"),
             "decode_b1_ctx32768_pct_copy_bw": row(1, 32768).get("pct_copy"),
             "prefill_8k_vs_cudnn": pre / cud if pre and cud else None,

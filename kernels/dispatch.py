@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from .quantization import is_quantized
 from .reference import paged_attention_ref, write_kv_ref
 
 BACKENDS = ("pallas-gpu", "pallas-tpu", "reference")
@@ -21,15 +22,29 @@ def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def check_shapes(q, k_pages, v_pages, block_tables, context_lens, query_start_loc) -> None:
-    """Raise ValueError naming the offending argument unless the shapes form a valid step."""
-    if q.ndim != 3:
-        raise ValueError(f"q must be [T, N, H], got shape {q.shape}")
-    if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
+def check_pages(k_pages, v_pages) -> None:
+    """Both plain [num_blocks, block_size, K, H] arrays of one dtype, or both QuantizedPages with
+    a [num_blocks, block_size, K, 1] scale each."""
+    if is_quantized(k_pages) != is_quantized(v_pages):
+        raise ValueError("k_pages and v_pages must both be quantized (QuantizedPages) or neither")
+    if len(k_pages.shape) != 4 or k_pages.shape != v_pages.shape:
         raise ValueError(f"k_pages/v_pages must both be [num_blocks, block_size, K, H], got "
                          f"{k_pages.shape} and {v_pages.shape}")
     if k_pages.dtype != v_pages.dtype:
         raise ValueError(f"k_pages and v_pages dtypes differ: {k_pages.dtype} vs {v_pages.dtype}")
+    if is_quantized(k_pages):
+        want = (*k_pages.shape[:3], 1)
+        for name, pages in (("k_pages", k_pages), ("v_pages", v_pages)):
+            if pages.scale.shape != want:
+                raise ValueError(f"{name}.scale must be [num_blocks, block_size, K, 1] = {want}, "
+                                 f"got {pages.scale.shape}")
+
+
+def check_shapes(q, k_pages, v_pages, block_tables, context_lens, query_start_loc) -> None:
+    """Raise ValueError naming the offending argument unless the shapes form a valid step."""
+    if q.ndim != 3:
+        raise ValueError(f"q must be [T, N, H], got shape {q.shape}")
+    check_pages(k_pages, v_pages)
     t, n, h = q.shape
     _, _, kh, h2 = k_pages.shape
     if h2 != h:
@@ -61,7 +76,9 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     q: [T, N, H]. Sequence ``s`` owns rows ``q[qsl[s]:qsl[s+1]]``; rows from ``qsl[S]`` on are
         padding and come out as zeros.
     k_pages, v_pages: [num_blocks, block_size, K, H], one layer of the pool
-        (``pagedjax.kv_pool``); same dtype as q on the Pallas backends.
+        (``pagedjax.kv_pool``); same dtype as q on the Pallas backends. Or, for a quantized cache,
+        ``QuantizedPages(data, scale)`` (``kernels/quantization.py``): 1-byte values and a
+        bfloat16 scale per token and KV head, dequantized inside the kernels on load.
     block_tables: [S, W] int32; entries past a sequence's last block are never read.
     context_lens: [S] int32, tokens in the cache per sequence *including* this step's; the q rows
         of sequence s sit at positions ``context_lens[s] - q_len .. context_lens[s] - 1``.
@@ -94,14 +111,18 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     if backend == "reference":
         return paged_attention_ref(q, k_pages, v_pages, block_tables, context_lens,
                                    query_start_loc, scale=scale)
-    if q.dtype != k_pages.dtype:
-        raise ValueError(f"q dtype {q.dtype} must match the pages' {k_pages.dtype} on {backend}")
+    if q.dtype != k_pages.dtype and not is_quantized(k_pages):
+        raise ValueError(f"q dtype {q.dtype} must match the pages' {k_pages.dtype} on {backend} "
+                         "(or the pages be QuantizedPages)")
     args = (q, k_pages, v_pages, block_tables, context_lens, query_start_loc)
     if backend == "pallas-gpu":
         _check_gpu(q, k_pages, decode_only, tuning)
         if decode_only:
             from .decode_attention_gpu import paged_decode_attention
             return paged_decode_attention(*args, scale=scale, interpret=interpret, **tuning)
+        if not tuning and _mosaic_prefill_applies(q, k_pages, block_tables, interpret):
+            from .ragged_prefill_mgpu import ragged_prefill_mgpu
+            return ragged_prefill_mgpu(*args, scale=scale)
         from .ragged_attention_gpu import ragged_paged_attention_gpu
         return ragged_paged_attention_gpu(*args, scale=scale, interpret=interpret, **tuning)
     from . import paged_attention_tpu as tpu
@@ -109,6 +130,22 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     if decode_only:
         return tpu.paged_decode_attention_tpu(*args, scale=scale, interpret=interpret, **tuning)
     return tpu.ragged_paged_attention_tpu(*args, scale=scale, interpret=interpret, **tuning)
+
+
+def _mosaic_prefill_applies(q, k_pages, block_tables, interpret) -> bool:
+    """One sequence of >= 128 rows on a Hopper GPU: the Mosaic GPU prefill kernel (wgmma + TMA,
+    0.97x cuDNN at 8K, 1.9x the Triton kernel: benchmarks/KERNEL_NOTES.md) takes it; ragged
+    batches of several sequences, quantized pages and other GPUs keep the Triton kernel."""
+    if interpret is not False or block_tables.shape[0] != 1 or q.shape[0] < 128:
+        return False
+    if is_quantized(k_pages) or q.dtype not in (jnp.bfloat16, jnp.float16):
+        return False
+    if q.shape[2] % 64 or 128 % k_pages.shape[1]:
+        return False
+    import jax
+
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
 
 
 def _check_gpu(q, k_pages, decode_only, tuning) -> None:
@@ -130,15 +167,14 @@ def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping, *, backend: str = "re
              interpret: bool = False):
     """Write this step's K/V rows into their pool slots; returns the updated (k_pages, v_pages).
 
-    k_pages, v_pages: [num_blocks, block_size, K, H]; k_new, v_new: [T, K, H];
+    k_pages, v_pages: [num_blocks, block_size, K, H], or QuantizedPages (the rows are quantized
+    per token and KV head on the way in); k_new, v_new: [T, K, H];
     slot_mapping: [T] int32, slot = block * block_size + offset, negative for padding rows.
     backend "pallas-gpu": one fused Pallas launch writing K and V in place (needs K * H a power of
     two, else falls back); anything else: the XLA scatter of ``write_kv_ref``. Which is faster on
     the GPU is measured by ``python -m benchmarks kernel`` (figures["kv_write_us"]).
     """
-    if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
-        raise ValueError(f"k_pages/v_pages must both be [num_blocks, block_size, K, H], got "
-                         f"{k_pages.shape} and {v_pages.shape}")
+    check_pages(k_pages, v_pages)
     t = k_new.shape[0]
     if k_new.shape != (t, *k_pages.shape[2:]) or v_new.shape != k_new.shape:
         raise ValueError(f"k_new/v_new must be [T, K, H] = [T, {k_pages.shape[2]}, "
@@ -146,7 +182,8 @@ def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping, *, backend: str = "re
     if slot_mapping.shape != (t,) or slot_mapping.dtype != jnp.int32:
         raise ValueError(f"slot_mapping must be int32 [{t}], got {slot_mapping.dtype} "
                          f"{slot_mapping.shape}")
-    if backend == "pallas-gpu" and _is_pow2(k_pages.shape[2] * k_pages.shape[3]):
+    if backend == "pallas-gpu" and _is_pow2(k_pages.shape[2] * k_pages.shape[3]) and (
+            not is_quantized(k_pages) or _is_pow2(k_pages.shape[3])):
         from .kv_write_gpu import write_kv_gpu
         return write_kv_gpu(k_pages, v_pages, k_new, v_new, slot_mapping, interpret=interpret)
     return write_kv_ref(k_pages, v_pages, k_new, v_new, slot_mapping)

@@ -13,6 +13,10 @@ stale buffer rows are masked out of both matmuls.
   sequence's pages with the causal mask. q and the output are presented head-major
   ``[N, T, H]`` (transposed by XLA) so one KV head's ``G`` query heads are a leading-dim slice.
 
+Quantized KV (``QuantizedPages``): the 1-byte pages and their ``[block_size, K, 1]`` bfloat16 scale
+pages are DMA'd side by side (half the bytes of bf16 plus 1/64 at H = 128) and dequantized in VMEM
+per KV head (values x scale in float32, then q's dtype) before the two matmuls.
+
 Verified here in TPU interpret mode on the CPU (``pltpu.InterpretParams``: simulated HBM/VMEM/SMEM,
 DMAs and semaphores, uninitialised memory as NaN) and by lowering to Mosaic for a TPU target; not
 yet run on a TPU (none lent). See benchmarks/KERNEL_NOTES.md for the layout caveat.
@@ -25,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from .quantization import is_quantized
 
 NEG = -1e30
 
@@ -49,12 +55,16 @@ def _interpret(interpret):
 
 
 class _PageBlocks:
-    """Double-buffered copies of a sequence's pages, ``pages_per_block`` pages per block."""
+    """Double-buffered copies of a sequence's pages, ``pages_per_block`` pages per block.
 
-    def __init__(self, k_hbm, v_hbm, kbuf, vbuf, sems, bt_ref, seq, n_pages):
-        self.k_hbm, self.v_hbm, self.kbuf, self.vbuf, self.sems = k_hbm, v_hbm, kbuf, vbuf, sems
+    hbm, bufs: the (K, V) page arrays in HBM and their [2, P, block_size, K, X] VMEM buffers; for
+    a quantized pool also the (K, V) scale arrays and buffers after them (4 of each)."""
+
+    def __init__(self, hbm, bufs, sems, bt_ref, seq, n_pages):
+        self.hbm, self.bufs, self.sems = hbm, bufs, sems
+        self.kbuf = bufs[0]
         self.bt_ref, self.seq, self.n_pages = bt_ref, seq, n_pages
-        self.per_block = kbuf.shape[1]
+        self.per_block = bufs[0].shape[1]
         self.width = bt_ref.shape[1]
 
     def _each(self, blk, slot, action):
@@ -64,10 +74,22 @@ class _PageBlocks:
             @pl.when(i < self.n_pages)
             def _():
                 page = self.bt_ref[self.seq, jnp.minimum(i, self.width - 1)]
-                for src, dst, kv in ((self.k_hbm, self.kbuf, 0), (self.v_hbm, self.vbuf, 1)):
+                for j, (src, dst) in enumerate(zip(self.hbm, self.bufs)):
                     copy = pltpu.make_async_copy(src.at[page], dst.at[slot, p],
-                                                 self.sems.at[kv, slot])
+                                                 self.sems.at[j, slot])
                     getattr(copy, action)()
+
+    def tiles(self, slot, kh, dtype):
+        """K and V of KV head kh in buffer ``slot``: [P * block_size, H] each, in ``dtype``
+        (dequantized for a quantized pool)."""
+        _, p_blk, bs, _, h = self.kbuf.shape
+        length = p_blk * bs
+        k, v = (buf[slot, :, :, kh, :].reshape(length, h) for buf in self.bufs[:2])
+        if len(self.bufs) == 4:
+            ks, vs = (buf[slot, :, :, kh, :].reshape(length, 1).astype(jnp.float32)
+                      for buf in self.bufs[2:])
+            k, v = k.astype(jnp.float32) * ks, v.astype(jnp.float32) * vs
+        return k.astype(dtype), v.astype(dtype)
 
     def start(self, blk, slot):
         self._each(blk, slot, "start")
@@ -104,8 +126,7 @@ def _flash_over_pages(blocks, kv_len, q_heads, key_ok, *, num_kv_heads, scale):
             m, l, acc = carry[kh]
             qh = q_heads[kh]
             ok = key_ok(b, (qh.shape[0], length))
-            k = blocks.kbuf[slot, :, :, kh, :].reshape(length, h)
-            v = blocks.vbuf[slot, :, :, kh, :].reshape(length, h)
+            k, v = blocks.tiles(slot, kh, qh.dtype)
             live = b * length + jax.lax.broadcasted_iota(jnp.int32, (length, 1), 0) < kv_len
             v = jnp.where(live, v, 0)  # stale rows past the context: never NaN * 0
             s = jax.lax.dot_general(qh, k, (((1,), (1,)), ((), ())),
@@ -126,15 +147,24 @@ def _flash_over_pages(blocks, kv_len, q_heads, key_ok, *, num_kv_heads, scale):
     return [acc / jnp.where(l == 0, 1.0, l) for _, l, acc in carry]
 
 
-def _decode_kernel(row_seq_ref, bt_ref, cl_ref, q_ref, k_hbm, v_hbm, o_ref, kbuf, vbuf, sems, *,
-                   group, num_kv_heads, scale):
-    # q_ref, o_ref: [N, H] (this row); k_hbm, v_hbm: [num_blocks, block_size, K, H] in HBM.
+def _split(refs, n_arrays):
+    """Kernel refs after q: (HBM page arrays, output ref, VMEM buffers, DMA semaphores)."""
+    hbm, (o_ref,), bufs, (sems,) = (refs[:n_arrays], refs[n_arrays:n_arrays + 1],
+                                    refs[n_arrays + 1:2 * n_arrays + 1], refs[2 * n_arrays + 1:])
+    return hbm, o_ref, bufs, sems
+
+
+def _decode_kernel(row_seq_ref, bt_ref, cl_ref, q_ref, *refs, group, num_kv_heads, scale,
+                   n_arrays):
+    # q_ref, o_ref: [N, H] (this row); page arrays in HBM: k, v [num_blocks, block_size, K, H]
+    # (+ k, v scales [num_blocks, block_size, K, 1] when quantized); their VMEM buffers.
+    hbm, o_ref, bufs, sems = _split(refs, n_arrays)
     s = row_seq_ref[pl.program_id(0)]
     seq = jnp.maximum(s, 0)
     ctx = jnp.where(s >= 0, cl_ref[seq], 0)
-    bs, p_blk = kbuf.shape[2], kbuf.shape[1]
+    bs, p_blk = bufs[0].shape[2], bufs[0].shape[1]
     n_pages = _cdiv(ctx, bs)
-    blocks = _PageBlocks(k_hbm, v_hbm, kbuf, vbuf, sems, bt_ref, seq, n_pages)
+    blocks = _PageBlocks(hbm, bufs, sems, bt_ref, seq, n_pages)
 
     def key_ok(b, shape):
         return b * p_blk * bs + jax.lax.broadcasted_iota(jnp.int32, shape, 1) < ctx
@@ -150,8 +180,8 @@ def _decode_kernel(row_seq_ref, bt_ref, cl_ref, q_ref, k_hbm, v_hbm, o_ref, kbuf
 def paged_decode_attention_tpu(q, k_pages, v_pages, block_tables, context_lens, query_start_loc,
                                *, scale: float, pages_per_block: int = 8, interpret=False):
     """Decode attention (every q_len 0 or 1) on a TPU. Shapes as in ``ragged_paged_attention``:
-    q [T, N, H]; k_pages, v_pages [num_blocks, block_size, K, H]; block_tables [S, W];
-    context_lens [S]; query_start_loc [S + 1]. Returns [T, N, H]."""
+    q [T, N, H]; k_pages, v_pages [num_blocks, block_size, K, H] in q's dtype or QuantizedPages;
+    block_tables [S, W]; context_lens [S]; query_start_loc [S + 1]. Returns [T, N, H]."""
     t, n, h = q.shape
     _, bs, kh, _ = k_pages.shape
     s, w = block_tables.shape
@@ -159,29 +189,39 @@ def paged_decode_attention_tpu(q, k_pages, v_pages, block_tables, context_lens, 
     rows = jnp.arange(t, dtype=jnp.int32)
     row_seq = jnp.searchsorted(query_start_loc, rows, side="right").astype(jnp.int32) - 1
     row_seq = jnp.where(rows < query_start_loc[s], jnp.minimum(row_seq, s - 1), -1)
-    kernel = functools.partial(_decode_kernel, group=n // kh, num_kv_heads=kh, scale=scale)
+    arrays, scratch = _page_operands(k_pages, v_pages, p_blk)
+    kernel = functools.partial(_decode_kernel, group=n // kh, num_kv_heads=kh, scale=scale,
+                               n_arrays=len(arrays))
     row_spec = pl.BlockSpec((None, n, h), lambda i, *_: (i, 0, 0))
-    buf = pltpu.VMEM((2, p_blk, bs, kh, h), k_pages.dtype)
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=(t,),
-            in_specs=[row_spec, pl.BlockSpec(memory_space=pl.ANY),
-                      pl.BlockSpec(memory_space=pl.ANY)],
-            out_specs=row_spec,
-            scratch_shapes=[buf, buf, pltpu.SemaphoreType.DMA((2, 2))]),
+            in_specs=[row_spec] + [pl.BlockSpec(memory_space=pl.ANY)] * len(arrays),
+            out_specs=row_spec, scratch_shapes=scratch),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
         interpret=_interpret(interpret), name="paged_decode_tpu",
-    )(row_seq, block_tables, context_lens, q, k_pages, v_pages)
+    )(row_seq, block_tables, context_lens, q, *arrays)
 
 
-def _ragged_kernel(blk_lo_ref, blk_hi_ref, bt_ref, cl_ref, qsl_ref, q_ref, k_hbm, v_hbm, o_ref,
-                   kbuf, vbuf, sems, *, group, num_kv_heads, scale):
-    # q_ref, o_ref: [N, block_q, H] (head-major rows t0 .. t0 + block_q); pages in HBM.
+def _page_operands(k_pages, v_pages, p_blk):
+    """(HBM operands, VMEM scratch): the K/V pages (+ their scales when quantized), a two-slot
+    buffer of P pages for each, and one DMA semaphore per (operand, slot)."""
+    arrays = ((k_pages.data, v_pages.data, k_pages.scale, v_pages.scale)
+              if is_quantized(k_pages) else (k_pages, v_pages))
+    bufs = [pltpu.VMEM((2, p_blk, *a.shape[1:]), a.dtype) for a in arrays]
+    return arrays, bufs + [pltpu.SemaphoreType.DMA((len(arrays), 2))]
+
+
+def _ragged_kernel(blk_lo_ref, blk_hi_ref, bt_ref, cl_ref, qsl_ref, q_ref, *refs, group,
+                   num_kv_heads, scale, n_arrays):
+    # q_ref, o_ref: [N, block_q, H] (head-major rows t0 .. t0 + block_q); pages in HBM as in
+    # _decode_kernel.
+    hbm, o_ref, bufs, sems = _split(refs, n_arrays)
     b = pl.program_id(0)
     _, block_q, h = q_ref.shape
-    bs, p_blk = kbuf.shape[2], kbuf.shape[1]
+    bs, p_blk = bufs[0].shape[2], bufs[0].shape[1]
     t0 = b * block_q
     o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
 
@@ -193,7 +233,7 @@ def _ragged_kernel(blk_lo_ref, blk_hi_ref, bt_ref, cl_ref, qsl_ref, q_ref, k_hbm
         def _():
             first_pos = cl_ref[seq] - (qe - qs) - qs  # position of token row t: first_pos + t
             n_pages = _cdiv(first_pos + r1, bs)
-            blocks = _PageBlocks(k_hbm, v_hbm, kbuf, vbuf, sems, bt_ref, seq, n_pages)
+            blocks = _PageBlocks(hbm, bufs, sems, bt_ref, seq, n_pages)
 
             def key_ok(kb, shape):  # rows are (head, token) pairs: token = row % block_q
                 row_pos = first_pos + t0 + jax.lax.rem(
@@ -236,20 +276,18 @@ def ragged_paged_attention_tpu(q, k_pages, v_pages, block_tables, context_lens, 
                         s - 1).astype(jnp.int32)
 
     q_nth = jnp.pad(q.transpose(1, 0, 2), ((0, 0), (0, tp - t), (0, 0)))  # [N, Tp, H]
-    kernel = functools.partial(_ragged_kernel, group=n // kh, num_kv_heads=kh, scale=scale)
+    arrays, scratch = _page_operands(k_pages, v_pages, p_blk)
+    kernel = functools.partial(_ragged_kernel, group=n // kh, num_kv_heads=kh, scale=scale,
+                               n_arrays=len(arrays))
     blk_spec = pl.BlockSpec((n, block_q, h), lambda i, *_: (0, i, 0))
-    buf = pltpu.VMEM((2, p_blk, bs, kh, h), k_pages.dtype)
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=5, grid=(n_qb,),
-            in_specs=[blk_spec, pl.BlockSpec(memory_space=pl.ANY),
-                      pl.BlockSpec(memory_space=pl.ANY)],
-            out_specs=blk_spec,
-            scratch_shapes=[buf, buf, pltpu.SemaphoreType.DMA((2, 2))]),
+            in_specs=[blk_spec] + [pl.BlockSpec(memory_space=pl.ANY)] * len(arrays),
+            out_specs=blk_spec, scratch_shapes=scratch),
         out_shape=jax.ShapeDtypeStruct((n, tp, h), q.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
         interpret=_interpret(interpret), name="ragged_paged_attention_tpu",
-    )(seq_of(first), seq_of(last), block_tables, context_lens, query_start_loc, q_nth, k_pages,
-      v_pages)
+    )(seq_of(first), seq_of(last), block_tables, context_lens, query_start_loc, q_nth, *arrays)
     return out[:, :t].transpose(1, 0, 2)

@@ -15,6 +15,10 @@ Keys of a tile's sequence are visited in two loops: blocks wholly before the til
 position need no mask (every row sees every key), the last one or two blocks on the causal
 diagonal are masked per (row, key). Tiles are launched longest-first (reverse table order) so the
 long causal tiles do not form a tail.
+
+Quantized KV (``QuantizedPages``) is dequantized on load as in the decode kernel: values converted
+to q's dtype in registers, K's per-token scales applied to the score columns, V's to the
+probabilities.
 """
 from __future__ import annotations
 
@@ -25,7 +29,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .decode_attention_gpu import LOG2E, NEG, cdiv
+from .decode_attention_gpu import (LOG2E, NEG, cdiv, flat_pages, flat_scales, load_kv,
+                                   split_refs)
+from .quantization import is_quantized, to_compute
 
 
 def tile_table(query_start_loc, num_tokens: int, block_q: int, num_tiles: int):
@@ -43,10 +49,12 @@ def tile_table(query_start_loc, num_tokens: int, block_q: int, num_tiles: int):
     return seq, jnp.where(seq <= s, start, num_tokens).astype(jnp.int32)
 
 
-def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, o_ref, *,
+def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs,
                    num_seqs, num_tokens, num_tiles, num_heads, group, block_q, block_m, block_n,
-                   head_dim, block_size, scale_log2):
-    # q_ref, o_ref [T*N, H]; k_ref, v_ref [num_blocks*block_size, K*H]; bt_ref [S, W].
+                   head_dim, block_size, scale_log2, quantized):
+    # q_ref, o_ref [T*N, H]; k_ref, v_ref [num_blocks*block_size, K*H]; bt_ref [S, W];
+    # quantized: ks_ref, vs_ref [num_blocks*block_size, K] bf16 before o_ref.
+    ks_ref, vs_ref, (o_ref,) = split_refs(refs, quantized)
     tile, kh = num_tiles - 1 - pl.program_id(0), pl.program_id(1)
     seq, t0 = tseq_ref[tile], tstart_ref[tile]
     is_seq = seq < num_seqs
@@ -81,22 +89,30 @@ def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qs
             live = j < kv_hi
             page = plgpu.load(bt_ref.at[sc, jax.lax.div(j, block_size)], mask=live, other=0)
             kv_mask = jnp.broadcast_to(live[:, None], (block_n, head_dim))
-            rows = (page * block_size + jax.lax.rem(j, block_size))[:, None]
-            k = plgpu.load(k_ref.at[rows, cols], mask=kv_mask, other=0)
-            v = plgpu.load(v_ref.at[rows, cols], mask=kv_mask, other=0)
+            rows = page * block_size + jax.lax.rem(j, block_size)
+            k = load_kv(k_ref, (rows[:, None], cols), kv_mask)
+            v = load_kv(v_ref, (rows[:, None], cols), kv_mask)
+            if quantized:
+                ks = plgpu.load(ks_ref.at[rows, kh], mask=live, other=0)
+                vs = plgpu.load(vs_ref.at[rows, kh], mask=live, other=0)
         else:
             page = bt_ref[sc, jax.lax.div(j, block_size)]
-            rows = (page * block_size + jax.lax.rem(j, block_size))[:, None]
-            k, v = k_ref[rows, cols], v_ref[rows, cols]
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+            rows = page * block_size + jax.lax.rem(j, block_size)
+            k, v = k_ref[rows[:, None], cols], v_ref[rows[:, None], cols]
+            if quantized:
+                ks, vs = ks_ref[rows, kh], vs_ref[rows, kh]
+        s = jax.lax.dot_general(q, to_compute(k, q.dtype), (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32) * scale_log2
+        if quantized:
+            s = s * ks.astype(jnp.float32)[None, :]
         if masked:
             s = jnp.where(j[None, :] <= pos[:, None], s, NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v,
+        pv = p * vs.astype(jnp.float32)[None, :] if quantized else p
+        acc = acc * alpha[:, None] + jnp.dot(pv.astype(q.dtype), to_compute(v, q.dtype),
                                              preferred_element_type=jnp.float32)
         return acc, m_new, l
 
@@ -115,14 +131,14 @@ def ragged_paged_attention_gpu(q, k_pages, v_pages, block_tables, context_lens, 
                                num_warps: int = 8, num_stages: int = 3, interpret: bool = False):
     """Ragged (chunked-prefill / mixed) attention over a paged KV cache.
 
-    q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H]; block_tables: [S, W] int32;
-    context_lens: [S] int32; query_start_loc: [S + 1] int32. Returns [T, N, H] in q's dtype with
+    q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H] in q's dtype, or
+    QuantizedPages (kernels/quantization.py); block_tables: [S, W] int32; context_lens: [S] int32; query_start_loc: [S + 1] int32. Returns [T, N, H] in q's dtype with
     padding rows zero. H, block_m (>= N / K) and block_n must be powers of two. Default tile: the
     best sum over causal 8K and 2K-over-6K chunked prefill on an H100 (KERNEL_NOTES.md).
     Shapes are checked by ``pagedjax.kernels.dispatch.ragged_paged_attention``.
     """
     t, n, h = q.shape
-    nb, bs, kh, _ = k_pages.shape
+    _, bs, kh, _ = k_pages.shape
     s, _ = block_tables.shape
     group = n // kh
     block_q = block_m // group
@@ -131,11 +147,11 @@ def ragged_paged_attention_gpu(q, k_pages, v_pages, block_tables, context_lens, 
     kernel = functools.partial(
         _ragged_kernel, num_seqs=s, num_tokens=t, num_tiles=num_tiles, num_heads=n, group=group,
         block_q=block_q, block_m=block_m, block_n=block_n, head_dim=h, block_size=bs,
-        scale_log2=scale * LOG2E)
+        scale_log2=scale * LOG2E, quantized=is_quantized(k_pages))
     out = pl.pallas_call(
         kernel, grid=(num_tiles, kh), out_shape=jax.ShapeDtypeStruct((t * n, h), q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="ragged_paged_attention")(
-        tseq, tstart, q.reshape(t * n, h), k_pages.reshape(nb * bs, kh * h),
-        v_pages.reshape(nb * bs, kh * h), block_tables, context_lens, query_start_loc)
+        tseq, tstart, q.reshape(t * n, h), *flat_pages(k_pages, v_pages), block_tables,
+        context_lens, query_start_loc, *flat_scales(k_pages, v_pages))
     return out.reshape(t, n, h)

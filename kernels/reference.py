@@ -1,7 +1,10 @@
 """Pure-jnp paged attention over a ragged batch: the CPU path and the oracle for the Pallas kernels.
 
 Layout (owned by ``pagedjax.kv_pool``): one layer's pages are ``k_pages, v_pages`` of shape
-``[num_blocks, block_size, K, H]``; a slot is ``block * block_size + offset``.
+``[num_blocks, block_size, K, H]``; a slot is ``block * block_size + offset``. A quantized cache
+(``--kv-cache-dtype fp8_e4m3 | fp8_e5m2 | int8``) passes ``QuantizedPages(data, scale)`` in place of
+each pages array (``kernels/quantization.py``): the write quantizes each token's K/V per KV head,
+attention dequantizes in float32.
 
 A step's batch is packed ragged: sequence ``s`` owns query rows ``q[qsl[s]:qsl[s+1]]`` (1 token when
 decoding, a chunk when prefilling); ``context_lens[s]`` counts its tokens in the cache *including*
@@ -15,13 +18,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .quantization import QuantizedPages, dequantize, is_quantized, quantize
+
 
 def write_kv_ref(k_pages, v_pages, k_new, v_new, slot_mapping):
-    """Scatter this step's K/V into their slots.
+    """Scatter this step's K/V into their slots (quantizing them for a quantized cache).
 
-    k_pages, v_pages: [num_blocks, block_size, K, H]; k_new, v_new: [T, K, H];
-    slot_mapping: [T] int32, a negative slot marks a padding row (nothing is written).
-    Returns the updated (k_pages, v_pages).
+    k_pages, v_pages: [num_blocks, block_size, K, H] arrays, or QuantizedPages;
+    k_new, v_new: [T, K, H]; slot_mapping: [T] int32, a negative slot marks a padding row
+    (nothing is written). Returns the updated (k_pages, v_pages).
     """
     nb, bs, kh, h = k_pages.shape
     if k_new.shape[1:] != (kh, h) or v_new.shape != k_new.shape:
@@ -29,9 +34,17 @@ def write_kv_ref(k_pages, v_pages, k_new, v_new, slot_mapping):
     if slot_mapping.shape != (k_new.shape[0],):
         raise ValueError(f"slot_mapping {slot_mapping.shape} must be [{k_new.shape[0]}]")
     idx = jnp.where(slot_mapping < 0, nb * bs, slot_mapping)  # out of range: dropped
-    k = k_pages.reshape(nb * bs, kh, h).at[idx].set(k_new.astype(k_pages.dtype), mode="drop")
-    v = v_pages.reshape(nb * bs, kh, h).at[idx].set(v_new.astype(v_pages.dtype), mode="drop")
-    return k.reshape(k_pages.shape), v.reshape(v_pages.shape)
+
+    def put(pages, rows):  # rows [T, K, X] into pages [nb, bs, K, X]
+        flat = pages.reshape(nb * bs, *pages.shape[2:])
+        return flat.at[idx].set(rows.astype(pages.dtype), mode="drop").reshape(pages.shape)
+
+    def write(pages, new):
+        if is_quantized(pages):
+            return QuantizedPages(*(put(p, x) for p, x in zip(pages, quantize(new, pages.dtype))))
+        return put(pages, new)
+
+    return write(k_pages, k_new), write(v_pages, v_new)
 
 
 def token_positions(query_start_loc, context_lens, num_tokens):
@@ -49,7 +62,8 @@ def paged_attention_ref(q, k_pages, v_pages, block_tables, context_lens, query_s
                         scale: float | None = None):
     """Attention of a ragged batch over its paged KV cache (K/V of this step already written).
 
-    q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H];
+    q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H], or QuantizedPages (then the
+    gathered pages are dequantized to float32 and the matmuls run in float32);
     block_tables: [S, W] int32 (entries past a sequence's blocks are ignored);
     context_lens: [S] int32; query_start_loc: [S + 1] int32, non-decreasing.
     Returns [T, N, H] in q's dtype; padding rows are zero.
@@ -65,8 +79,13 @@ def paged_attention_ref(q, k_pages, v_pages, block_tables, context_lens, query_s
     scale = h ** -0.5 if scale is None else scale
     seq, pos, valid = token_positions(query_start_loc, context_lens, t)
     blocks = block_tables[seq]  # [T, W]
-    k = k_pages[blocks].reshape(t, w * bs, kh, h)  # [T, S, K, H]
-    v = v_pages[blocks].reshape(t, w * bs, kh, h)
+
+    def keys(pages):  # [T, S, K, H]
+        if is_quantized(pages):
+            return dequantize(pages.data[blocks], pages.scale[blocks]).reshape(t, w * bs, kh, h)
+        return pages[blocks].reshape(t, w * bs, kh, h)
+
+    k, v = keys(k_pages), keys(v_pages)
     qg = q.reshape(t, kh, n // kh, h)
     scores = jnp.einsum("tkgh,tskh->tkgs", qg, k, preferred_element_type=jnp.float32) * scale
     key_pos = jnp.arange(w * bs)

@@ -1,7 +1,8 @@
 """The engine's attention seam: write this step's K/V into the pool, then attend over it.
 
 Backends: "reference" (pure jnp, the CPU path), "pallas-gpu" and "pallas-tpu" (kernels in
-``pagedjax.kernels``). "auto" picks by platform.
+``pagedjax.kernels``). "auto" picks by platform. A quantized pool (``--kv-cache-dtype``) hands
+``QuantizedPages`` through unchanged: the write quantizes, every backend dequantizes on load.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ def resolve_backend(backend: str) -> str:
 
 
 def make_attend(backend: str, interpret: bool = False, mesh=None):
-    """attend(q [T,N,H], k [T,K,H], v [T,K,H], (k_pages, v_pages), meta) -> (out, pages).
+    """attend(q [T,N,H], k [T,K,H], v [T,K,H], (k_pages, v_pages), meta) -> (out, pages); the
+    pages are arrays, or QuantizedPages for a quantized cache.
     With a mesh (tensor parallelism) it runs per device on that device's heads (shard_map)."""
     backend = resolve_backend(backend)
     if backend == "reference":

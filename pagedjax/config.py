@@ -11,7 +11,9 @@ import dataclasses
 from typing import Any
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-KV_CACHE_DTYPES = ("auto",)  # fp8 / int8 arrive with the quantized-KV issue
+# auto: the model's dtype. The others store 1-byte values with a bf16 scale per token and KV head
+# (pagedjax/kernels/quantization.py says why); "fp8" is vLLM's name for fp8_e4m3.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "int8")
 LOAD_FORMATS = ("auto", "hf", "gguf", "dummy", "orbax")
 ATTENTION_BACKENDS = ("auto", "reference", "pallas-gpu", "pallas-tpu")
 PREEMPTION_MODES = ("recompute", "swap")
@@ -55,8 +57,8 @@ class EngineArgs:
         need(self.load_format in LOAD_FORMATS,
              f"--load-format {self.load_format!r} is not one of {LOAD_FORMATS}")
         need(self.kv_cache_dtype in KV_CACHE_DTYPES,
-             f"--kv-cache-dtype {self.kv_cache_dtype!r} is not supported yet; use one of "
-             f"{KV_CACHE_DTYPES}")
+             f"--kv-cache-dtype {self.kv_cache_dtype!r} is not one of {KV_CACHE_DTYPES} (auto "
+             "keeps the model's dtype; fp8_e4m3, fp8_e5m2 and int8 hold ~2x the tokens)")
         need(self.attention_backend in ATTENTION_BACKENDS,
              f"--attention-backend {self.attention_backend!r} is not one of {ATTENTION_BACKENDS}")
         need(self.preemption_mode in PREEMPTION_MODES,
@@ -113,7 +115,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-gpu-blocks-override", type=int, default=None)
     g.add_argument("--kv-cache-memory-bytes", type=int, default=None,
                    help="explicit KV pool budget in bytes (default on the CPU: 1 GiB)")
-    g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=KV_CACHE_DTYPES)
+    g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=KV_CACHE_DTYPES,
+                   help="KV cache storage: auto (the model's dtype) or a 1-byte quantized dtype "
+                        "with a bf16 scale per token and KV head (fp8 = fp8_e4m3)")
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--preemption-mode", default=d.preemption_mode, choices=PREEMPTION_MODES)

@@ -95,7 +95,7 @@ class LLMEngine:
         self.tp = sharding.TensorParallel.build(cfg, loaded.params, args.tensor_parallel_size)
         num_blocks = self._num_blocks(args, loaded)
         self.spec = kv_pool.KVPoolSpec.for_model(self.tp.cfg, num_blocks, args.block_size,
-                                                 self.dtype)
+                                                 self.memory["kv_dtype"])
         kv_pool.check_fits(self.spec, self.max_model_len)
         kv_pool.log_capacity(self.spec, self.max_model_len)
         if args.enable_prefix_caching:

@@ -295,7 +295,12 @@ class ModelRunner:
         *out, self._sampled = self._sample(logits, self._to_device(inputs.sampling),
                                            mode=inputs.mode)
         self.step_id += 1
-        return StepResult(*out)
+        result = StepResult(*out)
+        # Queue the copies to the host now, behind this step: queued later, at to_host(), they
+        # would wait behind the next step, already dispatched (async scheduling).
+        for x in result if inputs.mode.top else result[:2]:
+            x.copy_to_host_async()
+        return result
 
 
 def _step(params, pool, sampled, packed, *, layout: StepLayout, cfg: ModelConfig, attend):

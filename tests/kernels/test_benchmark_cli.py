@@ -13,10 +13,17 @@ def test_kernel_benchmark_tiny(tmp_path):
                             "decode_b1_ctx32768_pct_copy_bw", "prefill_8k_vs_cudnn",
                             "compilations_after_warmup"}
     assert summary["compilations_after_warmup"] == 0
+    # --kv-cache-dtype fp8_e4m3 is the default: decode timed on the same pages quantized
+    assert summary["kv_cache_dtype"] == "fp8_e4m3" and summary["fp8_decode_speedup"] is None
     record = json.loads((tmp_path / "kernel-tiny.json").read_text())
-    for name, check in record["figures"]["correctness"].items():
+    checks = record["figures"]["correctness"]
+    assert {"ragged-fp8_e4m3", "decode-fp8_e4m3", "decode-split4-fp8_e4m3"} <= set(checks)
+    for name, check in checks.items():
         assert check["rel_err"] < 1e-2 and not check["nan"] and check["padding_zero"], name
     decode = record["figures"]["decode"][0]
     assert decode["rel_err_vs_ref"] < 1e-2 and decode["rel_diff_vs_jax"] < 1e-2
+    assert decode["kv_rel_err_vs_ref"] < 1e-2 and decode["kv_speedup"] > 0
+    assert decode["kv_rel_diff_vs_bf16"] < 0.1  # the quantization error itself, fp8 e4m3
+    assert isinstance(record["figures"]["kv_write_us"]["pallas_T4_fp8_e4m3_us"], float)
     assert record["figures"]["prefill_best"]["causal"]["rel_err_vs_ref"] < 1e-2
     assert (tmp_path / "kernel-tiny.png").exists()

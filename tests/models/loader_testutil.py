@@ -21,6 +21,16 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                "original_max_position_embeddings": 64}
 
 
+def perplexity(logits, ids) -> float:
+    """exp(mean NLL) of ``ids[1:]`` under ``logits`` [len(ids), V] (row i predicts token i + 1)."""
+    import jax
+    import jax.numpy as jnp
+
+    logp = jax.nn.log_softmax(jnp.asarray(logits)[:-1], axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.asarray(ids[1:])[:, None], axis=-1).mean()
+    return float(jnp.exp(nll))
+
+
 def make_hf_config(family: str):
     from transformers import LlamaConfig, Qwen2Config
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import dataclasses
 
 import gguf
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
-from tests.models.loader_testutil import llama_cpp_permute, torch_logits, write_gguf
+from tests.models.loader_testutil import (llama_cpp_permute, perplexity, torch_logits,
+                                           write_gguf)
 
 from pagedjax.models import ModelConfig, RopeScaling, forward_dense, load_model
 from pagedjax.models.gguf_loader import load_gguf
@@ -48,9 +48,7 @@ def test_smollm2_logits_match_transformers(smollm2, smollm2_transformers, paragr
 def test_smollm2_perplexity(smollm2, paragraph):
     ids = smollm2.tokenizer(paragraph)["input_ids"]
     logits = forward_dense(smollm2.params, smollm2.cfg, jnp.asarray([ids], dtype=jnp.int32))[0]
-    logp = jax.nn.log_softmax(logits[:-1], axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.asarray(ids[1:])[:, None], axis=-1).mean()
-    ppl = float(jnp.exp(nll))
+    ppl = perplexity(logits, ids)
     print(f"\nSmolLM2-135M-Instruct Q4_1 perplexity on tests/data/paragraph.txt "
           f"({len(ids)} tokens): {ppl:.2f}")
     # Measured 18.53 (175 tokens; pagedjax fp32 on CPU, whose logits match transformers' to

@@ -1,0 +1,279 @@
+"""``--kv-cache-dtype`` end to end on the tiny models: greedy decoding with each quantized cache
+equals a one-shot recompute with the same quantization (through chunked prefill, decode steps,
+preemption and the Pallas kernels in interpret mode); block copies (n > 1) and swaps move
+quantized blocks bit-exact; the pool and the planner count the quantized bytes and the scales.
+"""
+from __future__ import annotations
+
+import functools
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pagedjax import LLM, SamplingParams, kv_pool
+from pagedjax import memory_report as mr
+from pagedjax.attention import make_attend
+from pagedjax.block_manager import BlockManager
+from pagedjax.config import EngineArgs
+from pagedjax.kernels import QuantizedPages
+from pagedjax.models import forward_paged
+from pagedjax.swap import HostKVPool
+from pagedjax.swap_space import SwapSpace
+from tests.conftest import assert_no_leak
+
+QUANTIZED = ["fp8_e4m3", "fp8_e5m2", "int8"]
+ENGINE = dict(num_gpu_blocks_override=9, max_model_len=128, max_num_batched_tokens=32,
+              max_num_seqs=4)  # 9 blocks cannot hold all four prompts: preemption happens
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+WIDTH = 128
+
+
+def _prompts(seed=5):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(2, 128, size=int(n)).tolist() for n in (1, 17, 40, 70)]
+
+
+@functools.lru_cache(maxsize=None)
+def _recompute(cfg, kv_dtype: str):
+    """Logits of the last of ``n`` tokens, the whole sequence as one prefill chunk into a fresh
+    pool of ``kv_dtype``, reference attention: the engine's arithmetic without its schedule."""
+    spec = kv_pool.KVPoolSpec.for_model(cfg, WIDTH // 16, 16, kv_dtype)
+
+    def last_logits(params, tokens, n):
+        pos = jnp.arange(WIDTH, dtype=jnp.int32)
+        meta = {"slot_mapping": jnp.where(pos < n, pos, -1),
+                "block_tables": jnp.arange(spec.num_blocks, dtype=jnp.int32)[None],
+                "context_lens": n[None], "query_start_loc": jnp.stack([0 * n, n]),
+                "decode_only": False}
+        logits, _ = forward_paged(params, cfg, tokens, pos, kv_pool.allocate(spec), meta,
+                                  make_attend("reference"), (n - 1)[None])
+        return logits[0]
+
+    return jax.jit(last_logits)
+
+
+def greedy_recompute(model, prompt, max_tokens, kv_dtype):
+    f = _recompute(model.cfg, kv_dtype)
+    toks = list(prompt)
+    for _ in range(max_tokens):
+        padded = np.zeros(WIDTH, np.int32)
+        padded[:len(toks)] = toks
+        toks.append(int(jnp.argmax(f(model.params, padded, jnp.int32(len(toks))))))
+    return toks[len(prompt):]
+
+
+@pytest.mark.parametrize("kv_dtype", QUANTIZED)
+@pytest.mark.parametrize("model", ["tiny_qwen", "tiny_llama"])
+def test_greedy_equals_quantized_recompute(model, kv_dtype, request):
+    model = request.getfixturevalue(model)
+    llm = LLM(loaded=model, kv_cache_dtype=kv_dtype, attention_backend="reference", **ENGINE)
+    pool = llm.engine.runner.pool
+    assert isinstance(pool[0][0], QuantizedPages) and pool[0][0].dtype == kv_pool.storage_dtype(
+        kv_dtype)
+    got = [o.outputs[0].token_ids for o in llm.generate(_prompts(), GREEDY, use_tqdm=False)]
+    want = [greedy_recompute(model, p, GREEDY.max_tokens, kv_dtype) for p in _prompts()]
+    assert got == want
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert_no_leak(llm)
+
+
+@pytest.mark.parametrize("backend,kv_dtype", [("pallas-gpu", "fp8_e4m3"), ("pallas-gpu", "int8"),
+                                              ("pallas-tpu", "fp8_e5m2")])
+def test_pallas_backends_match_the_reference(tiny_llama, backend, kv_dtype):
+    ref = LLM(loaded=tiny_llama, kv_cache_dtype=kv_dtype, attention_backend="reference", **ENGINE)
+    pal = LLM(loaded=tiny_llama, kv_cache_dtype=kv_dtype, attention_backend=backend, **ENGINE)
+    want = [o.outputs[0].token_ids for o in ref.generate(_prompts(), GREEDY, use_tqdm=False)]
+    got = [o.outputs[0].token_ids for o in pal.generate(_prompts(), GREEDY, use_tqdm=False)]
+    assert got == want
+    assert pal.engine.scheduler.num_preemptions > 0
+    assert_no_leak(pal)
+
+
+def test_quantization_changes_the_cache_not_the_engine(tiny_qwen):
+    """Same prompts, auto vs int8: most greedy tokens agree (int8 is close), and the int8 pool
+    holds int8 values, not a float pool under another name."""
+    auto = LLM(loaded=tiny_qwen, attention_backend="reference", **ENGINE)
+    int8 = LLM(loaded=tiny_qwen, kv_cache_dtype="int8", attention_backend="reference", **ENGINE)
+    a = [o.outputs[0].token_ids for o in auto.generate(_prompts(), GREEDY, use_tqdm=False)]
+    b = [o.outputs[0].token_ids for o in int8.generate(_prompts(), GREEDY, use_tqdm=False)]
+    same = sum(x == y for ta, tb in zip(a, b) for x, y in zip(ta, tb))
+    assert same >= 0.75 * sum(map(len, a)), (a, b)
+    k = int8.engine.runner.pool[0][0]
+    assert k.data.dtype == jnp.int8 and k.scale.dtype == jnp.bfloat16
+    assert np.abs(np.asarray(k.data)).max() == 127, "some row's absmax maps to 127"
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "int8"])
+def test_n_samples_copy_quantized_blocks_bit_exact(tiny_qwen, kv_dtype):
+    """n = 3 children of a 100-token prompt fork inside its last, partial block: copy-on-write
+    copies that block (values and scales). Each child equals a lone run with its seed only if
+    the copy is exact."""
+    llm = LLM(loaded=tiny_qwen, kv_cache_dtype=kv_dtype, num_gpu_blocks_override=60,
+              max_model_len=256)
+    prompt = np.random.default_rng(1).integers(2, 128, size=100).tolist()
+    sp = SamplingParams(n=3, temperature=0.8, seed=11, max_tokens=10, ignore_eos=True)
+    copies = []
+    schedule = llm.engine.scheduler.schedule
+
+    def spy():
+        batch = schedule()
+        copies.extend(batch.copies)
+        return batch
+
+    llm.engine.scheduler.schedule = spy
+    out = llm.generate([prompt], sp, use_tqdm=False)[0]
+    llm.engine.scheduler.schedule = schedule
+    assert copies, "the fork was meant to copy the partial block"
+    for o in out.outputs:
+        lone = SamplingParams(temperature=0.8, seed=11 + o.index, max_tokens=10, ignore_eos=True)
+        assert llm.generate([prompt], lone, use_tqdm=False)[0].outputs[0].token_ids == o.token_ids
+    assert_no_leak(llm)
+
+
+def _random_quantized_pool(spec, seed=0):
+    """Every bit pattern, NaN payloads included, in values and scales."""
+    keys = iter(jax.random.split(jax.random.key(seed), 4 * spec.num_layers))
+
+    def pages():
+        data = jax.random.bits(next(keys), spec.page_shape, jnp.uint8)
+        scale = jax.random.bits(next(keys), (*spec.page_shape[:3], 1), jnp.uint16)
+        return QuantizedPages(jax.lax.bitcast_convert_type(data, kv_pool.storage_dtype(spec.dtype)),
+                              jax.lax.bitcast_convert_type(scale, jnp.bfloat16))
+
+    return [(pages(), pages()) for _ in range(spec.num_layers)]
+
+
+def _bits(pool):
+    return [np.asarray(kv_pool._bits(x)) for x in jax.tree.leaves(pool)]
+
+
+@pytest.mark.parametrize("kv_dtype", QUANTIZED)
+def test_copy_blocks_bit_exact(kv_dtype):
+    spec = kv_pool.KVPoolSpec(num_layers=2, num_blocks=8, block_size=4, num_kv_heads=2,
+                              head_dim=8, dtype=kv_dtype)
+    pool = _random_quantized_pool(spec)
+    before = _bits(pool)
+    src, dst = jnp.array([1, 6, 0, 0], jnp.int32), jnp.array([3, 2, -1, -1], jnp.int32)
+    after = _bits(jax.jit(kv_pool.copy_blocks)(pool, src, dst))
+    for x, y in zip(before, after):
+        want = x.copy()
+        want[[3, 2]] = x[[1, 6]]
+        np.testing.assert_array_equal(y, want)
+
+
+@pytest.mark.parametrize("kv_dtype", QUANTIZED)
+def test_swapped_quantized_blocks_round_trip_bit_exact(kv_dtype):
+    """Out to host pieces and back into other blocks: values and scales, every bit."""
+    spec = kv_pool.KVPoolSpec(num_layers=3, num_blocks=16, block_size=4, num_kv_heads=2,
+                              head_dim=8, dtype=kv_dtype)
+    runner = types.SimpleNamespace(pool=_random_quantized_pool(spec, seed=1))
+    before = _bits(runner.pool)
+    bm, space = BlockManager(16, 4), SwapSpace(num_pieces=5, piece_blocks=2, block_size=4)
+    host = HostKVPool(spec, space, runner)
+    # a piece holds 2 blocks of values and scales: the host bytes are the pool's bytes per block
+    assert host.piece_bytes == 2 * spec.bytes_per_block
+    bm.append_slots(0, 0, 4 * 5)
+    table0 = list(bm.table(0))
+    host.execute(types.SimpleNamespace(swap_out=space.swap_out(bm, 0), swap_in=[]), runner)
+    bm.append_slots(2, 0, 4 * 11)  # every other block taken and overwritten
+    runner.pool = jax.jit(lambda pool: jax.tree.map(jnp.zeros_like, pool), donate_argnums=0,
+                          out_shardings=jax.tree.map(lambda x: x.sharding, runner.pool))(
+        runner.pool)
+    bm.free(2)
+    bm.append_slots(3, 0, 4 * 3)
+    host.execute(types.SimpleNamespace(swap_out=[], swap_in=space.swap_in(bm, 0)), runner)
+    host.wait()
+    assert sorted(bm.table(0)) != sorted(table0)
+    after = _bits(runner.pool)
+    for b_old, b_new in zip(table0, bm.table(0)):
+        for x, y in zip(before, after):
+            np.testing.assert_array_equal(x[b_old], y[b_new])
+
+
+def test_swap_preemption_with_a_quantized_pool(tiny_qwen):
+    """Swap-preempted sequences resume with exactly the tokens of an unpreempted run."""
+    kw = dict(kv_cache_dtype="int8", block_size=16, max_model_len=256, max_num_batched_tokens=64,
+              max_num_seqs=6, attention_backend="reference")
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 128, size=int(k)).tolist() for k in rng.integers(40, 81, size=6)]
+    sp = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    roomy = LLM(loaded=tiny_qwen, num_gpu_blocks_override=64, **kw)
+    want = [o.outputs[0].token_ids for o in roomy.generate(prompts, sp, use_tqdm=False)]
+    assert roomy.engine.scheduler.num_preemptions == 0
+    tight = LLM(loaded=tiny_qwen, num_gpu_blocks_override=16, preemption_mode="swap",
+                num_cpu_blocks_override=64, **kw)
+    got = [o.outputs[0].token_ids for o in tight.generate(prompts, sp, use_tqdm=False)]
+    assert tight.engine.scheduler.num_preemptions_swap > 0
+    assert got == want
+    assert_no_leak(tight)
+
+
+# ---- sizes: pool, planner, flag ----------------------------------------------------------------
+@pytest.mark.parametrize("kv_dtype", QUANTIZED)
+def test_pool_bytes_are_what_is_allocated(tiny_qwen, kv_dtype):
+    llm = LLM(loaded=tiny_qwen, kv_cache_dtype=kv_dtype, kv_cache_memory_bytes=1 << 20,
+              max_model_len=256)
+    spec = llm.engine.spec
+    assert spec.dtype == kv_dtype and spec.quantized
+    allocated = sum(x.nbytes for x in jax.tree.leaves(llm.engine.runner.pool))
+    assert allocated == spec.total_bytes <= 1 << 20
+    auto = LLM(loaded=tiny_qwen, kv_cache_memory_bytes=1 << 20, max_model_len=256).engine.spec
+    # float32 tiny model, head_dim 16: 64 bytes per token and head vs 16 + 2
+    assert spec.num_tokens / auto.num_tokens == pytest.approx(64 / 18, rel=0.02)
+
+
+def test_planner_bytes_per_token_fp8_is_half_of_bf16_plus_scales():
+    from pagedjax.planner import resolve_model
+
+    cfg = resolve_model("Qwen2.5-7B-Instruct").cfg  # 28 layers, 4 KV heads, head_dim 128
+    bf16 = mr.kv_bytes_per_token(cfg, "bfloat16")
+    assert bf16 == 57_344
+    scales = 2 * 28 * 4 * 2  # K and V, per layer and KV head, one bf16 each
+    for kv_dtype in QUANTIZED:
+        assert mr.kv_bytes_per_token(cfg, kv_dtype) == bf16 // 2 + scales == 29_120
+    args = EngineArgs(kv_cache_dtype="fp8_e4m3", kv_cache_memory_bytes=10 << 30)
+    rep = mr.memory_report(cfg, args, "bfloat16", max_model_len=4096)
+    base = mr.memory_report(cfg, EngineArgs(kv_cache_memory_bytes=10 << 30), "bfloat16",
+                            max_model_len=4096)
+    assert rep["kv_dtype"] == "fp8_e4m3" and rep["kv_bytes_per_token"] == 29_120
+    assert rep["block_bytes"] == 16 * 29_120
+    assert rep["num_tokens"] / base["num_tokens"] == pytest.approx(256 / 130, abs=2e-3)  # 1.97x
+    assert mr.resolve_kv_dtype("fp8", "bfloat16") == "fp8_e4m3"
+    assert mr.resolve_kv_dtype("auto", "float16") == "float16"
+
+
+def test_bad_kv_cache_dtype_names_the_choices():
+    with pytest.raises(ValueError, match=r"--kv-cache-dtype 'fp4'.*'fp8_e4m3', 'fp8_e5m2', 'int8'"):
+        EngineArgs(kv_cache_dtype="fp4")
+
+
+def test_cli_flag_reaches_the_engine_args():
+    import argparse
+
+    from pagedjax.config import add_engine_arguments
+
+    p = argparse.ArgumentParser()
+    add_engine_arguments(p)
+    assert EngineArgs.from_namespace(p.parse_args(["--kv-cache-dtype", "int8"])).kv_cache_dtype \
+        == "int8"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--kv-cache-dtype", "fp4"])
+
+
+def test_tensor_parallel_splits_values_and_scales_by_kv_head():
+    """tp 2 on fake CPU devices: the int8 values and their scales are split by KV head like bf16
+    pages, and the tokens equal tp 1's."""
+    from jax.sharding import PartitionSpec as P
+
+    from tests.scaleout.common import generate_tp, tiny
+
+    _, one = generate_tp(tiny("tiny_qwen"), 1, kv_cache_dtype="int8")
+    llm, two = generate_tp(tiny("tiny_qwen"), 2, kv_cache_dtype="int8")
+    assert [o["token_ids"] for o in two] == [o["token_ids"] for o in one]
+    k = llm.engine.runner.pool[0][0]
+    for x in (k.data, k.scale):
+        assert x.sharding.spec == P(None, None, "tp", None)
+        assert {s.data.shape[2] for s in x.addressable_shards} == {1}
