@@ -92,3 +92,18 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.3g}"
     return "-" if v is None else str(v)
+
+
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b|| in float64: how far a kernel's output is from its reference."""
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def as_f32(*xs):
+    """The arrays upcast to float32 (the reference attention runs in fp32 on the same values)."""
+    import jax.numpy as jnp
+
+    return tuple(x.astype(jnp.float32) for x in xs)

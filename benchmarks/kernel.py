@@ -31,20 +31,14 @@ from pagedjax.kernels.dispatch import ragged_paged_attention, write_kv
 from pagedjax.kernels.quantization import QUANTIZED_DTYPES, SCALE_BYTES
 
 from . import common, plots
+from .common import as_f32, rel_err
+from .kernel_prefill import prefill
 from .kernel_quantized import check_quantized_write, quantized_decode, quantized_sweep
 
 logger = logging.getLogger(__name__)
 L2_BYTES = 50 << 20
 SWEEP_DECODE = [{"num_splits": "x2"}, {"num_splits": "/2"}, {"block_kv": 128}, {"block_kv": 32},
                 {"num_warps": 8}, {"num_stages": 2}, {"num_stages": 4}]
-# {}: no knobs, dispatch's choice (the Mosaic GPU kernel for one sequence on Hopper, else Triton
-# with its defaults); the rest tune the Triton kernel.
-PREFILL_TILES = [dict(),
-                 dict(block_m=128, block_n=128, num_warps=8, num_stages=3),  # Triton's default
-                 dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
-                 dict(block_m=128, block_n=64, num_warps=4, num_stages=3),
-                 dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
-                 dict(block_m=128, block_n=32, num_warps=4, num_stages=4)]
 PEER = [dict(k_splits=16, pages_per_compute_block=8), dict(k_splits=8, pages_per_compute_block=8),
         dict(k_splits=4, pages_per_compute_block=16), dict(k_splits=32, pages_per_compute_block=4)]
 
@@ -154,7 +148,7 @@ def decode_case(b: Bench, batch: int, ctx: int, copy_bw: float, sweep: bool, pee
                                                     backend=b.backend, interpret=b.interpret,
                                                     decode_only=True))
     if batch * ctx <= 65536:
-        row["rel_err_vs_ref"] = _rel(out, paged_attention_ref(*_f32(q, kp, vp), tables[0], cl, qsl))
+        row["rel_err_vs_ref"] = rel_err(out, paged_attention_ref(*as_f32(q, kp, vp), tables[0], cl, qsl))
     if b.kv_dtype:
         row.update(quantized_decode(b, ours, q, kp, vp, tables, cl, qsl, out, t, q_kv_bytes,
                                      copy_bw))
@@ -211,83 +205,13 @@ def _peer(b, q, kp, vp, tables, cl, rot, pred, ours_out, bytes_per_call, copy_bw
             continue
         if not best or t < best["t"]:
             best = {"t": t, "setting": setting}
-            err = _rel(ours_out, b.one_call(lambda fn=fn: fn(q, kt, vt, tables[0], cl)))
+            err = rel_err(ours_out, b.one_call(lambda fn=fn: fn(q, kt, vt, tables[0], cl)))
     del kt, vt
     if not best:
         return {}
     t = best["t"]
     return {"jax_us": t * 1e6, "jax_pct_copy": 100 * bytes_per_call / t / copy_bw,
             "jax_setting": str(best["setting"]), "rel_diff_vs_jax": err}
-
-
-# ---- prefill -----------------------------------------------------------------------------------
-def prefill(b: Bench, mm_flops: float, sweep: bool) -> tuple[list[dict], dict]:
-    n, k, h, bs = b.n, b.k, b.h, b.bs
-    t_all = b.prefill_t
-    w = t_all // bs
-    kp, vp = b.rand((w + 1, bs, k, h)), b.rand((w + 1, bs, k, h))
-    table = jnp.asarray(np.random.default_rng(1).permutation(w), jnp.int32)[None]
-    rows, best = [], {}
-    chunk = t_all // 4
-    cases = [("causal", t_all, 0), ("chunk", chunk, t_all - chunk)]  # (name, q_len, paged ctx)
-    q_all = b.rand((t_all, n, h))
-    outs = {}
-    for name, q_len, ctx0 in cases:
-        q = q_all[t_all - q_len:]
-        cl, qsl = jnp.array([q_len + ctx0], jnp.int32), jnp.array([0, q_len], jnp.int32)
-        flops = 4 * n * h * (q_len * ctx0 + q_len * (q_len + 1) / 2)
-        tiles = PREFILL_TILES if (sweep and not b.tiny) else PREFILL_TILES[:2]
-        for tile in tiles:
-            if b.tiny:
-                tile = dict(tile, block_m=32, block_n=16)
-            step = functools.partial(_ragged_step, b=b, cl=cl, qsl=qsl, tile=tile)
-            try:
-                t = b.timed(step, q, (kp, vp, table), 1, flops / 400e12)
-            except Exception as e:  # noqa: BLE001
-                rows.append({"case": name, "tile": str(tile), "error": str(e)[:200]})
-                continue
-            rows.append({"case": name, "q_len": q_len, "ctx": q_len + ctx0, "tile": str(tile),
-                         "us": t * 1e6, "TFLOPs": flops / t / 1e12,
-                         "pct_matmul": 100 * flops / t / mm_flops})
-            if name not in best or t < best[name]["t"]:
-                best[name] = {"t": t, "tile": tile, "flops": flops}
-        out = b.one_call(lambda: ragged_paged_attention(q, kp, vp, table, cl, qsl,
-                                                        backend=b.backend, interpret=b.interpret,
-                                                        **best[name]["tile"]))
-        small = slice(None) if b.tiny else slice(q_len - 64, q_len)  # the longest rows
-        ref = paged_attention_ref(*_f32(q[small], kp, vp), table, cl,
-                                  jnp.array([0, out[small].shape[0]], jnp.int32))
-        best[name]["rel_err_vs_ref"] = _rel(out[small], ref)
-        outs[name] = out
-    # cuDNN flash attention on the same causal problem, contiguous K/V (its best case)
-    q = q_all[None]
-    kc = kp[table[0]].reshape(1, t_all, k, h)
-    vc = vp[table[0]].reshape(1, t_all, k, h)
-    impl = None if b.tiny else "cudnn"
-    flops = 4 * n * h * t_all * (t_all + 1) / 2
-    try:
-        t = b.timed(lambda x, c: jax.nn.dot_product_attention(x, c[0], c[1], is_causal=True,
-                                                              implementation=impl),
-                    q, (kc, vc), 1, flops / 500e12)
-        cudnn = {"us": t * 1e6, "TFLOPs": flops / t / 1e12,
-                 "pct_matmul": 100 * flops / t / mm_flops,
-                 "implementation": impl or "xla"}
-        ref_out = b.one_call(lambda: jax.nn.dot_product_attention(q, kc, vc, is_causal=True,
-                                                                  implementation=impl))
-        cudnn["rel_diff_ours_vs_cudnn"] = _rel(outs["causal"], ref_out[0])
-    except Exception as e:  # noqa: BLE001
-        cudnn = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    rows.append({"case": "cudnn-causal", "q_len": t_all, "ctx": t_all, **cudnn})
-    summary = {name: {"us": v["t"] * 1e6, "TFLOPs": v["flops"] / v["t"] / 1e12,
-                      "tile": str(v["tile"]), "rel_err_vs_ref": v["rel_err_vs_ref"]}
-               for name, v in best.items()}
-    summary["cudnn"] = cudnn
-    return rows, summary
-
-
-def _ragged_step(x, c, *, b, cl, qsl, tile):
-    return ragged_paged_attention(x, c[0], c[1], c[2], cl, qsl, backend=b.backend,
-                                  interpret=b.interpret, **tile)
 
 
 # ---- correctness on the device, compile counting, KV write ------------------------------------
@@ -305,7 +229,7 @@ def correctness(b: Bench) -> dict:
         args = _ragged_batch(b, seqs)
         if b.tiny and not kw:
             kw = {"block_m": 32, "block_n": 16}
-        ref = paged_attention_ref(*_f32(*args[:3]), *args[3:])
+        ref = paged_attention_ref(*as_f32(*args[:3]), *args[3:])
         out[name] = _check(b, args, kw, ref)
         if b.kv_dtype:  # the same pages quantized, against the reference on them
             qargs = (args[0], quantize_pages(args[1], b.kv_dtype),
@@ -323,7 +247,7 @@ def _check(b: Bench, args, kw, ref) -> dict:
     except Exception as e:  # noqa: BLE001 - a kernel that fails to build is a finding
         return {"error": f"{type(e).__name__}: {str(e)[:1500]}"}
     real = int(args[5][-1])
-    return {"rel_err": _rel(res, ref), "nan": bool(jnp.isnan(res).any()),
+    return {"rel_err": rel_err(res, ref), "nan": bool(jnp.isnan(res).any()),
             "padding_zero": bool((res[real:] == 0).all())}
 
 
@@ -486,15 +410,6 @@ def _plot(path, rec):
                    "values": [pb[n]["TFLOPs"] for n in names],
                    "hlines": {"bf16 matmul": rec.get("matmul_TFLOPs")}})
     plots.save(path, panels, title=f"{common.device_name()}: ours / jax's in the left notes")
-
-
-def _f32(*xs):
-    return tuple(x.astype(jnp.float32) for x in xs)
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def _device_memory() -> float:

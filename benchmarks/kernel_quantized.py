@@ -13,10 +13,7 @@ from pagedjax.kernels import (QuantizedPages, dequantize_pages, paged_attention_
                               quantize_pages, write_kv_ref)
 from pagedjax.kernels.dispatch import ragged_paged_attention, write_kv
 
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+from .common import rel_err
 
 
 def quantized_decode(b, ours, q, kp, vp, tables, cl, qsl, bf16_out, bf16_t, kv_bytes,
@@ -35,9 +32,9 @@ def quantized_decode(b, ours, q, kp, vp, tables, cl, qsl, bf16_out, bf16_t, kv_b
                                                     decode_only=True))
     row = {"kv_dtype": name, "kv_us": t * 1e6, "kv_GBps": bytes_per_call / t / 1e9,
            "kv_pct_copy": 100 * bytes_per_call / t / copy_bw, "kv_speedup": bf16_t / t,
-           "kv_rel_diff_vs_bf16": _rel(out, bf16_out)}
+           "kv_rel_diff_vs_bf16": rel_err(out, bf16_out)}
     if q.shape[0] * tables.shape[-1] * b.bs <= 65536:
-        row["kv_rel_err_vs_ref"] = _rel(out, paged_attention_ref(q.astype(jnp.float32), qk, qv,
+        row["kv_rel_err_vs_ref"] = rel_err(out, paged_attention_ref(q.astype(jnp.float32), qk, qv,
                                                                  tables[0], cl, qsl))
     return row
 
@@ -100,6 +97,6 @@ def check_quantized_write(b) -> dict:
     same = [float(jnp.mean((g.data.astype(jnp.float32) == w.data.astype(jnp.float32))
                            .astype(jnp.float32))) for g, w in zip(got, want)]
     deq = [(dequantize_pages(g), dequantize_pages(w)) for g, w in zip(got, want)]
-    return {"rel_err": max(_rel(g, w) for g, w in deq), "values_identical_frac": min(same),
+    return {"rel_err": max(rel_err(g, w) for g, w in deq), "values_identical_frac": min(same),
             "scales_identical": all(bool((g.scale == w.scale).all()) for g, w in zip(got, want)),
             "nan": any(bool(jnp.isnan(g).any()) for g, _ in deq), "padding_zero": True}

@@ -36,7 +36,8 @@ from pagedjax.kernels.dispatch import ragged_paged_attention
 from pagedjax.kernels.ragged_prefill_mgpu import ragged_prefill_mgpu
 
 from . import common, kernel
-from .kernel import Bench, _f32, _rel
+from .common import as_f32, rel_err
+from .kernel import Bench
 
 N, K, H, BS = 28, 4, 128, 16
 CONFIGS = [  # the default first
@@ -82,7 +83,7 @@ def ref_f32(q, kc, vc, off, *, scale, rows=512):
 
 def _errs(out, ref) -> dict:
     a, b = np.asarray(out, np.float32), np.asarray(ref, np.float32)
-    return {"rel_err": _rel(a, b), "max_abs_err": float(np.abs(a - b).max()),
+    return {"rel_err": rel_err(a, b), "max_abs_err": float(np.abs(a - b).max()),
             "max_abs_ref": float(np.abs(b).max()), "nan": bool(np.isnan(a).any())}
 
 
@@ -100,7 +101,7 @@ def edge_cases(b: Bench) -> dict:
         args = (b.rand((t, N, H)), b.rand((nb, BS, K, H)), b.rand((nb, BS, K, H)),
                 jnp.asarray(table), jnp.array([ctx], jnp.int32),
                 jnp.array([q_start, q_start + q_len], jnp.int32))
-        ref = paged_attention_ref(*_f32(*args[:3]), *args[3:])
+        ref = paged_attention_ref(*as_f32(*args[:3]), *args[3:])
         for paged in (True, False):
             key = f"q{q_len}-ctx{ctx}-start{q_start}-{'paged' if paged else 'gather'}"
             try:
@@ -110,7 +111,7 @@ def edge_cases(b: Bench) -> dict:
                 row = {"padding_zero": bool((res[~live] == 0).all()),
                        "nan": bool(np.isnan(res).any())}
                 if q_len:
-                    row.update(rel_err=_rel(res[live], np.asarray(ref)[live]),
+                    row.update(rel_err=rel_err(res[live], np.asarray(ref)[live]),
                                max_abs_err=float(np.abs(res[live] - np.asarray(ref)[live]).max()))
                 out[key] = row
             except Exception as e:  # noqa: BLE001 - a kernel that fails to build is a finding

@@ -122,28 +122,16 @@ def gather_context(k_pages, v_pages, table, ctx, length: int):
 # ---- checks --------------------------------------------------------------------------------------
 def check_args(q, k_pages, v_pages, block_tables, context_lens, query_start_loc, *, block_q,
                block_kv, num_stages, paged_tma) -> None:
-    """Raise ValueError naming what does not fit this kernel."""
-    if q.ndim != 3:
-        raise ValueError(f"q must be [T, N, H], got shape {q.shape}")
-    if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
-        raise ValueError(f"k_pages/v_pages must both be [num_blocks, block_size, K, H], got "
-                         f"{k_pages.shape} and {v_pages.shape}")
-    t, n, h = q.shape
-    nb, bs, kh, h2 = k_pages.shape
-    if h2 != h:
-        raise ValueError(f"head_dim of q ({h}) and of the pages ({h2}) differ")
-    if n % kh:
-        raise ValueError(f"query heads ({n}) must be a multiple of KV heads ({kh})")
-    if block_tables.ndim != 2 or block_tables.shape[0] != 1:
+    """Raise ValueError naming what does not fit this kernel: the step's shapes first (the checks
+    every backend shares), then this kernel's own limits."""
+    from .dispatch import check_shapes
+
+    check_shapes(q, k_pages, v_pages, block_tables, context_lens, query_start_loc)
+    _, _, h = q.shape
+    bs = k_pages.shape[1]
+    if block_tables.shape[0] != 1:
         raise ValueError(f"ragged_prefill_mgpu takes one sequence: block_tables must be [1, W], "
                          f"got {block_tables.shape} (ragged batches: the Triton kernel)")
-    if context_lens.shape != (1,) or query_start_loc.shape != (2,):
-        raise ValueError(f"context_lens must be [1] and query_start_loc [2], got "
-                         f"{context_lens.shape} and {query_start_loc.shape}")
-    for name, a in (("block_tables", block_tables), ("context_lens", context_lens),
-                    ("query_start_loc", query_start_loc)):
-        if a.dtype != jnp.int32:
-            raise ValueError(f"{name} must be int32, got {a.dtype}")
     if q.dtype != k_pages.dtype or k_pages.dtype != v_pages.dtype:
         raise ValueError(f"q, k_pages, v_pages dtypes must match: {q.dtype}, {k_pages.dtype}, "
                          f"{v_pages.dtype}")

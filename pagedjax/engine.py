@@ -21,7 +21,7 @@ from .runner import ModelRunner, StepResult
 from .sampler import MAX_LOGPROBS
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
-from .sequence import PLACEHOLDER, Sequence, Status
+from .sequence import PLACEHOLDER, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class InFlight:
     result: StepResult
     samples: dict[int, int | None]
     needs_host: bool  # a beam round or a fork: complete it before scheduling the next step
-    want_top: bool  # some row wants its top logprobs: fetch them
+    want_top: bool  # some row wants its top logprobs (the sampler computed them): fetch them
 
 
 @dataclasses.dataclass
@@ -280,16 +280,16 @@ class LLMEngine:
                        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
                        if seq.pending_forks and seq.num_computed_tokens + n == seq.num_tokens
                        for child in seq.pending_forks]
-        result = self.runner.execute(self.runner.prepare(batch, self.block_manager))
+        inputs = self.runner.prepare(batch, self.block_manager)
+        result = self.runner.execute(inputs)
         # The step is on its way: its tokens count as computed, and each row that samples gets
         # a PLACEHOLDER for its token, filled when the step completes.
-        step_id, samples, needs_host, want_top = self.runner.step_id, {}, bool(batch.forks), False
+        step_id, samples, needs_host = self.runner.step_id, {}, bool(batch.forks)
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             seq.num_computed_tokens += n
             if seq.num_computed_tokens < seq.num_tokens:
                 continue  # a prefill chunk that is not the last: it samples nothing
             req = self.requests[seq.request_id]
-            want_top |= req.params.logprobs is not None or req.beam is not None
             if req.beam is not None:  # the beam round decides the next tokens
                 needs_host = True
                 samples[i] = None
@@ -301,10 +301,8 @@ class LLMEngine:
             if (len(seq.output_token_ids) >= req.max_tokens
                     or seq.num_tokens >= self.max_model_len):
                 seq.last_token_pending = True
-        want_top |= any(self.requests[c.request_id].params.logprobs is not None
-                        for _, c in batch.forks)
         self._dispatching = None
-        self._on_device.append(InFlight(batch, result, samples, needs_host, want_top))
+        self._on_device.append(InFlight(batch, result, samples, needs_host, inputs.mode.top))
         return True
 
     def _complete(self, f: "InFlight") -> list[RequestOutput]:
@@ -402,7 +400,8 @@ class LLMEngine:
         seq.cumulative_logprob += logprob
         k = req.params.logprobs
         if k is not None:  # vLLM's shape: the top k plus the sampled token
-            top = dict(zip(result.top_ids[row, :k].tolist(), result.top_logprobs[row, :k].tolist()))
+            top = dict(zip(result.top_ids[row, :k].tolist(),
+                           result.top_logprobs[row, :k].tolist())) if k else {}
             top[token] = logprob
             seq.output_top_logprobs.append(top)
         self.stats.generation_tokens += 1

@@ -1,6 +1,6 @@
 """The kernels lower for the hardware they are written for, checked on the CPU: Pallas -> Triton IR
 for CUDA, Pallas -> Mosaic for TPU, at the Qwen2.5-7B shapes the engine runs (28 q / 4 kv heads,
-head_dim 128, bf16, block 16). This catches a kernel that runs in interpret mode but uses an op the
+head_dim 128, bf16, block 16), with bf16 and with quantized pages. This catches a kernel that runs in interpret mode but uses an op the
 real lowering lacks; the Triton / Mosaic compilers themselves run only on the device."""
 from __future__ import annotations
 
@@ -10,15 +10,23 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from pagedjax.kernels import QuantizedPages
 from pagedjax.kernels.dispatch import ragged_paged_attention, write_kv
+from pagedjax.kernels.quantization import QUANTIZED_DTYPES
 
 T, S, W, NB = 64, 8, 32, 300
 SD = jax.ShapeDtypeStruct
-ARGS = (SD((T, 28, 128), jnp.bfloat16), SD((NB, 16, 4, 128), jnp.bfloat16),
-        SD((NB, 16, 4, 128), jnp.bfloat16), SD((S, W), jnp.int32), SD((S,), jnp.int32),
-        SD((S + 1,), jnp.int32))
 
 
+def pages(kv_dtype: str):
+    """One layer's pages as the engine holds them: bf16, or quantized values + bf16 scales."""
+    if kv_dtype == "bfloat16":
+        return SD((NB, 16, 4, 128), jnp.bfloat16)
+    return QuantizedPages(SD((NB, 16, 4, 128), QUANTIZED_DTYPES[kv_dtype]),
+                          SD((NB, 16, 4, 1), jnp.bfloat16))
+
+
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", *QUANTIZED_DTYPES])
 @pytest.mark.parametrize("platform,backend,kwargs,marker", [
     ("cuda", "pallas-gpu", {"decode_only": True, "num_splits": 1}, "paged_decode"),
     ("cuda", "pallas-gpu", {"decode_only": True, "num_splits": 8}, "paged_decode_combine"),
@@ -27,13 +35,15 @@ ARGS = (SD((T, 28, 128), jnp.bfloat16), SD((NB, 16, 4, 128), jnp.bfloat16),
     ("tpu", "pallas-tpu", {"decode_only": True}, "paged_decode_tpu"),
     ("tpu", "pallas-tpu", {}, "ragged_paged_attention_tpu"),
 ])
-def test_lowers_for_device(platform, backend, kwargs, marker):
+def test_lowers_for_device(kv_dtype, platform, backend, kwargs, marker):
+    kv = pages(kv_dtype)
     if backend == "write_kv":
         fn = jax.jit(functools.partial(write_kv, backend="pallas-gpu"))
-        args = (*ARGS[1:3], SD((T, 4, 128), jnp.bfloat16), SD((T, 4, 128), jnp.bfloat16),
+        args = (kv, kv, SD((T, 4, 128), jnp.bfloat16), SD((T, 4, 128), jnp.bfloat16),
                 SD((T,), jnp.int32))
     else:
         fn = jax.jit(functools.partial(ragged_paged_attention, backend=backend, **kwargs))
-        args = ARGS
+        args = (SD((T, 28, 128), jnp.bfloat16), kv, kv, SD((S, W), jnp.int32),
+                SD((S,), jnp.int32), SD((S + 1,), jnp.int32))
     text = fn.trace(*args).lower(lowering_platforms=(platform,)).as_text()
     assert marker in text
