@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 
 import jax.numpy as jnp
 import numpy as np
 
-from pagedjax.kernels import (QuantizedPages, dequantize_pages, paged_attention_ref,
-                              quantize_pages, write_kv_ref)
+from pagedjax.kernels import dequantize_pages, paged_attention_ref, quantize_pages, write_kv_ref
 from pagedjax.kernels.dispatch import ragged_paged_attention, write_kv
 
 from .common import rel_err
@@ -39,37 +39,90 @@ def quantized_decode(b, ours, q, kp, vp, tables, cl, qsl, bf16_out, bf16_t, kv_b
     return row
 
 
-# Quantized decode variants: tuning knobs and the scales' storage ("f32": float32 scales, 4-byte
-# gathers the Triton pipeliner prefetches, where it loads 2-byte ones synchronously; "none": raw
-# 1-byte pages without scales, the ceiling of the conversion alone).
-SWEEP_QUANTIZED = [{"scales": "f32"}, {"scales": "none"}, {"num_stages": 4}, {"num_splits": "x2"},
-                   {"block_kv": 128}, {"block_kv": 32}, {"num_warps": 8},
-                   {"block_kv": 128, "num_warps": 8}]
+# Quantized decode variants, timed at 64 x 4096 (and at the tiny shape with --tiny). Earlier
+# sweeps (float32 scales, float16 matmuls, block_kv 32/128, 8 warps, 2/4 stages, splits 1/4) are in
+# benchmarks/KERNEL_NOTES.md; these time the knobs added against the per-token overhead:
+# kv_heads_per_program (two KV heads' 7 + 7 query heads in one 16-row tile, one 256-wide gather
+# per token) alone and with the tile knobs it shifts, and the fused merge. "scales": "none" times
+# raw 1-byte pages without scales (the ceiling of the conversion alone).
+SWEEP_QUANTIZED = {
+    "target": [{"kv_heads_per_program": 2}, {"kv_heads_per_program": 2, "num_splits": 4},
+               {"kv_heads_per_program": 2, "block_kv": 32},
+               {"kv_heads_per_program": 2, "num_warps": 8},
+               {"kv_heads_per_program": 4, "block_kv": 32, "num_warps": 8, "num_splits": 4},
+               {"merge": "fused"}, {"kv_heads_per_program": 2, "num_splits": 4, "merge": "fused"},
+               {"kv_heads_per_program": 2, "scales": "none"}],
+    "tiny": [{"kv_heads_per_program": 2}, {"num_splits": 3, "block_kv": 16, "merge": "fused"},
+             {"scales": "none", "num_splits": 3, "block_kv": 16}],
+}
+SWEEP_TOL = 1e-2  # bf16 output against the float32 reference: ~2e-3 when right
 
 
-def quantized_sweep(b, ours, q, kp, vp, meta, rot, splits) -> dict:
-    """Microseconds of each SWEEP_QUANTIZED variant on the same pages quantized."""
+def checked_timings(variants, kv_heads: int, check, timed, deadline: float) -> tuple[dict, dict]:
+    """Each variant (a dict of tuning knobs) checked first: ``check(tun)`` is its relative error
+    against the reference on the same inputs; only a variant within SWEEP_TOL is then timed
+    (``timed(tun)``, seconds per call). Variants left after ``deadline`` (perf_counter) are
+    skipped. Returns ({variant: us or why not}, {variant: rel err})."""
+    us, errs = {}, {}
+    for var in variants:
+        key = str(var)
+        kvp = var.get("kv_heads_per_program", 1)
+        if kv_heads % kvp:
+            us[key] = f"skipped: {kv_heads} KV heads"
+            continue
+        if time.perf_counter() > deadline:
+            us[key] = "skipped: --sweep-seconds spent"
+            continue
+        try:
+            errs[key] = err = check(var)
+            us[key] = timed(var) * 1e6 if err <= SWEEP_TOL else f"wrong: rel_err {err:.2e}"
+        except Exception as e:  # noqa: BLE001 - a variant that fails to build is a finding
+            us[key] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+    return us, errs
+
+
+def quantized_sweep(b, ours, q, kp, vp, meta, rot) -> dict:
+    """Microseconds of each SWEEP_QUANTIZED variant on the same pages quantized, each checked
+    against the reference on those pages first (rel errors under ``kv_sweep_rel_err``)."""
     from pagedjax.kernels.decode_attention_gpu import paged_decode_attention
 
+    tables, cl, qsl = meta
     qk, qv = (quantize_pages(x, b.kv_dtype) for x in (kp, vp))
-    out = {}
-    for var in SWEEP_QUANTIZED:
+    pages = {"bf16": (qk, qv), "none": (qk.data, qv.data)}
+    q32 = q.astype(jnp.float32)
+    refs = {"bf16": paged_attention_ref(q32, qk, qv, tables[0], cl, qsl)}
+
+    def split(var):
         tun = dict(var)
-        scales = tun.pop("scales", "bf16")
-        if "num_splits" in tun:
-            tun["num_splits"] = splits * 2 if tun["num_splits"] == "x2" else max(splits // 2, 1)
-        pages = {"bf16": (qk, qv), "f32": tuple(QuantizedPages(x.data, x.scale.astype(
-            jnp.float32)) for x in (qk, qv)), "none": (qk.data, qv.data)}[scales]
-        try:
-            if scales == "none":  # bypasses dispatch, which rightly refuses unscaled 1-byte pages
-                out[str(var)] = b.timed(
-                    functools.partial(_raw_decode_step, fn=paged_decode_attention, b=b, tun=tun),
-                    q, (*pages, *meta), rot, 1e-4) * 1e6
-            else:
-                out[str(var)] = ours(tun, pages) * 1e6
-        except Exception as e:  # noqa: BLE001
-            out[str(var)] = f"failed: {type(e).__name__}: {str(e)[:200]}"
-    return out
+        return tun.pop("scales", "bf16"), tun
+
+    def ref(scales):
+        if scales not in refs:  # raw pages: value = stored number
+            refs[scales] = paged_attention_ref(
+                q32, *(x.astype(jnp.float32) for x in pages[scales]), tables[0], cl, qsl)
+        return refs[scales]
+
+    def check(var):
+        scales, tun = split(var)
+        if scales == "none":  # bypasses dispatch, which rightly refuses unscaled 1-byte pages
+            out = paged_decode_attention(q, *pages[scales], tables[0], cl, qsl,
+                                         scale=q.shape[-1] ** -0.5, interpret=b.interpret, **tun)
+        else:
+            out = ragged_paged_attention(q, *pages[scales], tables[0], cl, qsl,
+                                         backend=b.backend, interpret=b.interpret,
+                                         decode_only=True, **tun)
+        return rel_err(out, ref(scales))
+
+    def timed(var):
+        scales, tun = split(var)
+        if scales == "none":
+            return b.timed(functools.partial(_raw_decode_step, fn=paged_decode_attention, b=b,
+                                             tun=tun), q, (*pages[scales], *meta), rot, 1e-4)
+        return ours(tun, pages[scales])
+
+    us, errs = checked_timings(SWEEP_QUANTIZED["tiny" if b.tiny else "target"], b.k, check, timed,
+                               b.sweep_deadline)
+    return {"kv_sweep": us, "kv_sweep_rel_err": errs}
 
 
 def _raw_decode_step(x, c, *, fn, b, tun):

@@ -77,26 +77,66 @@ def split_refs(refs, quantized: bool):
 
 def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs, num_rows,
                    num_heads, group, group_pad, head_dim, block_size, block_kv, split_tokens,
-                   num_splits, scale_log2, quantized):
+                   num_splits, scale_log2, quantized, kv_per_prog, merge, interpret):
     # q_ref [T*N, H]; k_ref, v_ref [num_blocks*block_size, K*H]; bt_ref [S, W]; cl_ref [S];
     # qsl_ref [S+1]; quantized: ks_ref, vs_ref [num_blocks*block_size, K] bf16;
-    # outputs: o [T*N, H] (one split) or o [S*N*P, H], m, l [S*N*P] (partials).
+    # outputs: o [T*N, H] (one split); o_part [S*N*P, H], m, l [S*N*P] (partials, merged by
+    # _combine_kernel); merge "fused": (counter input) o, o_part, m, l, counter [S*K/kv_per_prog].
+    # The tile's rows are the kv_per_prog * group query heads of kv_per_prog adjacent KV heads
+    # (row r belongs to KV head kh0 + r // group, query head kh0 * group + r), padded to
+    # group_pad; its columns are those KV heads' [kv_per_prog * H] contiguous values of a token.
+    # With several KV heads per tile, row r uses only the H columns of its own KV head: q is
+    # zero elsewhere (so one dot gives each row its own head's scores), and of the [group_pad,
+    # kv_per_prog * H] accumulator each row keeps only its own head's H columns (``narrow``,
+    # once per program: a select and a reshape-sum, not masked stores to duplicate addresses,
+    # which interpret mode would write back as the poisoned old values).
     ks_ref, vs_ref, out_refs = split_refs(refs, quantized)
-    slot, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    slot, khp, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    kh0 = khp * kv_per_prog if kv_per_prog > 1 else khp
     s, row, decodes = slot_row(slot, qsl_ref, num_seqs)
     ctx = jnp.where(decodes, cl_ref[s], 0)
+    width = kv_per_prog * head_dim
 
     heads = jnp.arange(group_pad, dtype=jnp.int32)
     dims = jnp.arange(head_dim, dtype=jnp.int32)
-    head_ok = heads < group
-    q_rows = row * num_heads + kh * group + heads
-    q_mask = jnp.broadcast_to((head_ok & decodes)[:, None], (group_pad, head_dim))
-    q = plgpu.load(q_ref.at[q_rows[:, None], dims[None, :]], mask=q_mask, other=0)  # [G_pad, H]
+    head_ok = heads < kv_per_prog * group
+    q_rows = row * num_heads + kh0 * group + heads
+    if kv_per_prog == 1:
+        wide, qcols, owner, own = dims, dims, None, None
+    else:
+        wide = jnp.arange(width, dtype=jnp.int32)
+        qcols = jax.lax.rem(wide, head_dim)
+        owner = jax.lax.div(heads, group)  # KV head (offset from kh0) of each tile row
+        own = owner[:, None] == jax.lax.div(wide, head_dim)[None, :]
+
+    def narrow(x):
+        """[G_pad, width] -> [G_pad, H]: each row's own KV head's columns (once, at the end)."""
+        if own is None:
+            return x
+        x = jnp.where(own, x, 0.0).reshape(group_pad, kv_per_prog, head_dim)
+        return jnp.sum(x, axis=1)
+
+    def row_mask(ok):
+        return jnp.broadcast_to(ok[:, None], (group_pad, head_dim))
+
+    q_mask = jnp.broadcast_to((head_ok & decodes)[:, None], (group_pad, width))
+    q_mask = q_mask if own is None else q_mask & own
+    q = plgpu.load(q_ref.at[q_rows[:, None], qcols[None, :]], mask=q_mask,
+                   other=0)  # [G_pad, width], zero outside each row's own KV head
 
     lo = split * split_tokens
     hi = jnp.minimum(ctx, lo + split_tokens)
     n_iter = cdiv(jnp.maximum(hi - lo, 0), block_kv)
-    cols = (kh * head_dim + dims)[None, :]
+    cols = (kh0 * head_dim + wide)[None, :]
+
+    def row_scales(ref, rows, valid):
+        """The tile's per-(row, token) dequantization scales, broadcastable to [G_pad, block_kv]."""
+        per_head = [plgpu.load(ref.at[rows, kh0 + c if c else kh0], mask=valid,
+                               other=0).astype(jnp.float32) for c in range(kv_per_prog)]
+        out = per_head[0][None, :]
+        for c in range(1, kv_per_prog):
+            out = jnp.where((owner == c)[:, None], per_head[c][None, :], out)
+        return out
 
     def body(i, carry):
         acc, m, l = carry
@@ -104,14 +144,13 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
         valid = j < hi
         page = plgpu.load(bt_ref.at[s, jax.lax.div(j, block_size)], mask=valid, other=0)
         rows = page * block_size + jax.lax.rem(j, block_size)
-        kv_mask = jnp.broadcast_to(valid[:, None], (block_kv, head_dim))
-        k = load_kv(k_ref, (rows[:, None], cols), kv_mask)  # [block_kv, H]
+        kv_mask = jnp.broadcast_to(valid[:, None], (block_kv, width))
+        k = load_kv(k_ref, (rows[:, None], cols), kv_mask)  # [block_kv, width]
         v = load_kv(v_ref, (rows[:, None], cols), kv_mask)
         sc = jax.lax.dot_general(q, to_compute(k, q.dtype), (((1,), (1,)), ((), ())),
                                  preferred_element_type=jnp.float32) * scale_log2
         if quantized:
-            ks = plgpu.load(ks_ref.at[rows, kh], mask=valid, other=0).astype(jnp.float32)
-            sc = sc * ks[None, :]
+            sc = sc * row_scales(ks_ref, rows, valid)
         sc = jnp.where(valid[None, :], sc, NEG)  # [G_pad, block_kv], log2 domain
         m_new = jnp.maximum(m, jnp.max(sc, axis=1))
         alpha = jnp.exp2(m - m_new)
@@ -119,13 +158,12 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
         l = l * alpha + jnp.sum(p, axis=1)
         pv = p
         if quantized:
-            vs = plgpu.load(vs_ref.at[rows, kh], mask=valid, other=0).astype(jnp.float32)
-            pv = p * vs[None, :]
+            pv = p * row_scales(vs_ref, rows, valid)
         acc = acc * alpha[:, None] + jnp.dot(pv.astype(q.dtype), to_compute(v, q.dtype),
                                              preferred_element_type=jnp.float32)
         return acc, m_new, l
 
-    acc = jnp.zeros((group_pad, head_dim), jnp.float32)
+    acc = jnp.zeros((group_pad, width), jnp.float32)
     m = jnp.full((group_pad,), NEG, jnp.float32)
     l = jnp.zeros((group_pad,), jnp.float32)
     acc, m, l = jax.lax.fori_loop(0, n_iter, body, (acc, m, l))
@@ -133,16 +171,86 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
     if num_splits == 1:
         (o_ref,) = out_refs
         out = acc / jnp.where(l == 0, 1.0, l)[:, None]  # ctx 0 (padding): l == 0, acc == 0
-        mask = jnp.broadcast_to((head_ok & (row < num_rows))[:, None], (group_pad, head_dim))
-        plgpu.store(o_ref.at[q_rows[:, None], dims[None, :]], out.astype(o_ref.dtype), mask=mask)
+        mask = row_mask(head_ok & (row < num_rows))
+        plgpu.store(o_ref.at[q_rows[:, None], dims[None, :]], narrow(out).astype(o_ref.dtype),
+                    mask=mask)
+        return
+    if merge == "fused":
+        _, o_ref, o_part_ref, m_ref, l_ref, cnt_ref = out_refs  # [0]: the aliased counter input
     else:
-        o_ref, m_ref, l_ref = out_refs
-        part = ((s * num_heads + kh * group + heads) * num_splits + split)
+        o_ref, (o_part_ref, m_ref, l_ref) = None, out_refs
+    base = (s * num_heads + kh0 * group + heads) * num_splits  # partials of each row's head
+
+    def store_partials():
+        part = base + split
         ok = head_ok & (slot < num_seqs)
-        plgpu.store(o_ref.at[part[:, None], dims[None, :]], acc,
-                    mask=jnp.broadcast_to(ok[:, None], (group_pad, head_dim)))
+        plgpu.store(o_part_ref.at[part[:, None], dims[None, :]], narrow(acc), mask=row_mask(ok))
         plgpu.store(m_ref.at[part], m, mask=ok)
         plgpu.store(l_ref.at[part], l, mask=ok)
+
+    if merge != "fused":
+        store_partials()
+        return
+
+    # Fused merge: every program of a (sequence, KV-head tile) bumps its counter after storing
+    # its partials; the one that sees num_splits - 1 arrived last and merges all of them. The
+    # barrier orders all of this program's stores before the (acq_rel, gpu-scope) atomic, which
+    # one thread issues (Triton then broadcasts its result through shared memory behind a barrier,
+    # so every thread's merge loads come after it).
+    is_seq = slot < num_seqs
+
+    @pl.when(is_seq)
+    def _():
+        store_partials()
+        if not interpret:
+            plgpu.debug_barrier()
+        one = jnp.ones((), jnp.int32)  # an array: the interpret-mode discharge indexes it
+        old = plgpu.atomic_add(cnt_ref, s * pl.num_programs(1) + khp, one)
+
+        @pl.when(old == num_splits - 1)
+        def _():
+            out = _merge_rows(o_part_ref, m_ref, l_ref, base, head_ok,
+                              cdiv(ctx, split_tokens), num_splits, head_dim)
+            plgpu.store(o_ref.at[q_rows[:, None], dims[None, :]], out.astype(o_ref.dtype),
+                        mask=row_mask(head_ok & (row < num_rows)))
+
+    @pl.when(jnp.logical_not(is_seq) & (split == 0))
+    def _():  # a slot past the sequences owns padding row `slot`: zeros
+        plgpu.store(o_ref.at[q_rows[:, None], dims[None, :]],
+                    jnp.zeros((group_pad, head_dim), o_ref.dtype),
+                    mask=row_mask(head_ok & (row < num_rows)))
+
+
+def _merge_rows(o_part_ref, m_ref, l_ref, base, row_ok, n_act, num_splits, head_dim):
+    """[G_pad, H] normalised output of each tile row from its head's ``n_act`` live partials
+    (``base[r] + p``): max and denominator over all splits at once, then the weighted sum of the
+    partial outputs a [chunk, G_pad, H] slab at a time."""
+    g_pad = base.shape[0]
+    p_pad = _pow2(num_splits)
+    chunk = max(2, min(p_pad, 8192 // (g_pad * head_dim)))
+    pidx = jnp.arange(p_pad, dtype=jnp.int32)
+    live = (pidx < n_act)[:, None] & row_ok[None, :]  # [P_pad, G_pad]
+    idx = base[None, :] + pidx[:, None]
+    m = plgpu.load(m_ref.at[idx], mask=live, other=NEG)
+    l = plgpu.load(l_ref.at[idx], mask=live, other=0.0)
+    m_max = jnp.max(m, axis=0)
+    denom = jnp.sum(jnp.where(live, jnp.exp2(m - m_max[None, :]), 0.0) * l, axis=0)
+    dims = jnp.arange(head_dim, dtype=jnp.int32)
+
+    def body(c, acc):
+        cidx = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+        clive = (cidx < n_act)[:, None] & row_ok[None, :]  # [chunk, G_pad]
+        cpart = base[None, :] + cidx[:, None]
+        mc = plgpu.load(m_ref.at[cpart], mask=clive, other=NEG)
+        w = jnp.where(clive, jnp.exp2(mc - m_max[None, :]), 0.0)
+        oc = plgpu.load(o_part_ref.at[cpart[:, :, None], dims[None, None, :]],
+                        mask=jnp.broadcast_to(clive[:, :, None], (chunk, g_pad, head_dim)),
+                        other=0.0)
+        return acc + jnp.sum(w[:, :, None] * oc, axis=0)
+
+    acc = jax.lax.fori_loop(0, cdiv(n_act, chunk), body,
+                            jnp.zeros((g_pad, head_dim), jnp.float32))
+    return acc / jnp.where(denom == 0, 1.0, denom)[:, None]
 
 
 def _combine_kernel(o_part_ref, m_ref, l_ref, cl_ref, qsl_ref, o_ref, *, num_seqs, num_rows,
@@ -155,7 +263,7 @@ def _combine_kernel(o_part_ref, m_ref, l_ref, cl_ref, qsl_ref, o_ref, *, num_seq
     base = (s * num_heads + n) * num_splits
 
     dims = jnp.arange(head_dim, dtype=jnp.int32)
-    idx = jnp.arange(num_splits, dtype=jnp.int32)
+    idx = jnp.arange(_pow2(num_splits), dtype=jnp.int32)  # Triton tiles are powers of two
     live = idx < n_act
     m = plgpu.load(m_ref.at[base + idx], mask=live, other=NEG)
     l = plgpu.load(l_ref.at[base + idx], mask=live, other=0.0)
@@ -192,11 +300,24 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_tokens: int, block_
     return p
 
 
+def split_tokens_of(max_tokens: int, num_splits: int, block_kv: int) -> int:
+    """Tokens per split: ``max_tokens / num_splits`` rounded up to whole ``block_kv`` tiles, so
+    only the ``ceil(max_tokens / split_tokens)`` first splits can see tokens (33 splits of a 32K
+    table at block_kv 64 are 32 splits of 1,024 tokens and an empty one)."""
+    split_tokens = -(-max_tokens // num_splits)
+    return -(-split_tokens // block_kv) * block_kv
+
+
+MERGES = ("separate", "fused")
+
+
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "num_splits", "block_kv", "num_warps", "num_stages", "interpret"))
+    "scale", "num_splits", "block_kv", "num_warps", "num_stages", "kv_heads_per_program", "merge",
+    "interpret"))
 def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc, *,
                            scale: float, num_splits: int | None = None, block_kv: int | None = None,
-                           num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
+                           num_warps: int = 4, num_stages: int = 3, kv_heads_per_program: int = 1,
+                           merge: str = "separate", interpret: bool = False):
     """Decode attention (every q_len is 0 or 1) over a paged KV cache.
 
     q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H] in q's dtype, or
@@ -205,21 +326,37 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     not owned by a decoding sequence are zero. H and block_kv must be powers of two.
     1-byte pages without scales (plain fp8 / int8 arrays, value = stored number) are accepted
     too: the benchmark times them as the no-scale ceiling.
+
+    Tuning (static): num_splits, any positive int (default ``default_num_splits``; splits are
+    whole block_kv tiles, see ``split_tokens_of``); block_kv; num_warps; num_stages;
+    kv_heads_per_program, a power of two dividing K: one program reads that many adjacent KV
+    heads per token (one [block_kv, kv_heads_per_program * H] tile) for all their query heads
+    in one tile of max(16, kv_heads_per_program * G) rows; merge ("separate": a second Pallas
+    launch merges the splits; "fused": the last split program of each (sequence, KV-head tile)
+    to finish merges them, found with an atomic counter zeroed by XLA before the launch).
     Shapes are checked by ``pagedjax.kernels.dispatch.ragged_paged_attention``.
     """
     t, n, h = q.shape
     _, bs, kh, _ = k_pages.shape
     s, w = block_tables.shape
     group = n // kh
-    group_pad = max(16, _pow2(group))
+    kvp = int(kv_heads_per_program)
+    if kvp < 1 or kvp & (kvp - 1) or kh % kvp:
+        raise ValueError(f"kv_heads_per_program must be a power of two dividing the {kh} KV "
+                         f"heads, got {kv_heads_per_program}")
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+    group_pad = max(16, _pow2(kvp * group))
     max_tokens = w * bs
     if block_kv is None:
         block_kv = min(64, max(16, _pow2(max_tokens)))
     if num_splits is None:
         num_splits = default_num_splits(s, kh, max_tokens, block_kv, _num_sms())
-    split_tokens = -(-max_tokens // num_splits)
-    split_tokens = -(-split_tokens // block_kv) * block_kv
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be a positive int, got {num_splits}")
+    split_tokens = split_tokens_of(max_tokens, num_splits, block_kv)
     rows = max(s, t)
+    kh_progs = kh // kvp
     params = dict(num_seqs=s, num_rows=t, num_heads=n, head_dim=h, split_tokens=split_tokens,
                   num_splits=num_splits)
     quantized = is_quantized(k_pages)
@@ -228,20 +365,29 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     cp = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     kernel = functools.partial(_decode_kernel, group=group, group_pad=group_pad, block_size=bs,
                                block_kv=block_kv, scale_log2=scale * LOG2E, quantized=quantized,
-                               **params)
+                               kv_per_prog=kvp, merge=merge, interpret=interpret, **params)
     if num_splits == 1:
-        out = pl.pallas_call(kernel, grid=(rows, kh, 1),
+        out = pl.pallas_call(kernel, grid=(rows, kh_progs, 1),
                              out_shape=jax.ShapeDtypeStruct((t * n, h), q.dtype),
                              compiler_params=cp, interpret=interpret, name="paged_decode")(*inputs)
         return out.reshape(t, n, h)
     parts = s * n * num_splits
+    partials = (jax.ShapeDtypeStruct((parts, h), jnp.float32),
+                jax.ShapeDtypeStruct((parts,), jnp.float32),
+                jax.ShapeDtypeStruct((parts,), jnp.float32))
+    if merge == "fused":
+        counter = jnp.zeros((s * kh_progs,), jnp.int32)
+        out = pl.pallas_call(
+            kernel, grid=(rows, kh_progs, num_splits),
+            out_shape=(jax.ShapeDtypeStruct((t * n, h), q.dtype), *partials,
+                       jax.ShapeDtypeStruct(counter.shape, counter.dtype)),
+            input_output_aliases={len(inputs): 4}, compiler_params=cp, interpret=interpret,
+            name="paged_decode_split_fused")(*inputs, counter)[0]
+        return out.reshape(t, n, h)
     o_part, m, l = pl.pallas_call(
-        kernel, grid=(s, kh, num_splits),
-        out_shape=(jax.ShapeDtypeStruct((parts, h), jnp.float32),
-                   jax.ShapeDtypeStruct((parts,), jnp.float32),
-                   jax.ShapeDtypeStruct((parts,), jnp.float32)),
+        kernel, grid=(s, kh_progs, num_splits), out_shape=partials,
         compiler_params=cp, interpret=interpret, name="paged_decode_split")(*inputs)
-    combine = functools.partial(_combine_kernel, chunk=min(num_splits, 16), **params)
+    combine = functools.partial(_combine_kernel, chunk=min(_pow2(num_splits), 16), **params)
     out = pl.pallas_call(combine, grid=(rows, n),
                          out_shape=jax.ShapeDtypeStruct((t * n, h), q.dtype),
                          compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),

@@ -9,7 +9,8 @@ from .reference import paged_attention_ref, write_kv_ref
 
 BACKENDS = ("pallas-gpu", "pallas-tpu", "reference")
 _TUNING = {
-    ("pallas-gpu", True): {"num_splits", "block_kv", "num_warps", "num_stages"},
+    ("pallas-gpu", True): {"num_splits", "block_kv", "num_warps", "num_stages",
+                            "kv_heads_per_program", "merge"},
     ("pallas-gpu", False): {"block_m", "block_n", "num_warps", "num_stages"},
     ("pallas-tpu", True): {"pages_per_block"},
     ("pallas-tpu", False): {"block_q", "pages_per_block"},
@@ -91,8 +92,10 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
         ``pltpu.InterpretParams()``; an InterpretParams object is passed through.
     decode_only: static promise that every q_len is 0 or 1 (a pure decode step); picks the
         split-K flash-decoding kernel. Breaking the promise gives wrong rows, not an error.
-    tuning: kernel knobs, all static. pallas-gpu decode: num_splits (power of two), block_kv,
-        num_warps, num_stages; pallas-gpu ragged: block_m, block_n, num_warps, num_stages;
+    tuning: kernel knobs, all static. pallas-gpu decode: num_splits (positive int), block_kv,
+        num_warps, num_stages, kv_heads_per_program (power of two dividing K), merge
+        ("separate" / "fused"; see ``paged_decode_attention``); pallas-gpu ragged: block_m,
+        block_n, num_warps, num_stages;
         pallas-tpu decode: pages_per_block; pallas-tpu ragged: block_q, pages_per_block.
 
     Returns [T, N, H] in q's dtype.
@@ -154,9 +157,17 @@ def _check_gpu(q, k_pages, decode_only, tuning) -> None:
     if not _is_pow2(h) or h < 16:
         raise ValueError(f"pallas-gpu needs a power-of-two head_dim >= 16, got {h}; use "
                          f"backend='reference' or pad the heads")
-    for knob in ("num_splits", "block_kv", "block_m", "block_n"):
+    for knob in ("block_kv", "block_m", "block_n"):
         if knob in tuning and not _is_pow2(int(tuning[knob])):
             raise ValueError(f"{knob} must be a power of two, got {tuning[knob]}")
+    if tuning.get("num_splits") is not None and int(tuning["num_splits"]) < 1:
+        raise ValueError(f"num_splits must be a positive int, got {tuning['num_splits']}")
+    kvp = int(tuning.get("kv_heads_per_program", 1))
+    if not _is_pow2(kvp) or k_pages.shape[2] % kvp:
+        raise ValueError(f"kv_heads_per_program must be a power of two dividing the "
+                         f"{k_pages.shape[2]} KV heads, got {kvp}")
+    if tuning.get("merge", "separate") not in ("separate", "fused"):
+        raise ValueError(f"merge must be 'separate' or 'fused', got {tuning['merge']!r}")
     if not decode_only and tuning.get("block_m", 128) < group:
         raise ValueError(f"block_m ({tuning['block_m']}) must hold one token's {group} query heads")
     if not decode_only and tuning.get("block_m", 128) < 16 or tuning.get("block_n", 16) < 16:

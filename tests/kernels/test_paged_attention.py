@@ -169,7 +169,8 @@ def test_bad_shapes_raise(bad, match):
 @pytest.mark.parametrize("kwargs,match", [
     ({"backend": "cuda"}, "backend must be"),
     ({"backend": "pallas-gpu", "block_kv": 16}, "unknown tuning"),
-    ({"backend": "pallas-gpu", "decode_only": True, "num_splits": 3}, "power of two"),
+    ({"backend": "pallas-gpu", "decode_only": True, "block_kv": 24}, "power of two"),
+    ({"backend": "pallas-gpu", "decode_only": True, "num_splits": 0}, "positive"),
     ({"backend": "pallas-tpu", "block_q": 12}, "multiple of 8"),
 ])
 def test_bad_options_raise(kwargs, match):
