@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from benchmarks import harness
 from benchmarks.common import print_table, write_result
 
 
@@ -28,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--num-gpu-blocks-override", type=int, default=None)
     p.add_argument("--tiny", action="store_true", help="a tiny random model on the CPU (tests)")
+    p.add_argument("--precompile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile every step shape and copy program at engine start (default: "
+                        "on with the Pallas kernels on a GPU or TPU)")
 
 
 def _llm(args, share: bool):
@@ -35,7 +39,8 @@ def _llm(args, share: bool):
 
     kw = dict(max_model_len=args.max_model_len, disable_kv_sharing=not share,
               num_gpu_blocks_override=args.num_gpu_blocks_override,
-              max_num_seqs=max(64, args.num_requests * args.width))
+              max_num_seqs=max(64, args.num_requests * args.width),
+              precompile=getattr(args, "precompile", None))
     if args.tiny:
         from tests.conftest import TINY_QWEN, TinyModel, random_params
 
@@ -80,8 +85,10 @@ def run(args) -> dict:
         vocab = llm.engine.cfg.vocab_size
         prompts = [rng.integers(10, vocab - 1, size=args.prompt_len).tolist()
                    for _ in range(args.num_requests)]
+        figures[f"precompile_share_{share}"] = harness.precompile_figures(llm.engine)
         for kind in ("greedy", "n4", "beam"):
-            # warm-up: the same requests, so every step shape is compiled before timing; then
+            # warm-up: the same requests (every step shape and copy program is compiled at
+            # engine start where --precompile is on; elsewhere this pass compiles them); then
             # peak blocks of ONE request (its own shapes, compiled there), then the timed batch
             _run(llm, kind, prompts, args)
             _, _, one_peak, prompt_ratio = _run(llm, kind, prompts[:1], args)

@@ -97,6 +97,14 @@ def make_llm(loaded, ea):
     return LLM(loaded=loaded, **dataclasses.asdict(ea))
 
 
+def precompile_figures(engine) -> dict:
+    """What the engine compiled at start (``--precompile``: every step shape, sampler variant
+    and copy program), so that a measured run's ``compilations`` of 0 is by construction, not
+    because the warm-up pass happened to produce every shape the run needs."""
+    return {"precompile": engine.precompile, "precompile_s": engine.precompile_s,
+            "precompile_compilations": engine.precompile_compilations}
+
+
 def release(llm) -> None:
     """Drop an engine so its KV pool is freed before the next one sizes itself from free memory."""
     llm.engine.runner.pool = None

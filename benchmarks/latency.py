@@ -100,7 +100,8 @@ def run(args) -> dict:
     print_table(rows, COLUMNS)
     print(f"Avg latency: {np.mean([r['e2e_mean_s'] for r in rows]):.4f} seconds over "
           f"{len(rows)} batch x length pairs")
-    summary = {"compilations_after_warmup": sum(r["compilations"] for r in rows)}
+    summary = {"compilations_after_warmup": sum(r["compilations"] for r in rows),
+               **harness.precompile_figures(llm.engine)}
     b1 = [r for r in rows if r["batch"] == 1 and r["tpot_p50_ms"]]
     if b1:  # issue 4's figures: batch-1 decode speed and model-bandwidth utilisation
         r = b1[0]

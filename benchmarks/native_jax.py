@@ -110,6 +110,7 @@ def main(spec_path: str, result_path: str) -> None:
                    "tokens": pool.num_tokens, "bytes": pool.total_bytes,
                    "max_model_len": reserve_len, "max_num_seqs": ea.max_num_seqs,
                    "max_num_batched_tokens": e.max_num_batched_tokens}
+    res.update(harness.precompile_figures(e))
     save()
 
     vocab, seed, cases = cfg.vocab_size, spec["load"]["seed"], spec["cases"]

@@ -150,6 +150,7 @@ def _summary(paged: dict, hf: dict) -> dict:
         "speedup_vs_hf_b128": (c["output_tok_s"] / hf_c["output_tok_s"]
                                if hf_c and c.get("status") == "completed" else None),
         "compilations_after_warmup": sum(x.get("compilations", 0) for x in pc.values()),
+        "precompile_s": paged.get("precompile_s"),
         "paged_8k_concurrent": b.get("max_running"),
         "contiguous_seqs_same_budget": contiguous,
         "contiguous_seqs_allocatable": cont.get("seqs_allocatable"),

@@ -117,6 +117,7 @@ def _run_mode(loaded, args, caching: bool) -> dict:
            "compilations": e.runner.num_compilations - c0, "warmup_s": warmup_s,
            "warmup_compilations": warm_compiled, "hits": bm.hits - h0,
            "queries": bm.queries - q0, "preemptions": e.scheduler.num_preemptions - pre0,
+           **harness.precompile_figures(e),
            "kv_cache_blocks": bm.num_blocks, "block_size": bm.block_size}
     out["hit_rate"] = out["hits"] / out["queries"] if out["queries"] else 0.0
     harness.release(llm)
@@ -155,6 +156,7 @@ def run(args) -> dict:
         f"ttft_turn{n}_ms_cache": last["ttft_mean_ms_cache"],
         "prefix_cache_hit_rate": on["hit_rate"], "hit_rate_no_cache": off["hit_rate"],
         "compilations_after_warmup": off["compilations"] + on["compilations"],
+        "precompile_s": off["precompile_s"] + on["precompile_s"],
         "prefill_tokens_ratio": (sum(r["prefill_tokens_no_cache"] for r in rows)
                                  / max(sum(r["prefill_tokens_cache"] for r in rows), 1)),
         "elapsed_s_no_cache": off["elapsed_s"], "elapsed_s_cache": on["elapsed_s"],

@@ -218,6 +218,9 @@ def _measure(url: str, args, model: str, prompts, vocab: int, n_warm: int, i: in
     row = {"request_rate": _label(rate), "max_concurrency": args.max_concurrency, **m,
            "compilations": server["step_compilations"], "peak_concurrency": peak,
            "warmup_s": warm_s, "warmup_compilations": warm_compiled, "server": server,
+           # the server's count before this rate's warm-up: what it precompiled at start, for
+           # the first rate of a fresh server (pagedjax serve --precompile)
+           "compilations_before_warmup": c0.get("step_compilations"),
            "errors": errors[:5]}
     return row, results
 
@@ -239,7 +242,8 @@ def _summarise(args, url: str, rows: list[dict], runs, n_warm: int):
     summary |= {"request_rate": first["request_rate"], "max_concurrency": args.max_concurrency,
                 "all_succeeded": all(r["failed"] == 0 for r in rows),
                 # null: the server has no pagedjax:step_compilations counter (attached to another)
-                "compilations_after_warmup": None if None in compiled else sum(compiled)}
+                "compilations_after_warmup": None if None in compiled else sum(compiled),
+                "server_compilations_at_start": first["compilations_before_warmup"]}
     for r in rows[1:]:
         summary |= {f"rate{r['request_rate']}_{k}": r[k] for k in HEADLINE}
     figures = {

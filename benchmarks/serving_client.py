@@ -51,8 +51,11 @@ def _engine_flags(args, model: str) -> list[str]:
         action, value = flags.get(f.name), getattr(args, f.name, None)
         if f.name == "model" or action is None or value is None or value == action.default:
             continue
-        out += [action.option_strings[0]] if value is True else [action.option_strings[0],
-                                                                 str(value)]
+        if isinstance(action, argparse.BooleanOptionalAction):  # --flag / --no-flag
+            out += [action.option_strings[0 if value else 1]]
+        else:
+            out += [action.option_strings[0]] if value is True else [action.option_strings[0],
+                                                                     str(value)]
     return out
 
 

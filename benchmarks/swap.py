@@ -22,10 +22,13 @@ alone, without a model, in under a minute (``benchmarks.swap_bandwidth``).
 One engine serves the three policies so that they share compiled step shapes (a compile of the 7B
 step costs seconds): its pool is the no-pressure size, and the pressure runs park the surplus
 blocks under a ballast sequence, which to the scheduler is exactly a smaller pool; the swap space
-is switched on for the swap run only. ``--warmup short`` (default) runs the workload with a few
-new tokens first; ``--warmup full`` runs all three policies once unmeasured (the same schedule,
-hence the same step shapes: ``compilations_after_warmup`` is then 0 by construction) at twice
-the time.
+is switched on for the swap run only. The swap programs compile when the engine starts, and on
+a GPU or TPU so does every step shape (``--precompile``, on there by default). ``--warmup short``
+(default) then compiles every step bucket the engine did not precompile (``runner.warmup``: on
+the CPU, where ``--precompile`` is off) and runs the workload with a few new tokens, so
+``compilations_after_warmup`` is 0 by construction, whichever shapes the swapping produces;
+``--warmup full`` runs all three policies once unmeasured (the same schedule, hence the same step
+shapes) at twice the time. ``warmup_compilations`` counts what the warm-up compiled.
 """
 from __future__ import annotations
 
@@ -148,15 +151,19 @@ def run(args) -> dict:
     greedy = dict(temperature=0.0, ignore_eos=True)
     params = SamplingParams(max_tokens=args.output_len, **greedy)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), e.runner.num_compilations + host.num_compilations
     if args.warmup == "full":
         for policy in policies:
             _run_policy(llm, policy, prompts, params, big - small)
     else:
+        if not e.precompile:  # every step shape, not only those the short pass happens to hit
+            e.runner.warmup()
         _run_policy(llm, "no-pressure", prompts,
                     SamplingParams(max_tokens=args.warmup_output_len, **greedy), big - small)
     warmup_s = time.perf_counter() - t0
-    logger.info("warm-up (%s) took %.1f s", args.warmup, warmup_s)
+    warm_compiled = e.runner.num_compilations + host.num_compilations - c0
+    logger.info("warm-up (%s) took %.1f s, compiled %d programs (engine start: %d in %.1f s)",
+                args.warmup, warmup_s, warm_compiled, e.precompile_compilations, e.precompile_s)
 
     rows, by = [], {}
     for policy in policies:
@@ -164,7 +171,8 @@ def run(args) -> dict:
         rows.append(row)
         logger.info("%s: %.1f output tok/s, %d swaps out, %d recomputes", policy,
                     row["output_tok_s"], row["swap_out_events"], row["preemptions_recompute"])
-        summary, figures = _summarise(args, raw, piece_raw, rows, by, e, big, small, warmup_s)
+        summary, figures = _summarise(args, raw, piece_raw, rows, by, e, big, small, warmup_s,
+                                      warm_compiled)
         figures["table"] = {"columns": COLUMNS,
                             "rows": [{c: r[c] for c in COLUMNS} for r in rows]}
         write_result("swap", summary, figures, out=args.out, tag="tiny" if args.tiny else "")
@@ -181,7 +189,7 @@ def run(args) -> dict:
     return summary
 
 
-def _summarise(args, raw, piece_raw, rows, by, e, big, small, warmup_s):
+def _summarise(args, raw, piece_raw, rows, by, e, big, small, warmup_s, warm_compiled):
     sw = by.get("swap")
 
     def pct(basis):
@@ -197,6 +205,8 @@ def _summarise(args, raw, piece_raw, rows, by, e, big, small, warmup_s):
         **{f"output_tok_s_{p.replace('-', '_')}": by[p]["output_tok_s"] if p in by else None
            for p in POLICIES},
         "compilations_after_warmup": sum(r["compilations"] for r in rows),
+        "warmup_s": warmup_s, "warmup_compilations": warm_compiled,
+        **harness.precompile_figures(e),
         "swap_out_events": sw["swap_out_events"] if sw else None,
         "swap_in_events": sw["swap_in_events"] if sw else None,
         "swap_gib_moved": sw["swap_out_gib"] + sw["swap_in_gib"] if sw else None,

@@ -13,11 +13,15 @@ Two workloads, both with ``ignore_eos`` so every request generates exactly its o
   to the ~210 / ~200 tokens per request that vLLM's ShareGPT throughput runs report. The same
   ``--seed`` gives the same lengths.
 
-Sampling as vLLM's benchmark: temperature 1.0, top_p 1.0, ``ignore_eos``. A short warm-up
-``generate`` (``--num-warmup-prompts`` requests drawn the same way, default one full batch of
-``--max-num-seqs``) compiles the step shapes first; the measured run records how many new shapes
-it still compiled (``compilations_after_warmup``, the target is 0). ``--full-warmup`` instead
-compiles every bucket the engine can produce (slow for big models).
+Sampling as vLLM's benchmark: temperature 1.0, top_p 1.0, ``ignore_eos``. On a GPU or TPU the
+engine compiles every step shape when it starts (``--precompile``, on there by default:
+``precompile_s``, ``precompile_compilations``); then a short warm-up ``generate``
+(``--num-warmup-prompts`` requests drawn the same way, default one full batch of
+``--max-num-seqs``) runs unmeasured (``warmup_s``; ``warmup_compilations`` is what it still
+compiled: 0 when the engine precompiled). The measured run records how many new shapes it still
+compiled (``compilations_after_warmup``, the target is 0: by construction with
+``--precompile``). ``--full-warmup`` compiles every bucket instead of the warm-up pass (what
+``--precompile`` does at start).
 """
 from __future__ import annotations
 
@@ -85,6 +89,7 @@ def run(args) -> dict:
     # a placeholder until the measured run ends: a run killed by a time limit says how far it got
     write_result("throughput", {"output_tok_s": None, "compilations_after_warmup": None,
                                 "warmup_s": warmup_s, "warmup_compilations": warm_compiled,
+                                **harness.precompile_figures(e),
                                 "status": "warm-up done, measured run not finished"},
                  {}, out=args.out, tag=tag)
 
@@ -106,7 +111,7 @@ def run(args) -> dict:
         "kv_cache_tokens": e.spec.num_tokens, "warmup_s": warmup_s,
         # under tp every GPU holds every block (its share of the heads): tokens per GPU = tokens
         "tp": args.tensor_parallel_size, "pool_tokens_per_gpu": e.spec.num_tokens,
-        "warmup_compilations": warm_compiled,
+        "warmup_compilations": warm_compiled, **harness.precompile_figures(e),
     }
     print_table([{k: summary[k] for k in ("dataset", "num_prompts", "mean_input_len",
                                           "mean_output_len", "requests_per_s", "total_tok_s",

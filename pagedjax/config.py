@@ -44,6 +44,11 @@ class EngineArgs:
     enable_prefix_caching: bool = False
     # schedule and dispatch step k+1 while step k runs (its sampled tokens stay on the device)
     async_scheduling: bool = True
+    # compile every step shape, sampler variant and copy program when the engine is built, so
+    # that no request ever waits for a compile (vLLM captures CUDA graphs / precompiles on TPU
+    # at start the same way). None: on where the step buckets are coarse (the Pallas backends)
+    # and the kernels are compiled for real (not interpreted on the CPU), off elsewhere.
+    precompile: bool | None = None
 
     def __post_init__(self):
         self.validate()
@@ -132,6 +137,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    default=d.async_scheduling,
                    help="prepare and dispatch the next step while the device runs this one "
                         "(--no-async-scheduling: one step at a time)")
+    g.add_argument("--precompile", action=argparse.BooleanOptionalAction, default=d.precompile,
+                   help="compile every step shape at start-up, so that no request waits for a "
+                        "compile (default: on with the Pallas kernels on a GPU or TPU, off on "
+                        "the CPU and with --attention-backend reference)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
     from pagedjax.distributed import add_distributed_arguments

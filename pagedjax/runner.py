@@ -29,22 +29,22 @@ _INT, _F32 = False, True
 
 @dataclasses.dataclass(frozen=True)
 class StepLayout:
-    """Static shape of one step: T token rows, S sequence rows, W block-table width, C copies;
-    ``decode``: every sequence brings one token (the kernels then take the split-K decode path)."""
+    """Static shape of one step: T token rows, S sequence rows, W block-table width;
+    ``decode``: every sequence brings one token (the kernels then take the split-K decode path).
+    Copy-on-write block copies are not part of the step: they run in their own small program
+    before it (``ModelRunner._copy``), so they add no step shapes."""
 
     T: int
     S: int
     W: int
-    C: int
     decode: bool = False
 
     def fields(self):
-        T, S, W, C = self.T, self.S, self.W, self.C
+        T, S, W = self.T, self.S, self.W
         return (("tokens", T, _INT), ("token_src", T, _INT), ("positions", T, _INT),
                 ("slot_mapping", T, _INT),
                 ("block_tables", S * W, _INT), ("context_lens", S, _INT),
-                ("query_start_loc", S + 1, _INT), ("logits_indices", S, _INT),
-                ("copy_src", C, _INT), ("copy_dst", C, _INT))
+                ("query_start_loc", S + 1, _INT), ("logits_indices", S, _INT))
 
     @functools.cached_property
     def offsets(self) -> dict[str, tuple[int, int, bool]]:
@@ -86,12 +86,15 @@ SAMPLE_MODES = tuple(SampleMode(r, f, t) for r in (False, True) for f in (False,
 
 class StepInputs(NamedTuple):
     """What ``prepare`` builds and ``execute`` sends: the model step's packed array and static
-    layout, the sampler's per-row parameters and static flags."""
+    layout, the sampler's per-row parameters and static flags, and the block copies to make
+    before the step: one [2, C] array of source / destination blocks per copy program
+    (destination -1 is padding)."""
 
     packed: np.ndarray
     layout: StepLayout
     sampling: np.ndarray
     mode: SampleMode
+    copies: tuple[np.ndarray, ...] = ()
 
 
 class StepResult(NamedTuple):
@@ -125,11 +128,19 @@ class ModelRunner:
         self.max_blocks = -(-max_model_len // spec.block_size)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # The largest copy program: copy-on-write copies at most one block per sequence a step
+        # (only the block a sequence's first new token lands in can be shared). More copies (a
+        # fork that copies whole tables, --disable-kv-sharing) run as several programs of this
+        # size, so every copy program is precompiled and none needs a pool-sized scratch.
+        self.max_copies = _pow2_at_least(max_num_seqs, 4)
         pool_sharding = None if mesh is None else sharding.pool_sharding(mesh)
-        self.pool = kv_pool.allocate(spec, sharding=pool_sharding)
+        # Committed from the start: a step's outputs are committed once any input is, and jit
+        # keys its cache on committedness, so an uncommitted first pool (or first ``_sampled``)
+        # would compile the first step shape twice (pagedjax.faults.fresh_pool keeps it so).
+        self.pool = _committed(kv_pool.allocate(spec, sharding=pool_sharding))
         # The Pallas kernels loop over each sequence's real context, so a wider block table costs
         # nothing there: fix W at the maximum and give mixed steps S = min(max seqs, T). That
-        # leaves ~15 step shapes to compile instead of hundreds. The reference attention's cost
+        # leaves ~16 step shapes to compile instead of hundreds. The reference attention's cost
         # grows with W and S, so on it both stay bucketed.
         self.coarse_buckets = resolve_backend(attention_backend) != "reference"
         attend = make_attend(attention_backend, interpret=interpret, mesh=mesh)
@@ -141,6 +152,12 @@ class ModelRunner:
             jax.device_put, device=sharding.replicated(mesh))
         self._step = jax.jit(functools.partial(_step, cfg=cfg, attend=attend),
                              static_argnames=("layout",), donate_argnames=("pool",), **out)
+        # Copy-on-write copies: their own program per copy bucket C, dispatched before the step
+        # that needs them, so they do not multiply the step shapes.
+        # (A partial: jax.jit of one function object shares its compiled cache between jits, so
+        # this runner's num_compilations would count another runner's copy programs.)
+        self._copy = jax.jit(functools.partial(_copy_step), donate_argnums=0,
+                             **({} if mesh is None else {"out_shardings": pool_sharding}))
         # The last step's sampled tokens, on the device, padded to every bucket's S: the next
         # step reads the tokens it was dispatched without (async scheduling) from here.
         self.max_rows = _pow2_at_least(max(max_num_seqs, 4), 4)
@@ -148,65 +165,112 @@ class ModelRunner:
             (sharding.replicated(mesh),) * (len(StepResult._fields) + 1))}
         self._sample = jax.jit(functools.partial(_sample_step, max_rows=self.max_rows),
                                static_argnames=("mode",), **sample_out)
-        self._sampled = self._to_device(np.zeros(self.max_rows, np.int32))
+        self._sampled = _committed(self._to_device(np.zeros(self.max_rows, np.int32)))
         self.step_id = 0  # id of the last dispatched step
 
     # ---- buckets -----------------------------------------------------------------------------
-    def layout_for(self, num_tokens: int, num_seqs: int, max_blocks: int, num_copies: int,
-                   decode: bool = False):
-        T = min(_pow2_at_least(num_tokens, 16), max(self.max_num_batched_tokens, 16))
-        T = max(T, num_tokens)
-        s_max = max(self.max_num_seqs, 4)
-        S = min(_pow2_at_least(num_seqs, 4), s_max)
+    def layout_for(self, num_tokens: int, num_seqs: int, max_blocks: int,
+                   decode: bool = False) -> StepLayout:
+        """The bucket of a step with ``num_tokens`` token rows and ``num_seqs`` sampling rows
+        (its sequences plus the n > 1 children it forks). T covers the rows too (a fork-heavy
+        step pads tokens rather than adding an S of its own), so under coarse buckets every
+        step's shape is fixed by one number: T for a mixed step, its rows for a decode step."""
+        t_cap = max(self.max_num_batched_tokens, 16)
+        T = max(min(_pow2_at_least(max(num_tokens, num_seqs), 16), t_cap), num_tokens)
+        s_cap = max(self.max_num_seqs, 4)
+        S = min(_pow2_at_least(num_seqs, 4), s_cap)
         W = min(_pow2_at_least(max_blocks, 4), self.max_blocks)
         if self.coarse_buckets:
             W = self.max_blocks
             if not decode:
-                S = max(S, min(_pow2_at_least(s_max, 4), T))
-        C = 0 if num_copies == 0 else _pow2_at_least(num_copies, 4)
-        return StepLayout(T, S, max(W, 1), C, decode)
+                S = max(S, min(_pow2_at_least(T, 4), s_cap))
+        return StepLayout(T, S, max(W, 1), decode)
+
+    def copy_bucket(self, num_copies: int) -> int:
+        return min(_pow2_at_least(num_copies, 4), self.max_copies)
+
+    def _reachable(self):
+        """(num_tokens, num_seqs, decode) triples the scheduler can produce, one per region in
+        which ``layout_for`` is constant (its breakpoints: powers of two and the caps), so that
+        their layouts are every layout a real step can get. A decode step has as many tokens as
+        sequences and at most max(1, budget) of them; a mixed step has 2..budget tokens; either
+        may sample up to max_num_seqs rows (forks)."""
+        budget, seqs = max(self.max_num_batched_tokens, 1), self.max_num_seqs
+        caps = (4, 16, budget, seqs, max(budget, 16), max(seqs, 4))
+
+        def points(lo, hi):
+            out, p = {lo, hi}, 1
+            while p <= hi:
+                out |= {p - 1, p, p + 1}
+                p *= 2
+            out |= {c + d for c in caps for d in (-1, 0, 1)}
+            return sorted(x for x in out if lo <= x <= hi)
+
+        for n in points(1, min(budget, seqs)):
+            for rows in points(n, seqs):
+                yield n, rows, True
+        for n in points(2, budget):
+            for rows in points(1, seqs):
+                yield n, rows, False
 
     def buckets(self, max_context: int | None = None) -> list[StepLayout]:
-        """Every copy-free step shape the engine can produce for contexts up to max_context."""
-        def ladder(lo, hi):
-            out, n = [], lo
-            while n < hi:
-                out.append(n)
-                n *= 2
-            return out + [hi]
-
+        """Every step shape the engine can produce for contexts up to max_context (under coarse
+        buckets W is fixed, so max_context changes nothing there): mixed steps first, each
+        sorted by (T, S, W)."""
         max_blocks = self.max_blocks if max_context is None else -(-max_context // self.block_size)
-        t_max = max(self.max_num_batched_tokens, 16)
-        ws = sorted({self.layout_for(1, 1, w, 0).W for w in ladder(1, max_blocks)})
-        ss = sorted({self.layout_for(1, s, 1, 0).S for s in ladder(1, self.max_num_seqs)})
-        ts = sorted({self.layout_for(t, 1, 1, 0).T for t in ladder(1, t_max)})
-        mixed = [StepLayout(t, s, w, 0) for t in ts for s in ss if s <= t for w in ws]
-        decode = {self.layout_for(s, s, w, 0, decode=True)
-                  for s in ladder(1, self.max_num_seqs) for w in ws}
-        return mixed + sorted(decode, key=lambda x: (x.T, x.S, x.W))
+        widths, w = [], 1
+        while w < max_blocks:
+            widths.append(w)
+            w *= 2
+        widths.append(max_blocks)
+        ws = sorted({self.layout_for(1, 1, w).W for w in widths})
+        out = set()
+        for n, rows, decode in self._reachable():
+            base = self.layout_for(n, rows, 1, decode)
+            out |= {dataclasses.replace(base, W=w) for w in ws}
+        return sorted(out, key=lambda x: (x.decode, x.T, x.S, x.W))
+
+    def copy_buckets(self) -> list[int]:
+        """Every copy-program size C: 4, 8, ... up to ``max_copies``."""
+        out, c = [], 4
+        while c <= self.max_copies:
+            out.append(c)
+            c *= 2
+        return out
 
     def warmup(self, max_context: int | None = None) -> int:
-        """Compile every bucket by running all-padding steps (they write nothing), and the
-        sampler in every mode for every S. Returns the number of step shapes compiled."""
+        """Compile every bucket by running all-padding steps (they write nothing), the sampler in
+        every mode for every S (on the step's own logits: same sharding and committedness as a
+        real step's), and the copy program for every copy bucket, with arguments made exactly
+        as ``execute`` makes them. Returns the number of step shapes compiled."""
         layouts = self.buckets(max_context)
+        sampled_s = set()
         for layout in layouts:
             packed = np.zeros(layout.size, dtype=np.int32)
             for field in ("slot_mapping", "token_src"):
                 at, n, _ = layout.offsets[field]
                 packed[at:at + n] = -1
+            logits, self.pool = self._step(self.params, self.pool, self._sampled,
+                                           self._to_device(packed), layout=layout)
+            modes = SAMPLE_MODES if layout.S not in sampled_s else (SampleMode(),)
+            sampled_s.add(layout.S)
             sampling = np.zeros((len(SAMPLING_FIELDS), layout.S), np.int32)
-            jax.block_until_ready(self.execute(StepInputs(packed, layout, sampling, SampleMode())))
-        for S in sorted({layout.S for layout in layouts}):
-            logits = jnp.zeros((S, self.cfg.vocab_size), jnp.float32)
-            sampling = self._to_device(np.zeros((len(SAMPLING_FIELDS), S), np.int32))
-            for mode in SAMPLE_MODES:
-                jax.block_until_ready(self._sample(logits, sampling, mode=mode))
+            for mode in modes:
+                *out, sampled = self._sample(logits, self._to_device(sampling), mode=mode)
+            self._sampled = sampled
+            jax.block_until_ready((out, sampled, self.pool))
+        for C in self.copy_buckets():
+            copies = np.stack([np.zeros(C, np.int32), np.full(C, -1, np.int32)])
+            self.pool = self._copy(self.pool, self._to_device(copies))  # dst -1: writes nothing
+        jax.block_until_ready(self.pool)
         return len(layouts)
 
     @property
     def num_compilations(self) -> int:
-        """Programs compiled so far: model step shapes plus sampler (S, mode) variants."""
-        return self._step._cache_size() + self._sample._cache_size()
+        """Programs compiled so far: model step shapes, sampler (S, mode) variants and copy
+        programs."""
+        return (self._step._cache_size() + self._sample._cache_size()
+                + self._copy._cache_size())
 
     # ---- one step ----------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch, bm: BlockManager) -> StepInputs:
@@ -218,7 +282,7 @@ class ModelRunner:
         n_tok = sum(counts)
         max_blocks = max(len(bm.table(s.seq_id)) for s in seqs)
         layout = self.layout_for(n_tok, len(seqs) + len(batch.forks), max_blocks,
-                                 len(batch.copies), decode=n_tok == len(seqs))
+                                 decode=n_tok == len(seqs))
         bs = self.block_size
         packed = np.zeros(layout.size, dtype=np.int32)
         view = {name: packed[at:at + n] for name, (at, n, _) in layout.offsets.items()}
@@ -280,16 +344,20 @@ class ModelRunner:
             filters=bool((randoms & ((top_p[rows] < 1) | (top_k[rows] > 0) | (min_p[rows] > 0)))
                          .any()),
             top=bool((num_top[rows] > 0).any()))
-        if batch.copies:
-            src, dst = zip(*batch.copies)
-            view["copy_dst"][:] = -1
-            view["copy_src"][:len(src)] = src
-            view["copy_dst"][:len(dst)] = dst
-        return StepInputs(packed, layout, sampling, mode)
+        copies = []  # [2, C] (source, destination) per copy program; destination -1 is padding
+        for at in range(0, len(batch.copies), self.max_copies):
+            part = np.asarray(batch.copies[at:at + self.max_copies], np.int32).T
+            c = np.zeros((2, self.copy_bucket(part.shape[1])), np.int32)
+            c[1] = -1
+            c[:, :part.shape[1]] = part
+            copies.append(c)
+        return StepInputs(packed, layout, sampling, mode, tuple(copies))
 
     def execute(self, inputs: StepInputs) -> "StepResult":
         """Dispatch the model step and its sampler; the results stay on the device until the
         host reads them. Nothing here waits for the device."""
+        for copies in inputs.copies:  # copy-on-write, before the step writes into the copies
+            self.pool = self._copy(self.pool, self._to_device(copies))
         logits, self.pool = self._step(self.params, self.pool, self._sampled,
                                        self._to_device(inputs.packed), layout=inputs.layout)
         *out, self._sampled = self._sample(logits, self._to_device(inputs.sampling),
@@ -307,12 +375,21 @@ def _step(params, pool, sampled, packed, *, layout: StepLayout, cfg: ModelConfig
     f = layout.unpack(packed)
     src = f["token_src"]  # >= 0: the token is row src of the previous step's samples
     tokens = jnp.where(src >= 0, sampled[jnp.clip(src, 0, sampled.shape[0] - 1)], f["tokens"])
-    if layout.C:
-        pool = kv_pool.copy_blocks(pool, f["copy_src"], f["copy_dst"])
     meta = {k: f[k] for k in ("slot_mapping", "block_tables", "context_lens", "query_start_loc")}
     meta["decode_only"] = layout.decode  # static: a Python bool, not a traced value
     return forward_paged(params, cfg, tokens, f["positions"], pool, meta, attend,
                          f["logits_indices"])
+
+
+def _copy_step(pool, copies):
+    """Copy blocks copies[0, i] -> copies[1, i] in every layer; destination -1 copies nothing."""
+    return kv_pool.copy_blocks(pool, copies[0], copies[1])
+
+
+def _committed(tree):
+    """``tree``'s arrays committed to the devices they are on (jax.device_put of an uncommitted
+    array to its own sharding)."""
+    return jax.tree.map(lambda x: jax.device_put(x, x.sharding), tree)
 
 
 def _sample_step(logits, sampling, *, mode: SampleMode, max_rows: int):

@@ -202,6 +202,7 @@ class AsyncEngine:
     # ---- engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
         try:
+            self._publish()  # the programs the engine precompiled count from the start
             while not self._stopping:
                 self._run_commands(block=not self.engine.has_unfinished())
                 if self.engine.has_unfinished() and not self._stopping:

@@ -46,8 +46,9 @@ class EngineMetrics:
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
         self.prefix_queries = counter("prefix_cache_queries", "Prefix-cache queries, in tokens.")
         self.prefix_hits = counter("prefix_cache_hits", "Prefix-cache hits, in tokens.")
-        self.compilations = counter("step_compilations", "Engine step shapes compiled so far; "
-                                    "none after warm-up is the target.")
+        self.compilations = counter("step_compilations", "Engine programs (step shapes, sampler "
+                                    "variants, copies) compiled so far, --precompile's at start "
+                                    "included; none after warm-up is the target.")
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between a request's tokens.",
                              ITL_BUCKETS)

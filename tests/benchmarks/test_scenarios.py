@@ -35,6 +35,17 @@ def test_throughput_fixed_lengths(tmp_path):
     assert (tmp_path / "throughput.png").exists()
 
 
+def test_throughput_precompiled(tmp_path):
+    """--precompile with the Pallas GPU kernels (interpreted here, coarse buckets as on a GPU):
+    the engine compiles everything at start, so the warm-up pass and the measured run compile
+    nothing, by construction."""
+    summary, record = _run(tmp_path, "throughput", "--input-len", "8", "--output-len", "4",
+                           "--num-prompts", "6", "--max-model-len", "64",
+                           "--attention-backend", "pallas-gpu", "--precompile")
+    assert summary["precompile"] is True and summary["precompile_compilations"] > 0
+    assert summary["warmup_compilations"] == 0 and summary["precompile_s"] > 0
+
+
 def test_throughput_sharegpt_like(tmp_path):
     summary = main(["throughput", "--out", str(tmp_path), *TINY, "--dataset", "sharegpt-like",
                     "--num-prompts", "6", "--max-model-len", "64"])

@@ -1,0 +1,63 @@
+"""``pagedjax serve --precompile``: the server compiles every engine program before it answers, its
+``pagedjax:step_compilations`` counter shows them from the start, and a mix of real HTTP requests
+(the openai client: completions and chat, streamed or not, greedy / top-p / top-k, logprobs,
+n = 2, concurrent) compiles nothing more. The Pallas GPU kernels run interpreted on the CPU, with
+the coarse buckets a GPU gets; a one-layer model keeps the start to seconds."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from pagedjax.server import add_arguments, build_server
+from tests.conftest import TINY_QWEN, TinyModel, random_params
+from tests.server.conftest import MODEL, Server, char_tokenizer, server_argv, start_uvicorn
+
+COMPILED = "pagedjax:step_compilations_total"
+
+
+@pytest.fixture(scope="module")
+def precompiled_server():
+    cfg = dataclasses.replace(TINY_QWEN, num_hidden_layers=1)
+    model = TinyModel(cfg, random_params(cfg, seed=4), tokenizer=char_tokenizer(cfg.vocab_size))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = server_argv(attention_backend="pallas-gpu") + ["--precompile"]
+    uv, aengine = build_server(parser.parse_args(argv), loaded=model)
+    running = start_uvicorn(uv)
+    yield Server(running.url, aengine, uv.config.app)
+    running.stop()
+    aengine.shutdown()
+
+
+def test_requests_over_http_compile_nothing_after_precompile(precompiled_server):
+    server, engine = precompiled_server, precompiled_server.aengine.engine
+    assert engine.precompile and engine.precompile_compilations > 0
+    at_start = server.wait_metric(COMPILED, lambda v: v > 0)
+    assert at_start == engine.precompile_compilations == engine.runner.num_compilations
+    client = server.client()
+
+    def completion(i: int):
+        kw = [dict(temperature=0.0), dict(temperature=0.9, top_p=0.8, seed=i),
+              dict(temperature=1.0, logprobs=2, seed=i), dict(temperature=0.7, n=2, seed=i),
+              dict(temperature=0.8, extra_body={"top_k": 5, "ignore_eos": True}, seed=i)][i % 5]
+        prompt = "abcdefghij klmnopqrstuvwxyz 0123456789"[:3 + 7 * i % 36]
+        if i % 3 == 0:
+            chunks = list(client.completions.create(model=MODEL, prompt=prompt, stream=True,
+                                                    max_tokens=4 + i % 9, **kw))
+            return "".join(c.choices[0].text for c in chunks)
+        if i % 3 == 1:
+            r = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": prompt}],
+                max_tokens=4 + i % 9, **{k: v for k, v in kw.items() if k != "logprobs"})
+            return r.choices[0].message.content
+        return client.completions.create(model=MODEL, prompt=prompt, max_tokens=4 + i % 9,
+                                         **kw).choices[0].text
+
+    with ThreadPoolExecutor(6) as pool:
+        texts = list(pool.map(completion, range(18)))
+    assert len(texts) == 18 and all(isinstance(t, str) for t in texts)
+    assert server.metrics()[(COMPILED, "")] == at_start, "a request compiled a program"
+    assert engine.runner.num_compilations == engine.precompile_compilations
