@@ -49,8 +49,6 @@ def quantized_decode(b, ours, q, kp, vp, tables, cl, qsl, bf16_out, bf16_t, kv_b
 # us at kvp 2 on the H100), at kvp 1 and 2.
 SWEEP_QUANTIZED = {
     "target": [{"kv_heads_per_program": 1}, {"kv_heads_per_program": 2},
-               {"kv_heads_per_program": 1, "scale_gather": "token"},
-               {"kv_heads_per_program": 2, "scale_gather": "token"},
                {"kv_heads_per_program": 2, "scales": "none"}, {"scales": "none"},
                {"kv_heads_per_program": 1, "block_kv": 16},
                {"kv_heads_per_program": 2, "block_kv": 16},
@@ -60,7 +58,6 @@ SWEEP_QUANTIZED = {
                {"kv_heads_per_program": 4, "block_kv": 32, "num_warps": 8, "num_splits": 4},
                {"merge": "fused"}, {"kv_heads_per_program": 2, "num_splits": 4, "merge": "fused"}],
     "tiny": [{"kv_heads_per_program": 1}, {"kv_heads_per_program": 2}, {"block_kv": 16},
-             {"kv_heads_per_program": 1, "scale_gather": "token", "num_splits": 3},
              {"num_splits": 3, "block_kv": 32, "merge": "fused"},
              {"scales": "none", "num_splits": 3, "block_kv": 16},
              {"kv_heads_per_program": 2, "scales": "none"}],

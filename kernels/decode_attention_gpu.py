@@ -110,8 +110,7 @@ def split_refs(refs, quantized: bool):
 
 def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs, num_rows,
                    num_heads, group, group_pad, head_dim, block_size, block_kv, split_tokens,
-                   num_splits, scale_log2, quantized, kv_per_prog, merge, interpret,
-                   scale_gather="page"):
+                   num_splits, scale_log2, quantized, kv_per_prog, merge, interpret):
     # q_ref [T*N, H]; k_ref, v_ref [num_blocks*block_size, K*H]; bt_ref [S, W]; cl_ref [S];
     # qsl_ref [S+1]; quantized: ks_ref, vs_ref [num_blocks, K] float32 (per page);
     # outputs: o [T*N, H] (one split); o_part [S*N*P, H], m, l [S*N*P] (partials, merged by
@@ -165,16 +164,9 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
 
     def row_scales(ref, tile, j):
         """The tile's per-(row, key) dequantization scales, broadcastable to [G_pad, block_kv]
-        (a scalar for one KV head per program and a tile inside one page). scale_gather "page":
-        one load per page, spread over its keys (``token_scales``); "token": one 4-byte load per
-        key from its page (``tile`` is then the keys' pages and validity)."""
-        if scale_gather == "token":
-            pages, ok = tile
-            per_head = [plgpu.load(ref.at[pages, kh0 + c], mask=ok, other=0).astype(jnp.float32)
-                        for c in range(kv_per_prog)]
-        else:
-            per_head = [token_scales(ref, tile, kh0 + c if c else kh0, j, block_size)
-                        for c in range(kv_per_prog)]
+        (a scalar for one KV head per program and a tile inside one page)."""
+        per_head = [token_scales(ref, tile, kh0 + c if c else kh0, j, block_size)
+                    for c in range(kv_per_prog)]
         if kv_per_prog == 1:
             return per_head[0] if per_head[0].ndim == 0 else per_head[0][None, :]
         per_head = [jnp.broadcast_to(x, (block_kv,)) for x in per_head]
@@ -196,8 +188,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
         sc = jax.lax.dot_general(q, to_compute(k, q.dtype), (((1,), (1,)), ((), ())),
                                  preferred_element_type=jnp.float32) * scale_log2
         if quantized:
-            tile = ((page, valid) if scale_gather == "token"
-                    else tile_pages(bt_ref, s, j0, hi, block_kv, block_size))
+            tile = tile_pages(bt_ref, s, j0, hi, block_kv, block_size)
             sc = sc * row_scales(ks_ref, tile, j)
         sc = jnp.where(valid[None, :], sc, NEG)  # [G_pad, block_kv], log2 domain
         m_new = jnp.maximum(m, jnp.max(sc, axis=1))
@@ -371,12 +362,12 @@ def default_kv_heads_per_program(quantized: bool, num_kv_heads: int, group: int)
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "block_kv", "num_warps", "num_stages", "kv_heads_per_program", "merge",
-    "scale_gather", "interpret"))
+    "interpret"))
 def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc, *,
                            scale: float, num_splits: int | None = None, block_kv: int | None = None,
                            num_warps: int = 4, num_stages: int = 3,
                            kv_heads_per_program: int | None = None, merge: str = "separate",
-                           scale_gather: str = "page", interpret: bool = False):
+                           interpret: bool = False):
     """Decode attention (every q_len is 0 or 1) over a paged KV cache.
 
     q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H] in q's dtype, or
@@ -408,8 +399,6 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
                          f"heads, got {kv_heads_per_program}")
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
-    if scale_gather not in ("page", "token"):
-        raise ValueError(f"scale_gather must be 'page' or 'token', got {scale_gather!r}")
     group_pad = max(16, _pow2(kvp * group))
     max_tokens = w * bs
     if block_kv is None:
@@ -429,8 +418,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     cp = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     kernel = functools.partial(_decode_kernel, group=group, group_pad=group_pad, block_size=bs,
                                block_kv=block_kv, scale_log2=scale * LOG2E, quantized=quantized,
-                               kv_per_prog=kvp, merge=merge, interpret=interpret,
-                               scale_gather=scale_gather, **params)
+                               kv_per_prog=kvp, merge=merge, interpret=interpret, **params)
     if num_splits == 1:
         out = pl.pallas_call(kernel, grid=(rows, kh_progs, 1),
                              out_shape=jax.ShapeDtypeStruct((t * n, h), q.dtype),

@@ -46,11 +46,6 @@ QUANTIZED = [
                  id="int8-f32-gqa4-h64-kvp2-split3-fused"),
     pytest.param("fp8_e5m2", "bfloat16", 4, 4, 128, 16, {"kv_heads_per_program": 4, **splits(5)},
                  id="e5m2-bf16-gqa1-h128-kvp4-split5"),
-    pytest.param("fp8_e4m3", "float32", 14, 2, 64, 8,
-                 {"kv_heads_per_program": 1, "scale_gather": "token", **splits(3)},
-                 id="e4m3-f32-gqa7-h64-bs8-token-scales-split3"),
-    pytest.param("int8", "bfloat16", 8, 2, 128, 16, {**KVP2, "scale_gather": "token"},
-                 id="int8-bf16-gqa4-h128-kvp2-token-scales"),
 ]
 
 
@@ -86,7 +81,6 @@ def test_decode_knobs_fewer_rows_than_seqs(tuning):
     ({"kv_heads_per_program": 3}, "kv_heads_per_program"),
     ({"kv_heads_per_program": 4}, "kv_heads_per_program"),  # K = 2
     ({"merge": "atomic"}, "merge"),
-    ({"scale_gather": "row"}, "scale_gather"),
 ])
 def test_bad_decode_knobs_raise(tuning, match):
     args = random_batch(0, DECODE, 4, 2, 64, 8, "float32")
