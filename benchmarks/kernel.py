@@ -10,9 +10,8 @@ with context lengths 0/1/15/16/17/long, and every timed decode shape against jax
 ``--tiny`` runs the same code on the CPU in interpret mode (a test calls it).
 
 Quantized KV (``--kv-cache-dtype``, default fp8_e4m3; ``auto`` skips it): every decode shape is
-timed a second time on the same pages quantized (``QuantizedPages``: 1-byte values and a float32
-scale per block and KV head, a power of two for fp8), and checked against the reference on those
-quantized pages;
+timed a second time on the same pages quantized (``QuantizedPages``: 1-byte values and a bf16
+scale per token and KV head), and checked against the reference on those quantized pages;
 ``summary["fp8_decode_speedup"]`` is bf16 time / fp8 time at 64 x 4096.
 """
 from __future__ import annotations
@@ -142,7 +141,7 @@ def decode_case(b: Bench, batch: int, ctx: int, copy_bw: float, sweep: bool, pee
     n, k, h, bs = b.n, b.k, b.h, b.bs
     w = -(-ctx // bs)
     kv_bytes = 2 * batch * ctx * k * h * 2
-    q_kv_bytes = 2 * batch * w * k * (bs * h + SCALE_BYTES) if b.kv_dtype else 0
+    q_kv_bytes = 2 * batch * ctx * k * (h + SCALE_BYTES) if b.kv_dtype else 0
     rot = int(np.clip(-(-4 * L2_BYTES // kv_bytes), 1, 16)) if not b.tiny else 1
     if (kv_bytes * (2 if peer else 1) + q_kv_bytes) * rot > b.mem:
         return {"batch": batch, "ctx": ctx, "skipped": "does not fit"}

@@ -39,28 +39,21 @@ def quantized_decode(b, ours, q, kp, vp, tables, cl, qsl, bf16_out, bf16_t, kv_b
     return row
 
 
-# Quantized decode variants, timed at 64 x 4096 (and at the tiny shape with --tiny), most wanted
-# first (--sweep-seconds may cut the tail). Earlier sweeps (per-token bf16 scales; float32 scales,
-# float16 matmuls, block_kv 32/128, 8 warps, 2/4 stages, splits 1/4) are in
-# benchmarks/KERNEL_NOTES.md. With one float32 scale per (block, KV head) a tile of block_kv keys
-# loads block_kv / block_size scales per KV head (block_kv 16 = block_size: one scalar): kv_heads_
-# per_program 1 and 2 (the default for 1-byte pages: ``default_kv_heads_per_program``), each at the default tile (64) and at block_kv 16, then the knobs it shifts.
-# "scales": "none" times raw 1-byte pages without scales (the ceiling of the conversion alone; 114
-# us at kvp 2 on the H100), at kvp 1 and 2.
+# Quantized decode variants, timed at 64 x 4096 (and at the tiny shape with --tiny). Earlier
+# sweeps (float32 scales, float16 matmuls, block_kv 32/128, 8 warps, 2/4 stages, splits 1/4) are in
+# benchmarks/KERNEL_NOTES.md; these time the knobs added against the per-token overhead:
+# kv_heads_per_program (two KV heads' 7 + 7 query heads in one 16-row tile, one 256-wide gather
+# per token) alone and with the tile knobs it shifts, and the fused merge. "scales": "none" times
+# raw 1-byte pages without scales (the ceiling of the conversion alone).
 SWEEP_QUANTIZED = {
-    "target": [{"kv_heads_per_program": 1}, {"kv_heads_per_program": 2},
-               {"kv_heads_per_program": 2, "scales": "none"}, {"scales": "none"},
-               {"kv_heads_per_program": 1, "block_kv": 16},
-               {"kv_heads_per_program": 2, "block_kv": 16},
-               {"kv_heads_per_program": 2, "num_splits": 4},
+    "target": [{"kv_heads_per_program": 2}, {"kv_heads_per_program": 2, "num_splits": 4},
                {"kv_heads_per_program": 2, "block_kv": 32},
                {"kv_heads_per_program": 2, "num_warps": 8},
                {"kv_heads_per_program": 4, "block_kv": 32, "num_warps": 8, "num_splits": 4},
-               {"merge": "fused"}, {"kv_heads_per_program": 2, "num_splits": 4, "merge": "fused"}],
-    "tiny": [{"kv_heads_per_program": 1}, {"kv_heads_per_program": 2}, {"block_kv": 16},
-             {"num_splits": 3, "block_kv": 32, "merge": "fused"},
-             {"scales": "none", "num_splits": 3, "block_kv": 16},
-             {"kv_heads_per_program": 2, "scales": "none"}],
+               {"merge": "fused"}, {"kv_heads_per_program": 2, "num_splits": 4, "merge": "fused"},
+               {"kv_heads_per_program": 2, "scales": "none"}],
+    "tiny": [{"kv_heads_per_program": 2}, {"num_splits": 3, "block_kv": 16, "merge": "fused"},
+             {"scales": "none", "num_splits": 3, "block_kv": 16}],
 }
 SWEEP_TOL = 1e-2  # bf16 output against the float32 reference: ~2e-3 when right
 
@@ -95,13 +88,13 @@ def quantized_sweep(b, ours, q, kp, vp, meta, rot) -> dict:
 
     tables, cl, qsl = meta
     qk, qv = (quantize_pages(x, b.kv_dtype) for x in (kp, vp))
-    pages = {"block": (qk, qv), "none": (qk.data, qv.data)}
+    pages = {"bf16": (qk, qv), "none": (qk.data, qv.data)}
     q32 = q.astype(jnp.float32)
-    refs = {"block": paged_attention_ref(q32, qk, qv, tables[0], cl, qsl)}
+    refs = {"bf16": paged_attention_ref(q32, qk, qv, tables[0], cl, qsl)}
 
     def split(var):
         tun = dict(var)
-        return tun.pop("scales", "block"), tun
+        return tun.pop("scales", "bf16"), tun
 
     def ref(scales):
         if scales not in refs:  # raw pages: value = stored number
@@ -140,10 +133,8 @@ def _raw_decode_step(x, c, *, fn, b, tun):
 
 
 def check_quantized_write(b) -> dict:
-    """The KV write into a QuantizedPages pool on the benchmark's backend against the XLA
-    reference. Since the per-(block, KV head) scales every backend writes a quantized pool through
-    ``write_quantized`` (kernels/kv_write_gpu.py says why), so this checks that routing: the same
-    bits (on the device XLA's fused float32 ops may still round a value to the neighbour)."""
+    """The fused Pallas KV write quantizing into a QuantizedPages pool against the XLA reference:
+    the device's float32 division may round a value to the neighbouring level, nothing more."""
     pages, t = 32, 40
     pool = [quantize_pages(b.rand((pages, b.bs, b.k, b.h)), b.kv_dtype) for _ in range(2)]
     new = [b.rand((t, b.k, b.h)) * 3.0 for _ in range(2)]

@@ -16,13 +16,11 @@ row ``i``. That maps ``max(S, T)`` slots one-to-one onto the ``T`` rows (slots p
 nothing), so every row is written exactly once.
 
 Quantized KV (``QuantizedPages``, kernels/quantization.py): the 1-byte values are gathered like
-bf16 ones (half the bytes), converted to q's dtype in registers (``to_compute``), and the float32
-scale of each (page, KV head) is loaded once per page of the tile (``block_kv / block_size``
-values per head, ``tile_pages`` / ``token_scales``) and spread over the page's tokens: K's scales
-multiply the score columns, V's the probabilities before the PV matmul, so no dequantized tile is
-materialised. With the earlier per-token bf16 scales this ran 64 x 4096 in 135-140 us against
-bf16's 194-200; without any scale loads at kv_heads_per_program 2 it ran 114 us
-(benchmarks/KERNEL_NOTES.md).
+bf16 ones (half the bytes), converted to q's dtype in registers (``to_compute``), and the bfloat16
+scale per token and KV head is gathered beside them ([block_kv] per tile): K's scales multiply the
+score columns, V's the probabilities before the PV matmul, so no dequantized tile is materialised.
+On the H100 this runs 64 x 4096 in 140 us against bf16's 200 (1.45x, not the 2x the bytes allow);
+float16 matmuls, float32 scales and other tiles measured slower: benchmarks/KERNEL_NOTES.md.
 
 Why Triton and not Mosaic GPU: the Triton lowering runs in CPU interpret mode with real grids (the
 tests run this very kernel), and decode is a bandwidth problem that Triton's pipelined gathers
@@ -71,40 +69,9 @@ def load_kv(ref, idx, mask):
     return plgpu.load(ref.at[idx], mask=mask, other=zero)
 
 
-def tile_pages(bt_ref, s, j0, hi, block_kv: int, block_size: int):
-    """The pages of the tile of keys [j0, j0 + block_kv) of sequence ``s`` (j0 a multiple of
-    block_kv, j0 < hi): (pages, ok, first) with pages [npg] int32 (masked to 0 past ``hi``), or a
-    scalar when the tile lies inside one page. Loaded once per tile, shared by K and V scales."""
-    first = jax.lax.div(j0, block_size)
-    if block_size % block_kv == 0:
-        return bt_ref[s, first], None, first
-    if block_kv % block_size == 0:
-        npg = block_kv // block_size
-    else:  # a tile straddling unaligned page boundaries
-        npg = _pow2(-(-(block_kv - 1) // block_size) + 1)
-    pidx = first + jnp.arange(npg, dtype=jnp.int32)
-    ok = pidx * block_size < hi
-    return plgpu.load(bt_ref.at[s, pidx], mask=ok, other=0), ok, first
-
-
-def token_scales(ref, tile, col, j, block_size: int):
-    """The float32 scale of each key of the tile (``j`` [block_kv] its positions) in KV head
-    column ``col`` of the [num_blocks, K] scale ``ref``: one load per page (``tile`` from
-    ``tile_pages``), spread over the page's keys with a select-sum (no reshape). A scalar when
-    the tile lies inside one page."""
-    pages, ok, first = tile
-    if ok is None:
-        return ref[pages, col].astype(jnp.float32)
-    per_page = plgpu.load(ref.at[pages, col], mask=ok, other=0).astype(jnp.float32)
-    npg = per_page.shape[0]
-    local = jax.lax.div(j, block_size) - first  # [block_kv], in [0, npg)
-    sel = local[:, None] == jnp.arange(npg, dtype=jnp.int32)[None, :]
-    return jnp.sum(jnp.where(sel, per_page[None, :], 0.0), axis=1)
-
-
 def split_refs(refs, quantized: bool):
-    """(ks_ref, vs_ref, rest) from a kernel's trailing refs: the scale refs [num_blocks, K] (one
-    per page and KV head) come first when the pool is quantized."""
+    """(ks_ref, vs_ref, rest) from a kernel's trailing refs: the scale refs [num_blocks *
+    block_size, K] come first when the pool is quantized."""
     return (refs[0], refs[1], refs[2:]) if quantized else (None, None, refs)
 
 
@@ -112,7 +79,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
                    num_heads, group, group_pad, head_dim, block_size, block_kv, split_tokens,
                    num_splits, scale_log2, quantized, kv_per_prog, merge, interpret):
     # q_ref [T*N, H]; k_ref, v_ref [num_blocks*block_size, K*H]; bt_ref [S, W]; cl_ref [S];
-    # qsl_ref [S+1]; quantized: ks_ref, vs_ref [num_blocks, K] float32 (per page);
+    # qsl_ref [S+1]; quantized: ks_ref, vs_ref [num_blocks*block_size, K] bf16;
     # outputs: o [T*N, H] (one split); o_part [S*N*P, H], m, l [S*N*P] (partials, merged by
     # _combine_kernel); merge "fused": (counter input) o, o_part, m, l, counter [S*K/kv_per_prog].
     # The tile's rows are the kv_per_prog * group query heads of kv_per_prog adjacent KV heads
@@ -162,14 +129,10 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
     n_iter = cdiv(jnp.maximum(hi - lo, 0), block_kv)
     cols = (kh0 * head_dim + wide)[None, :]
 
-    def row_scales(ref, tile, j):
-        """The tile's per-(row, key) dequantization scales, broadcastable to [G_pad, block_kv]
-        (a scalar for one KV head per program and a tile inside one page)."""
-        per_head = [token_scales(ref, tile, kh0 + c if c else kh0, j, block_size)
-                    for c in range(kv_per_prog)]
-        if kv_per_prog == 1:
-            return per_head[0] if per_head[0].ndim == 0 else per_head[0][None, :]
-        per_head = [jnp.broadcast_to(x, (block_kv,)) for x in per_head]
+    def row_scales(ref, rows, valid):
+        """The tile's per-(row, token) dequantization scales, broadcastable to [G_pad, block_kv]."""
+        per_head = [plgpu.load(ref.at[rows, kh0 + c if c else kh0], mask=valid,
+                               other=0).astype(jnp.float32) for c in range(kv_per_prog)]
         out = per_head[0][None, :]
         for c in range(1, kv_per_prog):
             out = jnp.where((owner == c)[:, None], per_head[c][None, :], out)
@@ -177,8 +140,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
 
     def body(i, carry):
         acc, m, l = carry
-        j0 = lo + i * block_kv
-        j = j0 + jnp.arange(block_kv, dtype=jnp.int32)  # token positions
+        j = lo + i * block_kv + jnp.arange(block_kv, dtype=jnp.int32)  # token positions
         valid = j < hi
         page = plgpu.load(bt_ref.at[s, jax.lax.div(j, block_size)], mask=valid, other=0)
         rows = page * block_size + jax.lax.rem(j, block_size)
@@ -188,8 +150,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
         sc = jax.lax.dot_general(q, to_compute(k, q.dtype), (((1,), (1,)), ((), ())),
                                  preferred_element_type=jnp.float32) * scale_log2
         if quantized:
-            tile = tile_pages(bt_ref, s, j0, hi, block_kv, block_size)
-            sc = sc * row_scales(ks_ref, tile, j)
+            sc = sc * row_scales(ks_ref, rows, valid)
         sc = jnp.where(valid[None, :], sc, NEG)  # [G_pad, block_kv], log2 domain
         m_new = jnp.maximum(m, jnp.max(sc, axis=1))
         alpha = jnp.exp2(m - m_new)
@@ -197,7 +158,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
         l = l * alpha + jnp.sum(p, axis=1)
         pv = p
         if quantized:
-            pv = p * row_scales(vs_ref, tile, j)
+            pv = p * row_scales(vs_ref, rows, valid)
         acc = acc * alpha[:, None] + jnp.dot(pv.astype(q.dtype), to_compute(v, q.dtype),
                                              preferred_element_type=jnp.float32)
         return acc, m_new, l
@@ -350,24 +311,13 @@ def split_tokens_of(max_tokens: int, num_splits: int, block_kv: int) -> int:
 MERGES = ("separate", "fused")
 
 
-def default_kv_heads_per_program(quantized: bool, num_kv_heads: int, group: int) -> int:
-    """2 for 1-byte pages when two KV heads' query groups fit one 16-row tile, else 1. Measured
-    on the H100 at 64 x 4096 (benchmarks/KERNEL_NOTES.md, session 3): with bf16 pages 2 is no
-    faster (194.6 vs 194.1 us) and slower at 1 x 32K (37.7 vs 36.0); with 1-byte pages and one
-    scale per block it halves the per-token work that, at half the bytes, sets the time."""
-    if quantized and num_kv_heads % 2 == 0 and 2 * group <= 16:
-        return 2
-    return 1
-
-
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "block_kv", "num_warps", "num_stages", "kv_heads_per_program", "merge",
     "interpret"))
 def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc, *,
                            scale: float, num_splits: int | None = None, block_kv: int | None = None,
-                           num_warps: int = 4, num_stages: int = 3,
-                           kv_heads_per_program: int | None = None, merge: str = "separate",
-                           interpret: bool = False):
+                           num_warps: int = 4, num_stages: int = 3, kv_heads_per_program: int = 1,
+                           merge: str = "separate", interpret: bool = False):
     """Decode attention (every q_len is 0 or 1) over a paged KV cache.
 
     q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H] in q's dtype, or
@@ -381,8 +331,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     whole block_kv tiles, see ``split_tokens_of``); block_kv; num_warps; num_stages;
     kv_heads_per_program, a power of two dividing K: one program reads that many adjacent KV
     heads per token (one [block_kv, kv_heads_per_program * H] tile) for all their query heads
-    in one tile of max(16, kv_heads_per_program * G) rows (default
-    ``default_kv_heads_per_program``); merge ("separate": a second Pallas
+    in one tile of max(16, kv_heads_per_program * G) rows; merge ("separate": a second Pallas
     launch merges the splits; "fused": the last split program of each (sequence, KV-head tile)
     to finish merges them, found with an atomic counter zeroed by XLA before the launch).
     Shapes are checked by ``pagedjax.kernels.dispatch.ragged_paged_attention``.
@@ -391,8 +340,6 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     _, bs, kh, _ = k_pages.shape
     s, w = block_tables.shape
     group = n // kh
-    if kv_heads_per_program is None:
-        kv_heads_per_program = default_kv_heads_per_program(is_quantized(k_pages), kh, group)
     kvp = int(kv_heads_per_program)
     if kvp < 1 or kvp & (kvp - 1) or kh % kvp:
         raise ValueError(f"kv_heads_per_program must be a power of two dividing the {kh} KV "
@@ -458,12 +405,11 @@ def flat_pages(k_pages, v_pages):
 
 
 def flat_scales(k_pages, v_pages):
-    """() for plain pages; the scales as [num_blocks, K] (one per page and KV head) for
-    QuantizedPages."""
+    """() for plain pages; the scales as [num_blocks * block_size, K] for QuantizedPages."""
     if not is_quantized(k_pages):
         return ()
-    nb, _, kh, _ = k_pages.shape
-    return k_pages.scale.reshape(nb, kh), v_pages.scale.reshape(nb, kh)
+    nb, bs, kh, _ = k_pages.shape
+    return k_pages.scale.reshape(nb * bs, kh), v_pages.scale.reshape(nb * bs, kh)
 
 
 def _num_sms() -> int:

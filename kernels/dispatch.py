@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .quantization import SCALE_DTYPE, is_quantized
+from .quantization import is_quantized
 from .reference import paged_attention_ref, write_kv_ref
 
 BACKENDS = ("pallas-gpu", "pallas-tpu", "reference")
@@ -25,7 +25,7 @@ def _is_pow2(n: int) -> bool:
 
 def check_pages(k_pages, v_pages) -> None:
     """Both plain [num_blocks, block_size, K, H] arrays of one dtype, or both QuantizedPages with
-    a float32 [num_blocks, 1, K, 1] scale each (one per block and KV head)."""
+    a [num_blocks, block_size, K, 1] scale each."""
     if is_quantized(k_pages) != is_quantized(v_pages):
         raise ValueError("k_pages and v_pages must both be quantized (QuantizedPages) or neither")
     if len(k_pages.shape) != 4 or k_pages.shape != v_pages.shape:
@@ -34,14 +34,11 @@ def check_pages(k_pages, v_pages) -> None:
     if k_pages.dtype != v_pages.dtype:
         raise ValueError(f"k_pages and v_pages dtypes differ: {k_pages.dtype} vs {v_pages.dtype}")
     if is_quantized(k_pages):
-        want = (k_pages.shape[0], 1, k_pages.shape[2], 1)
+        want = (*k_pages.shape[:3], 1)
         for name, pages in (("k_pages", k_pages), ("v_pages", v_pages)):
             if pages.scale.shape != want:
-                raise ValueError(f"{name}.scale must be [num_blocks, 1, K, 1] = {want} (one per "
-                                 f"block and KV head), got {pages.scale.shape}")
-            if pages.scale.dtype != SCALE_DTYPE:
-                raise ValueError(f"{name}.scale must be {jnp.dtype(SCALE_DTYPE).name}, got "
-                                 f"{pages.scale.dtype}")
+                raise ValueError(f"{name}.scale must be [num_blocks, block_size, K, 1] = {want}, "
+                                 f"got {pages.scale.shape}")
 
 
 def check_shapes(q, k_pages, v_pages, block_tables, context_lens, query_start_loc) -> None:
@@ -82,7 +79,7 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     k_pages, v_pages: [num_blocks, block_size, K, H], one layer of the pool
         (``pagedjax.kv_pool``); same dtype as q on the Pallas backends. Or, for a quantized cache,
         ``QuantizedPages(data, scale)`` (``kernels/quantization.py``): 1-byte values and a
-        float32 scale per block and KV head, dequantized inside the kernels on load.
+        bfloat16 scale per token and KV head, dequantized inside the kernels on load.
     block_tables: [S, W] int32; entries past a sequence's last block are never read.
     context_lens: [S] int32, tokens in the cache per sequence *including* this step's; the q rows
         of sequence s sit at positions ``context_lens[s] - q_len .. context_lens[s] - 1``.
@@ -182,11 +179,10 @@ def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping, *, backend: str = "re
     """Write this step's K/V rows into their pool slots; returns the updated (k_pages, v_pages).
 
     k_pages, v_pages: [num_blocks, block_size, K, H], or QuantizedPages (the rows are quantized
-    with their block's scale, grown as needed: ``write_quantized``); k_new, v_new: [T, K, H];
+    per token and KV head on the way in); k_new, v_new: [T, K, H];
     slot_mapping: [T] int32, slot = block * block_size + offset, negative for padding rows.
-    backend "pallas-gpu": one fused Pallas launch writing K and V in place (plain pages with K * H a
-    power of two; quantized pages always take the XLA path, kernels/kv_write_gpu.py says why);
-    anything else: the XLA scatter of ``write_kv_ref``. Which is faster on
+    backend "pallas-gpu": one fused Pallas launch writing K and V in place (needs K * H a power of
+    two, else falls back); anything else: the XLA scatter of ``write_kv_ref``. Which is faster on
     the GPU is measured by ``python -m benchmarks kernel`` (figures["kv_write_us"]).
     """
     check_pages(k_pages, v_pages)
@@ -198,7 +194,7 @@ def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping, *, backend: str = "re
         raise ValueError(f"slot_mapping must be int32 [{t}], got {slot_mapping.dtype} "
                          f"{slot_mapping.shape}")
     if backend == "pallas-gpu" and _is_pow2(k_pages.shape[2] * k_pages.shape[3]) and (
-            not is_quantized(k_pages)):
+            not is_quantized(k_pages) or _is_pow2(k_pages.shape[3])):
         from .kv_write_gpu import write_kv_gpu
         return write_kv_gpu(k_pages, v_pages, k_new, v_new, slot_mapping, interpret=interpret)
     return write_kv_ref(k_pages, v_pages, k_new, v_new, slot_mapping)

@@ -6,15 +6,9 @@ writes cost; one launch that writes K and V rows together should take ~3-4 us. N
 on the device: ``python -m benchmarks kernel`` times both (figures ``kv_write_us``:
 ``xla_T64_us``, ``pallas_T64_us``, ...) and the engine should keep whichever is faster.
 
-A quantized pool (``QuantizedPages``) is NOT written by this kernel: ``write_kv_gpu`` hands it to
-the XLA path (``write_quantized`` in kernels/quantization.py). With one scale per (block, KV head)
-a write is no longer row-local: the rows of one step that land in the same block share a scale
-(a segment max across rows, hence across this kernel's programs), and a block whose scale grows
-must have its *old* rows re-quantized before the new ones are stored. A fused kernel would need a
-grid over touched blocks plus a pre-pass grouping rows by block (what the XLA sort does), i.e.
-the XLA pass anyway, and the engine's step (pagedjax/attention.py) writes through
-``write_kv_ref`` on every backend: the quantizing Pallas write was only ever a benchmark figure
-(9.0 us vs 9.7 us for 64 rows). Plain pages keep the fused launch.
+A quantized pool (``QuantizedPages``) is quantized here, per token and KV head, with the same
+float32 arithmetic as ``kernels/quantization.py`` (so in interpret mode the bits equal the
+reference's): each head's row of ``H`` values, its absmax, the bf16 scale, the 1-byte values.
 
 The pool arrays are aliased to the outputs (``input_output_aliases``): inside a jitted step that
 donates the pool the write is in place; called on a non-donated pool XLA first copies it.
@@ -28,14 +22,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .quantization import is_quantized, write_quantized
+from .quantization import QuantizedPages, is_quantized, quantize_values, row_scale
 
 
-def _write_kernel(k_ref, v_ref, kn_ref, vn_ref, slot_ref, *outs, num_rows, num_slots,
-                  rows_per_prog, width):
-    # k_ref, v_ref (aliased to the outputs) [num_blocks*block_size, K*H]; kn_ref, vn_ref:
-    # [T, K*H]; slot_ref [T].
-    del k_ref, v_ref
+def _write_kernel(*refs, num_rows, num_slots, rows_per_prog, num_kv_heads, head_dim, quantized):
+    # plain: k_ref, v_ref (aliased to k_out, v_out) [num_blocks*block_size, K*H];
+    # quantized: also ks_ref, vs_ref (aliased) [num_blocks*block_size, K] bf16.
+    # kn_ref, vn_ref: [T, K*H]; slot_ref [T].
+    n_pool = 4 if quantized else 2
+    kn_ref, vn_ref, slot_ref = refs[n_pool:n_pool + 3]
+    outs = refs[n_pool + 3:]
     t = pl.program_id(0) * rows_per_prog + jnp.arange(rows_per_prog, dtype=jnp.int32)
     in_range = t < num_rows
     slot = plgpu.load(slot_ref.at[t], mask=in_range, other=-1)
@@ -43,34 +39,51 @@ def _write_kernel(k_ref, v_ref, kn_ref, vn_ref, slot_ref, *outs, num_rows, num_s
     # Masked lanes store nothing on the GPU; in interpret mode they write back what they read, so
     # point them past the end (dropped) rather than at a row a live lane may write.
     slot = jnp.where(live, slot, num_slots)
-    cols = jnp.arange(width, dtype=jnp.int32)[None, :]
-    mask = jnp.broadcast_to(live[:, None], (rows_per_prog, width))
-    for new_ref, out_ref in ((kn_ref, outs[0]), (vn_ref, outs[1])):
-        rows = plgpu.load(new_ref.at[t[:, None], cols], mask=mask, other=0)
-        plgpu.store(out_ref.at[slot[:, None], cols], rows.astype(out_ref.dtype), mask=mask)
+    width = num_kv_heads * head_dim
+    if not quantized:
+        cols = jnp.arange(width, dtype=jnp.int32)[None, :]
+        mask = jnp.broadcast_to(live[:, None], (rows_per_prog, width))
+        for new_ref, out_ref in ((kn_ref, outs[0]), (vn_ref, outs[1])):
+            rows = plgpu.load(new_ref.at[t[:, None], cols], mask=mask, other=0)
+            plgpu.store(out_ref.at[slot[:, None], cols], rows.astype(out_ref.dtype), mask=mask)
+        return
+    dims = jnp.arange(head_dim, dtype=jnp.int32)
+    mask = jnp.broadcast_to(live[:, None], (rows_per_prog, head_dim))
+    for new_ref, out_ref, scale_ref in ((kn_ref, outs[0], outs[2]), (vn_ref, outs[1], outs[3])):
+        for kh in range(num_kv_heads):
+            cols = (kh * head_dim + dims)[None, :]
+            x = plgpu.load(new_ref.at[t[:, None], cols], mask=mask, other=0).astype(jnp.float32)
+            scale = row_scale(jnp.max(jnp.abs(x), axis=1), out_ref.dtype)  # [rows_per_prog]
+            values = quantize_values(x, scale[:, None], out_ref.dtype)
+            plgpu.store(out_ref.at[slot[:, None], cols], values, mask=mask)
+            plgpu.store(scale_ref.at[slot, kh], scale.astype(scale_ref.dtype), mask=live)
 
 
 @functools.partial(jax.jit, static_argnames=("rows_per_prog", "interpret"))
 def write_kv_gpu(k_pages, v_pages, k_new, v_new, slot_mapping, *, rows_per_prog: int = 4,
                  interpret: bool = False):
     """Same contract as ``write_kv_ref``: k_pages, v_pages [num_blocks, block_size, K, H] (or
-    QuantizedPages: written by the XLA path, see the module docstring); k_new, v_new [T, K, H];
-    slot_mapping [T] int32 (negative: padding, nothing written). K * H must be a power of two.
-    Returns the updated (k_pages, v_pages)."""
-    if is_quantized(k_pages):
-        return (write_quantized(k_pages, k_new, slot_mapping),
-                write_quantized(v_pages, v_new, slot_mapping))
+    QuantizedPages); k_new, v_new [T, K, H]; slot_mapping [T] int32 (negative: padding, nothing
+    written). K * H must be a power of two (H too when quantized). Returns the updated
+    (k_pages, v_pages)."""
     nb, bs, kh, h = k_pages.shape
     t = k_new.shape[0]
     width = kh * h
-    flat = [x.reshape(nb * bs, width) for x in (k_pages, v_pages)]
+    quantized = is_quantized(k_pages)
+    pool = ((k_pages.data, v_pages.data, k_pages.scale, v_pages.scale) if quantized
+            else (k_pages, v_pages))
+    flat = [x.reshape(nb * bs, x.shape[2] * x.shape[3]) for x in pool]
     kernel = functools.partial(_write_kernel, num_rows=t, num_slots=nb * bs,
-                               rows_per_prog=rows_per_prog, width=width)
+                               rows_per_prog=rows_per_prog, num_kv_heads=kh, head_dim=h,
+                               quantized=quantized)
     outs = pl.pallas_call(
         kernel, grid=(pl.cdiv(t, rows_per_prog),),
         out_shape=tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in flat),
-        input_output_aliases={0: 0, 1: 1},
+        input_output_aliases={i: i for i in range(len(flat))},
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret, name="write_kv")(
         *flat, k_new.reshape(t, width), v_new.reshape(t, width), slot_mapping)
-    return outs[0].reshape(k_pages.shape), outs[1].reshape(v_pages.shape)
+    outs = [o.reshape(x.shape) for o, x in zip(outs, pool)]
+    if quantized:
+        return QuantizedPages(outs[0], outs[2]), QuantizedPages(outs[1], outs[3])
+    return outs[0], outs[1]

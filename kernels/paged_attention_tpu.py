@@ -13,10 +13,9 @@ stale buffer rows are masked out of both matmuls.
   sequence's pages with the causal mask. q and the output are presented head-major
   ``[N, T, H]`` (transposed by XLA) so one KV head's ``G`` query heads are a leading-dim slice.
 
-Quantized KV (``QuantizedPages``): the 1-byte pages and their ``[1, K, 1]`` float32 scales (one
-per page and KV head) are DMA'd side by side (half the bytes of bf16 plus 4 B per page and head)
-and dequantized in VMEM per KV head (values x the page's scale in float32, then q's dtype) before
-the two matmuls.
+Quantized KV (``QuantizedPages``): the 1-byte pages and their ``[block_size, K, 1]`` bfloat16 scale
+pages are DMA'd side by side (half the bytes of bf16 plus 1/64 at H = 128) and dequantized in VMEM
+per KV head (values x scale in float32, then q's dtype) before the two matmuls.
 
 Verified here in TPU interpret mode on the CPU (``pltpu.InterpretParams``: simulated HBM/VMEM/SMEM,
 DMAs and semaphores, uninitialised memory as NaN) and by lowering to Mosaic for a TPU target; not
@@ -85,12 +84,12 @@ class _PageBlocks:
         (dequantized for a quantized pool)."""
         _, p_blk, bs, _, h = self.kbuf.shape
         length = p_blk * bs
-        k, v = (buf[slot, :, :, kh, :] for buf in self.bufs[:2])  # [P, block_size, H]
+        k, v = (buf[slot, :, :, kh, :].reshape(length, h) for buf in self.bufs[:2])
         if len(self.bufs) == 4:
-            ks, vs = (buf[slot, :, :, kh, :].astype(jnp.float32)  # [P, 1, 1]: one per page
+            ks, vs = (buf[slot, :, :, kh, :].reshape(length, 1).astype(jnp.float32)
                       for buf in self.bufs[2:])
             k, v = k.astype(jnp.float32) * ks, v.astype(jnp.float32) * vs
-        return k.reshape(length, h).astype(dtype), v.reshape(length, h).astype(dtype)
+        return k.astype(dtype), v.astype(dtype)
 
     def start(self, blk, slot):
         self._each(blk, slot, "start")
@@ -158,7 +157,7 @@ def _split(refs, n_arrays):
 def _decode_kernel(row_seq_ref, bt_ref, cl_ref, q_ref, *refs, group, num_kv_heads, scale,
                    n_arrays):
     # q_ref, o_ref: [N, H] (this row); page arrays in HBM: k, v [num_blocks, block_size, K, H]
-    # (+ k, v scales [num_blocks, 1, K, 1] float32 when quantized); their VMEM buffers.
+    # (+ k, v scales [num_blocks, block_size, K, 1] when quantized); their VMEM buffers.
     hbm, o_ref, bufs, sems = _split(refs, n_arrays)
     s = row_seq_ref[pl.program_id(0)]
     seq = jnp.maximum(s, 0)

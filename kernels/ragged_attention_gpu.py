@@ -17,8 +17,8 @@ diagonal are masked per (row, key). Tiles are launched longest-first (reverse ta
 long causal tiles do not form a tail.
 
 Quantized KV (``QuantizedPages``) is dequantized on load as in the decode kernel: values converted
-to q's dtype in registers, K's per-page scales (one load per page of the tile, spread over its
-keys) applied to the score columns, V's to the probabilities.
+to q's dtype in registers, K's per-token scales applied to the score columns, V's to the
+probabilities.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .decode_attention_gpu import (LOG2E, NEG, cdiv, flat_pages, flat_scales, load_kv,
-                                   split_refs, tile_pages, token_scales)
+                                   split_refs)
 from .quantization import is_quantized, to_compute
 
 
@@ -53,7 +53,7 @@ def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qs
                    num_seqs, num_tokens, num_tiles, num_heads, group, block_q, block_m, block_n,
                    head_dim, block_size, scale_log2, quantized):
     # q_ref, o_ref [T*N, H]; k_ref, v_ref [num_blocks*block_size, K*H]; bt_ref [S, W];
-    # quantized: ks_ref, vs_ref [num_blocks, K] float32 (per page) before o_ref.
+    # quantized: ks_ref, vs_ref [num_blocks*block_size, K] bf16 before o_ref.
     ks_ref, vs_ref, (o_ref,) = split_refs(refs, quantized)
     tile, kh = num_tiles - 1 - pl.program_id(0), pl.program_id(1)
     seq, t0 = tseq_ref[tile], tstart_ref[tile]
@@ -92,25 +92,26 @@ def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qs
             rows = page * block_size + jax.lax.rem(j, block_size)
             k = load_kv(k_ref, (rows[:, None], cols), kv_mask)
             v = load_kv(v_ref, (rows[:, None], cols), kv_mask)
+            if quantized:
+                ks = plgpu.load(ks_ref.at[rows, kh], mask=live, other=0)
+                vs = plgpu.load(vs_ref.at[rows, kh], mask=live, other=0)
         else:
             page = bt_ref[sc, jax.lax.div(j, block_size)]
             rows = page * block_size + jax.lax.rem(j, block_size)
             k, v = k_ref[rows[:, None], cols], v_ref[rows[:, None], cols]
-        if quantized:
-            tile = tile_pages(bt_ref, sc, b * block_n, kv_hi, block_n, block_size)
-            ks = token_scales(ks_ref, tile, kh, j, block_size)
-            vs = token_scales(vs_ref, tile, kh, j, block_size)
+            if quantized:
+                ks, vs = ks_ref[rows, kh], vs_ref[rows, kh]
         s = jax.lax.dot_general(q, to_compute(k, q.dtype), (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32) * scale_log2
         if quantized:
-            s = s * (ks if ks.ndim == 0 else ks[None, :])
+            s = s * ks.astype(jnp.float32)[None, :]
         if masked:
             s = jnp.where(j[None, :] <= pos[:, None], s, NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
-        pv = (p * (vs if vs.ndim == 0 else vs[None, :])) if quantized else p
+        pv = p * vs.astype(jnp.float32)[None, :] if quantized else p
         acc = acc * alpha[:, None] + jnp.dot(pv.astype(q.dtype), to_compute(v, q.dtype),
                                              preferred_element_type=jnp.float32)
         return acc, m_new, l

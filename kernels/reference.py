@@ -3,9 +3,8 @@
 Layout (owned by ``pagedjax.kv_pool``): one layer's pages are ``k_pages, v_pages`` of shape
 ``[num_blocks, block_size, K, H]``; a slot is ``block * block_size + offset``. A quantized cache
 (``--kv-cache-dtype fp8_e4m3 | fp8_e5m2 | int8``) passes ``QuantizedPages(data, scale)`` in place of
-each pages array (``kernels/quantization.py``): one scale per (block, KV head); the write grows a
-block's scale and re-quantizes its old rows when needed (``write_quantized``), attention
-dequantizes in float32.
+each pages array (``kernels/quantization.py``): the write quantizes each token's K/V per KV head,
+attention dequantizes in float32.
 
 A step's batch is packed ragged: sequence ``s`` owns query rows ``q[qsl[s]:qsl[s+1]]`` (1 token when
 decoding, a chunk when prefilling); ``context_lens[s]`` counts its tokens in the cache *including*
@@ -19,18 +18,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .quantization import dequantize, is_quantized, write_quantized
+from .quantization import QuantizedPages, dequantize, is_quantized, quantize
 
 
-def write_kv_ref(k_pages, v_pages, k_new, v_new, slot_mapping, max_continued=None):
-    """Scatter this step's K/V into their slots (for a quantized cache: the block-scale rule of
-    ``kernels/quantization.py``, ``write_quantized``).
+def write_kv_ref(k_pages, v_pages, k_new, v_new, slot_mapping):
+    """Scatter this step's K/V into their slots (quantizing them for a quantized cache).
 
     k_pages, v_pages: [num_blocks, block_size, K, H] arrays, or QuantizedPages;
     k_new, v_new: [T, K, H]; slot_mapping: [T] int32, a negative slot marks a padding row
-    (nothing is written); max_continued (static, quantized only): at most this many blocks
-    continued by the step (``write_quantized``; the engine passes its number of sequences).
-    Returns the updated (k_pages, v_pages).
+    (nothing is written). Returns the updated (k_pages, v_pages).
     """
     nb, bs, kh, h = k_pages.shape
     if k_new.shape[1:] != (kh, h) or v_new.shape != k_new.shape:
@@ -45,7 +41,7 @@ def write_kv_ref(k_pages, v_pages, k_new, v_new, slot_mapping, max_continued=Non
 
     def write(pages, new):
         if is_quantized(pages):
-            return write_quantized(pages, new, slot_mapping, max_continued)
+            return QuantizedPages(*(put(p, x) for p, x in zip(pages, quantize(new, pages.dtype))))
         return put(pages, new)
 
     return write(k_pages, k_new), write(v_pages, v_new)
@@ -86,7 +82,6 @@ def paged_attention_ref(q, k_pages, v_pages, block_tables, context_lens, query_s
 
     def keys(pages):  # [T, S, K, H]
         if is_quantized(pages):
-            # [T, W, bs, K, H] x [T, W, 1, K, 1]: one scale per page and KV head
             return dequantize(pages.data[blocks], pages.scale[blocks]).reshape(t, w * bs, kh, h)
         return pages[blocks].reshape(t, w * bs, kh, h)
 

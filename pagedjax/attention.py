@@ -34,9 +34,7 @@ def make_attend(backend: str, interpret: bool = False, mesh=None):
                                           decode_only=decode_only)
 
     def attend(q, k, v, pages, meta):
-        # a step continues at most one block per sequence (the quantized write's gather bound)
-        k_pages, v_pages = write_kv_ref(pages[0], pages[1], k, v, meta["slot_mapping"],
-                                        max_continued=meta["context_lens"].shape[0])
+        k_pages, v_pages = write_kv_ref(pages[0], pages[1], k, v, meta["slot_mapping"])
         out = attention(q, k_pages, v_pages, meta["block_tables"], meta["context_lens"],
                         meta["query_start_loc"], decode_only=meta["decode_only"])
         return out, (k_pages, v_pages)

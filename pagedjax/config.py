@@ -11,8 +11,8 @@ import dataclasses
 from typing import Any
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-# auto: the model's dtype. The others store 1-byte values with one scale per block and KV head
-# (a power of two for fp8; pagedjax/kernels/quantization.py says why); "fp8" is vLLM's name for fp8_e4m3.
+# auto: the model's dtype. The others store 1-byte values with a bf16 scale per token and KV head
+# (pagedjax/kernels/quantization.py says why); "fp8" is vLLM's name for fp8_e4m3.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "int8")
 LOAD_FORMATS = ("auto", "hf", "gguf", "dummy", "orbax")
 ATTENTION_BACKENDS = ("auto", "reference", "pallas-gpu", "pallas-tpu")
@@ -122,7 +122,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="explicit KV pool budget in bytes (default on the CPU: 1 GiB)")
     g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=KV_CACHE_DTYPES,
                    help="KV cache storage: auto (the model's dtype) or a 1-byte quantized dtype "
-                        "with one scale per block and KV head (fp8 = fp8_e4m3)")
+                        "with a bf16 scale per token and KV head (fp8 = fp8_e4m3)")
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--preemption-mode", default=d.preemption_mode, choices=PREEMPTION_MODES)

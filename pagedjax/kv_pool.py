@@ -9,11 +9,10 @@ read without a slice copy.
 
 Quantized cache (``--kv-cache-dtype fp8_e4m3 | fp8_e5m2 | int8``): each of a layer's K and V is a
 ``QuantizedPages(data, scale)`` pytree: ``data`` [num_blocks, block_size, K, H] in the 1-byte
-dtype, ``scale`` [num_blocks, 1, K, 1] float32, one scale per (block, KV head) (the format and
-its write rule: ``pagedjax/kernels/quantization.py``). A block then costs ``block_size * H + 4``
-bytes per KV head instead of ``2 * block_size * H``: 1.996x the tokens of bf16 at block 16 and
-H = 128. Block moves (copy-on-write, swap) treat the scale as one more page array: same block
-index, same bits.
+dtype, ``scale`` [num_blocks, block_size, K, 1] bfloat16, one scale per token and KV head (why per
+token: ``pagedjax/kernels/quantization.py``). A block then costs ``H + 2`` bytes per token and KV
+head instead of ``2 H``: 1.97x the tokens of bf16 at H = 128. Block moves (copy-on-write, swap)
+treat the scale as one more page array: same block index, same bits.
 """
 from __future__ import annotations
 
@@ -23,8 +22,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from pagedjax.kernels.quantization import (QUANTIZED_DTYPES, SCALE_BYTES, SCALE_DTYPE,
-                                          QuantizedPages, storage_dtype)
+from pagedjax.kernels.quantization import (QUANTIZED_DTYPES, SCALE_BYTES, QuantizedPages,
+                                          storage_dtype)
 from pagedjax.models import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -77,25 +76,19 @@ def dtype_bytes(dtype: str) -> int:
     return storage_dtype(dtype).itemsize
 
 
-def page_bytes(block_size: int, head_dim: int, dtype: str) -> int:
-    """Bytes one block's K (or V) takes per KV head and layer: the values, plus the block's one
-    scale when quantized."""
-    return (block_size * head_dim * dtype_bytes(dtype)
-            + (SCALE_BYTES if is_quantized_dtype(dtype) else 0))
+def row_bytes(head_dim: int, dtype: str) -> int:
+    """Bytes one token's K (or V) takes per KV head: the values, plus its scale when quantized."""
+    return head_dim * dtype_bytes(dtype) + (SCALE_BYTES if is_quantized_dtype(dtype) else 0)
 
 
 def block_bytes(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
     """Bytes of one block across all layers, K and V (scales included)."""
-    return 2 * num_layers * num_kv_heads * page_bytes(block_size, head_dim, dtype)
+    return 2 * num_layers * block_size * num_kv_heads * row_bytes(head_dim, dtype)
 
 
-def kv_bytes_per_token(cfg: ModelConfig, dtype: str, block_size: int = 16) -> int | float:
-    """K and V bytes one token takes across all layers, a quantized cache's per-block scales
-    spread over the block's ``block_size`` tokens (an int when that divides evenly, as for every
-    shipped model at block 16; else a float)."""
-    per_block = block_bytes(cfg.num_hidden_layers, block_size, cfg.num_key_value_heads,
-                            cfg.head_dim, dtype)
-    return per_block // block_size if per_block % block_size == 0 else per_block / block_size
+def kv_bytes_per_token(cfg: ModelConfig, dtype: str) -> int:
+    """K and V bytes one token takes across all layers (scales included)."""
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * row_bytes(cfg.head_dim, dtype)
 
 
 def num_blocks_for_budget(budget_bytes: int, cfg: ModelConfig, block_size: int, dtype: str) -> int:
@@ -106,15 +99,14 @@ def num_blocks_for_budget(budget_bytes: int, cfg: ModelConfig, block_size: int, 
 
 def allocate(spec: KVPoolSpec, sharding=None) -> list:
     """Zero-filled pages, one (k, v) pair per layer; for a quantized cache each of k and v is a
-    ``QuantizedPages`` (values and a [num_blocks, 1, K, 1] float32 scale, both split by KV head
-    like the pages; a zero scale is never read: a block's first write ignores its old scale)."""
+    ``QuantizedPages`` (values and a [.., K, 1] scale, both split by KV head like the pages)."""
     def zeros(shape, dtype):
         return jnp.zeros(shape, dtype=dtype, device=sharding)
 
     def pages():
         if spec.quantized:
             return QuantizedPages(zeros(spec.page_shape, storage_dtype(spec.dtype)),
-                                  zeros((spec.num_blocks, 1, spec.num_kv_heads, 1), SCALE_DTYPE))
+                                  zeros((*spec.page_shape[:3], 1), jnp.bfloat16))
         return zeros(spec.page_shape, spec.dtype)
 
     return [(pages(), pages()) for _ in range(spec.num_layers)]
@@ -135,7 +127,7 @@ def check_fits(spec: KVPoolSpec, max_model_len: int) -> None:
 def log_capacity(spec: KVPoolSpec, max_model_len: int) -> None:
     logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s%s)", spec.num_blocks,
                 spec.block_size, spec.num_tokens, spec.total_bytes / GiB, spec.dtype,
-                ", f32 scale per block and KV head" if spec.quantized else "")
+                ", bf16 scale per token and KV head" if spec.quantized else "")
     logger.info("GPU KV cache size: %d tokens", spec.num_tokens)
     logger.info("Maximum concurrency for %d tokens per request: %.2fx", max_model_len,
                 spec.num_tokens / max_model_len)
@@ -176,7 +168,7 @@ def gather_blocks(pool, ids: jax.Array):
     """Blocks ``ids`` [P] of every layer, stacked: [2L, P, block_size, K, H] (K and V of layer l
     at 2l and 2l + 1): one staging array for one host transfer (swap-out). Bit-exact. For a
     quantized pool a ``QuantizedPages`` of two staging arrays: values [2L, P, block_size, K, H]
-    and scales [2L, P, 1, K, 1]."""
+    and scales [2L, P, block_size, K, 1]."""
     def stack(arrays):
         staging = jnp.stack([_bits(pages)[ids] for pages in arrays])
         return jax.lax.bitcast_convert_type(staging, arrays[0].dtype)

@@ -40,8 +40,8 @@ def parse_size(text: str) -> int:
 
 def resolve_kv_dtype(kv_cache_dtype: str, dtype: str) -> str:
     """``--kv-cache-dtype auto`` stores K/V in the model's dtype, as vLLM does; vLLM's ``fp8``
-    is ``fp8_e4m3``. Quantized dtypes (fp8_e4m3, fp8_e5m2, int8) add a float32 scale per block
-    and KV head (``pagedjax.kv_pool``)."""
+    is ``fp8_e4m3``. Quantized dtypes (fp8_e4m3, fp8_e5m2, int8) add a bf16 scale per token and
+    KV head (``pagedjax.kv_pool``)."""
     if kv_cache_dtype == "auto":
         return dtype
     return "fp8_e4m3" if kv_cache_dtype == "fp8" else kv_cache_dtype
@@ -77,12 +77,10 @@ def weights_bytes(cfg: ModelConfig, dtype: str, tp: int = 1) -> int:
     return per_device_config(cfg, tp).num_params() * dtype_bytes(dtype)
 
 
-def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str, tp: int = 1,
-                       block_size: int = 16) -> int | float:
+def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str, tp: int = 1) -> int:
     """K and V bytes one token takes on one device, all layers (a quantized cache's scales
-    included: fp8 is half of bf16 plus one 4-byte scale per block of ``block_size`` tokens, KV
-    head, layer and K/V, spread over the block's tokens)."""
-    return kv_pool.kv_bytes_per_token(per_device_config(cfg, tp), kv_dtype, block_size)
+    included: fp8 is half of bf16 plus 2 bytes per token, KV head, layer and K/V)."""
+    return kv_pool.kv_bytes_per_token(per_device_config(cfg, tp), kv_dtype)
 
 
 def profile_peak_bytes_estimate(cfg: ModelConfig, max_num_batched_tokens: int, dtype: str,
@@ -195,7 +193,7 @@ def memory_report(cfg: ModelConfig, args: EngineArgs, dtype: str, *,
         "free_gib": None if free is None else free / GiB,
         "kv_budget_source": source,
         "kv_dtype": kv_dtype,
-        "kv_bytes_per_token": kv_pool.kv_bytes_per_token(dev, kv_dtype, spec.block_size),
+        "kv_bytes_per_token": kv_pool.kv_bytes_per_token(dev, kv_dtype),
         "block_size": spec.block_size,
         "block_bytes": spec.bytes_per_block,
         "num_blocks": spec.num_blocks,

@@ -193,9 +193,9 @@ def plan(args: argparse.Namespace) -> dict:
                      f"head is replicated on {tp // cfg.num_key_value_heads} devices, so each "
                      "device stores 1 KV head and the KV cache does not shrink further")
     if kv_pool.is_quantized_dtype(kv_dtype):
-        notes.append(f"KV cache {kv_dtype}: 1 byte per value plus a float32 scale per block and "
-                     f"KV head ({kv_pool.page_bytes(bs, cfg.head_dim, kv_dtype)} B per "
-                     f"{bs} x {cfg.head_dim} values; {2 * bs * cfg.head_dim} in bf16)")
+        notes.append(f"KV cache {kv_dtype}: 1 byte per value plus a bf16 scale per token and KV "
+                     f"head ({kv_pool.row_bytes(cfg.head_dim, kv_dtype)} B per {cfg.head_dim} "
+                     f"values; {2 * cfg.head_dim} in bf16)")
     if res.gguf_tensor_bytes is not None:
         notes.append(f"weights are the dequantised size at {dtype} (what the engine holds); the "
                      f"GGUF file stores {res.gguf_tensor_bytes / GiB:.2f} GiB of tensors")
@@ -212,7 +212,7 @@ def plan(args: argparse.Namespace) -> dict:
         "weights_bytes_per_device": weights, "weights_bytes_total": cfg.num_params()
         * mr.dtype_bytes(dtype), "gguf_stored_tensor_bytes": res.gguf_tensor_bytes,
         "profile_peak_bytes_estimate": peak, "max_num_batched_tokens": tokens,
-        "kv_bytes_per_token": mr.kv_bytes_per_token(cfg, kv_dtype, tp, bs),
+        "kv_bytes_per_token": mr.kv_bytes_per_token(cfg, kv_dtype, tp),
         "block_bytes": block_bytes, "memory": None, "concurrency": [], "target": None,
         "requests": None, "notes": notes,
     }

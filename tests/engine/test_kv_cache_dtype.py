@@ -102,9 +102,8 @@ def test_quantization_changes_the_cache_not_the_engine(tiny_qwen):
     same = sum(x == y for ta, tb in zip(a, b) for x, y in zip(ta, tb))
     assert same >= 0.75 * sum(map(len, a)), (a, b)
     k = int8.engine.runner.pool[0][0]
-    assert k.data.dtype == jnp.int8 and k.scale.dtype == jnp.float32
-    assert k.scale.shape == (k.shape[0], 1, k.shape[2], 1)  # one scale per block and KV head
-    assert np.abs(np.asarray(k.data)).max() == 127, "some block's absmax maps to 127"
+    assert k.data.dtype == jnp.int8 and k.scale.dtype == jnp.bfloat16
+    assert np.abs(np.asarray(k.data)).max() == 127, "some row's absmax maps to 127"
 
 
 @pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "int8"])
@@ -140,10 +139,9 @@ def _random_quantized_pool(spec, seed=0):
 
     def pages():
         data = jax.random.bits(next(keys), spec.page_shape, jnp.uint8)
-        scale = jax.random.bits(next(keys), (spec.num_blocks, 1, spec.num_kv_heads, 1),
-                                jnp.uint32)
+        scale = jax.random.bits(next(keys), (*spec.page_shape[:3], 1), jnp.uint16)
         return QuantizedPages(jax.lax.bitcast_convert_type(data, kv_pool.storage_dtype(spec.dtype)),
-                              jax.lax.bitcast_convert_type(scale, jnp.float32))
+                              jax.lax.bitcast_convert_type(scale, jnp.bfloat16))
 
     return [(pages(), pages()) for _ in range(spec.num_layers)]
 
@@ -196,12 +194,8 @@ def test_swapped_quantized_blocks_round_trip_bit_exact(kv_dtype):
 
 
 def test_swap_preemption_with_a_quantized_pool(tiny_qwen):
-    """Swap-preempted sequences resume with exactly the tokens of an unpreempted run. fp8: its
-    power-of-two block scales make the stored values independent of how the prompts were chunked
-    (up to subnormals), which differs between the two runs; int8's float scale growth re-rounds a
-    block's old values, so an int8 pool depends on the chunking, not only on the swaps."""
-    kw = dict(kv_cache_dtype="fp8_e4m3", block_size=16, max_model_len=256,
-              max_num_batched_tokens=64,
+    """Swap-preempted sequences resume with exactly the tokens of an unpreempted run."""
+    kw = dict(kv_cache_dtype="int8", block_size=16, max_model_len=256, max_num_batched_tokens=64,
               max_num_seqs=6, attention_backend="reference")
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 128, size=int(k)).tolist() for k in rng.integers(40, 81, size=6)]
@@ -227,8 +221,8 @@ def test_pool_bytes_are_what_is_allocated(tiny_qwen, kv_dtype):
     allocated = sum(x.nbytes for x in jax.tree.leaves(llm.engine.runner.pool))
     assert allocated == spec.total_bytes <= 1 << 20
     auto = LLM(loaded=tiny_qwen, kv_cache_memory_bytes=1 << 20, max_model_len=256).engine.spec
-    # float32 tiny model, head_dim 16, block 16: 16 x 64 bytes per block and head vs 16 x 16 + 4
-    assert spec.num_tokens / auto.num_tokens == pytest.approx(1024 / 260, rel=0.02)
+    # float32 tiny model, head_dim 16: 64 bytes per token and head vs 16 + 2
+    assert spec.num_tokens / auto.num_tokens == pytest.approx(64 / 18, rel=0.02)
 
 
 def test_planner_bytes_per_token_fp8_is_half_of_bf16_plus_scales():
@@ -237,21 +231,16 @@ def test_planner_bytes_per_token_fp8_is_half_of_bf16_plus_scales():
     cfg = resolve_model("Qwen2.5-7B-Instruct").cfg  # 28 layers, 4 KV heads, head_dim 128
     bf16 = mr.kv_bytes_per_token(cfg, "bfloat16")
     assert bf16 == 57_344
-    scales = 2 * 28 * 4 * 4  # K and V, per layer and KV head, one float32 per block of 16 tokens
+    scales = 2 * 28 * 4 * 2  # K and V, per layer and KV head, one bf16 each
     for kv_dtype in QUANTIZED:
-        assert kv_pool.block_bytes(28, 16, 4, 128, kv_dtype) == 16 * bf16 // 2 + scales
-        assert mr.kv_bytes_per_token(cfg, kv_dtype) == (16 * bf16 // 2 + scales) // 16 == 28_728
-        # other block sizes: the scale's share shrinks with the block (a float when uneven)
-        assert mr.kv_bytes_per_token(cfg, kv_dtype, block_size=32) == bf16 // 2 + scales / 32
-        assert mr.kv_bytes_per_token(cfg, kv_dtype, block_size=8) == bf16 // 2 + scales // 8
+        assert mr.kv_bytes_per_token(cfg, kv_dtype) == bf16 // 2 + scales == 29_120
     args = EngineArgs(kv_cache_dtype="fp8_e4m3", kv_cache_memory_bytes=10 << 30)
     rep = mr.memory_report(cfg, args, "bfloat16", max_model_len=4096)
     base = mr.memory_report(cfg, EngineArgs(kv_cache_memory_bytes=10 << 30), "bfloat16",
                             max_model_len=4096)
-    assert rep["kv_dtype"] == "fp8_e4m3" and rep["kv_bytes_per_token"] == 28_728
-    assert rep["block_bytes"] == 16 * 28_728 == 459_648
-    # per block and KV head: 16 x 128 x 2 bytes vs 16 x 128 + 4: 1.996x the tokens of bf16
-    assert rep["num_tokens"] / base["num_tokens"] == pytest.approx(4096 / 2052, abs=2e-3)
+    assert rep["kv_dtype"] == "fp8_e4m3" and rep["kv_bytes_per_token"] == 29_120
+    assert rep["block_bytes"] == 16 * 29_120
+    assert rep["num_tokens"] / base["num_tokens"] == pytest.approx(256 / 130, abs=2e-3)  # 1.97x
     assert mr.resolve_kv_dtype("fp8", "bfloat16") == "fp8_e4m3"
     assert mr.resolve_kv_dtype("auto", "float16") == "float16"
 

@@ -35,25 +35,3 @@ def test_kernel_benchmark_tiny(tmp_path):
     assert isinstance(record["figures"]["kv_write_us"]["pallas_T4_fp8_e4m3_us"], float)
     assert record["figures"]["prefill_best"]["causal"]["rel_err_vs_ref"] < 1e-2
     assert (tmp_path / "kernel-tiny.png").exists()
-
-
-def test_kernel_benchmark_fp8_sweep_command_tiny(tmp_path):
-    """The lead's GPU command for the per-block scales, with --tiny: the quantized sweep's
-    kv_heads_per_program 1 / 2 rows and the unscaled ceiling are checked and timed (kvp 2 skipped:
-    the tiny shapes have one KV head)."""
-    summary = main(["kernel", "--tiny", "--batches", "64", "--contexts", "4096", "--no-peer",
-                    "--no-prefill", "--kv-cache-dtype", "fp8_e4m3", "--sweep",
-                    "--sweep-seconds", "90", "--out", str(tmp_path)])
-    assert summary["kv_cache_dtype"] == "fp8_e4m3"
-    record = json.loads((tmp_path / "kernel-tiny.json").read_text())
-    assert "prefill" not in record["figures"]
-    decode = record["figures"]["decode"][0]
-    us, errs = decode["kv_sweep"], decode["kv_sweep_rel_err"]
-    kvp1 = "{'kv_heads_per_program': 1}"
-    assert isinstance(us[kvp1], float) and errs[kvp1] < 1e-2, us
-    assert isinstance(us["{'block_kv': 16}"], float), us
-    assert us["{'kv_heads_per_program': 2}"].startswith("skipped"), us
-    none = "{'scales': 'none', 'num_splits': 3, 'block_kv': 16}"
-    assert isinstance(us[none], float) and errs[none] < 1e-2, us
-    multi_page = "{'num_splits': 3, 'block_kv': 32, 'merge': 'fused'}"
-    assert isinstance(us[multi_page], float) and errs[multi_page] < 1e-2, us

@@ -19,12 +19,11 @@ SD = jax.ShapeDtypeStruct
 
 
 def pages(kv_dtype: str):
-    """One layer's pages as the engine holds them: bf16, or quantized values + one float32 scale
-    per block and KV head."""
+    """One layer's pages as the engine holds them: bf16, or quantized values + bf16 scales."""
     if kv_dtype == "bfloat16":
         return SD((NB, 16, 4, 128), jnp.bfloat16)
     return QuantizedPages(SD((NB, 16, 4, 128), QUANTIZED_DTYPES[kv_dtype]),
-                          SD((NB, 1, 4, 1), jnp.float32))
+                          SD((NB, 16, 4, 1), jnp.bfloat16))
 
 
 @pytest.mark.parametrize("kv_dtype", ["bfloat16", *QUANTIZED_DTYPES])

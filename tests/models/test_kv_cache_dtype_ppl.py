@@ -2,12 +2,9 @@
 fp8_e4m3 and int8 KV within 1% of bf16 KV (issue 10's acceptance line).
 
 The paragraph runs through the engine's paged path (``forward_paged`` with the engine's attention
-seam ``make_attend``, reference backend) twice: as one prefill chunk whose K/V are written into a
-pool of the cache dtype and read back from it, so every attention read sees the stored (quantized)
-K/V, the chunk's own tokens included; and one token per step (teacher-forced decode), so that
-every block's scale grows token by token and its old rows are re-quantized as in decode (the
-block-scale write rule of kernels/quantization.py, whose docstring tables these figures:
-e4m3 +0.13% / +0.22%, int8 -0.24% / +0.29%, prefill / token by token). The model runs in float32 so that the cache is the only thing
+seam ``make_attend``, reference backend): one prefill chunk whose K/V are written into a pool of
+the cache dtype and read back from it, so every attention read sees the stored (quantized) K/V,
+the chunk's own tokens included. The model runs in float32 so that the cache is the only thing
 that changes between the runs; "bf16 KV" is the same float32 model with a bfloat16 pool.
 The kernels are held to the reference on the same quantized pages in
 tests/kernels/test_quantized_kv.py.
@@ -45,31 +42,6 @@ def paged_logits(loaded, ids, kv_dtype: str):
     return logits
 
 
-def stepwise_logits(loaded, ids, kv_dtype: str):
-    """Logits of every position of ``ids`` [T] fed one token per step (teacher-forced decode):
-    each step writes one token's K/V, so every block's scale grows and re-quantizes its old
-    tokens as decode would."""
-    cfg, t = loaded.cfg, len(ids)
-    spec = kv_pool.KVPoolSpec.for_model(cfg, -(-t // BLOCK), BLOCK, kv_dtype)
-    table = jnp.arange(spec.num_blocks, dtype=jnp.int32)[None]
-    attend = make_attend("reference")
-
-    @jax.jit
-    def step(params, pool, i):
-        meta = {"slot_mapping": i[None], "block_tables": table, "context_lens": (i + 1)[None],
-                "query_start_loc": jnp.array([0, 1], jnp.int32), "decode_only": True}
-        tok = jnp.asarray(ids, jnp.int32)[i][None]
-        return forward_paged(params, tokens=tok, positions=i[None], kv_pool=pool,
-                             logits_indices=jnp.zeros((1,), jnp.int32), cfg=cfg, meta=meta,
-                             attend=attend)
-
-    pool, rows = kv_pool.allocate(spec), []
-    for i in range(t):
-        logits, pool = step(loaded.params, pool, jnp.int32(i))
-        rows.append(logits[0])
-    return jnp.stack(rows)
-
-
 def mean_kl(logits_p, logits_q) -> float:
     """Mean KL(p || q) over positions, nats per token."""
     lp, lq = jax.nn.log_softmax(logits_p, -1), jax.nn.log_softmax(logits_q, -1)
@@ -84,21 +56,7 @@ def ppl_by_kv_dtype(smollm2, paragraph):
     base = logits["bfloat16"]
     rows = {d: (perplexity(x, ids), mean_kl(base, x)) for d, x in logits.items()}
     print(f"\nSmolLM2-135M perplexity of tests/data/paragraph.txt ({len(ids)} tokens), float32 "
-          "model, by KV cache dtype, one prefill chunk:")
-    for d, (ppl, kl) in rows.items():
-        print(f"  {d:9s} perplexity {ppl:.4f}  {100 * (ppl / rows['bfloat16'][0] - 1):+.3f}% vs "
-              f"bf16 KV  mean KL to bf16 KV {kl:.2e} nats/token")
-    return rows
-
-
-@pytest.fixture(scope="module")
-def stepwise_ppl_by_kv_dtype(smollm2, paragraph):
-    ids = smollm2.tokenizer(paragraph)["input_ids"]
-    logits = {d: stepwise_logits(smollm2, ids, d)
-              for d in ("bfloat16", "fp8_e4m3", "fp8_e5m2", "int8")}
-    base = logits["bfloat16"]
-    rows = {d: (perplexity(x, ids), mean_kl(base, x)) for d, x in logits.items()}
-    print("\nSame, one token per step (teacher-forced decode: scale growth + re-quantization):")
+          "model, by KV cache dtype:")
     for d, (ppl, kl) in rows.items():
         print(f"  {d:9s} perplexity {ppl:.4f}  {100 * (ppl / rows['bfloat16'][0] - 1):+.3f}% vs "
               f"bf16 KV  mean KL to bf16 KV {kl:.2e} nats/token")
@@ -119,24 +77,14 @@ def test_quantized_kv_perplexity_within_1pct_of_bf16(kv_dtype, ppl_by_kv_dtype):
     bf16 = ppl_by_kv_dtype["bfloat16"][0]
     assert abs(ppl / bf16 - 1) < 0.01, f"{kv_dtype}: perplexity {ppl:.4f} vs bf16 KV {bf16:.4f}"
     # The cache really is quantized (a no-op quantizer would pass the line above trivially):
-    # measured 4.7e-3 (e4m3) and 2.4e-3 (int8) nats/token, against 2e-5 for a float32 pool.
+    # measured 3.7e-3 (e4m3) and 7.7e-4 (int8) nats/token, against 1e-6 for a float32 pool.
     assert 1e-4 < kl < 1e-2, kl
     assert np.isfinite(ppl)
 
 
-@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "int8"])
-def test_token_by_token_perplexity_within_1pct_of_bf16(kv_dtype, stepwise_ppl_by_kv_dtype):
-    """Decode writes one token at a time: a block's scale grows up to block_size - 1 times and its
-    old tokens are re-quantized each time; that must stay within the same 1%."""
-    ppl, kl = stepwise_ppl_by_kv_dtype[kv_dtype]
-    bf16 = stepwise_ppl_by_kv_dtype["bfloat16"][0]
-    assert abs(ppl / bf16 - 1) < 0.01, f"{kv_dtype}: perplexity {ppl:.4f} vs bf16 KV {bf16:.4f}"
-    assert 1e-4 < kl < 1e-2, kl
-
-
 def test_e5m2_is_reported_and_coarser(ppl_by_kv_dtype):
     """fp8_e5m2 (2 mantissa bits) is not in the 1% acceptance; it must still be a working cache,
-    coarser than e4m3 (measured KL 1.9e-2 vs 4.7e-3)."""
+    coarser than e4m3 (measured KL 1.6e-2 vs 3.7e-3)."""
     ppl, kl = ppl_by_kv_dtype["fp8_e5m2"]
     assert ppl < 1.05 * ppl_by_kv_dtype["bfloat16"][0]
     assert kl > ppl_by_kv_dtype["fp8_e4m3"][1]
