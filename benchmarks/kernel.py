@@ -42,20 +42,16 @@ L2_BYTES = 50 << 20
 # checked against the reference first. The earlier sweep (block_kv 32/128, 8 warps, 2/4 stages,
 # splits x2 and /2: only the split count mattered) is in KERNEL_NOTES.md; these time the knobs
 # added for the open gaps: any split count (1 x 32K: 16-48 splits, i.e. 64-192 programs of
-# 2K-704 tokens against the default 256 of 512), the fused merge (no second launch), and
-# kv_heads_per_program 2 (two KV heads' query heads in one 16-row tile). Most wanted first in
-# each list: variants left when --sweep-seconds runs out are recorded as skipped.
+# 2K-704 tokens against the default 256 of 512) and kv_heads_per_program 2 (two KV heads' query
+# heads in one 16-row tile). A merge fused into the split programs was timed too and removed
+# (5-7 us slower everywhere; KERNEL_NOTES.md). Most wanted first in each list: variants left when
+# --sweep-seconds runs out are recorded as skipped.
 SWEEP_DECODE = {
-    (1, 32768): [{"num_splits": 32}, {"merge": "fused"}, {"num_splits": 32, "merge": "fused"},
-                 {"num_splits": 48}, {"num_splits": 24}, {"num_splits": 16},
-                 {"kv_heads_per_program": 2}, {"kv_heads_per_program": 2, "num_splits": 128},
-                 {"kv_heads_per_program": 2, "merge": "fused"}],
-    (8, 32768): [{"merge": "fused"}, {"kv_heads_per_program": 2},
-                 {"kv_heads_per_program": 2, "num_splits": 32}],
-    (64, 4096): [{"kv_heads_per_program": 2}, {"merge": "fused"},
-                 {"kv_heads_per_program": 2, "num_splits": 4}],
-    "tiny": [{"num_splits": 3, "block_kv": 16}, {"num_splits": 3, "block_kv": 16, "merge": "fused"},
-             {"kv_heads_per_program": 2}],
+    (1, 32768): [{"num_splits": 32}, {"num_splits": 48}, {"num_splits": 24}, {"num_splits": 16},
+                 {"kv_heads_per_program": 2}, {"kv_heads_per_program": 2, "num_splits": 128}],
+    (8, 32768): [{"kv_heads_per_program": 2}, {"kv_heads_per_program": 2, "num_splits": 32}],
+    (64, 4096): [{"kv_heads_per_program": 2}, {"kv_heads_per_program": 2, "num_splits": 4}],
+    "tiny": [{"num_splits": 3, "block_kv": 16}, {"kv_heads_per_program": 2}],
 }
 KV_SWEEP_SHAPE = (64, 4096)  # the quantized variants are timed at this shape only
 PEER = [dict(k_splits=16, pages_per_compute_block=8), dict(k_splits=8, pages_per_compute_block=8),

@@ -77,11 +77,11 @@ def split_refs(refs, quantized: bool):
 
 def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs, num_rows,
                    num_heads, group, group_pad, head_dim, block_size, block_kv, split_tokens,
-                   num_splits, scale_log2, quantized, kv_per_prog, merge, interpret):
+                   num_splits, scale_log2, quantized, kv_per_prog, interpret):
     # q_ref [T*N, H]; k_ref, v_ref [num_blocks*block_size, K*H]; bt_ref [S, W]; cl_ref [S];
     # qsl_ref [S+1]; quantized: ks_ref, vs_ref [num_blocks*block_size, K] bf16;
     # outputs: o [T*N, H] (one split); o_part [S*N*P, H], m, l [S*N*P] (partials, merged by
-    # _combine_kernel); merge "fused": (counter input) o, o_part, m, l, counter [S*K/kv_per_prog].
+    # _combine_kernel).
     # The tile's rows are the kv_per_prog * group query heads of kv_per_prog adjacent KV heads
     # (row r belongs to KV head kh0 + r // group, query head kh0 * group + r), padded to
     # group_pad; its columns are those KV heads' [kv_per_prog * H] contiguous values of a token.
@@ -175,82 +175,12 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
         plgpu.store(o_ref.at[q_rows[:, None], dims[None, :]], narrow(out).astype(o_ref.dtype),
                     mask=mask)
         return
-    if merge == "fused":
-        _, o_ref, o_part_ref, m_ref, l_ref, cnt_ref = out_refs  # [0]: the aliased counter input
-    else:
-        o_ref, (o_part_ref, m_ref, l_ref) = None, out_refs
-    base = (s * num_heads + kh0 * group + heads) * num_splits  # partials of each row's head
-
-    def store_partials():
-        part = base + split
-        ok = head_ok & (slot < num_seqs)
-        plgpu.store(o_part_ref.at[part[:, None], dims[None, :]], narrow(acc), mask=row_mask(ok))
-        plgpu.store(m_ref.at[part], m, mask=ok)
-        plgpu.store(l_ref.at[part], l, mask=ok)
-
-    if merge != "fused":
-        store_partials()
-        return
-
-    # Fused merge: every program of a (sequence, KV-head tile) bumps its counter after storing
-    # its partials; the one that sees num_splits - 1 arrived last and merges all of them. The
-    # barrier orders all of this program's stores before the (acq_rel, gpu-scope) atomic, which
-    # one thread issues (Triton then broadcasts its result through shared memory behind a barrier,
-    # so every thread's merge loads come after it).
-    is_seq = slot < num_seqs
-
-    @pl.when(is_seq)
-    def _():
-        store_partials()
-        if not interpret:
-            plgpu.debug_barrier()
-        one = jnp.ones((), jnp.int32)  # an array: the interpret-mode discharge indexes it
-        old = plgpu.atomic_add(cnt_ref, s * pl.num_programs(1) + khp, one)
-
-        @pl.when(old == num_splits - 1)
-        def _():
-            out = _merge_rows(o_part_ref, m_ref, l_ref, base, head_ok,
-                              cdiv(ctx, split_tokens), num_splits, head_dim)
-            plgpu.store(o_ref.at[q_rows[:, None], dims[None, :]], out.astype(o_ref.dtype),
-                        mask=row_mask(head_ok & (row < num_rows)))
-
-    @pl.when(jnp.logical_not(is_seq) & (split == 0))
-    def _():  # a slot past the sequences owns padding row `slot`: zeros
-        plgpu.store(o_ref.at[q_rows[:, None], dims[None, :]],
-                    jnp.zeros((group_pad, head_dim), o_ref.dtype),
-                    mask=row_mask(head_ok & (row < num_rows)))
-
-
-def _merge_rows(o_part_ref, m_ref, l_ref, base, row_ok, n_act, num_splits, head_dim):
-    """[G_pad, H] normalised output of each tile row from its head's ``n_act`` live partials
-    (``base[r] + p``): max and denominator over all splits at once, then the weighted sum of the
-    partial outputs a [chunk, G_pad, H] slab at a time."""
-    g_pad = base.shape[0]
-    p_pad = _pow2(num_splits)
-    chunk = max(2, min(p_pad, 8192 // (g_pad * head_dim)))
-    pidx = jnp.arange(p_pad, dtype=jnp.int32)
-    live = (pidx < n_act)[:, None] & row_ok[None, :]  # [P_pad, G_pad]
-    idx = base[None, :] + pidx[:, None]
-    m = plgpu.load(m_ref.at[idx], mask=live, other=NEG)
-    l = plgpu.load(l_ref.at[idx], mask=live, other=0.0)
-    m_max = jnp.max(m, axis=0)
-    denom = jnp.sum(jnp.where(live, jnp.exp2(m - m_max[None, :]), 0.0) * l, axis=0)
-    dims = jnp.arange(head_dim, dtype=jnp.int32)
-
-    def body(c, acc):
-        cidx = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
-        clive = (cidx < n_act)[:, None] & row_ok[None, :]  # [chunk, G_pad]
-        cpart = base[None, :] + cidx[:, None]
-        mc = plgpu.load(m_ref.at[cpart], mask=clive, other=NEG)
-        w = jnp.where(clive, jnp.exp2(mc - m_max[None, :]), 0.0)
-        oc = plgpu.load(o_part_ref.at[cpart[:, :, None], dims[None, None, :]],
-                        mask=jnp.broadcast_to(clive[:, :, None], (chunk, g_pad, head_dim)),
-                        other=0.0)
-        return acc + jnp.sum(w[:, :, None] * oc, axis=0)
-
-    acc = jax.lax.fori_loop(0, cdiv(n_act, chunk), body,
-                            jnp.zeros((g_pad, head_dim), jnp.float32))
-    return acc / jnp.where(denom == 0, 1.0, denom)[:, None]
+    o_part_ref, m_ref, l_ref = out_refs
+    part = (s * num_heads + kh0 * group + heads) * num_splits + split  # each row's head's partial
+    ok = head_ok & (slot < num_seqs)
+    plgpu.store(o_part_ref.at[part[:, None], dims[None, :]], narrow(acc), mask=row_mask(ok))
+    plgpu.store(m_ref.at[part], m, mask=ok)
+    plgpu.store(l_ref.at[part], l, mask=ok)
 
 
 def _combine_kernel(o_part_ref, m_ref, l_ref, cl_ref, qsl_ref, o_ref, *, num_seqs, num_rows,
@@ -308,16 +238,15 @@ def split_tokens_of(max_tokens: int, num_splits: int, block_kv: int) -> int:
     return -(-split_tokens // block_kv) * block_kv
 
 
-MERGES = ("separate", "fused")
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "num_splits", "block_kv", "num_warps", "num_stages", "kv_heads_per_program", "merge",
+    "scale", "num_splits", "block_kv", "num_warps", "num_stages", "kv_heads_per_program",
     "interpret"))
 def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc, *,
                            scale: float, num_splits: int | None = None, block_kv: int | None = None,
                            num_warps: int = 4, num_stages: int = 3, kv_heads_per_program: int = 1,
-                           merge: str = "separate", interpret: bool = False):
+                           interpret: bool = False):
     """Decode attention (every q_len is 0 or 1) over a paged KV cache.
 
     q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H] in q's dtype, or
@@ -331,9 +260,9 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     whole block_kv tiles, see ``split_tokens_of``); block_kv; num_warps; num_stages;
     kv_heads_per_program, a power of two dividing K: one program reads that many adjacent KV
     heads per token (one [block_kv, kv_heads_per_program * H] tile) for all their query heads
-    in one tile of max(16, kv_heads_per_program * G) rows; merge ("separate": a second Pallas
-    launch merges the splits; "fused": the last split program of each (sequence, KV-head tile)
-    to finish merges them, found with an atomic counter zeroed by XLA before the launch).
+    in one tile of max(16, kv_heads_per_program * G) rows. Splits are merged by a second Pallas
+    launch (a merge fused into the split programs through an arrival counter measured 5-7 us
+    slower on the H100: benchmarks/KERNEL_NOTES.md, session 3).
     Shapes are checked by ``pagedjax.kernels.dispatch.ragged_paged_attention``.
     """
     t, n, h = q.shape
@@ -344,8 +273,6 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     if kvp < 1 or kvp & (kvp - 1) or kh % kvp:
         raise ValueError(f"kv_heads_per_program must be a power of two dividing the {kh} KV "
                          f"heads, got {kv_heads_per_program}")
-    if merge not in MERGES:
-        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
     group_pad = max(16, _pow2(kvp * group))
     max_tokens = w * bs
     if block_kv is None:
@@ -365,7 +292,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     cp = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     kernel = functools.partial(_decode_kernel, group=group, group_pad=group_pad, block_size=bs,
                                block_kv=block_kv, scale_log2=scale * LOG2E, quantized=quantized,
-                               kv_per_prog=kvp, merge=merge, interpret=interpret, **params)
+                               kv_per_prog=kvp, interpret=interpret, **params)
     if num_splits == 1:
         out = pl.pallas_call(kernel, grid=(rows, kh_progs, 1),
                              out_shape=jax.ShapeDtypeStruct((t * n, h), q.dtype),
@@ -375,15 +302,6 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     partials = (jax.ShapeDtypeStruct((parts, h), jnp.float32),
                 jax.ShapeDtypeStruct((parts,), jnp.float32),
                 jax.ShapeDtypeStruct((parts,), jnp.float32))
-    if merge == "fused":
-        counter = jnp.zeros((s * kh_progs,), jnp.int32)
-        out = pl.pallas_call(
-            kernel, grid=(rows, kh_progs, num_splits),
-            out_shape=(jax.ShapeDtypeStruct((t * n, h), q.dtype), *partials,
-                       jax.ShapeDtypeStruct(counter.shape, counter.dtype)),
-            input_output_aliases={len(inputs): 4}, compiler_params=cp, interpret=interpret,
-            name="paged_decode_split_fused")(*inputs, counter)[0]
-        return out.reshape(t, n, h)
     o_part, m, l = pl.pallas_call(
         kernel, grid=(s, kh_progs, num_splits), out_shape=partials,
         compiler_params=cp, interpret=interpret, name="paged_decode_split")(*inputs)

@@ -10,7 +10,7 @@ from .reference import paged_attention_ref, write_kv_ref
 BACKENDS = ("pallas-gpu", "pallas-tpu", "reference")
 _TUNING = {
     ("pallas-gpu", True): {"num_splits", "block_kv", "num_warps", "num_stages",
-                            "kv_heads_per_program", "merge"},
+                            "kv_heads_per_program"},
     ("pallas-gpu", False): {"block_m", "block_n", "num_warps", "num_stages"},
     ("pallas-tpu", True): {"pages_per_block"},
     ("pallas-tpu", False): {"block_q", "pages_per_block"},
@@ -93,8 +93,8 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     decode_only: static promise that every q_len is 0 or 1 (a pure decode step); picks the
         split-K flash-decoding kernel. Breaking the promise gives wrong rows, not an error.
     tuning: kernel knobs, all static. pallas-gpu decode: num_splits (positive int), block_kv,
-        num_warps, num_stages, kv_heads_per_program (power of two dividing K), merge
-        ("separate" / "fused"; see ``paged_decode_attention``); pallas-gpu ragged: block_m,
+        num_warps, num_stages, kv_heads_per_program (power of two dividing K; see
+        ``paged_decode_attention``); pallas-gpu ragged: block_m,
         block_n, num_warps, num_stages;
         pallas-tpu decode: pages_per_block; pallas-tpu ragged: block_q, pages_per_block.
 
@@ -166,8 +166,6 @@ def _check_gpu(q, k_pages, decode_only, tuning) -> None:
     if not _is_pow2(kvp) or k_pages.shape[2] % kvp:
         raise ValueError(f"kv_heads_per_program must be a power of two dividing the "
                          f"{k_pages.shape[2]} KV heads, got {kvp}")
-    if tuning.get("merge", "separate") not in ("separate", "fused"):
-        raise ValueError(f"merge must be 'separate' or 'fused', got {tuning['merge']!r}")
     if not decode_only and tuning.get("block_m", 128) < group:
         raise ValueError(f"block_m ({tuning['block_m']}) must hold one token's {group} query heads")
     if not decode_only and tuning.get("block_m", 128) < 16 or tuning.get("block_n", 16) < 16:

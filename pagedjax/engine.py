@@ -17,7 +17,7 @@ from .detokenizer import IncrementalDetokenizer
 from .prefix_cache import PrefixCachingBlockManager
 from .memory_report import default_max_num_batched_tokens, format_memory_report, memory_report
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .runner import SAMPLE_MODES, ModelRunner, StepResult
+from .runner import ModelRunner, StepResult
 from .sampler import MAX_LOGPROBS
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
@@ -140,14 +140,9 @@ class LLMEngine:
         r = self.runner
         c0, t0 = r.num_compilations, time.perf_counter()
         with faults.explain_oom_at_start("precompiling the step", self.spec, self.max_model_len):
-            shapes = r.warmup()
+            r.warmup()  # logs what it compiled
         self.precompile_s = time.perf_counter() - t0
         self.precompile_compilations = r.num_compilations - c0
-        sizes = {layout.S for layout in r.buckets()}
-        logger.info("Precompiled %d step shapes, %d sampler variants and %d copy programs "
-                    "(contexts up to %d tokens; %d programs compiled) in %.1f s", shapes,
-                    len(sizes) * len(SAMPLE_MODES), len(r.copy_buckets()), self.max_model_len,
-                    self.precompile_compilations, self.precompile_s)
 
     def _num_blocks(self, args: EngineArgs, loaded) -> int:
         """The planner's arithmetic (pagedjax.memory_report), fed with this device's numbers."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from typing import NamedTuple
 
 import jax
@@ -218,12 +219,7 @@ class ModelRunner:
         buckets W is fixed, so max_context changes nothing there): mixed steps first, each
         sorted by (T, S, W)."""
         max_blocks = self.max_blocks if max_context is None else -(-max_context // self.block_size)
-        widths, w = [], 1
-        while w < max_blocks:
-            widths.append(w)
-            w *= 2
-        widths.append(max_blocks)
-        ws = sorted({self.layout_for(1, 1, w).W for w in widths})
+        ws = sorted({self.layout_for(1, 1, w).W for w in _doublings(1, max_blocks)})
         out = set()
         for n, rows, decode in self._reachable():
             base = self.layout_for(n, rows, 1, decode)
@@ -231,18 +227,15 @@ class ModelRunner:
         return sorted(out, key=lambda x: (x.decode, x.T, x.S, x.W))
 
     def copy_buckets(self) -> list[int]:
-        """Every copy-program size C: 4, 8, ... up to ``max_copies``."""
-        out, c = [], 4
-        while c <= self.max_copies:
-            out.append(c)
-            c *= 2
-        return out
+        """Every copy-program size C: 4, 8, ... up to ``max_copies`` (a power of two)."""
+        return _doublings(4, self.max_copies)
 
     def warmup(self, max_context: int | None = None) -> int:
         """Compile every bucket by running all-padding steps (they write nothing), the sampler in
         every mode for every S (on the step's own logits: same sharding and committedness as a
         real step's), and the copy program for every copy bucket, with arguments made exactly
-        as ``execute`` makes them. Returns the number of step shapes compiled."""
+        as ``execute`` makes them. Logs what it compiled; returns the number of step shapes."""
+        c0, t0 = self.num_compilations, time.perf_counter()
         layouts = self.buckets(max_context)
         sampled_s = set()
         for layout in layouts:
@@ -263,6 +256,11 @@ class ModelRunner:
             copies = np.stack([np.zeros(C, np.int32), np.full(C, -1, np.int32)])
             self.pool = self._copy(self.pool, self._to_device(copies))  # dst -1: writes nothing
         jax.block_until_ready(self.pool)
+        logger.info("Warm-up: %d step shapes, %d sampler variants and %d copy programs (contexts "
+                    "up to %d tokens; %d programs compiled) in %.1f s", len(layouts),
+                    len(sampled_s) * len(SAMPLE_MODES), len(self.copy_buckets()),
+                    (max_context or self.max_blocks * self.block_size),
+                    self.num_compilations - c0, time.perf_counter() - t0)
         return len(layouts)
 
     @property
@@ -379,6 +377,15 @@ def _step(params, pool, sampled, packed, *, layout: StepLayout, cfg: ModelConfig
     meta["decode_only"] = layout.decode  # static: a Python bool, not a traced value
     return forward_paged(params, cfg, tokens, f["positions"], pool, meta, attend,
                          f["logits_indices"])
+
+
+def _doublings(lo: int, hi: int) -> list[int]:
+    """lo, 2 lo, 4 lo, ... below hi, then hi."""
+    out = []
+    while lo < hi:
+        out.append(lo)
+        lo *= 2
+    return out + [hi]
 
 
 def _copy_step(pool, copies):

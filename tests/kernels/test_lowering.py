@@ -30,8 +30,8 @@ def pages(kv_dtype: str):
 @pytest.mark.parametrize("platform,backend,kwargs,marker", [
     ("cuda", "pallas-gpu", {"decode_only": True, "num_splits": 1}, "paged_decode"),
     ("cuda", "pallas-gpu", {"decode_only": True, "num_splits": 8}, "paged_decode_combine"),
-    ("cuda", "pallas-gpu", {"decode_only": True, "num_splits": 33, "kv_heads_per_program": 2,
-                            "merge": "fused"}, "paged_decode_split_fused"),
+    ("cuda", "pallas-gpu", {"decode_only": True, "num_splits": 33, "kv_heads_per_program": 2},
+     "paged_decode_split"),
     ("cuda", "pallas-gpu", {}, "ragged_paged_attention"),
     ("cuda", "write_kv", {}, "write_kv"),
     ("tpu", "pallas-tpu", {"decode_only": True}, "paged_decode_tpu"),
