@@ -1,0 +1,110 @@
+"""Two questions about decode attention, answered on the device before changing anything.
+
+1. What does the timing loop itself cost? ``benchmarks kernel`` chains calls in a jitted
+   ``lax.fori_loop`` with ``R`` rotated block tables per iteration (R = 1-4 at the target shapes).
+   If each iteration carries a fixed cost (a while loop's predicate round trip), short kernels
+   such as 1 x 32K (36 us) pay it per R calls. Each shape is timed with the rotation repeated U
+   times per iteration (U = 1, 4, 16: same calls, 1/U of the iterations), and a loop whose body
+   is one tiny op gives the per-iteration cost alone.
+2. fp8 pages with no per-token scales (what a static per-KV-head scale stores): the tuning knobs
+   at 64 x 4096, against bf16 in the same run.
+
+``python -m benchmarks.decode_probe --out DIR`` (prints a table, writes decode-probe.json).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import kernel as kb
+from benchmarks.common import print_table, results_dir, write_result
+from pagedjax.kernels.decode_attention_gpu import paged_decode_attention
+from pagedjax.kernels.dispatch import ragged_paged_attention
+
+SHAPES = [(1, 32768), (8, 32768), (64, 4096)]
+UNROLLS = [1, 4, 16]
+FP8_VARIANTS = [{}, {"kv_heads_per_program": 2}, {"kv_heads_per_program": 2, "block_kv": 128},
+                {"kv_heads_per_program": 2, "num_warps": 8},
+                {"kv_heads_per_program": 2, "num_stages": 4},
+                {"kv_heads_per_program": 2, "num_stages": 2},
+                {"kv_heads_per_program": 2, "block_kv": 128, "num_warps": 8},
+                {"kv_heads_per_program": 4, "num_warps": 8},
+                {"kv_heads_per_program": 2, "num_splits": 4}]
+BF16_32K_VARIANTS = [{"num_splits": 32}, {"num_splits": 128}, {"block_kv": 128, "num_warps": 8},
+                     {"block_kv": 32}, {"num_stages": 4}]
+
+
+def _case(b, batch, ctx):
+    n, k, h, bs = b.n, b.k, b.h, b.bs
+    w = -(-ctx // bs)
+    kv_bytes = 2 * batch * ctx * k * h * 2
+    rot = 1 if b.tiny else int(np.clip(-(-4 * kb.L2_BYTES // kv_bytes), 1, 16))
+    pages = rot * batch * w
+    kp, vp = b.rand((pages + 1, bs, k, h)), b.rand((pages + 1, bs, k, h))
+    perm = np.random.default_rng(batch * 7 + ctx).permutation(pages)
+    tables = jnp.asarray(perm.reshape(rot, batch, w), jnp.int32)
+    cl = jnp.full((batch,), ctx, jnp.int32)
+    qsl = jnp.arange(batch + 1, dtype=jnp.int32)
+    return b.rand((batch, n, h)), kp, vp, tables, cl, qsl, rot, kv_bytes
+
+
+def _time(b, fn, q, pages, tables, cl, qsl, rot, unroll, tun):
+    def step(x, c):
+        for _ in range(unroll):
+            for r in range(rot):
+                x = fn(x, c[0], c[1], c[2][r], cl, qsl, **tun)
+        return x
+    return b.timed(step, q, (*pages, tables), rot * unroll, 1e-4) * 1e6
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.decode_probe")
+    kb.add_arguments(p)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    b = kb.Bench(args)
+    ours = functools.partial(ragged_paged_attention, backend=b.backend, interpret=b.interpret,
+                             decode_only=True)
+    raw = functools.partial(paged_decode_attention, scale=b.h ** -0.5, interpret=b.interpret)
+    copy_bw = kb.copy_bandwidth(b)
+    tiny = jnp.zeros((8,), jnp.float32)
+    loop_us = b.timed(lambda x, _: x + 1.0, tiny, None, 1, 1e-6) * 1e6
+    rows = []
+    shapes = [(2, 64)] if b.tiny else SHAPES
+    for batch, ctx in shapes:
+        q, kp, vp, tables, cl, qsl, rot, kv_bytes = _case(b, batch, ctx)
+        by = kv_bytes + 2 * q.nbytes
+        for u in ([1, 2] if b.tiny else UNROLLS):
+            us = _time(b, ours, q, (kp, vp), tables, cl, qsl, rot, u, {})
+            rows.append({"case": f"bf16 {batch}x{ctx}", "variant": "default", "unroll": u,
+                         "calls_per_iter": rot * u, "us": us,
+                         "pct_copy": 100 * by / (us * 1e-6) / copy_bw})
+        if (batch, ctx) == (1, 32768) or b.tiny:
+            for tun in ([{"num_splits": 3}] if b.tiny else BF16_32K_VARIANTS):
+                us = _time(b, ours, q, (kp, vp), tables, cl, qsl, rot, 1 if b.tiny else 16, tun)
+                rows.append({"case": f"bf16 {batch}x{ctx}", "variant": str(tun), "unroll": 16,
+                             "calls_per_iter": rot * 16, "us": us,
+                             "pct_copy": 100 * by / (us * 1e-6) / copy_bw})
+        if (batch, ctx) == (64, 4096) or b.tiny:
+            fp8 = (kp.astype(jnp.float8_e4m3fn), vp.astype(jnp.float8_e4m3fn))
+            bf16_us = _time(b, ours, q, (kp, vp), tables, cl, qsl, rot, 4, {})
+            for tun in (FP8_VARIANTS[:1] if b.tiny else FP8_VARIANTS):
+                for u in (1, 4):
+                    us = _time(b, raw, q, fp8, tables, cl, qsl, rot, u, tun)
+                    rows.append({"case": f"fp8 no scale {batch}x{ctx}", "variant": str(tun),
+                                 "unroll": u, "calls_per_iter": rot * u, "us": us,
+                                 "speedup_vs_bf16_u4": bf16_us / us})
+        del kp, vp
+    print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s; empty loop iteration {loop_us:.2f} us")
+    print_table(rows)
+    write_result("decode-probe", {"compilations_after_warmup": None},
+                 {"copy_GBps": copy_bw / 1e9, "loop_iteration_us": loop_us, "rows": rows},
+                 str(results_dir(args.out)))
+
+
+if __name__ == "__main__":
+    main()
