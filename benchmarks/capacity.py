@@ -15,7 +15,8 @@ after each, so a run cut short keeps its finished rows.
 
 ``--kv-cache-dtype fp8_e4m3`` (or fp8_e5m2 / int8) runs every row on a quantized pool and also
 probes an ``auto`` (model dtype) engine at the same memory: ``summary["fp8_pool_token_ratio"]`` is
-pool tokens quantized / model dtype (2x minus the scales' share: 1.97x at head_dim 128).
+pool tokens quantized / model dtype (fp8: exactly 2x, its scales are static; int8: 2x minus
+the per-token scales' share, 1.97x at head_dim 128).
 
 ``--quick`` cuts every size for a smoke run; ``--max-concurrency-cap`` bounds the requests per row
 (the CPU's default 1 GiB pool would otherwise admit thousands of tiny requests).

@@ -10,9 +10,11 @@ with context lengths 0/1/15/16/17/long, and every timed decode shape against jax
 ``--tiny`` runs the same code on the CPU in interpret mode (a test calls it).
 
 Quantized KV (``--kv-cache-dtype``, default fp8_e4m3; ``auto`` skips it): every decode shape is
-timed a second time on the same pages quantized (``QuantizedPages``: 1-byte values and a bf16
-scale per token and KV head), and checked against the reference on those quantized pages;
-``summary["fp8_decode_speedup"]`` is bf16 time / fp8 time at 64 x 4096.
+timed a second time on the same pages in the engine's format for that dtype (fp8: raw fp8 pages,
+1 byte per value; int8: ``QuantizedPages``, 1-byte values and a bf16 scale per token and KV
+head), through ``ragged_paged_attention`` and its defaults (kv_heads_per_program 2 on raw fp8),
+and checked against the reference on those pages; ``summary["fp8_decode_speedup"]`` is
+bf16 time / fp8 time at 64 x 4096.
 """
 from __future__ import annotations
 
@@ -26,15 +28,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pagedjax.kernels import paged_attention_ref, quantize_pages
+from pagedjax.kernels import paged_attention_ref
 from pagedjax.kernels.dispatch import ragged_paged_attention, write_kv
-from pagedjax.kernels.quantization import QUANTIZED_DTYPES, SCALE_BYTES
+from pagedjax.kernels.quantization import QUANTIZED_DTYPES, SCALE_BYTES, has_token_scales
 
 from . import common, plots
 from .common import as_f32, rel_err
 from .kernel_prefill import prefill
-from .kernel_quantized import (check_quantized_write, checked_timings, quantized_decode,
-                               quantized_sweep)
+from .kernel_quantized import (cache_pages, check_quantized_write, checked_timings,
+                               quantized_decode, quantized_sweep)
 
 logger = logging.getLogger(__name__)
 L2_BYTES = 50 << 20
@@ -73,8 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefill", action="store_true", help="skip the prefill section")
     p.add_argument("--target-ms", type=float, default=25.0, help="device time per measurement")
     p.add_argument("--kv-cache-dtype", default="fp8_e4m3", choices=["auto", *QUANTIZED_DTYPES],
-                   help="also time decode (and check every kernel) on the same pages quantized "
-                        "to this dtype; auto: bf16 only")
+                   help="also time decode (and check every kernel) on the same pages in this "
+                        "cache dtype's format (fp8: raw pages; int8: per-token scales); auto: "
+                        "bf16 only")
 
 
 class Bench:
@@ -137,7 +140,8 @@ def decode_case(b: Bench, batch: int, ctx: int, copy_bw: float, sweep: bool, pee
     n, k, h, bs = b.n, b.k, b.h, b.bs
     w = -(-ctx // bs)
     kv_bytes = 2 * batch * ctx * k * h * 2
-    q_kv_bytes = 2 * batch * ctx * k * (h + SCALE_BYTES) if b.kv_dtype else 0
+    scale_bytes = SCALE_BYTES if b.kv_dtype and has_token_scales(b.kv_dtype) else 0  # raw fp8: 0
+    q_kv_bytes = 2 * batch * ctx * k * (h + scale_bytes) if b.kv_dtype else 0
     rot = int(np.clip(-(-4 * L2_BYTES // kv_bytes), 1, 16)) if not b.tiny else 1
     if (kv_bytes * (2 if peer else 1) + q_kv_bytes) * rot > b.mem:
         return {"batch": batch, "ctx": ctx, "skipped": "does not fit"}
@@ -213,7 +217,7 @@ def _sweep(b, ours, q, kp, vp, tables, cl, qsl, rot) -> dict:
            "sweep_rel_err": errs, "sweep_grid": grid}
     if b.kv_dtype and (b.tiny or (batch, max_tokens) == KV_SWEEP_SHAPE):
         try:
-            out.update(quantized_sweep(b, ours, q, kp, vp, (tables, cl, qsl), rot))
+            out.update(quantized_sweep(b, ours, q, kp, vp, (tables, cl, qsl)))
         except Exception as e:  # noqa: BLE001 - keep the row's main figures
             out["kv_sweep"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
     return out
@@ -271,9 +275,9 @@ def correctness(b: Bench) -> dict:
             kw = {"block_m": 32, "block_n": 16}
         ref = paged_attention_ref(*as_f32(*args[:3]), *args[3:])
         out[name] = _check(b, args, kw, ref)
-        if b.kv_dtype:  # the same pages quantized, against the reference on them
-            qargs = (args[0], quantize_pages(args[1], b.kv_dtype),
-                     quantize_pages(args[2], b.kv_dtype), *args[3:])
+        if b.kv_dtype:  # the same pages in the cache dtype's format, against the reference on them
+            qargs = (args[0], cache_pages(args[1], b.kv_dtype), cache_pages(args[2], b.kv_dtype),
+                     *args[3:])
             ref = paged_attention_ref(args[0].astype(jnp.float32), *qargs[1:])
             out[f"{name}-{b.kv_dtype}"] = _check(b, qargs, kw, ref)
     if b.kv_dtype:
@@ -334,7 +338,7 @@ def kv_write(b: Bench) -> dict:
     out = {}
     pools = [("", (kp, vp))]
     if b.kv_dtype:
-        pools.append((f"_{b.kv_dtype}", tuple(quantize_pages(x, b.kv_dtype) for x in (kp, vp))))
+        pools.append((f"_{b.kv_dtype}", tuple(cache_pages(x, b.kv_dtype) for x in (kp, vp))))
     for t in ([4] if b.tiny else [64, 2048]):
         kn, vn = b.rand((t, b.k, b.h)), b.rand((t, b.k, b.h))
         slots = jnp.asarray(np.random.default_rng(t).permutation(pages * b.bs)[:t], jnp.int32)

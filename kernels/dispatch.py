@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .quantization import is_quantized
+from .quantization import is_quantized, is_raw_fp8
 from .reference import paged_attention_ref, write_kv_ref
 
 BACKENDS = ("pallas-gpu", "pallas-tpu", "reference")
 _TUNING = {
     ("pallas-gpu", True): {"num_splits", "block_kv", "num_warps", "num_stages",
-                            "kv_heads_per_program"},
+                            "kv_heads_per_program", "mma_dtype"},
     ("pallas-gpu", False): {"block_m", "block_n", "num_warps", "num_stages"},
     ("pallas-tpu", True): {"pages_per_block"},
     ("pallas-tpu", False): {"block_q", "pages_per_block"},
@@ -25,7 +25,9 @@ def _is_pow2(n: int) -> bool:
 
 def check_pages(k_pages, v_pages) -> None:
     """Both plain [num_blocks, block_size, K, H] arrays of one dtype, or both QuantizedPages with
-    a [num_blocks, block_size, K, 1] scale each."""
+    a [num_blocks, block_size, K, 1] scale each. Plain 1-byte pages must be fp8 (raw values, the
+    static scale applied by the model): int8 has no such scale, its values mean nothing without
+    their per-token scales."""
     if is_quantized(k_pages) != is_quantized(v_pages):
         raise ValueError("k_pages and v_pages must both be quantized (QuantizedPages) or neither")
     if len(k_pages.shape) != 4 or k_pages.shape != v_pages.shape:
@@ -33,6 +35,11 @@ def check_pages(k_pages, v_pages) -> None:
                          f"{k_pages.shape} and {v_pages.shape}")
     if k_pages.dtype != v_pages.dtype:
         raise ValueError(f"k_pages and v_pages dtypes differ: {k_pages.dtype} vs {v_pages.dtype}")
+    if (not is_quantized(k_pages) and jnp.dtype(k_pages.dtype).itemsize == 1
+            and not is_raw_fp8(k_pages)):
+        raise ValueError(f"plain {k_pages.dtype} pages have no scale: an int8 cache must be "
+                         "QuantizedPages (per-token scales, kernels/quantization.py); only fp8 "
+                         "pages are taken raw")
     if is_quantized(k_pages):
         want = (*k_pages.shape[:3], 1)
         for name, pages in (("k_pages", k_pages), ("v_pages", v_pages)):
@@ -77,9 +84,11 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     q: [T, N, H]. Sequence ``s`` owns rows ``q[qsl[s]:qsl[s+1]]``; rows from ``qsl[S]`` on are
         padding and come out as zeros.
     k_pages, v_pages: [num_blocks, block_size, K, H], one layer of the pool
-        (``pagedjax.kv_pool``); same dtype as q on the Pallas backends. Or, for a quantized cache,
-        ``QuantizedPages(data, scale)`` (``kernels/quantization.py``): 1-byte values and a
-        bfloat16 scale per token and KV head, dequantized inside the kernels on load.
+        (``pagedjax.kv_pool``); same dtype as q on the Pallas backends, or raw fp8 (an fp8 cache:
+        float8_e4m3fn / float8_e5m2 values attended as they are, converted in registers; the
+        model applies the static scale). Or, for an int8 cache, ``QuantizedPages(data, scale)``
+        (``kernels/quantization.py``): 1-byte values and a bfloat16 scale per token and KV head,
+        dequantized inside the kernels on load (fp8 QuantizedPages are accepted too).
     block_tables: [S, W] int32; entries past a sequence's last block are never read.
     context_lens: [S] int32, tokens in the cache per sequence *including* this step's; the q rows
         of sequence s sit at positions ``context_lens[s] - q_len .. context_lens[s] - 1``.
@@ -93,9 +102,9 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     decode_only: static promise that every q_len is 0 or 1 (a pure decode step); picks the
         split-K flash-decoding kernel. Breaking the promise gives wrong rows, not an error.
     tuning: kernel knobs, all static. pallas-gpu decode: num_splits (positive int), block_kv,
-        num_warps, num_stages, kv_heads_per_program (power of two dividing K; see
-        ``paged_decode_attention``); pallas-gpu ragged: block_m,
-        block_n, num_warps, num_stages;
+        num_warps, num_stages, kv_heads_per_program (power of two dividing K, default 2 on raw
+        fp8 pages when K is even, else 1; see ``paged_decode_attention``); pallas-gpu ragged:
+        block_m, block_n, num_warps, num_stages;
         pallas-tpu decode: pages_per_block; pallas-tpu ragged: block_q, pages_per_block.
 
     Returns [T, N, H] in q's dtype.
@@ -114,11 +123,17 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     if backend == "reference":
         return paged_attention_ref(q, k_pages, v_pages, block_tables, context_lens,
                                    query_start_loc, scale=scale)
-    if q.dtype != k_pages.dtype and not is_quantized(k_pages):
+    if is_raw_fp8(k_pages):
+        if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+            raise ValueError(f"q dtype {q.dtype} over {k_pages.dtype} pages must be bfloat16, "
+                             "float16 or float32 (the matmul dtype the fp8 values convert to)")
+    elif q.dtype != k_pages.dtype and not is_quantized(k_pages):
         raise ValueError(f"q dtype {q.dtype} must match the pages' {k_pages.dtype} on {backend} "
-                         "(or the pages be QuantizedPages)")
+                         "(or the pages be fp8 or QuantizedPages)")
     args = (q, k_pages, v_pages, block_tables, context_lens, query_start_loc)
     if backend == "pallas-gpu":
+        if decode_only:
+            tuning = {**decode_defaults(k_pages), **tuning}
         _check_gpu(q, k_pages, decode_only, tuning)
         if decode_only:
             from .decode_attention_gpu import paged_decode_attention
@@ -135,13 +150,24 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     return tpu.ragged_paged_attention_tpu(*args, scale=scale, interpret=interpret, **tuning)
 
 
+def decode_defaults(k_pages) -> dict:
+    """Decode knobs that depend on the pages: raw fp8 pages read two KV heads per program (one
+    [block_kv, 2H] gather per token). On the H100 at 64 x 4096 that runs in 115 us against 155 at
+    one head per program and bf16's 188.5 (benchmarks/results/gpu-nvidia_h100_80gb_hbm3/
+    decode-probe-e24938b); bf16 and QuantizedPages keep one."""
+    if is_raw_fp8(k_pages) and k_pages.shape[2] % 2 == 0:
+        return {"kv_heads_per_program": 2}
+    return {}
+
+
 def _mosaic_prefill_applies(q, k_pages, block_tables, interpret) -> bool:
     """One sequence of >= 128 rows on a Hopper GPU: the Mosaic GPU prefill kernel (wgmma + TMA,
     0.97x cuDNN at 8K, 1.9x the Triton kernel: benchmarks/KERNEL_NOTES.md) takes it; ragged
-    batches of several sequences, quantized pages and other GPUs keep the Triton kernel."""
+    batches of several sequences, 1-byte pages (fp8 or QuantizedPages: the kernel is bf16/f16
+    only) and other GPUs keep the Triton kernel."""
     if interpret is not False or block_tables.shape[0] != 1 or q.shape[0] < 128:
         return False
-    if is_quantized(k_pages) or q.dtype not in (jnp.bfloat16, jnp.float16):
+    if k_pages.dtype != q.dtype or q.dtype not in (jnp.bfloat16, jnp.float16):
         return False
     if q.shape[2] % 64 or 128 % k_pages.shape[1]:
         return False
@@ -176,8 +202,9 @@ def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping, *, backend: str = "re
              interpret: bool = False):
     """Write this step's K/V rows into their pool slots; returns the updated (k_pages, v_pages).
 
-    k_pages, v_pages: [num_blocks, block_size, K, H], or QuantizedPages (the rows are quantized
-    per token and KV head on the way in); k_new, v_new: [T, K, H];
+    k_pages, v_pages: [num_blocks, block_size, K, H] (raw fp8 pages: the rows saturate to the
+    format's +-qmax), or QuantizedPages (the rows are quantized per token and KV head on the way
+    in); k_new, v_new: [T, K, H];
     slot_mapping: [T] int32, slot = block * block_size + offset, negative for padding rows.
     backend "pallas-gpu": one fused Pallas launch writing K and V in place (needs K * H a power of
     two, else falls back); anything else: the XLA scatter of ``write_kv_ref``. Which is faster on

@@ -6,9 +6,12 @@ writes cost; one launch that writes K and V rows together should take ~3-4 us. N
 on the device: ``python -m benchmarks kernel`` times both (figures ``kv_write_us``:
 ``xla_T64_us``, ``pallas_T64_us``, ...) and the engine should keep whichever is faster.
 
-A quantized pool (``QuantizedPages``) is quantized here, per token and KV head, with the same
-float32 arithmetic as ``kernels/quantization.py`` (so in interpret mode the bits equal the
-reference's): each head's row of ``H`` values, its absmax, the bf16 scale, the 1-byte values.
+A quantized pool (``QuantizedPages``, int8) is quantized here, per token and KV head, with the
+same float32 arithmetic as ``kernels/quantization.py`` (so in interpret mode the bits equal the
+reference's): each head's row of ``H`` values, its absmax, the bf16 scale, the 1-byte values. Raw
+fp8 pages (the fp8 cache: the model has already divided k and v by their static scale) take the
+rows through ``saturate``, clipped to +-qmax in float32 and cast, the reference's bits too: a
+plain cast would store NaN (e4m3fn) or inf (e5m2) for an outlier beyond the format's range.
 
 The pool arrays are aliased to the outputs (``input_output_aliases``): inside a jitted step that
 donates the pool the write is in place; called on a non-donated pool XLA first copies it.
@@ -22,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .quantization import QuantizedPages, is_quantized, quantize_values, row_scale
+from .quantization import QuantizedPages, is_quantized, quantize_values, row_scale, saturate
 
 
 def _write_kernel(*refs, num_rows, num_slots, rows_per_prog, num_kv_heads, head_dim, quantized):
@@ -45,7 +48,8 @@ def _write_kernel(*refs, num_rows, num_slots, rows_per_prog, num_kv_heads, head_
         mask = jnp.broadcast_to(live[:, None], (rows_per_prog, width))
         for new_ref, out_ref in ((kn_ref, outs[0]), (vn_ref, outs[1])):
             rows = plgpu.load(new_ref.at[t[:, None], cols], mask=mask, other=0)
-            plgpu.store(out_ref.at[slot[:, None], cols], rows.astype(out_ref.dtype), mask=mask)
+            plgpu.store(out_ref.at[slot[:, None], cols], saturate(rows, out_ref.dtype),
+                        mask=mask)
         return
     dims = jnp.arange(head_dim, dtype=jnp.int32)
     mask = jnp.broadcast_to(live[:, None], (rows_per_prog, head_dim))
@@ -62,10 +66,10 @@ def _write_kernel(*refs, num_rows, num_slots, rows_per_prog, num_kv_heads, head_
 @functools.partial(jax.jit, static_argnames=("rows_per_prog", "interpret"))
 def write_kv_gpu(k_pages, v_pages, k_new, v_new, slot_mapping, *, rows_per_prog: int = 4,
                  interpret: bool = False):
-    """Same contract as ``write_kv_ref``: k_pages, v_pages [num_blocks, block_size, K, H] (or
-    QuantizedPages); k_new, v_new [T, K, H]; slot_mapping [T] int32 (negative: padding, nothing
-    written). K * H must be a power of two (H too when quantized). Returns the updated
-    (k_pages, v_pages)."""
+    """Same contract as ``write_kv_ref``: k_pages, v_pages [num_blocks, block_size, K, H] (raw
+    fp8 pages included, or QuantizedPages); k_new, v_new [T, K, H]; slot_mapping [T] int32
+    (negative: padding, nothing written). K * H must be a power of two (H too when quantized).
+    Returns the updated (k_pages, v_pages)."""
     nb, bs, kh, h = k_pages.shape
     t = k_new.shape[0]
     width = kh * h

@@ -13,9 +13,10 @@ stale buffer rows are masked out of both matmuls.
   sequence's pages with the causal mask. q and the output are presented head-major
   ``[N, T, H]`` (transposed by XLA) so one KV head's ``G`` query heads are a leading-dim slice.
 
-Quantized KV (``QuantizedPages``): the 1-byte pages and their ``[block_size, K, 1]`` bfloat16 scale
-pages are DMA'd side by side (half the bytes of bf16 plus 1/64 at H = 128) and dequantized in VMEM
-per KV head (values x scale in float32, then q's dtype) before the two matmuls.
+1-byte KV: raw fp8 pages (the fp8 cache, its static scale applied by the model) are DMA'd like
+bf16 ones (half the bytes) and converted to q's dtype in VMEM per KV head; ``QuantizedPages``
+(int8) DMA their ``[block_size, K, 1]`` bfloat16 scale pages beside the values (1/64 more at
+H = 128) and dequantize (values x scale in float32, then q's dtype) before the two matmuls.
 
 Verified here in TPU interpret mode on the CPU (``pltpu.InterpretParams``: simulated HBM/VMEM/SMEM,
 DMAs and semaphores, uninitialised memory as NaN) and by lowering to Mosaic for a TPU target; not
@@ -81,7 +82,7 @@ class _PageBlocks:
 
     def tiles(self, slot, kh, dtype):
         """K and V of KV head kh in buffer ``slot``: [P * block_size, H] each, in ``dtype``
-        (dequantized for a quantized pool)."""
+        (dequantized for a quantized pool, converted for raw fp8 pages)."""
         _, p_blk, bs, _, h = self.kbuf.shape
         length = p_blk * bs
         k, v = (buf[slot, :, :, kh, :].reshape(length, h) for buf in self.bufs[:2])
@@ -180,8 +181,9 @@ def _decode_kernel(row_seq_ref, bt_ref, cl_ref, q_ref, *refs, group, num_kv_head
 def paged_decode_attention_tpu(q, k_pages, v_pages, block_tables, context_lens, query_start_loc,
                                *, scale: float, pages_per_block: int = 8, interpret=False):
     """Decode attention (every q_len 0 or 1) on a TPU. Shapes as in ``ragged_paged_attention``:
-    q [T, N, H]; k_pages, v_pages [num_blocks, block_size, K, H] in q's dtype or QuantizedPages;
-    block_tables [S, W]; context_lens [S]; query_start_loc [S + 1]. Returns [T, N, H]."""
+    q [T, N, H]; k_pages, v_pages [num_blocks, block_size, K, H] in q's dtype, raw fp8 or
+    QuantizedPages; block_tables [S, W]; context_lens [S]; query_start_loc [S + 1].
+    Returns [T, N, H]."""
     t, n, h = q.shape
     _, bs, kh, _ = k_pages.shape
     s, w = block_tables.shape

@@ -1,30 +1,50 @@
-"""Quantized KV pages (``--kv-cache-dtype fp8_e4m3 | fp8_e5m2 | int8``): the storage format, and
+"""Quantized KV pages (``--kv-cache-dtype fp8_e4m3 | fp8_e5m2 | int8``): the storage formats, and
 quantize / dequantize exactly as the KV write and the attention kernels apply them.
 
-Format: one scale per token and KV head. A layer's K (or V) is a ``QuantizedPages(data, scale)``:
-``data`` [num_blocks, block_size, K, H] in the 1-byte dtype and ``scale`` [num_blocks, block_size,
-K, 1] bfloat16, with ``value = data * scale``. The scale is ``absmax(row) / qmax`` (qmax 448 for
-e4m3, 57344 for e5m2, 127 for int8), rounded *up* to bfloat16 so the row's largest element never
-clips. The trailing 1 keeps the scale 4-D like the pages, so every per-page operation (block
-copies, swap gathers, the KV-head sharding ``P(None, None, "tp", None)``) applies to it unchanged.
+Format, per cache dtype:
 
-Why per token, measured on SmolLM2-135M (tests/data/paragraph.txt, 175 tokens, model in float32 so
-that the KV cache is the only perturbation; mean KL to bf16 KV in nats/token, and the perplexity
-change). Rows 1-2 simulate the alternatives on the dense model; row 3 is this module through the
-engine's paged path, as tests/models/test_kv_cache_dtype_ppl.py prints it:
+- int8: one scale per token and KV head. A layer's K (or V) is a ``QuantizedPages(data, scale)``:
+  ``data`` [num_blocks, block_size, K, H] int8 and ``scale`` [num_blocks, block_size, K, 1]
+  bfloat16, with ``value = data * scale``. The scale is ``absmax(row) / qmax`` (qmax 127),
+  rounded *up* to bfloat16 so the row's largest element never clips. The trailing 1 keeps the
+  scale 4-D like the pages, so every per-page operation (block copies, swap gathers, the KV-head
+  sharding ``P(None, None, "tp", None)``) applies to it unchanged.
+- fp8 (e4m3, e5m2): plain 1-byte pages [num_blocks, block_size, K, H] in float8_e4m3fn /
+  float8_e5m2 holding raw values (``is_raw_fp8``). Each layer and KV head has one static
+  power-of-two scale derived from the weights (models/kv_scales.py), folded in by the model
+  outside the kernels: q multiplied by it, k and v divided by it before the write (which
+  saturates beyond qmax 448 / 57344, ``saturate``), the attention output multiplied. Kernels
+  attend over these pages as over bf16 ones, converting the values in registers; a power of two
+  makes the folding exact.
+
+``QuantizedPages`` of fp8 data (``quantize_pages``) stay accepted by every kernel: the per-token
+fp8 format measured below.
+
+Measured on SmolLM2-135M (tests/data/paragraph.txt, 175 tokens, model in float32 so that the KV
+cache is the only perturbation; mean KL to bf16 KV in nats/token, and the perplexity change).
+Rows 1, 2 and 4 simulate the schemes on the dense model; row 3 is per token through the engine's
+paged path, as tests/models/test_kv_cache_dtype_ppl.py printed it:
 
 | scheme | fp8_e4m3 | fp8_e5m2 | int8 |
 | --- | --- | --- | --- |
 | static per-tensor scale 1.0 (vLLM's default) | 5.2e-3, +1.18% | 1.9e-2, +2.19% | - |
 | per 16-token block and KV head | 4.8e-3, -0.74% | 2.0e-2, -2.64% | 2.1e-3, -0.08% |
-| per token and KV head, bf16 scale rounded up | **3.3e-3, -0.72%** | 1.8e-2, +0.26% | **6.9e-4, -0.15%** |
+| per token and KV head, bf16 scale rounded up | 3.3e-3, -0.72% | 1.8e-2, +0.26% | **6.9e-4, -0.15%** |
+| static pow2 scale per layer and KV head from a weight bound | **5.1e-3, +0.79%** | | - |
 
-A static scale puts layer 0's small V values (mean |v| 0.026) in e4m3's subnormal range and misses
+Scale 1.0 puts layer 0's small V values (mean |v| 0.026) in e4m3's subnormal range and misses
 the 1% perplexity bar; a per-block scale is set by the block's largest token (and would need the
-block re-quantized as decode grows it). Per token costs 2 bytes per H values (1.5% at H = 128: the
-pool holds 1.97x the tokens of bf16, not 2x) and one small gather per KV tile in the kernels.
+block re-quantized as decode grows it). Per token costs 2 bytes per H values (1.5% at H = 128:
+the pool holds 1.97x the tokens of bf16, not 2x) and a scale gather per KV tile in the kernels.
 Perplexity moves by ~0.5% between near-identical schemes on 175 tokens (noise); the KL column is
-the stable one: per token is the best of the three for every dtype.
+the stable one: per token has the lowest for every dtype.
+
+Why fp8 is static per layer and KV head anyway: the pool holds exactly 2x bf16's tokens, the
+kernels do no work for the scale, and decode on the H100 at 64 x 4096 takes 115 us against 135 us
+with per-token scales (bf16 188.5 us; benchmarks/results/gpu-nvidia_h100_80gb_hbm3/
+decode-probe-e24938b, the per-token figure from benchmarks/KERNEL_NOTES.md). The price is
+accuracy: KL 5.1e-3 against 3.7e-3 with per-token scales, still within the 1% perplexity bar.
+int8 keeps its per-token scales.
 """
 from __future__ import annotations
 
@@ -35,6 +55,10 @@ import jax.numpy as jnp
 
 # --kv-cache-dtype name -> storage dtype of the quantized values
 QUANTIZED_DTYPES = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2, "int8": jnp.int8}
+# Cache dtypes stored as QuantizedPages (values + a scale per token and KV head). The fp8 ones
+# are stored as plain 1-byte pages instead: their scale is static, one power of two per layer and
+# KV head, applied by the model to q, k, v and the attention output (models/kv_scales.py).
+PER_TOKEN_SCALED = ("int8",)
 SCALE_DTYPE = jnp.bfloat16
 SCALE_BYTES = 2  # per token and KV head
 
@@ -67,6 +91,28 @@ def qmax(dtype) -> float:
 
 def is_quantized(pages) -> bool:
     return isinstance(pages, QuantizedPages)
+
+
+def has_token_scales(name: str) -> bool:
+    """Whether cache dtype ``name`` stores a scale per token and KV head (QuantizedPages)."""
+    return name in PER_TOKEN_SCALED
+
+
+def is_raw_fp8(pages) -> bool:
+    """Plain 1-byte float pages (a static-scale fp8 cache: value = stored number)."""
+    dtype = getattr(pages, "dtype", None)
+    return (not is_quantized(pages) and dtype is not None
+            and jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 1)
+
+
+def saturate(x, dtype):
+    """x -> ``dtype``; for fp8, values beyond +-qmax saturate (a plain cast would give NaN for
+    e4m3fn, inf for e5m2). Other dtypes: a plain cast."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 1:
+        m = qmax(dtype)
+        return jnp.clip(x.astype(jnp.float32), -m, m).astype(dtype)
+    return x.astype(dtype)
 
 
 def storage_dtype(name: str):

@@ -16,8 +16,9 @@ position need no mask (every row sees every key), the last one or two blocks on 
 diagonal are masked per (row, key). Tiles are launched longest-first (reverse table order) so the
 long causal tiles do not form a tail.
 
-Quantized KV (``QuantizedPages``) is dequantized on load as in the decode kernel: values converted
-to q's dtype in registers, K's per-token scales applied to the score columns, V's to the
+1-byte KV as in the decode kernel: raw fp8 pages (the fp8 cache, its static scale applied by the
+model) are converted to q's dtype in registers, masked lanes reading an fp8 zero (``load_kv``);
+``QuantizedPages`` (int8) also apply K's per-token scales to the score columns, V's to the
 probabilities.
 """
 from __future__ import annotations
@@ -131,10 +132,11 @@ def ragged_paged_attention_gpu(q, k_pages, v_pages, block_tables, context_lens, 
                                num_warps: int = 8, num_stages: int = 3, interpret: bool = False):
     """Ragged (chunked-prefill / mixed) attention over a paged KV cache.
 
-    q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H] in q's dtype, or
-    QuantizedPages (kernels/quantization.py); block_tables: [S, W] int32; context_lens: [S] int32; query_start_loc: [S + 1] int32. Returns [T, N, H] in q's dtype with
-    padding rows zero. H, block_m (>= N / K) and block_n must be powers of two. Default tile: the
-    best sum over causal 8K and 2K-over-6K chunked prefill on an H100 (KERNEL_NOTES.md).
+    q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H] in q's dtype or raw fp8, or
+    QuantizedPages (kernels/quantization.py); block_tables: [S, W] int32; context_lens: [S]
+    int32; query_start_loc: [S + 1] int32. Returns [T, N, H] in q's dtype with padding rows
+    zero. H, block_m (>= N / K) and block_n must be powers of two. Default tile: the best sum
+    over causal 8K and 2K-over-6K chunked prefill on an H100 (KERNEL_NOTES.md).
     Shapes are checked by ``pagedjax.kernels.dispatch.ragged_paged_attention``.
     """
     t, n, h = q.shape

@@ -1,10 +1,12 @@
 """Pure-jnp paged attention over a ragged batch: the CPU path and the oracle for the Pallas kernels.
 
 Layout (owned by ``pagedjax.kv_pool``): one layer's pages are ``k_pages, v_pages`` of shape
-``[num_blocks, block_size, K, H]``; a slot is ``block * block_size + offset``. A quantized cache
-(``--kv-cache-dtype fp8_e4m3 | fp8_e5m2 | int8``) passes ``QuantizedPages(data, scale)`` in place of
-each pages array (``kernels/quantization.py``): the write quantizes each token's K/V per KV head,
-attention dequantizes in float32.
+``[num_blocks, block_size, K, H]``; a slot is ``block * block_size + offset``. An fp8 cache
+(``--kv-cache-dtype fp8_e4m3 | fp8_e5m2``) is plain pages in the fp8 dtype holding raw values (the
+model applies the static scale outside the kernels): the write saturates to +-qmax, attention
+upcasts to float32. An int8 cache passes ``QuantizedPages(data, scale)`` in place of each pages
+array (``kernels/quantization.py``): the write quantizes each token's K/V per KV head, attention
+dequantizes in float32.
 
 A step's batch is packed ragged: sequence ``s`` owns query rows ``q[qsl[s]:qsl[s+1]]`` (1 token when
 decoding, a chunk when prefilling); ``context_lens[s]`` counts its tokens in the cache *including*
@@ -15,14 +17,14 @@ chunk). Rows past ``qsl[S]`` are padding and come out as zeros; a padded sequenc
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-from .quantization import QuantizedPages, dequantize, is_quantized, quantize
+from .quantization import QuantizedPages, dequantize, is_quantized, is_raw_fp8, quantize, saturate
 
 
 def write_kv_ref(k_pages, v_pages, k_new, v_new, slot_mapping):
-    """Scatter this step's K/V into their slots (quantizing them for a quantized cache).
+    """Scatter this step's K/V into their slots (quantizing them for QuantizedPages; saturating
+    to +-qmax for raw fp8 pages, where a plain cast would store NaN / inf).
 
     k_pages, v_pages: [num_blocks, block_size, K, H] arrays, or QuantizedPages;
     k_new, v_new: [T, K, H]; slot_mapping: [T] int32, a negative slot marks a padding row
@@ -37,7 +39,7 @@ def write_kv_ref(k_pages, v_pages, k_new, v_new, slot_mapping):
 
     def put(pages, rows):  # rows [T, K, X] into pages [nb, bs, K, X]
         flat = pages.reshape(nb * bs, *pages.shape[2:])
-        return flat.at[idx].set(rows.astype(pages.dtype), mode="drop").reshape(pages.shape)
+        return flat.at[idx].set(saturate(rows, pages.dtype), mode="drop").reshape(pages.shape)
 
     def write(pages, new):
         if is_quantized(pages):
@@ -63,7 +65,8 @@ def paged_attention_ref(q, k_pages, v_pages, block_tables, context_lens, query_s
     """Attention of a ragged batch over its paged KV cache (K/V of this step already written).
 
     q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H], or QuantizedPages (then the
-    gathered pages are dequantized to float32 and the matmuls run in float32);
+    gathered pages are dequantized to float32 and the matmuls run in float32; raw fp8 pages are
+    upcast to float32 the same way);
     block_tables: [S, W] int32 (entries past a sequence's blocks are ignored);
     context_lens: [S] int32; query_start_loc: [S + 1] int32, non-decreasing.
     Returns [T, N, H] in q's dtype; padding rows are zero.
@@ -83,6 +86,8 @@ def paged_attention_ref(q, k_pages, v_pages, block_tables, context_lens, query_s
     def keys(pages):  # [T, S, K, H]
         if is_quantized(pages):
             return dequantize(pages.data[blocks], pages.scale[blocks]).reshape(t, w * bs, kh, h)
+        if is_raw_fp8(pages):
+            return pages[blocks].astype(jnp.float32).reshape(t, w * bs, kh, h)
         return pages[blocks].reshape(t, w * bs, kh, h)
 
     k, v = keys(k_pages), keys(v_pages)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig
+from .kv_scales import scale_for_cache, unscale_output
 
 Params = dict[str, Any]
 
@@ -130,8 +131,10 @@ def forward_paged(params: Params, cfg: ModelConfig, tokens, positions, kv_pool, 
     new_pool = []
     for layer, cache in zip(params["model"]["layers"], kv_pool):
         h = rms_norm(x, layer["input_layernorm"]["weight"], cfg.rms_norm_eps)
-        q, k, v = _qkv(h, layer["self_attn"], cfg, positions, inv_freq)
+        attn = layer["self_attn"]
+        q, k, v = scale_for_cache(*_qkv(h, attn, cfg, positions, inv_freq), attn)
         o, cache = attend(q, k, v, cache, meta)
+        o = unscale_output(o, attn)  # fp8 cache only: static scales, models/kv_scales.py
         new_pool.append(cache)
         x = x + _linear(o.reshape(o.shape[0], -1), layer["self_attn"]["o_proj"])
         h = rms_norm(x, layer["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)

@@ -7,12 +7,15 @@ of ``H`` contiguous elements (256 B at H=128 bf16: full-width loads for the kern
 arrays, not one stacked array, so each layer's pages are a separate donated buffer that kernels
 read without a slice copy.
 
-Quantized cache (``--kv-cache-dtype fp8_e4m3 | fp8_e5m2 | int8``): each of a layer's K and V is a
-``QuantizedPages(data, scale)`` pytree: ``data`` [num_blocks, block_size, K, H] in the 1-byte
-dtype, ``scale`` [num_blocks, block_size, K, 1] bfloat16, one scale per token and KV head (why per
-token: ``pagedjax/kernels/quantization.py``). A block then costs ``H + 2`` bytes per token and KV
-head instead of ``2 H``: 1.97x the tokens of bf16 at H = 128. Block moves (copy-on-write, swap)
-treat the scale as one more page array: same block index, same bits.
+Quantized cache (``--kv-cache-dtype fp8_e4m3 | fp8_e5m2 | int8``): fp8 pages are plain
+``[num_blocks, block_size, K, H]`` arrays in the 1-byte dtype, holding ``k / s_k`` and ``v / s_v``
+with static power-of-two scales per layer and KV head that the model applies
+(``models/kv_scales.py``): half of bf16's bytes, exactly 2x the tokens. int8 keeps a scale per
+token and KV head: each of a layer's K and V is a ``QuantizedPages(data, scale)`` pytree, ``data``
+[num_blocks, block_size, K, H] int8 and ``scale`` [num_blocks, block_size, K, 1] bfloat16 (why per
+token for int8: ``pagedjax/kernels/quantization.py``), ``H + 2`` bytes per token and KV head.
+Block moves (copy-on-write, swap) treat the scale as one more page array: same block index,
+same bits.
 """
 from __future__ import annotations
 
@@ -23,8 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from pagedjax.kernels.quantization import (QUANTIZED_DTYPES, SCALE_BYTES, QuantizedPages,
-                                          storage_dtype)
+                                          has_token_scales, qmax, storage_dtype)
 from pagedjax.models import ModelConfig
+from pagedjax.models.kv_scales import with_kv_scales
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +55,22 @@ class KVPoolSpec:
 
     @property
     def quantized(self) -> bool:
+        """A 1-byte cache dtype (fp8_e4m3, fp8_e5m2, int8)."""
         return is_quantized_dtype(self.dtype)
+
+    @property
+    def token_scales(self) -> bool:
+        """int8: pages are QuantizedPages with a scale per token and KV head."""
+        return has_token_scales(self.dtype)
+
+    @property
+    def static_scales(self) -> bool:
+        """fp8: plain 1-byte pages, the model applies static per-KV-head scales."""
+        return self.quantized and not self.token_scales
+
+    @property
+    def qmax(self) -> float:
+        return qmax(storage_dtype(self.dtype))
 
     @property
     def num_tokens(self) -> int:
@@ -77,8 +96,8 @@ def dtype_bytes(dtype: str) -> int:
 
 
 def row_bytes(head_dim: int, dtype: str) -> int:
-    """Bytes one token's K (or V) takes per KV head: the values, plus its scale when quantized."""
-    return head_dim * dtype_bytes(dtype) + (SCALE_BYTES if is_quantized_dtype(dtype) else 0)
+    """Bytes one token's K (or V) takes per KV head: the values, plus its scale (int8)."""
+    return head_dim * dtype_bytes(dtype) + (SCALE_BYTES if has_token_scales(dtype) else 0)
 
 
 def block_bytes(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
@@ -98,18 +117,26 @@ def num_blocks_for_budget(budget_bytes: int, cfg: ModelConfig, block_size: int, 
 
 
 def allocate(spec: KVPoolSpec, sharding=None) -> list:
-    """Zero-filled pages, one (k, v) pair per layer; for a quantized cache each of k and v is a
+    """Zero-filled pages, one (k, v) pair per layer; for an int8 cache each of k and v is a
     ``QuantizedPages`` (values and a [.., K, 1] scale, both split by KV head like the pages)."""
     def zeros(shape, dtype):
         return jnp.zeros(shape, dtype=dtype, device=sharding)
 
     def pages():
-        if spec.quantized:
+        if spec.token_scales:
             return QuantizedPages(zeros(spec.page_shape, storage_dtype(spec.dtype)),
                                   zeros((*spec.page_shape[:3], 1), jnp.bfloat16))
-        return zeros(spec.page_shape, spec.dtype)
+        return zeros(spec.page_shape, storage_dtype(spec.dtype))
 
     return [(pages(), pages()) for _ in range(spec.num_layers)]
+
+
+def params_for_pool(spec: KVPoolSpec, cfg: ModelConfig, params):
+    """The parameters a step runs with over this pool: an fp8 pool's static scales added (the
+    weights are shared, not copied); other pools take ``params`` as they are."""
+    if spec.static_scales and params is not None:
+        return with_kv_scales(cfg, params, spec.qmax)
+    return params
 
 
 def check_fits(spec: KVPoolSpec, max_model_len: int) -> None:
@@ -127,7 +154,8 @@ def check_fits(spec: KVPoolSpec, max_model_len: int) -> None:
 def log_capacity(spec: KVPoolSpec, max_model_len: int) -> None:
     logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s%s)", spec.num_blocks,
                 spec.block_size, spec.num_tokens, spec.total_bytes / GiB, spec.dtype,
-                ", bf16 scale per token and KV head" if spec.quantized else "")
+                ", bf16 scale per token and KV head" if spec.token_scales else
+                ", static scale per layer and KV head" if spec.static_scales else "")
     logger.info("GPU KV cache size: %d tokens", spec.num_tokens)
     logger.info("Maximum concurrency for %d tokens per request: %.2fx", max_model_len,
                 spec.num_tokens / max_model_len)
@@ -166,8 +194,8 @@ def _bits(x: jax.Array) -> jax.Array:
 
 def gather_blocks(pool, ids: jax.Array):
     """Blocks ``ids`` [P] of every layer, stacked: [2L, P, block_size, K, H] (K and V of layer l
-    at 2l and 2l + 1): one staging array for one host transfer (swap-out). Bit-exact. For a
-    quantized pool a ``QuantizedPages`` of two staging arrays: values [2L, P, block_size, K, H]
+    at 2l and 2l + 1): one staging array for one host transfer (swap-out). Bit-exact. For an
+    int8 pool a ``QuantizedPages`` of two staging arrays: values [2L, P, block_size, K, H]
     and scales [2L, P, block_size, K, 1]."""
     def stack(arrays):
         staging = jnp.stack([_bits(pages)[ids] for pages in arrays])

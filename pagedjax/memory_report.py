@@ -40,8 +40,8 @@ def parse_size(text: str) -> int:
 
 def resolve_kv_dtype(kv_cache_dtype: str, dtype: str) -> str:
     """``--kv-cache-dtype auto`` stores K/V in the model's dtype, as vLLM does; vLLM's ``fp8``
-    is ``fp8_e4m3``. Quantized dtypes (fp8_e4m3, fp8_e5m2, int8) add a bf16 scale per token and
-    KV head (``pagedjax.kv_pool``)."""
+    is ``fp8_e4m3``. fp8 stores 1 byte per value (static scales, ``models/kv_scales.py``); int8
+    adds a bf16 scale per token and KV head (``pagedjax.kv_pool``)."""
     if kv_cache_dtype == "auto":
         return dtype
     return "fp8_e4m3" if kv_cache_dtype == "fp8" else kv_cache_dtype
@@ -78,8 +78,8 @@ def weights_bytes(cfg: ModelConfig, dtype: str, tp: int = 1) -> int:
 
 
 def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str, tp: int = 1) -> int:
-    """K and V bytes one token takes on one device, all layers (a quantized cache's scales
-    included: fp8 is half of bf16 plus 2 bytes per token, KV head, layer and K/V)."""
+    """K and V bytes one token takes on one device, all layers (int8's scales included: half of
+    bf16 plus 2 bytes per token, KV head, layer and K/V; fp8 is exactly half of bf16)."""
     return kv_pool.kv_bytes_per_token(per_device_config(cfg, tp), kv_dtype)
 
 

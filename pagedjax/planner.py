@@ -192,10 +192,13 @@ def plan(args: argparse.Namespace) -> dict:
         notes.append(f"--tensor-parallel-size {tp} > {cfg.num_key_value_heads} KV heads: each KV "
                      f"head is replicated on {tp // cfg.num_key_value_heads} devices, so each "
                      "device stores 1 KV head and the KV cache does not shrink further")
-    if kv_pool.is_quantized_dtype(kv_dtype):
+    if kv_pool.has_token_scales(kv_dtype):
         notes.append(f"KV cache {kv_dtype}: 1 byte per value plus a bf16 scale per token and KV "
                      f"head ({kv_pool.row_bytes(cfg.head_dim, kv_dtype)} B per {cfg.head_dim} "
                      f"values; {2 * cfg.head_dim} in bf16)")
+    elif kv_pool.is_quantized_dtype(kv_dtype):
+        notes.append(f"KV cache {kv_dtype}: 1 byte per value, static power-of-two scales per "
+                     "layer and KV head from the weights (models/kv_scales.py)")
     if res.gguf_tensor_bytes is not None:
         notes.append(f"weights are the dequantised size at {dtype} (what the engine holds); the "
                      f"GGUF file stores {res.gguf_tensor_bytes / GiB:.2f} GiB of tensors")

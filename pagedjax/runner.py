@@ -123,6 +123,7 @@ class ModelRunner:
                  interpret: bool = False, mesh=None):
         self.cfg = cfg
         self.mesh = mesh  # tensor parallelism (pagedjax.sharding); None on one device
+        params = kv_pool.params_for_pool(spec, cfg, params)  # fp8: static KV scales
         self.params = params if mesh is None else sharding.place_params(cfg, params, mesh)
         self.spec = spec
         self.block_size = spec.block_size

@@ -53,6 +53,8 @@ PARAM_AXES: dict[tuple[str, str], tuple[str, ...]] = {
     ("k_proj", "bias"): ("kv_heads",),
     ("v_proj", "weight"): ("kv_heads", "embed"),
     ("v_proj", "bias"): ("kv_heads",),
+    ("self_attn", "k_scale"): ("kv_heads",),  # fp8 KV cache scales (models/kv_scales.py)
+    ("self_attn", "v_scale"): ("kv_heads",),
     ("o_proj", "weight"): ("embed", "heads"),
     ("o_proj", "bias"): ("embed",),
     ("gate_proj", "weight"): ("mlp", "embed"),

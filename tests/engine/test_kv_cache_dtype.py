@@ -1,7 +1,8 @@
 """``--kv-cache-dtype`` end to end on the tiny models: greedy decoding with each quantized cache
 equals a one-shot recompute with the same quantization (through chunked prefill, decode steps,
 preemption and the Pallas kernels in interpret mode); block copies (n > 1) and swaps move
-quantized blocks bit-exact; the pool and the planner count the quantized bytes and the scales.
+quantized blocks bit-exact; the pool and the planner count the quantized bytes (fp8: 1 byte per
+value, static scales in the model; int8: plus a scale per token and KV head).
 """
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ def _recompute(cfg, kv_dtype: str):
                 "block_tables": jnp.arange(spec.num_blocks, dtype=jnp.int32)[None],
                 "context_lens": n[None], "query_start_loc": jnp.stack([0 * n, n]),
                 "decode_only": False}
-        logits, _ = forward_paged(params, cfg, tokens, pos, kv_pool.allocate(spec), meta,
-                                  make_attend("reference"), (n - 1)[None])
+        logits, _ = forward_paged(kv_pool.params_for_pool(spec, cfg, params), cfg, tokens, pos,
+                                  kv_pool.allocate(spec), meta, make_attend("reference"),
+                                  (n - 1)[None])
         return logits[0]
 
     return jax.jit(last_logits)
@@ -70,9 +72,11 @@ def greedy_recompute(model, prompt, max_tokens, kv_dtype):
 def test_greedy_equals_quantized_recompute(model, kv_dtype, request):
     model = request.getfixturevalue(model)
     llm = LLM(loaded=model, kv_cache_dtype=kv_dtype, attention_backend="reference", **ENGINE)
-    pool = llm.engine.runner.pool
-    assert isinstance(pool[0][0], QuantizedPages) and pool[0][0].dtype == kv_pool.storage_dtype(
-        kv_dtype)
+    k = llm.engine.runner.pool[0][0]
+    assert k.dtype == kv_pool.storage_dtype(kv_dtype)
+    assert isinstance(k, QuantizedPages) == (kv_dtype == "int8")  # fp8: plain pages
+    attn = llm.engine.runner.params["model"]["layers"][0]["self_attn"]
+    assert ("k_scale" in attn) == kv_dtype.startswith("fp8")
     got = [o.outputs[0].token_ids for o in llm.generate(_prompts(), GREEDY, use_tqdm=False)]
     want = [greedy_recompute(model, p, GREEDY.max_tokens, kv_dtype) for p in _prompts()]
     assert got == want
@@ -134,14 +138,16 @@ def test_n_samples_copy_quantized_blocks_bit_exact(tiny_qwen, kv_dtype):
 
 
 def _random_quantized_pool(spec, seed=0):
-    """Every bit pattern, NaN payloads included, in values and scales."""
+    """Every bit pattern, NaN payloads included, in values and (int8) scales."""
     keys = iter(jax.random.split(jax.random.key(seed), 4 * spec.num_layers))
 
     def pages():
         data = jax.random.bits(next(keys), spec.page_shape, jnp.uint8)
+        data = jax.lax.bitcast_convert_type(data, kv_pool.storage_dtype(spec.dtype))
+        if not spec.token_scales:
+            return data
         scale = jax.random.bits(next(keys), (*spec.page_shape[:3], 1), jnp.uint16)
-        return QuantizedPages(jax.lax.bitcast_convert_type(data, kv_pool.storage_dtype(spec.dtype)),
-                              jax.lax.bitcast_convert_type(scale, jnp.bfloat16))
+        return QuantizedPages(data, jax.lax.bitcast_convert_type(scale, jnp.bfloat16))
 
     return [(pages(), pages()) for _ in range(spec.num_layers)]
 
@@ -221,26 +227,29 @@ def test_pool_bytes_are_what_is_allocated(tiny_qwen, kv_dtype):
     allocated = sum(x.nbytes for x in jax.tree.leaves(llm.engine.runner.pool))
     assert allocated == spec.total_bytes <= 1 << 20
     auto = LLM(loaded=tiny_qwen, kv_cache_memory_bytes=1 << 20, max_model_len=256).engine.spec
-    # float32 tiny model, head_dim 16: 64 bytes per token and head vs 16 + 2
-    assert spec.num_tokens / auto.num_tokens == pytest.approx(64 / 18, rel=0.02)
+    # float32 tiny model, head_dim 16: 64 bytes per token and head vs 16 (fp8) or 16 + 2 (int8)
+    per_token = 16 + (2 if kv_dtype == "int8" else 0)
+    assert spec.num_tokens / auto.num_tokens == pytest.approx(64 / per_token, rel=0.02)
 
 
-def test_planner_bytes_per_token_fp8_is_half_of_bf16_plus_scales():
+def test_planner_bytes_per_token_fp8_is_half_of_bf16_int8_adds_scales():
     from pagedjax.planner import resolve_model
 
     cfg = resolve_model("Qwen2.5-7B-Instruct").cfg  # 28 layers, 4 KV heads, head_dim 128
     bf16 = mr.kv_bytes_per_token(cfg, "bfloat16")
     assert bf16 == 57_344
     scales = 2 * 28 * 4 * 2  # K and V, per layer and KV head, one bf16 each
-    for kv_dtype in QUANTIZED:
-        assert mr.kv_bytes_per_token(cfg, kv_dtype) == bf16 // 2 + scales == 29_120
-    args = EngineArgs(kv_cache_dtype="fp8_e4m3", kv_cache_memory_bytes=10 << 30)
-    rep = mr.memory_report(cfg, args, "bfloat16", max_model_len=4096)
+    assert mr.kv_bytes_per_token(cfg, "fp8_e4m3") == mr.kv_bytes_per_token(cfg, "fp8_e5m2") \
+        == bf16 // 2 == 28_672
+    assert mr.kv_bytes_per_token(cfg, "int8") == bf16 // 2 + scales == 29_120
     base = mr.memory_report(cfg, EngineArgs(kv_cache_memory_bytes=10 << 30), "bfloat16",
                             max_model_len=4096)
-    assert rep["kv_dtype"] == "fp8_e4m3" and rep["kv_bytes_per_token"] == 29_120
-    assert rep["block_bytes"] == 16 * 29_120
-    assert rep["num_tokens"] / base["num_tokens"] == pytest.approx(256 / 130, abs=2e-3)  # 1.97x
+    for kv_dtype, per_token in (("fp8_e4m3", 28_672), ("int8", 29_120)):
+        args = EngineArgs(kv_cache_dtype=kv_dtype, kv_cache_memory_bytes=10 << 30)
+        rep = mr.memory_report(cfg, args, "bfloat16", max_model_len=4096)
+        assert rep["kv_dtype"] == kv_dtype and rep["kv_bytes_per_token"] == per_token
+        assert rep["block_bytes"] == 16 * per_token
+        assert rep["num_tokens"] / base["num_tokens"] == pytest.approx(bf16 / per_token, abs=2e-3)
     assert mr.resolve_kv_dtype("fp8", "bfloat16") == "fp8_e4m3"
     assert mr.resolve_kv_dtype("auto", "float16") == "float16"
 
@@ -263,17 +272,18 @@ def test_cli_flag_reaches_the_engine_args():
         p.parse_args(["--kv-cache-dtype", "fp4"])
 
 
-def test_tensor_parallel_splits_values_and_scales_by_kv_head():
-    """tp 2 on fake CPU devices: the int8 values and their scales are split by KV head like bf16
-    pages, and the tokens equal tp 1's."""
-    from jax.sharding import PartitionSpec as P
-
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
+def test_tensor_parallel_splits_values_and_scales_by_kv_head(kv_dtype):
+    """tp 2 on fake CPU devices: the 1-byte values and int8's per-token scales are split by KV
+    head like bf16 pages, fp8's static scales by KV head like k_proj, and the tokens equal tp 1's."""
     from tests.scaleout.common import generate_tp, tiny
 
-    _, one = generate_tp(tiny("tiny_qwen"), 1, kv_cache_dtype="int8")
-    llm, two = generate_tp(tiny("tiny_qwen"), 2, kv_cache_dtype="int8")
+    _, one = generate_tp(tiny("tiny_qwen"), 1, kv_cache_dtype=kv_dtype)
+    llm, two = generate_tp(tiny("tiny_qwen"), 2, kv_cache_dtype=kv_dtype)
     assert [o["token_ids"] for o in two] == [o["token_ids"] for o in one]
     k = llm.engine.runner.pool[0][0]
-    for x in (k.data, k.scale):
-        assert x.sharding.spec == P(None, None, "tp", None)
-        assert {s.data.shape[2] for s in x.addressable_shards} == {1}
+    arrays = [k.data, k.scale] if kv_dtype == "int8" else [
+        k, llm.engine.runner.params["model"]["layers"][0]["self_attn"]["k_scale"]]
+    for x in arrays:
+        assert x.sharding.spec[2 if x.ndim == 4 else 0] == "tp"
+        assert {s.data.shape[2 if x.ndim == 4 else 0] for s in x.addressable_shards} == {1}

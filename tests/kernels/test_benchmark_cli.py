@@ -13,13 +13,14 @@ def test_kernel_benchmark_tiny(tmp_path):
                             "decode_b1_ctx32768_pct_copy_bw", "prefill_8k_vs_cudnn",
                             "compilations_after_warmup"}
     assert summary["compilations_after_warmup"] == 0
-    # --kv-cache-dtype fp8_e4m3 is the default: decode timed on the same pages quantized
+    # --kv-cache-dtype fp8_e4m3 is the default: decode timed on the same pages as raw fp8
     assert summary["kv_cache_dtype"] == "fp8_e4m3" and summary["fp8_decode_speedup"] is None
     record = json.loads((tmp_path / "kernel-tiny.json").read_text())
     checks = record["figures"]["correctness"]
     assert {"ragged-fp8_e4m3", "decode-fp8_e4m3", "decode-split4-fp8_e4m3"} <= set(checks)
     for name, check in checks.items():
         assert check["rel_err"] < 1e-2 and not check["nan"] and check["padding_zero"], name
+    assert checks["write-fp8_e4m3"]["values_identical_frac"] == 1.0  # saturating, as the ref
     decode = record["figures"]["decode"][0]
     assert decode["rel_err_vs_ref"] < 1e-2 and decode["rel_diff_vs_jax"] < 1e-2
     assert decode["kv_rel_err_vs_ref"] < 1e-2 and decode["kv_speedup"] > 0

@@ -1,7 +1,8 @@
 """The kernels lower for the hardware they are written for, checked on the CPU: Pallas -> Triton IR
 for CUDA, Pallas -> Mosaic for TPU, at the Qwen2.5-7B shapes the engine runs (28 q / 4 kv heads,
-head_dim 128, bf16, block 16), with bf16 and with quantized pages. This catches a kernel that runs in interpret mode but uses an op the
-real lowering lacks; the Triton / Mosaic compilers themselves run only on the device."""
+head_dim 128, bf16, block 16), with every cache dtype's pages: bf16, raw fp8, int8 QuantizedPages
+(and fp8 QuantizedPages, still accepted). This catches a kernel that runs in interpret mode but uses
+an op the real lowering lacks; the Triton / Mosaic compilers themselves run only on the device."""
 from __future__ import annotations
 
 import functools
@@ -12,21 +13,25 @@ import pytest
 
 from pagedjax.kernels import QuantizedPages
 from pagedjax.kernels.dispatch import ragged_paged_attention, write_kv
-from pagedjax.kernels.quantization import QUANTIZED_DTYPES
+from pagedjax.kernels.quantization import QUANTIZED_DTYPES, has_token_scales
 
 T, S, W, NB = 64, 8, 32, 300
 SD = jax.ShapeDtypeStruct
 
 
 def pages(kv_dtype: str):
-    """One layer's pages as the engine holds them: bf16, or quantized values + bf16 scales."""
+    """One layer's pages as the engine holds them: bf16 or raw fp8 arrays, or quantized values +
+    bf16 scales (int8; ``-scaled``: fp8 in the per-token format)."""
     if kv_dtype == "bfloat16":
         return SD((NB, 16, 4, 128), jnp.bfloat16)
-    return QuantizedPages(SD((NB, 16, 4, 128), QUANTIZED_DTYPES[kv_dtype]),
-                          SD((NB, 16, 4, 1), jnp.bfloat16))
+    name = kv_dtype.removesuffix("-scaled")
+    values = SD((NB, 16, 4, 128), QUANTIZED_DTYPES[name])
+    if name == kv_dtype and not has_token_scales(name):
+        return values
+    return QuantizedPages(values, SD((NB, 16, 4, 1), jnp.bfloat16))
 
 
-@pytest.mark.parametrize("kv_dtype", ["bfloat16", *QUANTIZED_DTYPES])
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", *QUANTIZED_DTYPES, "fp8_e4m3-scaled"])
 @pytest.mark.parametrize("platform,backend,kwargs,marker", [
     ("cuda", "pallas-gpu", {"decode_only": True, "num_splits": 1}, "paged_decode"),
     ("cuda", "pallas-gpu", {"decode_only": True, "num_splits": 8}, "paged_decode_combine"),

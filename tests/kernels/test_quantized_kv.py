@@ -1,4 +1,5 @@
-"""Quantized KV cache (fp8_e4m3, fp8_e5m2, int8 with a bf16 scale per token and KV head): the
+"""QuantizedPages (1-byte values with a bf16 scale per token and KV head: the int8 cache's format;
+fp8 data in it stays accepted, the fp8 cache itself is raw pages, test_fp8_kv.py): the
 quantize/dequantize round trip, the KV writes, and every attention kernel (GPU-style and TPU
 interpret mode) against the reference on the *same* quantized pages.
 
