@@ -63,9 +63,7 @@ def quantized_decode(b, ours, q, kp, vp, tables, cl, qsl, bf16_out, bf16_t, kv_b
 # (float32 scales, float16 matmuls, block_kv 32/128, 8 warps, 2/4 stages) are in
 # benchmarks/KERNEL_NOTES.md.
 SWEEP_QUANTIZED = {
-    "raw": [{"kv_heads_per_program": 2, "mma_dtype": "float16"},
-            {"kv_heads_per_program": 2, "num_warps": 2},
-            {"kv_heads_per_program": 2, "num_stages": 4},
+    "raw": [{"kv_heads_per_program": 2, "num_stages": 4},
             {"kv_heads_per_program": 2, "num_splits": 4}, {"kv_heads_per_program": 1}],
     "per_token": [{"kv_heads_per_program": 2}, {"kv_heads_per_program": 2, "num_splits": 4},
                   {"kv_heads_per_program": 2, "block_kv": 32},

@@ -82,7 +82,7 @@ def split_refs(refs, quantized: bool):
 
 def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs, num_rows,
                    num_heads, group, group_pad, head_dim, block_size, block_kv, split_tokens,
-                   num_splits, scale_log2, quantized, kv_per_prog, mma_dtype, interpret):
+                   num_splits, scale_log2, quantized, kv_per_prog, interpret):
     # q_ref [T*N, H]; k_ref, v_ref [num_blocks*block_size, K*H]; bt_ref [S, W]; cl_ref [S];
     # qsl_ref [S+1]; quantized: ks_ref, vs_ref [num_blocks*block_size, K] bf16;
     # outputs: o [T*N, H] (one split); o_part [S*N*P, H], m, l [S*N*P] (partials, merged by
@@ -128,8 +128,6 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
     q_mask = q_mask if own is None else q_mask & own
     q = plgpu.load(q_ref.at[q_rows[:, None], qcols[None, :]], mask=q_mask,
                    other=0)  # [G_pad, width], zero outside each row's own KV head
-    if mma_dtype is not None:  # the matmuls' operand dtype (every later cast follows q's)
-        q = q.astype(mma_dtype)
 
     lo = split * split_tokens
     hi = jnp.minimum(ctx, lo + split_tokens)
@@ -249,11 +247,11 @@ def split_tokens_of(max_tokens: int, num_splits: int, block_kv: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "block_kv", "num_warps", "num_stages", "kv_heads_per_program",
-    "mma_dtype", "interpret"))
+    "interpret"))
 def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc, *,
                            scale: float, num_splits: int | None = None, block_kv: int | None = None,
                            num_warps: int = 4, num_stages: int = 3, kv_heads_per_program: int = 1,
-                           mma_dtype: str | None = None, interpret: bool = False):
+                           interpret: bool = False):
     """Decode attention (every q_len is 0 or 1) over a paged KV cache.
 
     q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H] in q's dtype or raw fp8
@@ -266,9 +264,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     kv_heads_per_program, a power of two dividing K (``dispatch.decode_defaults`` picks 2 for raw
     fp8 pages): one program reads that many adjacent KV heads per token (one [block_kv,
     kv_heads_per_program * H] tile) for all their query heads in one tile of
-    max(16, kv_heads_per_program * G) rows; mma_dtype, the matmuls' operand dtype (default q's;
-    "float16" turns fp8 values into operands with one conversion instead of two, timed on the
-    H100 by ``benchmarks kernel --sweep``). Splits are merged by a second Pallas
+    max(16, kv_heads_per_program * G) rows. Splits are merged by a second Pallas
     launch (a merge fused into the split programs through an arrival counter measured 5-7 us
     slower on the H100: benchmarks/KERNEL_NOTES.md, session 3).
     Shapes are checked by ``pagedjax.kernels.dispatch.ragged_paged_attention``.
@@ -300,8 +296,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     cp = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     kernel = functools.partial(_decode_kernel, group=group, group_pad=group_pad, block_size=bs,
                                block_kv=block_kv, scale_log2=scale * LOG2E, quantized=quantized,
-                               kv_per_prog=kvp, mma_dtype=mma_dtype, interpret=interpret,
-                               **params)
+                               kv_per_prog=kvp, interpret=interpret, **params)
     if num_splits == 1:
         out = pl.pallas_call(kernel, grid=(rows, kh_progs, 1),
                              out_shape=jax.ShapeDtypeStruct((t * n, h), q.dtype),

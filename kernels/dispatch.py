@@ -10,7 +10,7 @@ from .reference import paged_attention_ref, write_kv_ref
 BACKENDS = ("pallas-gpu", "pallas-tpu", "reference")
 _TUNING = {
     ("pallas-gpu", True): {"num_splits", "block_kv", "num_warps", "num_stages",
-                            "kv_heads_per_program", "mma_dtype"},
+                            "kv_heads_per_program"},
     ("pallas-gpu", False): {"block_m", "block_n", "num_warps", "num_stages"},
     ("pallas-tpu", True): {"pages_per_block"},
     ("pallas-tpu", False): {"block_q", "pages_per_block"},

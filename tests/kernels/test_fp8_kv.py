@@ -63,15 +63,6 @@ def test_gpu_decode_split_and_explicit_kvp1():
                                  num_splits=4, block_kv=16, kv_heads_per_program=1), args, dtype)
 
 
-def test_gpu_decode_float16_matmuls():
-    """mma_dtype="float16" (a sweep variant): fp8 values become f16 operands in one conversion;
-    same attention as the reference."""
-    name, dtype, n, k, h, bs = CASES[0].values
-    args = raw_batch(seed_of(name, n, k, h, bs, "f16"), DECODE, name, dtype, n, k, h, bs)
-    check(ragged_paged_attention(*args, backend="pallas-gpu", interpret=True, decode_only=True,
-                                 num_splits=3, block_kv=16, mma_dtype="float16"), args, dtype)
-
-
 @pytest.mark.parametrize("name,dtype,n,k,h,bs", CASES)
 def test_gpu_ragged(name, dtype, n, k, h, bs):
     args = raw_batch(seed_of(name, n, k, h, bs, 1), RAGGED, name, dtype, n, k, h, bs)
