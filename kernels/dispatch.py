@@ -154,7 +154,9 @@ def decode_defaults(k_pages) -> dict:
     """Decode knobs that depend on the pages: raw fp8 pages read two KV heads per program (one
     [block_kv, 2H] gather per token). On the H100 at 64 x 4096 that runs in 115 us against 155 at
     one head per program and bf16's 188.5 (benchmarks/results/gpu-nvidia_h100_80gb_hbm3/
-    decode-probe-e24938b); bf16 and QuantizedPages keep one."""
+    decode-probe-e24938b; 120.0 vs 200.9 in kv-fp8_e4m3/ at 25c0ccf); bf16 and QuantizedPages
+    keep one. The split count stays ``default_num_splits`` of K programs per sequence (2 at 64 x
+    4096): doubling it for the halved program count measured slower (127.2 us)."""
     if is_raw_fp8(k_pages) and k_pages.shape[2] % 2 == 0:
         return {"kv_heads_per_program": 2}
     return {}

@@ -22,15 +22,16 @@ fp8 format measured below.
 
 Measured on SmolLM2-135M (tests/data/paragraph.txt, 175 tokens, model in float32 so that the KV
 cache is the only perturbation; mean KL to bf16 KV in nats/token, and the perplexity change).
-Rows 1, 2 and 4 simulate the schemes on the dense model; row 3 is per token through the engine's
-paged path, as tests/models/test_kv_cache_dtype_ppl.py printed it:
+Rows 1, 2 and 4 simulate the schemes on the dense model; rows 3 and 5 are the engine's paged path,
+as tests/models/test_kv_cache_dtype_ppl.py printed it (row 5: what the engine does now):
 
 | scheme | fp8_e4m3 | fp8_e5m2 | int8 |
 | --- | --- | --- | --- |
 | static per-tensor scale 1.0 (vLLM's default) | 5.2e-3, +1.18% | 1.9e-2, +2.19% | - |
 | per 16-token block and KV head | 4.8e-3, -0.74% | 2.0e-2, -2.64% | 2.1e-3, -0.08% |
 | per token and KV head, bf16 scale rounded up | 3.3e-3, -0.72% | 1.8e-2, +0.26% | **6.9e-4, -0.15%** |
-| static pow2 scale per layer and KV head from a weight bound | **5.1e-3, +0.79%** | | - |
+| static pow2 scale per layer and KV head from a weight bound | 5.1e-3, +0.79% | 1.85e-2, +1.73% | - |
+| the same, engine path (fp8 now) | **5.0e-3, -0.03%** | 1.9e-2, +1.27% | - |
 
 Scale 1.0 puts layer 0's small V values (mean |v| 0.026) in e4m3's subnormal range and misses
 the 1% perplexity bar; a per-block scale is set by the block's largest token (and would need the
@@ -40,10 +41,10 @@ Perplexity moves by ~0.5% between near-identical schemes on 175 tokens (noise); 
 the stable one: per token has the lowest for every dtype.
 
 Why fp8 is static per layer and KV head anyway: the pool holds exactly 2x bf16's tokens, the
-kernels do no work for the scale, and decode on the H100 at 64 x 4096 takes 115 us against 135 us
-with per-token scales (bf16 188.5 us; benchmarks/results/gpu-nvidia_h100_80gb_hbm3/
-decode-probe-e24938b, the per-token figure from benchmarks/KERNEL_NOTES.md). The price is
-accuracy: KL 5.1e-3 against 3.7e-3 with per-token scales, still within the 1% perplexity bar.
+kernels do no work for the scale, and decode on the H100 at 64 x 4096 takes 115-120 us against
+135 us with per-token scales (bf16 188.5-200.9 us; benchmarks/results/gpu-nvidia_h100_80gb_hbm3/
+decode-probe-e24938b and kv-fp8_e4m3/, the per-token figure from benchmarks/KERNEL_NOTES.md). The
+price is accuracy: KL 5.0e-3 against 3.3e-3 with per-token scales, within the 1% perplexity bar.
 int8 keeps its per-token scales.
 """
 from __future__ import annotations

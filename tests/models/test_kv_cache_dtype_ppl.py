@@ -78,7 +78,7 @@ def test_quantized_kv_perplexity_within_1pct_of_bf16(kv_dtype, ppl_by_kv_dtype):
     bf16 = ppl_by_kv_dtype["bfloat16"][0]
     assert abs(ppl / bf16 - 1) < 0.01, f"{kv_dtype}: perplexity {ppl:.4f} vs bf16 KV {bf16:.4f}"
     # The cache really is quantized (a no-op quantizer would pass the line above trivially):
-    # measured 5.1e-3 (e4m3, static scales) and 7.7e-4 (int8, per token) nats/token, against
+    # measured 5.0e-3 (e4m3, static scales) and 7.7e-4 (int8, per token) nats/token, against
     # 1e-6 for a float32 pool.
     assert 1e-4 < kl < 1e-2, kl
     assert np.isfinite(ppl)
@@ -86,7 +86,7 @@ def test_quantized_kv_perplexity_within_1pct_of_bf16(kv_dtype, ppl_by_kv_dtype):
 
 def test_e5m2_is_reported_and_coarser(ppl_by_kv_dtype):
     """fp8_e5m2 (2 mantissa bits) is not in the 1% acceptance; it must still be a working cache,
-    coarser than e4m3 (measured KL 1.6e-2 vs 3.7e-3)."""
+    coarser than e4m3 (measured KL 1.9e-2 vs 5.0e-3)."""
     ppl, kl = ppl_by_kv_dtype["fp8_e5m2"]
     assert ppl < 1.05 * ppl_by_kv_dtype["bfloat16"][0]
     assert kl > ppl_by_kv_dtype["fp8_e4m3"][1]
