@@ -55,16 +55,15 @@ def quantized_decode(b, ours, q, kp, vp, tables, cl, qsl, bf16_out, bf16_t, kv_b
 
 
 # Quantized decode variants, timed at 64 x 4096 (and at the tiny shape with --tiny) on the cache
-# dtype's format. Raw fp8: the default is kvp 2 (115 us in the decode probe); kvp 2 with 4 stages
-# (115.0) or 4 splits (116.6) was within noise of it there, so both are re-timed beside it in
-# this benchmark's loop, and kvp 1 (155 us there) checks the default's margin. Per-token
+# dtype's format. Raw fp8: the default is kvp 2 with 5 stages (109 us in the decode probe, 115
+# with the kernel's 3); the sweep re-times the runners-up of the probe in this benchmark's loop
+# (6 stages; block_kv 32 with 8 stages) and the old default (3 stages). Per-token
 # QuantizedPages (int8): kv_heads_per_program (two KV heads' 7 + 7 query heads in one 16-row
 # tile, one 256-wide gather per token) alone and with the tile knobs it shifts. Earlier sweeps
 # (float32 scales, float16 matmuls, block_kv 32/128, 8 warps, 2/4 stages) are in
 # benchmarks/KERNEL_NOTES.md.
 SWEEP_QUANTIZED = {
-    "raw": [{"kv_heads_per_program": 2, "num_stages": 4},
-            {"kv_heads_per_program": 2, "num_splits": 4}, {"kv_heads_per_program": 1}],
+    "raw": [{"num_stages": 6}, {"block_kv": 32, "num_stages": 8}, {"num_stages": 3}],
     "per_token": [{"kv_heads_per_program": 2}, {"kv_heads_per_program": 2, "num_splits": 4},
                   {"kv_heads_per_program": 2, "block_kv": 32},
                   {"kv_heads_per_program": 2, "num_warps": 8},
