@@ -17,9 +17,10 @@ nothing), so every row is written exactly once.
 
 fp8 KV (raw fp8 pages, kernels/quantization.py): the 1-byte values are gathered like bf16 ones
 (half the bytes) and converted to q's dtype in registers (``to_compute``); the static scale is the
-model's business, outside the kernel. On the H100 at 64 x 4096 this runs in 115 us at two KV heads
-per program (the dispatch default for these pages), 155 us at one, against bf16's 188.5
-(benchmarks/results/gpu-nvidia_h100_80gb_hbm3/decode-probe-e24938b).
+model's business, outside the kernel. On the H100 at 64 x 4096 this runs in 112 us at the
+dispatch defaults for these pages (two KV heads per program, 5 pipeline stages), 1.73x bf16's
+195 (benchmarks/results/gpu-nvidia_h100_80gb_hbm3/kernel.json; the variants behind those
+defaults: decode-probe-*/ and benchmarks/KERNEL_NOTES.md).
 
 Quantized KV (``QuantizedPages``: int8, or fp8 with scales): the values are converted the same way
 and the bfloat16 scale per token and KV head is gathered beside them ([block_kv] per tile): K's

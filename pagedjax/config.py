@@ -121,8 +121,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory-bytes", type=int, default=None,
                    help="explicit KV pool budget in bytes (default on the CPU: 1 GiB)")
     g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=KV_CACHE_DTYPES,
-                   help="KV cache storage: auto (the model's dtype) or a 1-byte quantized dtype "
-                        "with a bf16 scale per token and KV head (fp8 = fp8_e4m3)")
+                   help="KV cache storage: auto (the model's dtype) or 1 byte per value: fp8 "
+                        "(= fp8_e4m3) / fp8_e5m2 with static per-layer, per-KV-head scales "
+                        "derived from the weights (2x the tokens), int8 with a bf16 scale per "
+                        "token and KV head")
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--preemption-mode", default=d.preemption_mode, choices=PREEMPTION_MODES)
