@@ -44,17 +44,10 @@ BF16_VARIANTS = {
 
 
 def _case(b, batch, ctx):
-    n, k, h, bs = b.n, b.k, b.h, b.bs
-    w = -(-ctx // bs)
-    kv_bytes = 2 * batch * ctx * k * h * 2
+    """decode_case's inputs (benchmarks.kernel.decode_inputs) and its rotation count."""
+    kv_bytes = 2 * batch * ctx * b.k * b.h * 2
     rot = 1 if b.tiny else int(np.clip(-(-4 * kb.L2_BYTES // kv_bytes), 1, 16))
-    pages = rot * batch * w
-    kp, vp = b.rand((pages + 1, bs, k, h)), b.rand((pages + 1, bs, k, h))
-    perm = np.random.default_rng(batch * 7 + ctx).permutation(pages)
-    tables = jnp.asarray(perm.reshape(rot, batch, w), jnp.int32)
-    cl = jnp.full((batch,), ctx, jnp.int32)
-    qsl = jnp.arange(batch + 1, dtype=jnp.int32)
-    return b.rand((batch, n, h)), kp, vp, tables, cl, qsl, rot, kv_bytes
+    return (*kb.decode_inputs(b, batch, ctx, rot), rot, kv_bytes)
 
 
 def _time(b, fn, q, pages, tables, cl, qsl, rot, unroll, tun):

@@ -136,22 +136,29 @@ def matmul_flops(b: Bench) -> float:
 
 
 # ---- decode ------------------------------------------------------------------------------------
+def decode_inputs(b: Bench, batch: int, ctx: int, rot: int):
+    """One decode step's inputs, ``rot`` rotations: q [batch, N, H]; one pool of ``rot * batch``
+    sequences' pages in a random order (k, v); block tables [rot, batch, W], rotation r reading
+    its own pages; context lengths all ``ctx``; one query row per sequence."""
+    w = -(-ctx // b.bs)
+    pages = rot * batch * w
+    kp, vp = (b.rand((pages + 1, b.bs, b.k, b.h)) for _ in range(2))
+    perm = np.random.default_rng(batch * 7 + ctx).permutation(pages)
+    tables = jnp.asarray(perm.reshape(rot, batch, w), jnp.int32)
+    cl = jnp.full((batch,), ctx, jnp.int32)
+    qsl = jnp.arange(batch + 1, dtype=jnp.int32)
+    return b.rand((batch, b.n, b.h)), kp, vp, tables, cl, qsl
+
+
 def decode_case(b: Bench, batch: int, ctx: int, copy_bw: float, sweep: bool, peer: bool) -> dict:
-    n, k, h, bs = b.n, b.k, b.h, b.bs
-    w = -(-ctx // bs)
+    k, h = b.k, b.h
     kv_bytes = 2 * batch * ctx * k * h * 2
     scale_bytes = SCALE_BYTES if b.kv_dtype and has_token_scales(b.kv_dtype) else 0  # raw fp8: 0
     q_kv_bytes = 2 * batch * ctx * k * (h + scale_bytes) if b.kv_dtype else 0
     rot = int(np.clip(-(-4 * L2_BYTES // kv_bytes), 1, 16)) if not b.tiny else 1
     if (kv_bytes * (2 if peer else 1) + q_kv_bytes) * rot > b.mem:
         return {"batch": batch, "ctx": ctx, "skipped": "does not fit"}
-    pages = rot * batch * w
-    kp, vp = b.rand((pages + 1, bs, k, h)), b.rand((pages + 1, bs, k, h))
-    perm = np.random.default_rng(batch * 7 + ctx).permutation(pages)
-    tables = jnp.asarray(perm.reshape(rot, batch, w), jnp.int32)
-    cl = jnp.full((batch,), ctx, jnp.int32)
-    qsl = jnp.arange(batch + 1, dtype=jnp.int32)
-    q = b.rand((batch, n, h))
+    q, kp, vp, tables, cl, qsl = decode_inputs(b, batch, ctx, rot)
     bytes_per_call = kv_bytes + 2 * q.nbytes
     pred = bytes_per_call / 2.5e12 + 4e-6
 
