@@ -7,9 +7,12 @@
    repeated U = 1 and 4 times per iteration, and a loop whose body is one tiny op gives the
    per-iteration cost alone. (Answer, e24938b: it overlaps the kernels; U moves nothing.)
 2. Tuning knobs against the defaults at the target shapes: raw fp8 pages (what a static
-   per-KV-head scale stores) in rounds 1-3, bf16 pipeline depth in round 4 (``BF16_VARIANTS``);
-   each round's variants and results are in the comments above it and in
-   benchmarks/KERNEL_NOTES.md.
+   per-KV-head scale stores) in rounds 1-3, bf16 pipeline depth in round 4, the merge and the
+   split count in round 5 (``BF16_VARIANTS``); each round's variants and results are in the
+   comments above it and in benchmarks/KERNEL_NOTES.md.
+3. Where a call's time goes (round 5): a ``jax.profiler`` trace of the timing loop at the shapes
+   in ``TRACED``, summed per kernel (split programs, merge) and against the device's span, so the
+   launch gaps between the kernels show as span minus busy time.
 
 ``python -m benchmarks.decode_probe --out DIR`` (prints a table, writes decode-probe.json).
 """
@@ -31,16 +34,19 @@ SHAPES = [(1, 32768), (8, 32768), (64, 4096)]
 # 32 + 6 stages 108.0, 5 stages 108.4 us (kvp 2 default 114.9, bf16 187.9). Round 3: deeper
 # pipelines around the two winners at 64 x 4096 (6 / 7 stages, block_kv 32 with 6 / 8 / 10),
 # and the winners at the other shapes: 5 stages became the default (benchmarks/KERNEL_NOTES.md).
-# Round 4 (after 5 stages became the raw-fp8 default, 22cc0e3): do deeper pipelines help bf16 at
-# 1 x 32K (66% of copy bandwidth, the open gap of issue 4)? 3 stages was the best of 2/3/4 there.
-# fp8 is timed at its (new) default only; the other bf16 shapes check for regressions.
+# Round 4 (965f8c9): deeper bf16 pipelines at 1 x 32K: 5 stages 36.0, 32 splits + 5 stages 35.0
+# (67.8%), default 37.3 us; 5 stages cost 6% at 8 x 32K and 64 x 4096: bf16 defaults kept.
+# Round 5: the merge reads all partials in one round trip (``merge_chunk`` 64, the new default)
+# instead of 16 at a time after a first load of the maxima (``merge_chunk`` 16: the old kernel);
+# at 1 x 32K the split count and depth again with the new merge, and traces of both merges.
 BF16_VARIANTS = {
-    (1, 32768): [{"num_stages": 5}, {"num_stages": 6}, {"block_kv": 32, "num_stages": 6},
-                 {"block_kv": 32, "num_stages": 8}, {"num_splits": 32, "num_stages": 5},
-                 {"num_splits": 32, "block_kv": 32, "num_stages": 8}],
-    (8, 32768): [{"num_stages": 5}, {"block_kv": 32, "num_stages": 6}],
-    (64, 4096): [{"num_stages": 5}, {"block_kv": 32, "num_stages": 6}],
+    (1, 32768): [{"merge_chunk": 16}, {"num_splits": 32}, {"num_splits": 32, "num_stages": 5},
+                 {"num_splits": 48}, {"num_splits": 128}, {"num_stages": 4},
+                 {"num_warps": 8}, {"block_kv": 32, "num_stages": 6}],
+    (8, 32768): [{"num_splits": 32}],
+    (64, 4096): [],
 }
+TRACED = {(1, 32768): [{}, {"merge_chunk": 16}, {"num_splits": 32}], (8, 32768): [{}]}
 
 
 def _case(b, batch, ctx):
@@ -59,6 +65,37 @@ def _time(b, fn, q, pages, tables, cl, qsl, rot, unroll, tun):
     return b.timed(step, q, (*pages, tables), rot * unroll, 1e-4) * 1e6
 
 
+def _trace(b, fn, q, pages, tables, cl, qsl, rot, tun, calls=64):
+    """Per-call kernel times of the timing loop, from a profiler trace (step_profile's reader)."""
+    import glob
+    import tempfile
+
+    import jax
+
+    from benchmarks.step_profile import summarize_trace
+
+    n = max(calls // rot, 1)
+
+    def body(i, x, c):
+        for r in range(rot):
+            x = fn(x, c[0], c[1], c[2][r], cl, qsl, **tun)
+        return x
+    loop = jax.jit(lambda x, c: jax.lax.fori_loop(0, n, functools.partial(body, c=c), x))
+    consts = (*pages, tables)
+    jax.block_until_ready(loop(q, consts))
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d, create_perfetto_trace=True)
+        jax.block_until_ready(loop(q, consts))
+        jax.profiler.stop_trace()
+        files = sorted(glob.glob(f"{d}/**/*perfetto_trace.json.gz", recursive=True))
+        if not files:
+            return {"error": "no trace"}
+        t = summarize_trace(files[-1], n * rot, 8)
+    us = lambda ms: round(ms * 1e3, 2)  # noqa: E731
+    return {"busy_us": us(t["device_busy_ms"]), "span_us": us(t["device_span_ms"]),
+            "kernels_us": {k["name"][:40]: us(k["ms"]) for k in t["top_kernels_ms"]}}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.decode_probe")
     kb.add_arguments(p)
@@ -70,7 +107,7 @@ def main(argv=None) -> None:
     copy_bw = kb.copy_bandwidth(b)
     tiny = jnp.zeros((8,), jnp.float32)
     loop_us = b.timed(lambda x, _: x + 1.0, tiny, None, 1, 1e-6) * 1e6
-    rows = []
+    rows, traces = [], []
     shapes = [(2, 64)] if b.tiny else SHAPES
     for batch, ctx in shapes:
         q, kp, vp, tables, cl, qsl, rot, kv_bytes = _case(b, batch, ctx)
@@ -81,6 +118,9 @@ def main(argv=None) -> None:
                          "calls_per_iter": rot * u, "us": us,
                          "pct_copy": 100 * by / (us * 1e-6) / copy_bw})
         bf16_us = rows[-1]["us"]
+        for tun in [{}] if b.tiny else TRACED.get((batch, ctx), []):
+            traces.append({"case": f"bf16 {batch}x{ctx}", "variant": str(tun) if tun else "default",
+                           **_trace(b, ours, q, (kp, vp), tables, cl, qsl, rot, tun)})
         for tun in [{"num_stages": 3}] if b.tiny else BF16_VARIANTS.get((batch, ctx), []):
             us = _time(b, ours, q, (kp, vp), tables, cl, qsl, rot, 4, tun)
             rows.append({"case": f"bf16 {batch}x{ctx}", "variant": str(tun), "unroll": 4,
@@ -95,8 +135,11 @@ def main(argv=None) -> None:
         del kp, vp
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s; empty loop iteration {loop_us:.2f} us")
     print_table(rows)
+    for t in traces:
+        print(t)
     write_result("decode-probe", {"compilations_after_warmup": None},
-                 {"copy_GBps": copy_bw / 1e9, "loop_iteration_us": loop_us, "rows": rows},
+                 {"copy_GBps": copy_bw / 1e9, "loop_iteration_us": loop_us, "rows": rows,
+                  "traces": traces},
                  str(results_dir(args.out)))
 
 

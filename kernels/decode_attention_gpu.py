@@ -192,31 +192,43 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
 def _combine_kernel(o_part_ref, m_ref, l_ref, cl_ref, qsl_ref, o_ref, *, num_seqs, num_rows,
                     num_heads, head_dim, split_tokens, num_splits, chunk):
     # o_part_ref [S*N*P, H] f32; m_ref, l_ref [S*N*P]; o_ref [T*N, H]. One program per (slot, head).
+    # chunk >= P (rounded up to a power of two, the default up to 64 splits): every load of the
+    # program is issued before any math, one round trip to the partials; else a loop of chunks.
     slot, n = pl.program_id(0), pl.program_id(1)
     s, row, decodes = slot_row(slot, qsl_ref, num_seqs)
     ctx = jnp.where(decodes, cl_ref[s], 0)
     n_act = cdiv(ctx, split_tokens)  # splits that saw tokens (and wrote)
     base = (s * num_heads + n) * num_splits
-
     dims = jnp.arange(head_dim, dtype=jnp.int32)
-    idx = jnp.arange(_pow2(num_splits), dtype=jnp.int32)  # Triton tiles are powers of two
-    live = idx < n_act
-    m = plgpu.load(m_ref.at[base + idx], mask=live, other=NEG)
-    l = plgpu.load(l_ref.at[base + idx], mask=live, other=0.0)
-    m_max = jnp.max(m)
-    denom = jnp.sum(jnp.where(live, jnp.exp2(m - m_max), 0.0) * l)
 
-    def body(c, acc):
-        cidx = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
-        clive = cidx < n_act
-        mc = plgpu.load(m_ref.at[base + cidx], mask=clive, other=NEG)
-        w = jnp.where(clive, jnp.exp2(mc - m_max), 0.0)
-        oc = plgpu.load(o_part_ref.at[(base + cidx)[:, None], dims[None, :]],
-                        mask=jnp.broadcast_to(clive[:, None], (chunk, head_dim)), other=0.0)
-        return acc + jnp.sum(w[:, None] * oc, axis=0)
+    def load_chunk(idx):
+        live = idx < n_act
+        m = plgpu.load(m_ref.at[base + idx], mask=live, other=NEG)
+        o = plgpu.load(o_part_ref.at[(base + idx)[:, None], dims[None, :]],
+                       mask=jnp.broadcast_to(live[:, None], (idx.shape[0], head_dim)), other=0.0)
+        return live, m, o
 
-    n_chunks = cdiv(n_act, chunk)
-    acc = jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((head_dim,), jnp.float32))
+    if chunk >= _pow2(num_splits):
+        idx = jnp.arange(_pow2(num_splits), dtype=jnp.int32)
+        live, m, o = load_chunk(idx)
+        l = plgpu.load(l_ref.at[base + idx], mask=live, other=0.0)
+        w = jnp.where(live, jnp.exp2(m - jnp.max(m)), 0.0)
+        acc, denom = jnp.sum(w[:, None] * o, axis=0), jnp.sum(w * l)
+    else:
+        idx = jnp.arange(_pow2(num_splits), dtype=jnp.int32)  # Triton tiles are powers of two
+        live = idx < n_act
+        m = plgpu.load(m_ref.at[base + idx], mask=live, other=NEG)
+        l = plgpu.load(l_ref.at[base + idx], mask=live, other=0.0)
+        m_max = jnp.max(m)
+        denom = jnp.sum(jnp.where(live, jnp.exp2(m - m_max), 0.0) * l)
+
+        def body(c, acc):
+            clive, mc, oc = load_chunk(c * chunk + jnp.arange(chunk, dtype=jnp.int32))
+            w = jnp.where(clive, jnp.exp2(mc - m_max), 0.0)
+            return acc + jnp.sum(w[:, None] * oc, axis=0)
+
+        acc = jax.lax.fori_loop(0, cdiv(n_act, chunk), body,
+                                jnp.zeros((head_dim,), jnp.float32))
     out = acc / jnp.where(denom == 0, 1.0, denom)
     mask = jnp.broadcast_to(row < num_rows, (head_dim,))
     plgpu.store(o_ref.at[row * num_heads + n + 0 * dims, dims], out.astype(o_ref.dtype),
@@ -248,11 +260,11 @@ def split_tokens_of(max_tokens: int, num_splits: int, block_kv: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "block_kv", "num_warps", "num_stages", "kv_heads_per_program",
-    "interpret"))
+    "merge_chunk", "interpret"))
 def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc, *,
                            scale: float, num_splits: int | None = None, block_kv: int | None = None,
                            num_warps: int = 4, num_stages: int = 3, kv_heads_per_program: int = 1,
-                           interpret: bool = False):
+                           merge_chunk: int = 64, interpret: bool = False):
     """Decode attention (every q_len is 0 or 1) over a paged KV cache.
 
     q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H] in q's dtype or raw fp8
@@ -267,7 +279,9 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     kv_heads_per_program * H] tile) for all their query heads in one tile of
     max(16, kv_heads_per_program * G) rows. Splits are merged by a second Pallas
     launch (a merge fused into the split programs through an arrival counter measured 5-7 us
-    slower on the H100: benchmarks/KERNEL_NOTES.md, session 3).
+    slower on the H100: benchmarks/KERNEL_NOTES.md, session 3); merge_chunk, a power of two: the
+    merge reads up to that many splits' partials at once (all of them in one round trip when the
+    split count, rounded up to a power of two, fits).
     Shapes are checked by ``pagedjax.kernels.dispatch.ragged_paged_attention``.
     """
     t, n, h = q.shape
@@ -310,7 +324,9 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     o_part, m, l = pl.pallas_call(
         kernel, grid=(s, kh_progs, num_splits), out_shape=partials,
         compiler_params=cp, interpret=interpret, name="paged_decode_split")(*inputs)
-    combine = functools.partial(_combine_kernel, chunk=min(_pow2(num_splits), 16), **params)
+    if merge_chunk < 1 or merge_chunk & (merge_chunk - 1):
+        raise ValueError(f"merge_chunk must be a power of two, got {merge_chunk}")
+    combine = functools.partial(_combine_kernel, chunk=merge_chunk, **params)
     out = pl.pallas_call(combine, grid=(rows, n),
                          out_shape=jax.ShapeDtypeStruct((t * n, h), q.dtype),
                          compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),

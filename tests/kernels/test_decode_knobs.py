@@ -1,7 +1,8 @@
 """The decode kernel's tuning knobs (kernels/decode_attention_gpu.py) against the reference, in
 interpret mode on the CPU: any split count (not only powers of two; some splits empty),
-and ``kv_heads_per_program`` (2 and 4 adjacent KV heads' query heads in one tile), alone and
-combined, on plain and quantized pages.
+``kv_heads_per_program`` (2 and 4 adjacent KV heads' query heads in one tile) and the merge's
+``merge_chunk`` (its loop of chunks and its one-shot path), alone and combined, on plain and
+quantized pages.
 
 Inputs as in test_paged_attention.py: fresh random draws, pool pages in a random order, table
 entries past a sequence's blocks far out of range, a padded sequence with a stale context,
@@ -35,6 +36,13 @@ PLAIN = [
     pytest.param("bfloat16", 4, 4, 64, 16, {"kv_heads_per_program": 4, **splits(3)},
                  id="bf16-gqa1-h64-kvp4-split3"),
     pytest.param("bfloat16", 8, 2, 64, 8, splits(2), id="bf16-gqa4-h64-bs8-split2"),
+    # the merge's loop of chunks (a chunk smaller than the split count) and its one-shot path
+    pytest.param("float32", 7, 1, 64, 16, {**splits(6), "merge_chunk": 2},
+                 id="f32-gqa7-h64-split6-merge2"),
+    pytest.param("bfloat16", 8, 2, 128, 16, {**splits(5), "merge_chunk": 4},
+                 id="bf16-gqa4-h128-split5-merge4"),
+    pytest.param("float32", 4, 2, 64, 16, {**splits(3), "merge_chunk": 4},
+                 id="f32-gqa2-h64-split3-merge4"),
 ]
 # (kv dtype, q dtype, N, K, H, block_size, tuning)
 QUANTIZED = [
@@ -77,6 +85,7 @@ def test_decode_knobs_fewer_rows_than_seqs(tuning):
     ({"num_splits": 0}, "positive"),
     ({"kv_heads_per_program": 3}, "kv_heads_per_program"),
     ({"kv_heads_per_program": 4}, "kv_heads_per_program"),  # K = 2
+    ({"num_splits": 3, "merge_chunk": 3}, "merge_chunk"),
     ({"merge": "fused"}, "merge"),  # unknown knob: the fused merge was measured and removed
 ])
 def test_bad_decode_knobs_raise(tuning, match):
