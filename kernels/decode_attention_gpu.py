@@ -192,38 +192,45 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
 def _combine_kernel(o_part_ref, m_ref, l_ref, cl_ref, qsl_ref, o_ref, *, num_seqs, num_rows,
                     num_heads, head_dim, split_tokens, num_splits, chunk):
     # o_part_ref [S*N*P, H] f32; m_ref, l_ref [S*N*P]; o_ref [T*N, H]. One program per (slot, head).
-    # chunk >= P (rounded up to a power of two, the default up to 64 splits): every load of the
-    # program is issued before any math, one round trip to the partials; else a loop of chunks.
+    # chunk >= P (rounded up to a power of two; the default up to 64 splits): the partials are
+    # loaded before the row's context is known (masked by the static split count only, so the
+    # loads leave with the sequence metadata's, one round trip), the dead splits dropped after;
+    # else a loop of chunks after a first load of the maxima.
     slot, n = pl.program_id(0), pl.program_id(1)
-    s, row, decodes = slot_row(slot, qsl_ref, num_seqs)
-    ctx = jnp.where(decodes, cl_ref[s], 0)
-    n_act = cdiv(ctx, split_tokens)  # splits that saw tokens (and wrote)
+    s = jnp.minimum(slot, num_seqs - 1)
     base = (s * num_heads + n) * num_splits
     dims = jnp.arange(head_dim, dtype=jnp.int32)
 
-    def load_chunk(idx):
-        live = idx < n_act
+    def load_chunk(idx, live):
         m = plgpu.load(m_ref.at[base + idx], mask=live, other=NEG)
         o = plgpu.load(o_part_ref.at[(base + idx)[:, None], dims[None, :]],
                        mask=jnp.broadcast_to(live[:, None], (idx.shape[0], head_dim)), other=0.0)
-        return live, m, o
+        return m, o
 
+    idx = jnp.arange(_pow2(num_splits), dtype=jnp.int32)  # Triton tiles are powers of two
     if chunk >= _pow2(num_splits):
-        idx = jnp.arange(_pow2(num_splits), dtype=jnp.int32)
-        live, m, o = load_chunk(idx)
-        l = plgpu.load(l_ref.at[base + idx], mask=live, other=0.0)
+        exists = idx < num_splits
+        m, o = load_chunk(idx, exists)
+        l = plgpu.load(l_ref.at[base + idx], mask=exists, other=0.0)
+    _, row, decodes = slot_row(slot, qsl_ref, num_seqs)
+    ctx = jnp.where(decodes, cl_ref[s], 0)
+    n_act = cdiv(ctx, split_tokens)  # splits that saw tokens (and wrote)
+    live = idx < n_act
+    if chunk >= _pow2(num_splits):
+        m = jnp.where(live, m, NEG)  # a dead split's partials were never written
         w = jnp.where(live, jnp.exp2(m - jnp.max(m)), 0.0)
-        acc, denom = jnp.sum(w[:, None] * o, axis=0), jnp.sum(w * l)
+        acc = jnp.sum(jnp.where(live[:, None], w[:, None] * o, 0.0), axis=0)
+        denom = jnp.sum(jnp.where(live, w * l, 0.0))
     else:
-        idx = jnp.arange(_pow2(num_splits), dtype=jnp.int32)  # Triton tiles are powers of two
-        live = idx < n_act
         m = plgpu.load(m_ref.at[base + idx], mask=live, other=NEG)
         l = plgpu.load(l_ref.at[base + idx], mask=live, other=0.0)
         m_max = jnp.max(m)
         denom = jnp.sum(jnp.where(live, jnp.exp2(m - m_max), 0.0) * l)
 
         def body(c, acc):
-            clive, mc, oc = load_chunk(c * chunk + jnp.arange(chunk, dtype=jnp.int32))
+            cidx = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+            clive = cidx < n_act
+            mc, oc = load_chunk(cidx, clive)
             w = jnp.where(clive, jnp.exp2(mc - m_max), 0.0)
             return acc + jnp.sum(w[:, None] * oc, axis=0)
 
