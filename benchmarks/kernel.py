@@ -109,7 +109,9 @@ class Bench:
         The loop itself costs ~7 us an iteration on the H100 (a 5 us ``memcpy32_post`` and two
         tiny fusions in a profiler trace: decode-probe-45ba7bf), which a 33 us call with 4 calls
         an iteration would pay 1.8 us of. So each iteration chains the step ``u`` times: at least
-        16 calls or 500 us of predicted work an iteration, whichever comes first."""
+        16 calls or 500 us of predicted work an iteration, whichever comes first. A chain of XLA
+        elementwise steps would fuse into one pass (``-(-x)`` even cancels): such steps must
+        predict >= 500 us (the copy below), so they run once an iteration."""
         per_iter = max(predicted_s * calls_per_iter, 1e-7)
         u = 1 if self.tiny else int(max(1, min(-(-16 // calls_per_iter), -(-5e-4 // per_iter))))
         n = 1 if self.tiny else int(np.clip(self.target_s / (per_iter * u), 3, 4000))
@@ -135,8 +137,9 @@ class Bench:
 
 # ---- ceilings ----------------------------------------------------------------------------------
 def copy_bandwidth(b: Bench) -> float:
-    """Bytes read + written per second by an elementwise pass over a large buffer."""
-    x = b.rand((1 << 16,) if b.tiny else (256 << 20,))
+    """Bytes read + written per second by an elementwise pass over a large buffer (1 GiB: ~0.7
+    ms a pass, one pass per loop iteration, see ``Bench.timed``)."""
+    x = b.rand((1 << 16,) if b.tiny else (1 << 29,))
     t = b.timed(lambda x, _: -x, x, None, 1, 2 * x.nbytes / 3e12)
     return 2 * x.nbytes / t
 
