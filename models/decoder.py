@@ -1,14 +1,16 @@
 """One functional decoder for Llama 2/3/3.1 and Qwen2/2.5.
 
 Einsum letters: B batch, T tokens, N query heads, K kv heads, G query heads per kv head, H head
-dim, D model dim, F MLP dim, V vocab, S key positions.
+dim, D model dim, F MLP dim, V vocab, S key positions, R tensor-parallel blocks of a fused
+projection (O its rows per block).
 
 Parameters are a plain pytree with Hugging Face names (``params["model"]["layers"][i]
 ["self_attn"]["q_proj"]["weight"]`` is ``model.layers.{i}.self_attn.q_proj.weight``), weights kept
-in Hugging Face's ``[out, in]`` orientation. The attention call is a seam: ``forward_dense`` runs
-full causal attention over whole sequences (the parity and reference path); ``forward_paged``
-hands q/k/v to an attention function that writes the new K/V into the paged pool and attends over
-it (the engine path).
+in Hugging Face's ``[out, in]`` orientation. The engine runs q/k/v and gate/up fused instead
+(``self_attn.qkv_proj`` and ``mlp.gate_up_proj``, weights [R, O, D]: models/fused.py); both
+layouts run here. The attention call is a seam: ``forward_dense`` runs full causal attention over
+whole sequences (the parity and reference path); ``forward_paged`` hands q/k/v to an attention
+function that writes the new K/V into the paged pool and attends over it (the engine path).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import fused
 from .config import ModelConfig
 from .kv_scales import scale_for_cache, unscale_output
 
@@ -65,17 +68,33 @@ def _linear(x, p):
     return y
 
 
+def _fused_linear(x, p, sizes):
+    """One matmul for a fused projection (weight [R, O, D]), split into its parts [..., R * o]."""
+    y = jnp.einsum("...d,rod->...ro", x, p["weight"])
+    if "bias" in p:
+        y = y + p["bias"]
+    return fused.unblock(y, sizes, axis=-1)
+
+
 def _mlp(x, p):
-    gate = _linear(x, p["gate_proj"])
-    up = _linear(x, p["up_proj"])
+    if "gate_up_proj" in p:
+        rows = p["gate_up_proj"]["weight"].shape[1] // 2
+        gate, up = _fused_linear(x, p["gate_up_proj"], (rows, rows))
+    else:
+        gate, up = _linear(x, p["gate_proj"]), _linear(x, p["up_proj"])
     return _linear(jax.nn.silu(gate) * up, p["down_proj"])
 
 
 def _qkv(x, p, cfg: ModelConfig, positions, inv_freq):
     n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    q = _linear(x, p["q_proj"]).reshape(*x.shape[:-1], n, h)
-    kk = _linear(x, p["k_proj"]).reshape(*x.shape[:-1], k, h)
-    v = _linear(x, p["v_proj"]).reshape(*x.shape[:-1], k, h)
+    if "qkv_proj" in p:
+        sizes = fused.qkv_sizes(cfg, p["qkv_proj"]["weight"].shape[0])
+        q, kk, v = _fused_linear(x, p["qkv_proj"], sizes)
+    else:
+        q, kk, v = (_linear(x, p[name]) for name in fused.QKV)
+    q = q.reshape(*x.shape[:-1], n, h)
+    kk = kk.reshape(*x.shape[:-1], k, h)
+    v = v.reshape(*x.shape[:-1], k, h)
     return apply_rope(q, positions, inv_freq), apply_rope(kk, positions, inv_freq), v
 
 

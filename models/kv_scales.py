@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig
+from .fused import qkv_parts
 
 # Slack for bf16 rounding of the activations: the bound holds for exact arithmetic.
 ROUNDING_SLACK = 1.0 + 2.0 ** -6
@@ -48,10 +49,10 @@ def layer_kv_scales(cfg: ModelConfig, layer, qmax: float) -> tuple[jnp.ndarray, 
     """(s_k, s_v), each [K] float32 powers of two, for one decoder layer's parameters."""
     kh, h, d = cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
     gain = layer["input_layernorm"]["weight"]
-    attn = layer["self_attn"]
-    k = _row_bounds(attn["k_proj"], gain, d).reshape(kh, h)
+    proj = qkv_parts(cfg, layer["self_attn"])  # k/v rows of qkv_proj when fused (models/fused.py)
+    k = _row_bounds(proj["k_proj"], gain, d).reshape(kh, h)
     k = jnp.sqrt(k[:, : h // 2] ** 2 + k[:, h // 2:] ** 2)  # RoPE pairs (rotate-half layout)
-    v = _row_bounds(attn["v_proj"], gain, d).reshape(kh, h)
+    v = _row_bounds(proj["v_proj"], gain, d).reshape(kh, h)
 
     def pow2(bound):  # [K] -> smallest power of two >= bound / qmax (1 for an all-zero head)
         s = jnp.max(bound, axis=1) * (ROUNDING_SLACK / qmax)

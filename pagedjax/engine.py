@@ -91,7 +91,8 @@ class LLMEngine:
                 f"--max-num-batched-tokens {self.max_num_batched_tokens} is smaller than "
                 f"--max-model-len {self.max_model_len} with chunked prefill off: a long prompt "
                 "could never be scheduled; raise it or enable chunked prefill")
-        # tp > 1: params sharded (KV heads replicated when tp > K) before memory is measured
+        # q/k/v and gate/up fused (in place: loaded.params becomes the fused tree); tp > 1:
+        # params sharded (KV heads replicated when tp > K) before memory is measured
         self.tp = sharding.TensorParallel.build(cfg, loaded.params, args.tensor_parallel_size)
         num_blocks = self._num_blocks(args, loaded)
         self.spec = kv_pool.KVPoolSpec.for_model(self.tp.cfg, num_blocks, args.block_size,

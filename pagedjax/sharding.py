@@ -3,7 +3,9 @@ ONE rules table from logical axes to mesh axes, and ``shard_map`` only around at
 
 Megatron's layout, written as data: q/k/v and gate/up are split by their output (heads, MLP
 columns), o_proj and down_proj by their input, embedding and LM head by vocabulary rows; norms are
-replicated. The KV pool is split by KV head, so each device's attention reads only its own pages.
+replicated. q/k/v and gate/up run fused (``qkv_proj``, ``gate_up_proj``: models/fused.py), one
+block of rows per device on a leading axis, which is the axis split. The KV pool is split by KV
+head, so each device's attention reads only its own pages.
 jit propagates these shardings through the step and XLA inserts the collectives (an all-reduce
 after o_proj and after down_proj, an all-gather of the logits); nothing here calls one by hand.
 
@@ -25,6 +27,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from pagedjax.memory_report import kv_heads_per_device, per_device_config
 from pagedjax.models import ModelConfig
+from pagedjax.models.fused import fuse_projections, qkv_parts
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,8 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ("heads", TP),  # query heads (the flattened N*H rows of q_proj, columns of o_proj)
     ("kv_heads", TP),
     ("mlp", TP),
+    ("shards", TP),  # the leading axis of a fused projection: one block of rows per device
+    ("fused", None),  # the rows of one block of a fused projection (its heads / MLP columns)
     ("embed", None),
     ("head_dim", None),
     ("tokens", None),
@@ -53,12 +58,15 @@ PARAM_AXES: dict[tuple[str, str], tuple[str, ...]] = {
     ("k_proj", "bias"): ("kv_heads",),
     ("v_proj", "weight"): ("kv_heads", "embed"),
     ("v_proj", "bias"): ("kv_heads",),
+    ("qkv_proj", "weight"): ("shards", "fused", "embed"),  # models/fused.py
+    ("qkv_proj", "bias"): ("shards", "fused"),
     ("self_attn", "k_scale"): ("kv_heads",),  # fp8 KV cache scales (models/kv_scales.py)
     ("self_attn", "v_scale"): ("kv_heads",),
     ("o_proj", "weight"): ("embed", "heads"),
     ("o_proj", "bias"): ("embed",),
     ("gate_proj", "weight"): ("mlp", "embed"),
     ("up_proj", "weight"): ("mlp", "embed"),
+    ("gate_up_proj", "weight"): ("shards", "fused", "embed"),
     ("down_proj", "weight"): ("embed", "mlp"),
     ("input_layernorm", "weight"): ("embed",),
     ("post_attention_layernorm", "weight"): ("embed",),
@@ -162,7 +170,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def replicate_kv_heads(cfg: ModelConfig, params, tp: int) -> tuple[ModelConfig, Any]:
     """(cfg, params) with each KV head repeated so the KV head count is a multiple of ``tp``
     (unchanged when it already is). Head j of K becomes heads j*r .. j*r + r - 1 of K*r, so the
-    query heads of group j (N/K of them, now split over r devices) each find their own copy."""
+    query heads of group j (N/K of them, now split over r devices) each find their own copy.
+
+    When it expands, the tree is new down to each layer's ``self_attn``, whose q/k/v are new
+    arrays (k/v expanded, q copied; read from either layout, models/fused.py): fuse_projections
+    may consume them and the caller's own self_attn stays as it was. The mlp dicts are shared."""
     k, h = cfg.num_key_value_heads, cfg.head_dim
     k_new = kv_heads_per_device(cfg, tp) * tp
     if k_new == k:
@@ -179,9 +191,11 @@ def replicate_kv_heads(cfg: ModelConfig, params, tp: int) -> tuple[ModelConfig, 
 
     layers = []
     for layer in params["model"]["layers"]:
-        attn = dict(layer["self_attn"])
+        proj = qkv_parts(cfg, layer["self_attn"])
+        attn = {name: x for name, x in layer["self_attn"].items() if name != "qkv_proj"}
+        attn["q_proj"] = jax.tree.map(jnp.copy, proj["q_proj"])
         for name in ("k_proj", "v_proj"):
-            attn[name] = {key: expand(v) for key, v in attn[name].items()}
+            attn[name] = {key: expand(v) for key, v in proj[name].items()}
         layers.append({**layer, "self_attn": attn})
     params = {**params, "model": {**params["model"], "layers": layers}}
     return dataclasses.replace(cfg, num_key_value_heads=k_new), params
@@ -191,7 +205,8 @@ def replicate_kv_heads(cfg: ModelConfig, params, tp: int) -> tuple[ModelConfig, 
 class TensorParallel:
     """What the engine runs under ``--tensor-parallel-size``: the mesh (None at tp 1), the model
     config and params the step sees (KV heads expanded when tp > K; params already sharded, so
-    that the engine measures device memory after placement)."""
+    that the engine measures device memory after placement; q/k/v and gate/up fused for tp
+    devices, models/fused.py)."""
 
     tp: int
     mesh: Mesh | None
@@ -200,11 +215,16 @@ class TensorParallel:
 
     @classmethod
     def build(cls, cfg: ModelConfig, params, tp: int) -> "TensorParallel":
+        """The one place the engine's params are prepared. Fusing rewrites the caller's layer
+        dicts in place (fuse_projections), so ``params`` ends up fused too, not deleted."""
         check_tp(cfg, tp)
+        run_cfg = cfg
+        if params is not None:  # None: a stand-in device without weights
+            run_cfg, params = replicate_kv_heads(cfg, params, tp)
+            params = fuse_projections(run_cfg, params, tp)
         if tp == 1:
-            return cls(1, None, cfg, params)
+            return cls(1, None, run_cfg, params)
         mesh = make_mesh(tp)
-        run_cfg, params = replicate_kv_heads(cfg, params, tp)
         params = place_params(run_cfg, params, mesh)
         logger.info("tensor parallel %d over %s; per device: %d query heads, %d KV heads, %d MLP "
                     "columns", tp, [str(d) for d in mesh.devices.flat],

@@ -13,6 +13,7 @@ from pagedjax import kv_pool
 from pagedjax.attention import make_attend
 from pagedjax.models import forward_paged
 from pagedjax.models.decoder import _qkv, rms_norm, rope_inv_freq
+from pagedjax.models.fused import qkv_parts
 from pagedjax.models.kv_scales import layer_kv_scales, with_kv_scales
 
 E4M3 = 448.0
@@ -36,8 +37,8 @@ def test_no_k_or_v_value_exceeds_its_scale_and_the_bound_is_reached(model, reque
     for layer in m.params["model"]["layers"]:
         s_k, s_v = (np.asarray(s, np.float64) for s in layer_kv_scales(cfg, layer, E4M3))
         g = np.asarray(layer["input_layernorm"]["weight"], np.float64)
-        rows = {name: np.asarray(layer["self_attn"][name]["weight"], np.float64)
-                for name in ("k_proj", "v_proj")}
+        proj = qkv_parts(cfg, layer["self_attn"])  # the session's engines may have fused it
+        rows = {name: np.asarray(proj[name]["weight"], np.float64) for name in ("k_proj", "v_proj")}
         aligned = np.concatenate([sign * rows[n] * g for n in rows for sign in (1, -1)])
         x = np.concatenate([aligned, 100 * rng.standard_normal((64, cfg.hidden_size))])
         pos = jnp.asarray(rng.integers(0, cfg.max_position_embeddings, len(x)), jnp.int32)

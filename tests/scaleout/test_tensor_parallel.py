@@ -39,8 +39,10 @@ def test_tp_1_2_4_same_tokens_and_logprobs(name):
         k_pages = llm.engine.runner.pool[0][0]
         assert k_pages.shape[2] == k_run and k_pages.sharding.spec == P(None, None, "tp", None)
         assert {s.data.shape[2] for s in k_pages.addressable_shards} == {k_run // tp}
-        q = llm.engine.runner.params["model"]["layers"][0]["self_attn"]["q_proj"]["weight"]
-        assert q.sharding.spec == P("tp", None)
+        layer = llm.engine.runner.params["model"]["layers"][0]  # fused, one block per device
+        assert "q_proj" not in layer["self_attn"] and "gate_proj" not in layer["mlp"]
+        for w in (layer["self_attn"]["qkv_proj"]["weight"], layer["mlp"]["gate_up_proj"]["weight"]):
+            assert w.shape[0] == tp and w.sharding.spec == P("tp", None, None)
 
 
 @pytest.mark.parametrize("tp", [2, 4])
