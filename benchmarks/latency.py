@@ -7,6 +7,9 @@ end-to-end batch latency percentiles (p10/p50/p90/p99), time to first token (TTF
 output token after the first (TPOT) over every request of every measured iteration, the
 inter-step latency (ITL: wall time between consecutive engine steps), and the step shapes
 compiled during measured iterations (``compilations_after_warmup``, the target is 0).
+
+Then ``backend_parity`` (issue 4's check on the device itself): the engine's greedy tokens with
+the Pallas kernels must equal those with the pure-jnp reference attention.
 """
 from __future__ import annotations
 
@@ -40,6 +43,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-iters-warmup", type=int, default=2)
     p.add_argument("--num-iters", type=int, default=10)
+    p.add_argument("--parity-model", default="Qwen2.5-0.5B-Instruct",
+                   help="shipped config (dummy float32 weights) of the backend parity check")
+
+
+def backend_parity(args) -> dict:
+    """Greedy tokens of two engines on one model, one with the reference attention and one with
+    the Pallas kernels of this device (the GPU ones, interpreted, on the CPU).
+
+    float32 weights, activations and KV, and matmuls at "highest" precision, so that what is
+    compared is the attention kernels, not TF32 or bfloat16 rounding (with bf16 and dummy weights
+    the logits are near ties, and any change of summation order flips some argmaxes). Prompts of
+    1 to 700 tokens go through chunked prefill (256 tokens a step, so a prompt spans several
+    steps over its own paged context) and then decode. Not covered: the Mosaic GPU prefill kernel,
+    which takes bf16 / f16 only."""
+    from pagedjax import SamplingParams
+    from pagedjax.attention import resolve_backend
+    from pagedjax.config import EngineArgs
+    from pagedjax.models.loader import load_model
+
+    if args.tiny:
+        loaded = harness.load(argparse.Namespace(**{**vars(args), "dtype": "float32"}))
+        lens, new = [1, 17, 40], 4
+    else:
+        loaded = load_model(args.parity_model, load_format="dummy", dtype="float32", seed=0)
+        lens, new = [1, 17, 100, 300, 700], 32
+    prompts = harness.random_prompts(lens, loaded.cfg.vocab_size, 7)
+    sp = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=new)
+    pallas = resolve_backend("auto")
+    pallas = "pallas-gpu" if pallas == "reference" else pallas  # CPU: GPU kernels, interpreted
+    tokens, backends = {}, {}
+    with jax.default_matmul_precision("highest"):
+        for name, backend in (("reference", "reference"), ("pallas", pallas)):
+            ea = EngineArgs(max_model_len=1024, max_num_batched_tokens=256, max_num_seqs=8,
+                            attention_backend=backend, precompile=False, seed=0)
+            llm = harness.make_llm(loaded, ea)
+            backends[name] = backend
+            outs = harness.generate(llm, prompts, sp).outputs
+            tokens[name] = [o.outputs[0].token_ids for o in outs]
+            harness.release(llm)
+    ref, got = tokens["reference"], tokens["pallas"]
+    first_diff = [next((i for i, (a, b) in enumerate(zip(r, g)) if a != b), None)
+                  for r, g in zip(ref, got)]
+    out = {"model": args.parity_model if not args.tiny else "tiny", "dtype": "float32",
+           "matmul_precision": "highest", "backends": backends, "prompt_lens": lens,
+           "new_tokens": new, "identical": ref == got, "first_divergence": first_diff,
+           "reference_tokens": ref, "pallas_tokens": got}
+    logger.info("backend parity (%s vs %s): identical %s", backends["reference"],
+                backends["pallas"], out["identical"])
+    return out
 
 
 def _measure(llm, batch: int, input_len: int, args) -> dict:
@@ -129,6 +181,8 @@ def run(args) -> dict:
          "labels": [f"{r['batch']}x{r['input_len']}" for r in rows],
          "values": [r["tpot_p50_ms"] for r in rows], "rotation": 30},
     ], title=f"latency, {args.output_len} new tokens (batch x prompt length)")
-    write_result("latency", summary, figures, out=args.out)
     harness.release(llm)
+    figures["backend_parity"] = parity = backend_parity(args)
+    summary["greedy_identical_reference_vs_pallas"] = parity["identical"]
+    write_result("latency", summary, figures, out=args.out)
     return summary

@@ -55,9 +55,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0,
                    help="1.0 as the throughput benchmark (random sampling), 0 for greedy")
     p.add_argument("--top-kernels", type=int, default=25)
-    p.add_argument("--trace-prefill", action="store_true",
-                   help="also trace the prefill steps (mixed chunks of --max-num-batched-tokens "
-                        "tokens) and sum their kernels per step")
     p.add_argument("--keep-trace", type=_ints, default=[],
                    help="batch sizes whose raw trace is copied next to the JSON")
 
@@ -111,23 +108,14 @@ def summarize_trace(path: str, steps: int, top: int) -> dict:
                              for (a, b), v in gaps.most_common(top)]}
 
 
-def _trace(engine, steps: int | None, top: int, keep_to: str | None = None, until=None) -> dict:
-    """Trace ``steps`` engine steps, or (steps None) steps while ``until()`` holds."""
+def _trace(engine, steps: int, top: int, keep_to: str | None = None) -> dict:
     import jax
 
     with tempfile.TemporaryDirectory() as d:
         jax.profiler.start_trace(d, create_perfetto_trace=True)
         t0 = time.perf_counter()
-        if steps is None:
-            steps = 0
-            while until():
-                engine.step()
-                steps += 1
-            engine.step()  # the last prefill step's outputs
-            steps += 1
-        else:
-            for _ in range(steps):
-                engine.step()
+        for _ in range(steps):
+            engine.step()
         wall = time.perf_counter() - t0
         jax.profiler.stop_trace()
         files = sorted(glob.glob(f"{d}/**/*perfetto_trace.json.gz", recursive=True)
@@ -140,7 +128,6 @@ def _trace(engine, steps: int | None, top: int, keep_to: str | None = None, unti
 
             shutil.copy(files[-1], keep_to)
     out["wall_ms_per_step"] = wall / steps * 1e3  # profiling slows the host a little
-    out["steps"] = steps
     return out
 
 
@@ -156,12 +143,7 @@ def measure(llm, batch: int, args) -> dict:
     ids = [f"p{batch}-{i}" for i in range(batch)]
     for rid, p in zip(ids, prompts):
         e.add_request(rid, p, sp, stream=False)
-    prefilling = lambda: e.num_waiting or any(not s.output_token_ids  # noqa: E731
-                                              for s in e.scheduler.running)
-    prefill = None
-    if args.trace_prefill:  # the prefill steps themselves (compiled by the engine's precompile)
-        prefill = _trace(e, None, args.top_kernels, until=prefilling)
-    while prefilling():
+    while e.num_waiting or any(not s.output_token_ids for s in e.scheduler.running):
         e.step()  # prefill
     for _ in range(4):
         e.step()  # compile and warm the decode shape
@@ -176,7 +158,7 @@ def measure(llm, batch: int, args) -> dict:
     host_s = (e.stats.host_seconds - st0[0]) / args.steps
     wait_s = (e.stats.device_seconds - st0[1]) / args.steps
 
-    row = {"batch": batch, "input_len": args.input_len, "prefill_trace": prefill,
+    row = {"batch": batch, "input_len": args.input_len,
            "step_ms": step_s * 1e3, "host_ms": host_s * 1e3, "dispatch_wait_ms": wait_s * 1e3,
            "tok_s": batch / step_s, "compilations": e.runner.num_compilations - c0}
     if args.trace_steps:
@@ -219,12 +201,11 @@ def run(args) -> dict:
     print_table(rows, ["batch", "step_ms", "host_ms", "dispatch_wait_ms", "device_loop_ms",
                        "dispatch_ms",
                        "device_busy_ms", "tok_s", "tok_s_device_bound", "compilations"])
-    for r, t in [(r, r.get(k) or {}) for r in rows for k in ("prefill_trace", "trace")]:
+    for r in rows:
+        t = r.get("trace", {})
         if "by_category_ms" in t:
-            what = "prefill steps" if t is r.get("prefill_trace") else "decode"
-            print(f"batch {r['batch']} {what} ({t['steps']} steps, {t['wall_ms_per_step']:.2f} "
-                  "ms each): " + ", ".join(f"{k} {v:.2f} ms"
-                                           for k, v in t["by_category_ms"].items()))
+            print(f"batch {r['batch']}: " + ", ".join(f"{k} {v:.2f} ms"
+                                                      for k, v in t["by_category_ms"].items()))
             for k in t["top_kernels_ms"][:12]:
                 print(f"    {k['ms']:8.3f} ms  {k['category']:9s} {k['name'][:100]}")
             for g in t["idle_gaps_ms"][:8]:

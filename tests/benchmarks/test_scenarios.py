@@ -74,6 +74,10 @@ def test_latency(tmp_path):
         assert 0 < r["e2e_p10_s"] <= r["e2e_p50_s"] <= r["e2e_p99_s"]
         assert r["tpot_p50_ms"] > 0 and r["ttft_p50_ms"] > 0
     assert summary["b3_in8_e2e_p50_s"] == rows[1]["e2e_p50_s"]
+    parity = record["figures"]["backend_parity"]  # issue 4: Pallas (interpreted) vs reference
+    assert parity["backends"] == {"reference": "reference", "pallas": "pallas-gpu"}
+    assert parity["identical"] and summary["greedy_identical_reference_vs_pallas"]
+    assert [len(t) for t in parity["pallas_tokens"]] == [4, 4, 4]
 
 
 def test_capacity_quick(tmp_path):
