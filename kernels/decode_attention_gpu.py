@@ -6,7 +6,9 @@ for the whole group. It walks its split of the sequence's context ``block_kv`` t
 reading the block-table entry of every token (a gather of int32s that hits L1) and gathering the
 page rows ``[block_kv, H]`` straight out of the pool with an online softmax. With one split the
 kernel writes the output rows; with several it writes per-split partials (unnormalised output,
-running max, running sum) and a second small kernel merges them and writes the rows.
+running max, running sum) and a second small kernel merges them and writes the rows, reading
+every partial of its row in one round trip (5.3 -> 2.5 us at 1 x 32K on the H100; 1 x 32K then
+runs at 76% of the copy bandwidth: benchmarks/KERNEL_NOTES.md, session 5).
 
 Row slots: the step's rows are ragged (``query_start_loc``), and every output row must be written
 (padding rows as zeros) without an extra XLA pass. In a decode step each q_len is 0 or 1, so slot
@@ -17,9 +19,9 @@ nothing), so every row is written exactly once.
 
 fp8 KV (raw fp8 pages, kernels/quantization.py): the 1-byte values are gathered like bf16 ones
 (half the bytes) and converted to q's dtype in registers (``to_compute``); the static scale is the
-model's business, outside the kernel. On the H100 at 64 x 4096 this runs in 112 us at the
-dispatch defaults for these pages (two KV heads per program, 5 pipeline stages), 1.73x bf16's
-195 (benchmarks/results/gpu-nvidia_h100_80gb_hbm3/kernel.json; the variants behind those
+model's business, outside the kernel. On the H100 at 64 x 4096 this runs in 109 us at the
+dispatch defaults for these pages (two KV heads per program, 5 pipeline stages), 1.76x bf16's
+192 (benchmarks/results/gpu-nvidia_h100_80gb_hbm3/kernel.json; the variants behind those
 defaults: decode-probe-*/ and benchmarks/KERNEL_NOTES.md).
 
 Quantized KV (``QuantizedPages``: int8, or fp8 with scales): the values are converted the same way
