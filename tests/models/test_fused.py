@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pagedjax import LLM, kv_pool
-from pagedjax.attention import make_attend
-from pagedjax.models import forward_dense, forward_paged
+from pagedjax import LLM
+from pagedjax.models import forward_dense
 from pagedjax.models.fused import fuse_projections, gate_up_parts, qkv_parts
 from pagedjax.models.kv_scales import layer_kv_scales
 from pagedjax.sharding import TensorParallel
 from tests.conftest import TINY_QWEN, TinyModel, random_params
+from tests.models.paged_step import prefill_one_sequence
 
 
 def _cfg(n, k, bias=True, f=128):
@@ -105,20 +105,8 @@ def test_dense_and_paged_logits_unchanged(n, k, bias, r):
     np.testing.assert_allclose(np.asarray(dense(fused, tokens=tokens)),
                                np.asarray(dense(base, tokens=tokens)), rtol=1e-5, atol=1e-5)
 
-    t = 40
-    spec = kv_pool.KVPoolSpec.for_model(cfg, 4, 16, "float32")
-    meta = {"slot_mapping": jnp.arange(t, dtype=jnp.int32),
-            "block_tables": jnp.arange(4, dtype=jnp.int32)[None],
-            "context_lens": jnp.array([t], jnp.int32),
-            "query_start_loc": jnp.array([0, t], jnp.int32), "decode_only": False}
-    step = jax.jit(functools.partial(forward_paged, cfg=cfg, meta=meta,
-                                     attend=make_attend("reference")))
-    ids = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, t), jnp.int32)
-    (got, got_pool), (want, want_pool) = (
-        step(p, tokens=ids, positions=jnp.arange(t, dtype=jnp.int32),
-             kv_pool=kv_pool.allocate(spec), logits_indices=jnp.arange(t, dtype=jnp.int32))
-        for p in (fused, base))
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    (got, got_pool), (want, want_pool) = (prefill_one_sequence(cfg, p) for p in (fused, base))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(got_pool), jax.tree.leaves(want_pool)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 

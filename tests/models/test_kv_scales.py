@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pagedjax import kv_pool
-from pagedjax.attention import make_attend
-from pagedjax.models import forward_paged
 from pagedjax.models.decoder import _qkv, rms_norm, rope_inv_freq
 from pagedjax.models.fused import qkv_parts
 from pagedjax.models.kv_scales import layer_kv_scales, with_kv_scales
+from tests.models.paged_step import prefill_one_sequence
 
 E4M3 = 448.0
 
@@ -59,21 +56,8 @@ def test_scaled_model_computes_the_same_logits(model, request):
     output * s_v) gives the logits of the model without, while the pool holds k / s_k and v / s_v:
     the scales change what is stored and nothing else."""
     m = request.getfixturevalue(model)
-    cfg, t = m.cfg, 40
-    spec = kv_pool.KVPoolSpec.for_model(cfg, 4, 16, "float32")
-    meta = {"slot_mapping": jnp.arange(t, dtype=jnp.int32),
-            "block_tables": jnp.arange(4, dtype=jnp.int32)[None],
-            "context_lens": jnp.array([t], jnp.int32),
-            "query_start_loc": jnp.array([0, t], jnp.int32), "decode_only": False}
-    step = jax.jit(functools.partial(forward_paged, cfg=cfg, meta=meta,
-                                     attend=make_attend("reference")))
-    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, t), jnp.int32)
-
-    def run(params):
-        out, pool = step(params, tokens=tokens, positions=jnp.arange(t, dtype=jnp.int32),
-                         kv_pool=kv_pool.allocate(spec),
-                         logits_indices=jnp.arange(t, dtype=jnp.int32))
-        return np.asarray(out), pool
+    cfg = m.cfg
+    run = functools.partial(prefill_one_sequence, cfg)
 
     scaled = with_kv_scales(cfg, m.params, E4M3)
     base_logits, base_pool = run(m.params)
