@@ -93,30 +93,49 @@ class Scheduler:
             return batch  # no admissions in a step that had to preempt
         budget = self._swap_in(batch, budget)
         seats = self.seats_taken()  # summed once; admissions below add their own
+        # A beam that has its candidates waits, holding its blocks, until every sibling has
+        # theirs: a sibling in the waiting queue goes first (ahead of swapped sequences and older
+        # prompts, which may need those very blocks), or neither could ever run.
+        stalled = {s.request_id for s in self.running if s.num_uncomputed == 0
+                   and not s.last_token_pending}
+        for seq in [w for w in self.waiting if w.request_id in stalled]:
+            if len(self.running) >= self.max_num_seqs or budget <= 0:
+                break
+            n = self._admit(seq, batch, budget, seats)
+            if n is None:
+                break
+            budget, seats = budget - n, seats + seq.seats
         while (not self.swapped and self.waiting and len(self.running) < self.max_num_seqs
                and budget > 0):
             seq = self.waiting[0]
-            if self.running and seats + seq.seats > self.max_num_seqs:
+            n = self._admit(seq, batch, budget, seats)
+            if n is None:
                 break
-            if seq.last_token_pending:  # preempted while its final token was on the device
-                break
-            cached = 0
-            if seq.num_computed_tokens == 0 and not self.bm.table(seq.seq_id):
-                cached = self.bm.match_prefix(seq.seq_id, seq.tokens(0, seq.num_tokens))
-                seq.num_computed_tokens = cached
-            n = min(seq.num_uncomputed, budget)
-            if ((n < seq.num_uncomputed and not self.chunked)
-                    or not self.bm.can_append(seq.seq_id, seq.num_computed_tokens, n)):
-                if cached:  # give the cached blocks back until the sequence can start
-                    self.bm.free(seq.seq_id)
-                    seq.num_computed_tokens = 0
-                break
-            self.waiting.popleft()
-            self.insert_running(seq)
-            seats += seq.seats
-            self._take(batch, seq, n)
-            budget -= n
+            budget, seats = budget - n, seats + seq.seats
         return batch
+
+    def _admit(self, seq: Sequence, batch: ScheduledBatch, budget: int, seats: int) -> int | None:
+        """Move ``seq`` from waiting to running and schedule up to ``budget`` of its tokens;
+        returns how many, or None (nothing changed) when it cannot start this step."""
+        if self.running and seats + seq.seats > self.max_num_seqs:
+            return None
+        if seq.last_token_pending:  # preempted while its final token was on the device
+            return None
+        cached = 0
+        if seq.num_computed_tokens == 0 and not self.bm.table(seq.seq_id):
+            cached = self.bm.match_prefix(seq.seq_id, seq.tokens(0, seq.num_tokens))
+            seq.num_computed_tokens = cached
+        n = min(seq.num_uncomputed, budget)
+        if ((n < seq.num_uncomputed and not self.chunked)
+                or not self.bm.can_append(seq.seq_id, seq.num_computed_tokens, n)):
+            if cached:  # give the cached blocks back until the sequence can start
+                self.bm.free(seq.seq_id)
+                seq.num_computed_tokens = 0
+            return None
+        self.waiting.remove(seq)
+        self.insert_running(seq)
+        self._take(batch, seq, n)
+        return n
 
     def seats_taken(self) -> int:
         """Running slots in use: a sequence that will still fork (n > 1 before its prompt is

@@ -198,3 +198,19 @@ def test_the_property_workload_preempts_forks_and_fails(mode):
     assert any(t.failed for t in tracked.values()) and any(
         t.finished and not t.failed for t in tracked.values())
     assert (sched.num_preemptions_swap if mode == "swap" else sched.num_preemptions_recompute)
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_a_beam_sibling_is_admitted_ahead_of_what_its_blocks_hold_back(mode):
+    """Found by the test above (CI, session 5): one beam of a width-2 search holds its blocks
+    while it waits for its sibling's candidates; the sibling waits behind an older sequence
+    (swapped) that needs those very blocks. Before the fix nothing ever ran again in swap mode;
+    now the sibling is admitted first, and the workload drains. Recompute mode runs the same
+    workload through the waiting queue alone."""
+    config = {"num_gpu_blocks_override": 6, "max_num_seqs": 3, "max_num_batched_tokens": 8,
+              "enable_prefix_caching": False, "preemption_mode": mode}
+    ops = [("beam", 1, 1, 1), ("step", 1), ("add", 1, 1, 1, 0, False, 0), ("step", 1),
+           ("step", 1), ("add", 16, 10, 1, 0, False, 0), ("beam", 12, 2, 7),
+           ("add", 16, 10, 1, 0, False, 0)]
+    engine, _, tracked = run_ops(config, ops, 0)
+    assert engine.scheduler.num_preemptions > 0 and any(t.beam for t in tracked.values())
