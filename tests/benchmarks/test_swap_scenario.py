@@ -39,7 +39,9 @@ def test_swap_transfer_only_tiny(tmp_path):
     assert record["summary"] == json.loads(json.dumps(summary, default=float))
     assert summary["round_trip_bit_exact"] is True
     assert summary["swap_transfers"] == "in the swap programs"
-    assert summary["scatter_copies_pool"] in (True, False)
+    # XLA:CPU gives the swap-in scatter a pool-sized temporary; on the H100 it updates in place
+    # (NOTES.md): the figure is read from the compiled program, so a change shows here
+    assert summary["scatter_copies_pool"] is True
     for key in ("swap_pct_raw_bw", "swap_pct_raw_bw_large", "device_put_pct_raw_bw",
                 "swap_out_gb_s", "swap_in_gb_s", "raw_piece_d2h_gb_s", "raw_large_d2h_gb_s"):
         assert summary[key] > 0, key

@@ -18,6 +18,7 @@ from pagedjax.kernels.dispatch import ragged_paged_attention
 from tests.kernels.test_paged_attention import DECODE, check, random_batch
 from tests.kernels.test_quantized_kv import check as check_quantized
 from tests.kernels.test_quantized_kv import quantized_batch
+from tests.kernels.seeds import seed_of
 
 KVP2 = {"kv_heads_per_program": 2}
 
@@ -61,14 +62,14 @@ def decode(args, tuning):
 
 @pytest.mark.parametrize("dtype,n,k,h,bs,tuning", PLAIN)
 def test_decode_knobs_match_reference(dtype, n, k, h, bs, tuning):
-    args = random_batch(hash((dtype, n, k, h, bs, str(tuning))) % 2**31, DECODE, n, k, h, bs,
+    args = random_batch(seed_of(dtype, n, k, h, bs, str(tuning)), DECODE, n, k, h, bs,
                         dtype)
     check(decode(args, tuning), args, dtype)
 
 
 @pytest.mark.parametrize("name,dtype,n,k,h,bs,tuning", QUANTIZED)
 def test_decode_knobs_match_reference_quantized(name, dtype, n, k, h, bs, tuning):
-    args = quantized_batch(hash((name, n, k, h, bs, str(tuning))) % 2**31, DECODE, name, dtype,
+    args = quantized_batch(seed_of(name, n, k, h, bs, str(tuning)), DECODE, name, dtype,
                            n, k, h, bs)
     check_quantized(decode(args, tuning), args, dtype)
 

@@ -26,6 +26,7 @@ from pagedjax.kernels.dispatch import decode_defaults, ragged_paged_attention, w
 from pagedjax.kernels.quantization import qmax, saturate, storage_dtype
 from tests.kernels.test_paged_attention import DECODE, RAGGED, random_batch
 from tests.kernels.test_quantized_kv import check
+from tests.kernels.seeds import seed_of
 
 # (kv dtype, q dtype, N, K, H, block_size): K = 2 takes the kvp-2 decode default, K = 1 cannot
 CASES = [
@@ -43,9 +44,6 @@ def raw_batch(seed, seqs, name, dtype, n, k, h, bs):
     fp8 = storage_dtype(name)
     return (q.astype(dtype), saturate(kp * mag, fp8), saturate(vp * mag[::-1], fp8), *meta)
 
-
-def seed_of(*key):
-    return hash(key) % 2**31
 
 
 # ---- attention kernels -------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pagedjax.kernels import paged_attention_ref
 from pagedjax.kernels.quantization import is_quantized
 from pagedjax.kernels.dispatch import ragged_paged_attention
+from tests.kernels.seeds import seed_of
 
 LONG = 150
 TOL = {"float32": 1e-3, "bfloat16": 1e-2}
@@ -80,7 +81,7 @@ def check(out, args, dtype, tol=TOL):
       for c in CASES[1:4]],
 ])
 def test_gpu_decode(dtype, n, k, h, bs, tuning):
-    args = random_batch(hash((dtype, n, k, h, bs)) % 2**31, DECODE, n, k, h, bs, dtype)
+    args = random_batch(seed_of(dtype, n, k, h, bs), DECODE, n, k, h, bs, dtype)
     out = ragged_paged_attention(*args, backend="pallas-gpu", interpret=True, decode_only=True,
                                  **tuning)
     check(out, args, dtype)
@@ -88,7 +89,7 @@ def test_gpu_decode(dtype, n, k, h, bs, tuning):
 
 @pytest.mark.parametrize("dtype,n,k,h,bs", CASES)
 def test_gpu_ragged(dtype, n, k, h, bs):
-    args = random_batch(hash((dtype, n, k, h, bs, 1)) % 2**31, RAGGED, n, k, h, bs, dtype)
+    args = random_batch(seed_of(dtype, n, k, h, bs, 1), RAGGED, n, k, h, bs, dtype)
     out = ragged_paged_attention(*args, backend="pallas-gpu", interpret=True, block_m=16,
                                  block_n=16 if bs != 32 else 32)
     check(out, args, dtype)
@@ -114,7 +115,7 @@ def test_gpu_decode_fewer_rows_than_seqs():
 
 @pytest.mark.parametrize("dtype,n,k,h,bs", CASES)
 def test_tpu_decode(dtype, n, k, h, bs):
-    args = random_batch(hash((dtype, n, k, h, bs, 2)) % 2**31, DECODE, n, k, h, bs, dtype)
+    args = random_batch(seed_of(dtype, n, k, h, bs, 2), DECODE, n, k, h, bs, dtype)
     out = ragged_paged_attention(*args, backend="pallas-tpu", interpret=True, decode_only=True,
                                  pages_per_block=3)
     check(out, args, dtype)
@@ -122,7 +123,7 @@ def test_tpu_decode(dtype, n, k, h, bs):
 
 @pytest.mark.parametrize("dtype,n,k,h,bs", CASES)
 def test_tpu_ragged(dtype, n, k, h, bs):
-    args = random_batch(hash((dtype, n, k, h, bs, 3)) % 2**31, RAGGED, n, k, h, bs, dtype)
+    args = random_batch(seed_of(dtype, n, k, h, bs, 3), RAGGED, n, k, h, bs, dtype)
     out = ragged_paged_attention(*args, backend="pallas-tpu", interpret=True, block_q=8,
                                  pages_per_block=2)
     check(out, args, dtype)

@@ -20,6 +20,7 @@ from pagedjax.kernels.dispatch import ragged_paged_attention, write_kv
 from pagedjax.kernels.quantization import QUANTIZED_DTYPES, qmax, quantize, row_scale
 from tests.kernels.test_paged_attention import DECODE, RAGGED, random_batch
 from tests.kernels.test_paged_attention import check as check_plain
+from tests.kernels.seeds import seed_of
 
 NAMES = list(QUANTIZED_DTYPES)
 TOL = {"float32": 2e-3, "bfloat16": 1.5e-2}
@@ -118,7 +119,7 @@ def test_write_kv_quantizes_like_the_reference(name, backend):
       for c in CASES[::3]],
 ])
 def test_gpu_decode(name, dtype, n, k, h, bs, tuning):
-    args = quantized_batch(hash((name, n, k, h, bs)) % 2**31, DECODE, name, dtype, n, k, h, bs)
+    args = quantized_batch(seed_of(name, n, k, h, bs), DECODE, name, dtype, n, k, h, bs)
     out = ragged_paged_attention(*args, backend="pallas-gpu", interpret=True, decode_only=True,
                                  **tuning)
     check(out, args, dtype)
@@ -126,7 +127,7 @@ def test_gpu_decode(name, dtype, n, k, h, bs, tuning):
 
 @pytest.mark.parametrize("name,dtype,n,k,h,bs", CASES)
 def test_gpu_ragged(name, dtype, n, k, h, bs):
-    args = quantized_batch(hash((name, n, k, h, bs, 1)) % 2**31, RAGGED, name, dtype, n, k, h, bs)
+    args = quantized_batch(seed_of(name, n, k, h, bs, 1), RAGGED, name, dtype, n, k, h, bs)
     out = ragged_paged_attention(*args, backend="pallas-gpu", interpret=True, block_m=16,
                                  block_n=16 if bs != 32 else 32)
     check(out, args, dtype)
@@ -134,7 +135,7 @@ def test_gpu_ragged(name, dtype, n, k, h, bs):
 
 @pytest.mark.parametrize("name,dtype,n,k,h,bs", CASES)
 def test_tpu_decode(name, dtype, n, k, h, bs):
-    args = quantized_batch(hash((name, n, k, h, bs, 2)) % 2**31, DECODE, name, dtype, n, k, h, bs)
+    args = quantized_batch(seed_of(name, n, k, h, bs, 2), DECODE, name, dtype, n, k, h, bs)
     out = ragged_paged_attention(*args, backend="pallas-tpu", interpret=True, decode_only=True,
                                  pages_per_block=3)
     check(out, args, dtype)
@@ -142,7 +143,7 @@ def test_tpu_decode(name, dtype, n, k, h, bs):
 
 @pytest.mark.parametrize("name,dtype,n,k,h,bs", CASES)
 def test_tpu_ragged(name, dtype, n, k, h, bs):
-    args = quantized_batch(hash((name, n, k, h, bs, 3)) % 2**31, RAGGED, name, dtype, n, k, h, bs)
+    args = quantized_batch(seed_of(name, n, k, h, bs, 3), RAGGED, name, dtype, n, k, h, bs)
     out = ragged_paged_attention(*args, backend="pallas-tpu", interpret=True, block_q=8,
                                  pages_per_block=2)
     check(out, args, dtype)
