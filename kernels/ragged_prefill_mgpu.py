@@ -38,10 +38,10 @@ setmaxnreg: Mosaic GPU's sm90 path; not Blackwell). T is padded up to a multiple
 CTA per head per 128 rows: 28 CTAs at q_len 128). jax 0.10.2's Mosaic GPU interpret mode cannot
 run it (single grid block only; no ``run_state``/``layout_cast``), so the CPU tests check the
 index/mask/range logic through ``prefill_attention_twin`` (built from the same helpers) and that
-the kernel lowers to wgmma/TMA for CUDA; ``benchmarks/prefill_mgpu_probe.py`` checks the real
+the kernel lowers to wgmma/TMA for CUDA; ``benchmarks/experiments/prefill_mgpu_probe.py`` checks the real
 kernel on the GPU.
 
-Measured (H100 80GB HBM3, jax 0.11.2, one run of ``python -m benchmarks.prefill_mgpu_probe``,
+Measured (H100 80GB HBM3, jax 0.11.2, one run of ``python -m benchmarks.experiments.prefill_mgpu_probe``,
 results in ``benchmarks/results/gpu-nvidia_h100_80gb_hbm3/prefill_mgpu.json``; Qwen2.5-7B heads
 28 q / 4 kv / 128, bf16, page 16, device time; TFLOP/s, mean of 2-3 repeats):
 

@@ -14,7 +14,7 @@
    in ``TRACED``, summed per kernel (split programs, merge) and against the device's span, so the
    launch gaps between the kernels show as span minus busy time.
 
-``python -m benchmarks.decode_probe --out DIR`` (prints a table, writes decode-probe.json).
+``python -m benchmarks.experiments.decode_probe --out DIR`` (prints a table, writes decode-probe.json).
 """
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def _trace(b, fn, q, pages, tables, cl, qsl, rot, tun, calls=64):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.decode_probe")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.experiments.decode_probe")
     kb.add_arguments(p)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)

@@ -1,6 +1,6 @@
 """Device time of the sampler per step at the engine's row counts (Qwen2.5 vocabulary), and of
 the Gumbel noise alone under each PRNG implementation: is random sampling a measurable part of a
-decode step? ``python -m benchmarks.sampler_probe --out DIR`` (prints a table, writes JSON)."""
+decode step? ``python -m benchmarks.experiments.sampler_probe --out DIR`` (prints a table, writes JSON)."""
 from __future__ import annotations
 
 import argparse
@@ -31,7 +31,7 @@ def _noise(impl: str, seeds, counters, vocab: int):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.sampler_probe")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.experiments.sampler_probe")
     p.add_argument("--out", default=None)
     p.add_argument("--vocab", type=int, default=152064)
     p.add_argument("--rows", default="1,128,256,352")

@@ -1,7 +1,7 @@
 """Prefill attention on the GPU: the Mosaic GPU kernel (kernels/ragged_prefill_mgpu.py) against
 our Triton ragged kernel and cuDNN flash attention, checked and timed in one run.
 
-    python -m benchmarks.prefill_mgpu_probe --out DIR    # on the H100: DIR/prefill_mgpu.json
+    python -m benchmarks.experiments.prefill_mgpu_probe --out DIR    # on the H100: DIR/prefill_mgpu.json
 
 Qwen2.5-7B heads (28 q / 4 kv / 128), bf16, pages of 16 in a randomly permuted pool. Two cases:
 causal prefill of 8K tokens (q_len = ctx = 8192) and a 2K chunk over 6K of paged context
@@ -35,9 +35,9 @@ from pagedjax.kernels import paged_attention_ref
 from pagedjax.kernels.dispatch import ragged_paged_attention
 from pagedjax.kernels.ragged_prefill_mgpu import ragged_prefill_mgpu
 
-from . import common, kernel
-from .common import as_f32, rel_err
-from .kernel import Bench
+from benchmarks import common, kernel
+from benchmarks.common import as_f32, rel_err
+from benchmarks.kernel import Bench
 
 N, K, H, BS = 28, 4, 128, 16
 CONFIGS = [  # the default first
@@ -139,7 +139,7 @@ def main() -> None:
     summary: dict = {}
     scale = H ** -0.5
     # (the JSON's top-level "command" reads "python -m benchmarks ARGS"; this is the real one)
-    rec["probe_command"] = " ".join(["python -m benchmarks.prefill_mgpu_probe", *sys.argv[1:]])
+    rec["probe_command"] = " ".join(["python -m benchmarks.experiments.prefill_mgpu_probe", *sys.argv[1:]])
 
     def save():
         common.write_result("prefill_mgpu", summary, rec, args.out)
