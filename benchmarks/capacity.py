@@ -1,15 +1,18 @@
 """capacity: max_model_len vs concurrency: KV tokens, max concurrency, tok/s at that concurrency.
 
 The post-mortem's table, measured. For each ``--max-model-lens`` value an engine starts at
-``--gpu-memory-utilization`` (0.9) and sizes its KV pool from free device memory; vLLM's "maximum
+``--gpu-memory-utilization`` (0.9) of the device's total memory, as vLLM does, and sizes its KV
+pool from it (``summary["kv_pool_gib_at_0_9"]``; ``planner_matches_engine``: ``pagedjax plan``
+given the same device memory, ``device_memory_gib``, predicts the same pool); vLLM's "maximum
 concurrency" is pool tokens / max_model_len, the requests of the full length that fit at once.
 Then that many requests, each a ``--input-len`` (1000) token prompt generating ``--output-len``
 (512) tokens with ``ignore_eos``, are submitted at once and timed: output tok/s, how many ran at
 once (``max_running``), preemptions, and step shapes compiled during the measured run.
 
 A paged pool does not depend on max_model_len (the table shows it), and a step's shapes depend on
-the requests, not on max_model_len: so one engine, at the longest max_model_len with the same pool
-and ``--max-num-seqs`` = the largest concurrency, runs every row, after one warm-up pass of the
+the requests, not on max_model_len: so one engine, at the longest max_model_len with
+``--max-num-seqs`` = the largest concurrency (its pool a little smaller: more rows to sample),
+runs every row, after one warm-up pass of the
 largest row's workload (``--warmup same``). The rows run smallest first and the JSON is rewritten
 after each, so a run cut short keeps its finished rows.
 
@@ -30,11 +33,13 @@ import jax
 
 from benchmarks import harness, plots
 from benchmarks.common import print_table, results_dir, write_result
-from pagedjax import kv_pool
+from pagedjax import device_memory, kv_pool
 from pagedjax.kv_pool import GiB
 from pagedjax.memory_report import memory_report, resolve_kv_dtype
 
 logger = logging.getLogger(__name__)
+
+NOMINAL_GPU_MEMORY = 80 * GiB  # `pagedjax plan --gpu-memory 80GiB`, the H100's nominal size
 
 FULL = {"max_model_lens": [2048, 4096, 8192, 32768], "input_len": 1000, "output_len": 512,
         "max_concurrency_cap": None}
@@ -72,13 +77,17 @@ def _probe(loaded, args, max_model_len: int, **overrides) -> dict:
     except ValueError as e:  # the pool cannot hold one sequence of this length
         return {**row, "error": str(e)}
     spec = llm.engine.spec
-    # what `pagedjax plan --device` predicts: the same arithmetic, but weights from the config
-    # instead of the bytes the loaded model really occupies
-    stats = jax.local_devices()[0].memory_stats() if jax.local_devices()[0].platform != "cpu" else None
-    plan = memory_report(loaded.cfg, llm.engine.args, loaded.dtype,
-                         total_bytes=stats["bytes_limit"] if stats else None,
+    # what `pagedjax plan --gpu-memory <this device's memory>` predicts: the same arithmetic, but
+    # weights from the config instead of the bytes the loaded model really occupies
+    total = device_memory.device_bytes(jax.local_devices()[0])
+    plan = memory_report(loaded.cfg, llm.engine.args, loaded.dtype, total_bytes=total,
                          max_model_len=max_model_len)
-    row.update(planner_blocks=plan["num_blocks"], planner_max_concurrency=plan["max_concurrency"])
+    row.update(planner_blocks=plan["num_blocks"], planner_max_concurrency=plan["max_concurrency"],
+               device_memory_bytes=total)
+    if total is not None:  # the planner given the card's nominal size instead
+        nominal = memory_report(loaded.cfg, llm.engine.args, loaded.dtype,
+                                total_bytes=NOMINAL_GPU_MEMORY, max_model_len=max_model_len)
+        row["planner_blocks_at_80gib"] = nominal["num_blocks"]
     row.update(kv_cache_tokens=spec.num_tokens, kv_cache_gib=spec.total_bytes / GiB,
                kv_cache_blocks=spec.num_blocks, max_concurrency=spec.num_tokens / max_model_len,
                max_num_batched_tokens=llm.engine.max_num_batched_tokens)
@@ -127,11 +136,13 @@ def run(args) -> dict:
         # the step shapes compiled for the largest batch serve the smaller ones.
         top = max(ok, key=lambda r: r["max_model_len"])
         biggest = max(r["requests"] for r in ok)
+        # sized by the engine itself: with more sequences per step than the probes' default
+        # --max-num-seqs its sampler needs more memory, so the pool is a little smaller
         llm = harness.make_llm(loaded, harness.engine_args(
             args, max_model_len=top["max_model_len"], max_num_seqs=biggest,
-            num_gpu_blocks_override=min(r["kv_cache_blocks"] for r in ok),
             max_num_batched_tokens=top["max_num_batched_tokens"]))
-        warm = harness.precompile_figures(llm.engine)
+        warm = {"measuring_engine_blocks": llm.engine.spec.num_blocks}
+        warm |= harness.precompile_figures(llm.engine)
         if args.warmup == "same":
             prompts = harness.random_prompts([args.input_len] * biggest,
                                              llm.engine.cfg.vocab_size, args.seed + 1)
@@ -152,9 +163,19 @@ def run(args) -> dict:
 
 
 def _summary(rows: list[dict], args, base: dict | None = None) -> dict:
+    sized = [r for r in rows if "kv_cache_blocks" in r]
+    total = next((r["device_memory_bytes"] for r in sized if r["device_memory_bytes"]), None)
     summary = {"compilations_after_warmup": sum(r.get("compilations", 0) for r in rows),
-               "planner_matches_engine": all(r.get("planner_blocks") == r.get("kv_cache_blocks")
-                                             for r in rows if "kv_cache_blocks" in r),
+               # within one block: the engine counts the weights it measured, the planner the
+               # config's (a few bytes apart)
+               "planner_matches_engine": all(abs(r["planner_blocks"] - r["kv_cache_blocks"]) <= 1
+                                             for r in sized),
+               "kv_pool_gib": sized[0]["kv_cache_gib"] if sized else None,
+               "kv_pool_gib_at_0_9": (sized[0]["kv_cache_gib"] if sized and
+                                      args.gpu_memory_utilization == 0.9 else None),
+               "device_memory_gib": None if total is None else total / GiB,
+               "planner_blocks_at_80gib": sized[0].get("planner_blocks_at_80gib") if sized
+               else None,
                "kv_cache_dtype": args.kv_cache_dtype}
     if base is not None:
         prefix = "fp8" if args.kv_cache_dtype.startswith("fp8") else args.kv_cache_dtype

@@ -1,8 +1,18 @@
 """pagedjax: a KV-cache-aware LLM inference engine in JAX and Pallas."""
-from .beam_search import BeamSearchOutput, BeamSearchParams
-from .config import EngineArgs
-from .llm import LLM
-from .outputs import CompletionOutput, RequestOutput
-from .sampling_params import SamplingParams
+import importlib
+
+# Loaded on first use, so that ``pagedjax.cli`` can check a command's flags before JAX and the
+# engine are imported (a bad flag fails at once, not after seconds of imports).
+_EXPORTS = {"BeamSearchOutput": ".beam_search", "BeamSearchParams": ".beam_search",
+            "EngineArgs": ".config", "LLM": ".llm", "CompletionOutput": ".outputs",
+            "RequestOutput": ".outputs", "SamplingParams": ".sampling_params"}
 
 __all__ = ["BeamSearchOutput", "BeamSearchParams", "LLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pagedjax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value

@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 
-from . import faults, kv_pool, sharding, swap
+from . import device_memory, faults, kv_pool, sharding, swap
 from .beam_search import BeamSearchParams, BeamState
 from .block_manager import BlockManager
 from .config import EngineArgs
@@ -72,6 +72,7 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, args: EngineArgs, loaded=None):
         self.args = args
+        device_memory.configure_allocator(args.gpu_memory_utilization)  # before JAX starts
         if loaded is None:
             from pagedjax.models.loader import load_model
 
@@ -150,7 +151,7 @@ class LLMEngine:
         dev = jax.local_devices()[0]  # multi-host: devices()[0] may be another process's
         stats = dev.memory_stats() if dev.platform != "cpu" else None
         self.memory = memory_report(self.cfg, args, self.dtype,
-                                    total_bytes=stats["bytes_limit"] if stats else None,
+                                    total_bytes=device_memory.device_bytes(dev),
                                     weights=stats["bytes_in_use"] if stats else None,
                                     max_model_len=self.max_model_len)
         logger.info(format_memory_report(self.memory))

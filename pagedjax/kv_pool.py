@@ -156,7 +156,8 @@ def log_capacity(spec: KVPoolSpec, max_model_len: int) -> None:
                 spec.block_size, spec.num_tokens, spec.total_bytes / GiB, spec.dtype,
                 ", bf16 scale per token and KV head" if spec.token_scales else
                 ", static scale per layer and KV head" if spec.static_scales else "")
-    logger.info("GPU KV cache size: %d tokens", spec.num_tokens)
+    where = "GPU " if jax.local_devices()[0].platform == "gpu" else ""  # vLLM's line, on a GPU
+    logger.info("%sKV cache size: %d tokens", where, spec.num_tokens)
     logger.info("Maximum concurrency for %d tokens per request: %.2fx", max_model_len,
                 spec.num_tokens / max_model_len)
 

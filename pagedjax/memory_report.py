@@ -5,6 +5,9 @@ One device's memory is split as vLLM splits it::
     device memory x gpu_memory_utilization = weights + profiling peak + KV pool (+ rounding)
     free = device memory - weights - profiling peak - KV pool
 
+"Device memory" is the device's total (what CUDA reports: an "80 GB" H100 reports 79.18 GiB),
+not JAX's allocator limit (75% of it unless configured; :mod:`pagedjax.device_memory`).
+
 Every figure is per device. Under tensor parallelism a device holds a slice of the model; that
 slice is described by :func:`per_device_config`, a sizing view whose ``num_params()`` is the
 device's share of the weights and whose KV heads are the heads one device stores. The pool is
@@ -83,17 +86,25 @@ def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str, tp: int = 1) -> int:
     return kv_pool.kv_bytes_per_token(per_device_config(cfg, tp), kv_dtype)
 
 
+SAMPLER_ROW_ARRAYS = 6  # [S, V] float32 arrays live in the sampler's top-p/top-k/min-p path
+XLA_WORKSPACE_BYTES = 512 << 20  # cuBLAS / autotuning workspaces and allocator fragmentation
+
+
 def profile_peak_bytes_estimate(cfg: ModelConfig, max_num_batched_tokens: int, dtype: str,
                                 max_num_seqs: int | None = None) -> int:
     """Activation peak of one engine step at the full token budget, an estimate until the engine
     measures it (vLLM measures a profiling run at ``max_num_batched_tokens``).
 
-    With T = max_num_batched_tokens rows and S = min(T, max_num_seqs) sampled rows, the largest
-    set live at once is one layer's tensors plus the sampler's logits::
+    With T = max_num_batched_tokens rows and S = min(T, max_num_seqs) sampled rows::
 
-        T x (2 D + (N + 2 K) H + 3 F) x dtype bytes   residual + normed input, q/k/v, gate/up/act
-      + 2 x S x V x 4                                 float32 logits and their softmax
+        T x (2 D + (N + 2 K) H + 3 F) x dtype bytes   one layer: residual + normed input,
+                                                      q/k/v, gate/up/act
+      + 6 x S x V x 4                                 the sampler's float32 rows: logits, scaled,
+                                                      sorted, softmax, cumsum, Gumbel noise
+      + 512 MiB                                       XLA's workspaces and fragmentation
 
+    It must not fall short: JAX's allocator is capped at ``--gpu-memory-utilization`` of the
+    device (:mod:`pagedjax.device_memory`), so what the estimate misses the step cannot get.
     It assumes a flash-style attention kernel (no T x T score matrix) and no cross-layer
     activations (inference keeps none). Pass a per-device config for tensor parallelism.
     """
@@ -102,7 +113,7 @@ def profile_peak_bytes_estimate(cfg: ModelConfig, max_num_batched_tokens: int, d
     d, f, n, k, h = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
                      cfg.num_key_value_heads, cfg.head_dim)
     layer = t * (2 * d + (n + 2 * k) * h + 3 * f) * dtype_bytes(dtype)
-    return layer + 2 * s * cfg.vocab_size * 4
+    return layer + SAMPLER_ROW_ARRAYS * s * cfg.vocab_size * 4 + XLA_WORKSPACE_BYTES
 
 
 def default_max_num_batched_tokens(args: EngineArgs, max_model_len: int) -> int:
@@ -152,7 +163,8 @@ def memory_report(cfg: ModelConfig, args: EngineArgs, dtype: str, *,
     """Weights / profiling peak / KV pool / free for one device, in GiB, and the pool it implies.
 
     The engine calls this at start-up and allocates ``report["num_blocks"]`` blocks:
-    ``total_bytes`` is the device's ``memory_stats()["bytes_limit"]`` (None on the CPU),
+    ``total_bytes`` is the device's memory (:func:`pagedjax.device_memory.device_bytes`: its
+    total on a GPU, None on the CPU),
     ``weights`` the measured bytes in use after loading and ``profile_peak`` the measured peak of
     a profiling step; either left None is computed from the config (weights at ``dtype``; the
     peak by :func:`profile_peak_bytes_estimate`). The pool's budget, in the engine's order:

@@ -13,6 +13,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import re
+import socket
+import urllib.parse
 from pathlib import Path
 
 from pagedjax import kv_pool
@@ -32,6 +36,25 @@ class ResolvedModel:
     source: str
     tokenizer: tuple[str, str | None] | None = None  # (folder or hub id, gguf file name)
     gguf_tensor_bytes: int | None = None  # tensors as stored in the file (quantised)
+    note: str | None = None  # how the name was resolved, when it is not the obvious way
+
+
+_VARIANT_WORDS = {"chat", "instruct", "it", "hf"}
+
+
+def _base_name(name: str) -> str:
+    """``meta-llama/Llama-2-70b-chat-hf`` -> ``llama-2-70b``: the org and variant words dropped."""
+    words = re.split(r"[-_]", name.rsplit("/", 1)[-1].lower())
+    return "-".join(w for w in words if w not in _VARIANT_WORDS)
+
+
+def same_shape_config(model: str) -> Path | None:
+    """The shipped config of the same model without its chat/instruct suffix, if exactly one."""
+    from pagedjax.models import dummy
+
+    found = [p for stem, p in dummy.shipped_configs().items()
+             if _base_name(stem) == _base_name(model)]
+    return found[0] if len(found) == 1 else None
 
 
 def _from_json(path: Path, kind: str, name: str, tokenizer=None) -> ResolvedModel:
@@ -55,10 +78,42 @@ def _from_gguf(path: Path) -> ResolvedModel:
     return ResolvedModel(cfg, "GGUF", str(path), (str(path.parent), path.name), stored)
 
 
+def _hub_reachable() -> None:
+    """Raise OSError at once when the hub cannot be reached, instead of huggingface_hub's retries
+    (half a minute offline). Behind a proxy the proxy decides: no direct probe then."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise OSError("HF_HUB_OFFLINE is set and it is not in the local cache")
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+
+
+def _offline_first(load):
+    """``load(local_files_only)``: the local Hugging Face cache first, then the hub if it can be
+    reached, with huggingface_hub's retry warnings silenced (the final error is reported once)."""
+    from huggingface_hub.utils import logging as hf_logging
+
+    try:
+        return load(True)
+    except Exception:
+        pass
+    _hub_reachable()
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return load(False)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _hub_config_path(repo_id: str) -> Path:
     from huggingface_hub import hf_hub_download
 
-    return Path(hf_hub_download(repo_id, "config.json"))  # the config only, never the weights
+    return Path(_offline_first(  # the config only, never the weights
+        lambda local: hf_hub_download(repo_id, "config.json", local_files_only=local)))
 
 
 def resolve_model(model: str) -> ResolvedModel:
@@ -80,6 +135,14 @@ def resolve_model(model: str) -> ResolvedModel:
     if shipped is not None:
         return _from_json(shipped, "shipped config", shipped.stem,
                           (model, None) if hub_like else None)
+    shipped = same_shape_config(model)
+    if shipped is not None:
+        res = _from_json(shipped, "shipped config", shipped.stem,
+                         (model, None) if hub_like else None)
+        note = (f"--model {model}: not shipped by that name; using the shipped config "
+                f"{shipped.stem}, the same model without its chat/instruct suffix (fine-tunes "
+                "keep their base's shape), offline. Pass a config.json for another shape.")
+        return dataclasses.replace(res, note=note)
     names = ", ".join(sorted(dummy.shipped_configs())) or "none"
     if not hub_like or model.endswith((".gguf", ".json")):
         raise ValueError(f"--model {model!r}: unknown model: no such file or folder and not a "
@@ -104,11 +167,25 @@ def resolve_dtype(dtype: str) -> str:
 
 
 def load_tokenizer(source: str, gguf_file: str | None = None):
-    """The loaders' tokenizer loading, with an error instead of None."""
+    """The loaders' tokenizer loading, with an error instead of None; a hub id's from the local
+    cache first, and the hub only if it can be reached."""
     from pagedjax.models import gguf_loader, hf
 
-    tok = (gguf_loader.load_gguf_tokenizer(Path(source) / gguf_file) if gguf_file
-           else hf.load_tokenizer(source))
+    if gguf_file:
+        tok = gguf_loader.load_gguf_tokenizer(Path(source) / gguf_file)
+    elif Path(source).expanduser().exists():
+        tok = hf.load_tokenizer(source)
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = _offline_first(lambda local: AutoTokenizer.from_pretrained(
+                source, trust_remote_code=False, local_files_only=local))
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ValueError(f"could not load a tokenizer for {source!r} from the local cache or "
+                             f"the hub ({type(e).__name__}: {first}): pass --tokenizer with a "
+                             'folder or .gguf, or log token counts ("prompt_tokens": N)') from None
     if tok is None:
         raise ValueError(f"could not load a tokenizer from {source!r}"
                          f"{f' (gguf_file={gguf_file!r})' if gguf_file else ''}: pass --tokenizer "
@@ -116,17 +193,23 @@ def load_tokenizer(source: str, gguf_file: str | None = None):
     return tok
 
 
-def device_memory_bytes() -> int:
-    """The first JAX device's memory limit (``memory_stats()["bytes_limit"]``)."""
+def device_memory_bytes(gpu_memory_utilization: float) -> int:
+    """The first JAX device's memory, as the engine reads it (its total on a GPU:
+    :func:`pagedjax.device_memory.device_bytes`). JAX is told not to preallocate, so that
+    planning on a busy GPU takes nothing from the server running there."""
+    from pagedjax import device_memory
+
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    device_memory.configure_allocator(gpu_memory_utilization)
     import jax
 
     d = jax.devices()[0]
-    stats = d.memory_stats() if d.platform != "cpu" else None
-    if not stats or "bytes_limit" not in stats:
-        raise ValueError(f"--device: the first JAX device ({d.platform}) reports no memory "
-                         "limit, so there is nothing to read; give the device's memory with "
-                         "--gpu-memory, e.g. --gpu-memory 80GiB")
-    return int(stats["bytes_limit"])
+    total = device_memory.device_bytes(d)
+    if total is None:
+        raise ValueError(f"--device: the first JAX device is a {d.platform}, which has no "
+                         "device memory to read; give the device's memory with --gpu-memory, "
+                         "e.g. --gpu-memory 80GiB")
+    return total
 
 
 def _size_arg(text: str) -> int:
@@ -148,7 +231,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="report the smallest device memory for C sequences of --max-model-len "
                         "tokens (default: the model's maximum)")
     g.add_argument("--requests", default=None, metavar="LOG.jsonl",
-                   help="a request log: OpenAI completion or chat bodies, one per line")
+                   help="a request log, one JSON object per line: OpenAI completion or chat "
+                        'bodies (text needs a tokenizer), or {"prompt_tokens": N, '
+                        '"max_tokens": M} / an OpenAI response with "usage" (no tokenizer)')
     g.add_argument("--max-tokens", type=int, default=512,
                    help="new tokens to budget per request for --requests (default 512)")
     g.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -175,19 +260,22 @@ def plan(args: argparse.Namespace) -> dict:
                          f"maximum ({model_max} positions): lower --max-model-len")
     max_len = args.max_model_len or model_max
     total = mr.parse_size(args.gpu_memory) if isinstance(args.gpu_memory, str) else args.gpu_memory
-    notes = []
+    notes = [res.note] if res.note else []
     if args.device:
-        total = device_memory_bytes()
-        notes.append("--device reads memory_stats()['bytes_limit'], the JAX allocator's limit: "
-                     "XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75) of the GPU, the same limit "
-                     "the engine sizes from")
+        total = device_memory_bytes(eargs.gpu_memory_utilization)
+        notes.append(f"--device read {total / GiB:.2f} GiB: the device's total memory, which "
+                     "the engine takes --gpu-memory-utilization of")
+    elif total is not None:
+        notes.append("--gpu-memory is the device's total memory as CUDA reports it, a little "
+                     "less than the card's nominal size (an 80 GB H100 reports 79.18 GiB = "
+                     "81079MiB): the engine sizes from the reported total")
     weights = mr.weights_bytes(cfg, dtype, tp)
     tokens = mr.default_max_num_batched_tokens(eargs, max_len)
     peak = mr.profile_peak_bytes_estimate(dev, tokens, dtype, eargs.max_num_seqs)
     bs = eargs.block_size
     block_bytes = mr.plan_pool(cfg, 0, bs, kv_dtype, tp).bytes_per_block
     notes += [f"profiling peak is an estimate (profile_peak_bytes_estimate at {tokens} batched "
-             "tokens); the engine measures it at start-up"]
+             "tokens), the same the engine sizes its pool with"]
     if tp > cfg.num_key_value_heads:
         notes.append(f"--tensor-parallel-size {tp} > {cfg.num_key_value_heads} KV heads: each KV "
                      f"head is replicated on {tp // cfg.num_key_value_heads} devices, so each "
@@ -251,17 +339,37 @@ def plan(args: argparse.Namespace) -> dict:
     return report
 
 
+class _LazyTokenizer:
+    """Loaded when a line needs one (text prompts, chat messages); token counts need none."""
+
+    def __init__(self, source: tuple[str, str | None] | None, kind: str, model: str):
+        self.source, self.what, self._tok, self._error = source, f"{kind} {model!r}", None, None
+
+    def __getattr__(self, name):
+        if self._tok is None:
+            if self._error is None:  # tried once: a failure is the answer for every line
+                try:
+                    if self.source is None:
+                        raise ValueError(
+                            f"a text prompt needs a tokenizer and {self.what} has none: pass "
+                            "--tokenizer (a folder, hub id or .gguf), or log token counts "
+                            '("prompt_tokens": N) instead of text')
+                    self._tok = load_tokenizer(*self.source)
+                except ValueError as e:
+                    self._error = str(e)
+            if self._error is not None:
+                raise ValueError(self._error)
+        return getattr(self._tok, name)
+
+
 def _requests(args, res: ResolvedModel, eargs: EngineArgs, model_max: int,
               spec: KVPoolSpec | None) -> dict:
     if args.tokenizer:
         t = Path(args.tokenizer)
         tok_src = (str(t.parent), t.name) if t.suffix == ".gguf" else (args.tokenizer, None)
-    elif res.tokenizer:
-        tok_src = res.tokenizer
     else:
-        raise ValueError(f"--requests needs a tokenizer and {res.kind} {res.source!r} has none: "
-                         "pass --tokenizer with a tokenizer folder or hub id")
-    tokenizer = load_tokenizer(*tok_src)
+        tok_src = res.tokenizer
+    tokenizer = _LazyTokenizer(tok_src, res.kind, res.source)
     prompts, errors = request_log.read_request_log(args.requests, tokenizer)
     out = request_log.summarize(prompts, errors, max_tokens=args.max_tokens,
                                 block_size=eargs.block_size, model_max_len=model_max)

@@ -2,6 +2,10 @@
 object per line, tokenised with the model's tokenizer and summarised as prompt-length percentiles,
 a recommended ``max_model_len`` and, for multi-turn chats, prompt length by number of user turns.
 
+A line that already says how long its prompt is needs no tokenizer: ``{"prompt_tokens": 812}``,
+``{"usage": {"prompt_tokens": 812}}`` (an OpenAI response, as servers log them) or a ``prompt`` of
+token ids. Text prompts and chat messages are tokenised (``--tokenizer``, or the model's own).
+
 A line that cannot be read is recorded with its line number and the rest of the log is still read.
 """
 from __future__ import annotations
@@ -44,6 +48,15 @@ def prompt_lengths(body: Any, tokenizer) -> list[tuple[int, int | None]]:
     """(prompt tokens, user turns or None) for each prompt in one request body."""
     if not isinstance(body, dict):
         raise ValueError(f"expected a JSON object, got {type(body).__name__}")
+    usage = body.get("usage")
+    counted = body.get("prompt_tokens",
+                       usage.get("prompt_tokens") if isinstance(usage, dict) else None)
+    if counted is not None:
+        if not isinstance(counted, int) or isinstance(counted, bool) or counted < 1:
+            raise ValueError(f"'prompt_tokens' must be a positive integer, got {counted!r}")
+        turns = body.get("messages")
+        return [(counted, sum(isinstance(m, dict) and m.get("role") == "user" for m in turns)
+                 if isinstance(turns, list) else None)]
     if "messages" in body:
         msgs = body["messages"]
         if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):

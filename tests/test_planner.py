@@ -127,7 +127,8 @@ def test_profile_peak_estimate_formula():
     cfg = ModelConfig.from_hf(QWEN25_7B)
     t, s = 2048, 256
     layer = t * (2 * 3584 + (28 + 8) * 128 + 3 * 18944) * 2
-    assert mr.profile_peak_bytes_estimate(cfg, t, "bfloat16", s) == layer + 2 * s * 152064 * 4
+    sampler = 6 * s * 152064 * 4  # the filter path's float32 rows
+    assert mr.profile_peak_bytes_estimate(cfg, t, "bfloat16", s) == layer + sampler + (512 << 20)
 
 
 def test_min_device_bytes_is_the_smallest_that_fits():
@@ -296,8 +297,11 @@ def test_budget_smaller_than_weights(capsys, qwen_dir):
     assert "smaller than the weights" in msg and "--tensor-parallel-size" in msg
 
 
-def test_bad_inputs(capsys, qwen_dir, tmp_path):
-    assert "reports no memory limit" in plan_error(capsys, "--model", qwen_dir, "--device")
+def test_bad_inputs(capsys, qwen_dir, tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # --device configures JAX's allocator
+    assert "has no device memory to read" in plan_error(capsys, "--model", qwen_dir, "--device")
     assert "needs a tokenizer" in plan_error(
         capsys, "--model", qwen_dir / "config.json", "--requests", write_log(tmp_path / "l"))
     assert "larger than the model's maximum" in plan_error(
@@ -314,3 +318,153 @@ def test_tensor_parallel_replication_is_reported(capsys, tmp_path):
     assert r["kv_heads_per_device"] == 1 and r["kv_heads_replicated"]
     assert any("replicated" in n for n in r["notes"])
     assert [row["max_model_len"] for row in r["concurrency"]] == [2048, 4096]
+
+
+# ---- device memory: --gpu-memory-utilization is a fraction of the device's total -------------
+class FakeDevice:
+    """What the engine reads from a JAX device: its platform and its allocator's stats."""
+
+    def __init__(self, platform: str, bytes_limit: int | None):
+        self.platform, self._limit = platform, bytes_limit
+
+    def memory_stats(self):
+        return None if self._limit is None else {"bytes_limit": self._limit, "bytes_in_use": 0}
+
+
+H100_TOTAL = 81079 << 20  # what CUDA reports for an "80 GB" H100
+
+
+def test_allocator_fraction_set_from_utilization_before_the_backend_starts():
+    from pagedjax import device_memory as dm
+
+    env = {}
+    msg = dm.configure_allocator(0.9, env, started=False)
+    assert env[dm.FRACTION] == "0.9" and "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9" in msg
+    # XLA then caps its allocator at 0.9 x total; the engine reads the total back
+    gpu = FakeDevice("gpu", int(H100_TOTAL * 0.9))
+    assert abs(dm.device_bytes(gpu, env) - H100_TOTAL) <= 2
+    assert dm.configure_allocator(0.9, env, started=True).endswith("set by pagedjax")
+    # a second engine at another utilization in a fresh process inheriting this environment
+    dm.configure_allocator(0.5, env, started=False)
+    assert env[dm.FRACTION] == "0.5" and dm.user_fraction(env) is None
+
+
+def test_user_allocator_settings_are_kept_and_said():
+    from pagedjax import device_memory as dm
+
+    env = {dm.FRACTION: "0.3", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    msg = dm.configure_allocator(0.9, env, started=False)
+    assert env == {dm.FRACTION: "0.3", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    assert "set by you" in msg and "XLA_PYTHON_CLIENT_PREALLOCATE=false kept" in msg
+    # the user's share of the device is the device the utilization applies to
+    share = int(H100_TOTAL * 0.3)
+    assert dm.device_bytes(FakeDevice("gpu", share), env) == share
+    env = {dm.NEW_FRACTION: "0.6"}  # jaxlib >= 0.10's name: never set beside it (an error there)
+    dm.configure_allocator(0.9, env, started=False)
+    assert dm.FRACTION not in env and dm.user_fraction(env) == (dm.NEW_FRACTION, "0.6")
+    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}  # preallocation is not the fraction
+    dm.configure_allocator(0.8, env, started=False)
+    assert env[dm.FRACTION] == "0.8" and env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+
+
+def test_backend_started_first_keeps_jax_default_cap_with_a_warning(caplog):
+    from pagedjax import device_memory as dm
+
+    env = {}
+    assert "had started" in dm.configure_allocator(0.9, env, started=True) and env == {}
+    limit = int(H100_TOTAL * 0.75)
+    with caplog.at_level("WARNING", logger="pagedjax.device_memory"):
+        assert dm.device_bytes(FakeDevice("gpu", limit), env) == limit
+    assert "capped at" in caplog.text and "XLA_PYTHON_CLIENT_MEM_FRACTION" in caplog.text
+
+
+def test_device_bytes_on_cpu_tpu_and_without_stats():
+    from pagedjax import device_memory as dm
+
+    assert dm.device_bytes(FakeDevice("cpu", None), {}) is None
+    assert dm.device_bytes(FakeDevice("tpu", 16 << 30), {}) == 16 << 30  # a TPU's whole HBM
+    with pytest.raises(ValueError, match="--kv-cache-memory-bytes"):
+        dm.device_bytes(FakeDevice("gpu", None), {"XLA_PYTHON_CLIENT_ALLOCATOR": "platform"})
+
+
+def test_kv_pool_at_0_9_of_an_h100_is_vllms_arithmetic():
+    """Qwen2.5-7B, max_model_len 2048: KV = 0.9 x total - weights - activation peak (the issue's
+    >= 54 GiB; 0.9 x JAX's 75% cap gave 38.7), and the planner given the same device memory
+    predicts the engine's pool exactly."""
+    from pagedjax import device_memory as dm
+
+    cfg, args = ModelConfig.from_hf(QWEN25_7B), EngineArgs(max_model_len=2048)
+    env = {}
+    dm.configure_allocator(0.9, env, started=False)
+    total = dm.device_bytes(FakeDevice("gpu", int(H100_TOTAL * 0.9)), env)
+    weights = mr.weights_bytes(cfg, "bfloat16")
+    engine = mr.memory_report(cfg, args, "bfloat16", total_bytes=total, weights=weights + 2816)
+    b = engine["bytes"]
+    assert b["kv_pool"] <= int(total * 0.9) - b["weights"] - b["profile_peak"] < (
+        b["kv_pool"] + engine["block_bytes"])
+    assert engine["kv_pool_gib"] >= 54
+    plan = json.loads(run_plan_args("--model", "Qwen2.5-7B-Instruct", "--gpu-memory",
+                                    f"{H100_TOTAL >> 20}MiB", "--max-model-len", 2048, "--json"))
+    assert abs(plan["memory"]["num_blocks"] - engine["num_blocks"]) <= 1
+
+
+def run_plan_args(*argv) -> str:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli.main(["plan", *map(str, argv)]) is None
+    return buf.getvalue()
+
+
+# ---- offline resolution and token-count logs ---------------------------------------------------
+def test_chat_variant_of_a_shipped_config_resolves_offline(capsys, monkeypatch):
+    def no_hub(*a, **k):
+        raise AssertionError("the hub must not be asked for a shipped shape")
+
+    monkeypatch.setattr(planner, "_hub_config_path", no_hub)
+    r = json.loads(run_plan(capsys, "--model", "meta-llama/Llama-2-70b-chat-hf", "--gpu-memory",
+                            "80GiB", "--tensor-parallel-size", 8, "--json"))
+    assert r["model"]["kind"] == "shipped config" and r["kv_bytes_per_token"] == 327_680 // 8
+    said = [n for n in r["notes"] if "Llama-2-70b-hf" in n]
+    assert len(said) == 1 and "offline" in said[0]
+    assert planner.same_shape_config("Qwen/Qwen2.5-7B-Chat").stem == "Qwen2.5-7B-Instruct"
+    assert planner.same_shape_config("mistralai/Mistral-7B-Instruct-v0.3") is None
+
+
+def test_unreachable_hub_fails_fast_without_retries(monkeypatch):
+    import socket
+    import time
+
+    calls = []
+
+    def refuse(address, timeout=None):
+        calls.append(address)
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="could not be fetched from the Hugging Face hub"):
+        planner.resolve_model("nobody/NoSuchModel-12345")
+    assert calls and time.perf_counter() - t0 < 5  # huggingface_hub retries for ~24 s
+
+
+def test_readme_requests_example_with_token_counts(capsys, tmp_path):
+    """The README's line, as written: a log that carries token counts needs no tokenizer."""
+    log = tmp_path / "log.jsonl"
+    lines = [{"prompt_tokens": n, "max_tokens": 64} for n in range(1, 101)]
+    lines += [{"usage": {"prompt_tokens": 7, "completion_tokens": 3}}, {"prompt_tokens": 0}]
+    log.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    r = json.loads(run_plan(capsys, "--model", "Qwen2.5-7B-Instruct", "--gpu-memory", "24GiB",
+                            "--requests", log, "--max-tokens", 512, "--json"))
+    q = r["requests"]
+    assert q["requests"] == 101 and q["prompt_tokens"]["p99"] == 99
+    assert q["recommended_max_model_len"] == 624  # 99 + 512, rounded up to 16
+    assert [e["line"] for e in q["malformed_lines"]] == [102]
+    assert "positive integer" in q["malformed_lines"][0]["error"]
+    out = run_plan(capsys, "--model", "Qwen2.5-7B-Instruct", "--gpu-memory", "24GiB",
+                   "--requests", log, "--max-tokens", 512)
+    assert "recommended --max-model-len 624" in out
