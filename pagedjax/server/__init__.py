@@ -5,6 +5,12 @@
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream as SSE), GET /v1/models,
 GET /health, GET /metrics (Prometheus, ``pagedjax:`` names). Binds 127.0.0.1 unless told
 otherwise. SIGTERM drains in-flight requests before exiting (server/shutdown.py).
+
+Prompts: a /v1/completions string prompt is tokenised with special-token text parsed, as vLLM
+does (a raw prompt is the client's own template, ``<|im_start|>`` and all). Chat message content
+is text: special-token text in it never becomes a control token (server/chat_prompt.py), unless
+--parse-special-tokens-in-chat, which lets any client forge turns (a system turn, an early end of
+its own): use it only with trusted clients.
 """
 from __future__ import annotations
 
@@ -29,6 +35,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="the model name clients send (default: --model, or the model's name)")
     g.add_argument("--max-request-bytes", type=int, default=1 << 20,
                    help="largest request body accepted; larger ones get 413 (default 1 MiB)")
+    g.add_argument("--max-tokenizer-queue", type=int, default=32,
+                   help="prompts that may wait for the tokenizer thread; more get 503 (default 32)")
+    g.add_argument("--parse-special-tokens-in-chat", action="store_true",
+                   help="parse special-token text in chat message content as control tokens. "
+                        "RISK: any client can then forge a system turn; by default it is text")
+    g.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                   help="seconds an idle keep-alive connection stays open (default 5)")
+    g.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's headers, counted from the "
+                        "connection or the first byte of the request, however it trickles; "
+                        "then the connection is closed (default 10)")
+    g.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a request's body once its headers arrived "
+                        "(else 408), and to finish one the server already refused (else the "
+                        "connection is closed) (default 30)")
     g.add_argument("--max-waiting-requests", type=int, default=1024,
                    help="answer 503 while this many sequences wait for the scheduler")
     g.add_argument("--max-logprobs", type=int, default=20,
@@ -60,20 +81,23 @@ def build_server(args: argparse.Namespace, loaded=None):
     """The engine, its thread, the app and a uvicorn server for ``args``; returns
     (uvicorn.Server, AsyncEngine) with the engine thread started. ``loaded`` (tests) skips
     loading a model."""
-    import uvicorn
-
     from pagedjax.engine import LLMEngine
 
     from .app import build_app
     from .engine_loop import AsyncEngine
     from .metrics import EngineMetrics
     from .shutdown import DrainingServer
+    from .timeouts import uvicorn_config
 
     from pagedjax.sampler import MAX_LOGPROBS
 
-    for flag in ("max_request_bytes", "max_waiting_requests", "max_n"):
+    for flag in ("max_request_bytes", "max_waiting_requests", "max_n", "max_tokenizer_queue"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
+    for flag in ("timeout_keep_alive", "header_timeout", "body_timeout"):
+        if not getattr(args, flag) > 0:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be > 0 "
+                             "seconds")
     if not 0 <= args.max_logprobs <= MAX_LOGPROBS:
         raise ValueError(f"--max-logprobs {args.max_logprobs} must be in [0, {MAX_LOGPROBS}]: "
                          f"the engine step returns the top {MAX_LOGPROBS}")
@@ -83,9 +107,12 @@ def build_server(args: argparse.Namespace, loaded=None):
                           log_stats=not args.disable_log_stats).start()
     app = build_app(aengine, name, args.api_key, max_request_bytes=args.max_request_bytes,
                     max_waiting_requests=args.max_waiting_requests,
-                    max_logprobs=args.max_logprobs, max_n=args.max_n, root=args.model)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                            timeout_keep_alive=5)
+                    max_logprobs=args.max_logprobs, max_n=args.max_n, root=args.model,
+                    body_timeout=args.body_timeout, max_tokenizer_queue=args.max_tokenizer_queue,
+                    parse_special_tokens_in_chat=args.parse_special_tokens_in_chat)
+    config = uvicorn_config(app, args.host, args.port, log_level=args.uvicorn_log_level,
+                            timeout_keep_alive=args.timeout_keep_alive,
+                            header_timeout=args.header_timeout, linger_timeout=args.body_timeout)
     return DrainingServer(config, aengine, args.drain_timeout), aengine
 
 

@@ -1,7 +1,8 @@
-"""The FastAPI app: routes, OpenAI-style errors for everything, and a guard in front (API key,
-body size) that answers before any body is parsed."""
+"""The FastAPI app: routes, OpenAI-style errors for everything, and a guard in front (headers,
+API key, body size and read time) that answers before any body is parsed."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 
@@ -25,6 +26,10 @@ def _error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body().model_dump(), status_code=err.status, headers=err.headers)
 
 
+_JSON_TYPES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number",
+               list: "an array", dict: "an object", type(None): "null"}
+
+
 def _validation_error(exc: RequestValidationError) -> APIError:
     """FastAPI's 422 as OpenAI's 400, one line per bad field."""
     # top-level field -> (full path of its first error, its messages: several for a union)
@@ -33,10 +38,16 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         if e.get("type") == "json_invalid":
             detail = (e.get("ctx") or {}).get("error", "")
             return APIError(400, f"malformed JSON body: {detail}".rstrip(": "))
-        loc = [str(x) for x in e.get("loc", ())][1:] or ["body"]  # loc[0] is "body"
+        if e.get("type") == "invalid_unicode":  # found by a model validator: its path is in ctx
+            loc = e["ctx"]["field"].split(".")
+        else:
+            loc = [str(x) for x in e.get("loc", ())][1:] or ["body"]  # loc[0] is "body"
+        msg = e.get("msg")
+        if e.get("type", "").endswith("_type") and type(e.get("input")) in _JSON_TYPES:
+            msg = f"{msg}, got {_JSON_TYPES[type(e['input'])]}"  # strict types: say what came
         _, msgs = fields.setdefault(loc[0], (".".join(loc), []))
-        if e.get("msg") not in msgs:
-            msgs.append(e.get("msg"))
+        if msg not in msgs:
+            msgs.append(msg)
     # a union's errors carry the member types in their paths ("prompt.list[int]"): name the field
     parts = [f"{path if len(msgs) == 1 else field}: {' or '.join(msgs[:3])}"
              for field, (path, msgs) in fields.items()]
@@ -44,41 +55,29 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 
 
 class RequestGuard:
-    """Pure ASGI middleware: checks the API key on /v1 routes, then reads the body (at most
-    ``max_request_bytes``, whatever Content-Length claims) and replays it to the app."""
+    """Pure ASGI middleware in front of every route. It refuses, before any body is parsed: a
+    request with more than one Authorization header (a proxy checking the first must not be
+    fooled by the last), a wrong API key on /v1 routes, and a body over ``max_request_bytes`` -
+    at once when Content-Length says so, without waiting for a body that may never come (uvicorn
+    discards what does come, within the connection's deadline: server/timeouts.py). It then reads
+    the body, which must arrive within ``body_timeout`` seconds (else 408), and replays it."""
 
-    def __init__(self, app, api_key: str | None, max_request_bytes: int):
+    def __init__(self, app, api_key: str | None, max_request_bytes: int, body_timeout: float):
         self.app = app
         self.expected = f"Bearer {api_key}".encode() if api_key else None
         self.max_bytes = max_request_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        if self.expected is not None and scope["path"].startswith("/v1"):
-            got = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(got, self.expected):
-                return await _error_response(APIError(
-                    401, "Incorrect API key provided: pass it as 'Authorization: Bearer <key>'",
-                    code="invalid_api_key"))(scope, receive, send)
-        too_large = APIError(413, f"the request body is over the limit of {self.max_bytes} bytes "
-                                  "(--max-request-bytes)", code="request_too_large")
-        declared = headers.get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await _drain(receive, 16 * self.max_bytes)
-            return await _error_response(too_large)(scope, receive, send)
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
-                if more:
-                    await _drain(receive, 16 * self.max_bytes)
-                return await _error_response(too_large)(scope, receive, send)
+        body, error = None, self._check_headers(scope)
+        if error is None:
+            body, error = await self._read_body(receive)
+        if error is not None:
+            return await _error_response(error)(scope, receive, send)
+        if body is None:  # the client went away
+            return
         replayed = False
 
         async def replay():
@@ -86,28 +85,61 @@ class RequestGuard:
             if replayed:
                 return await receive()  # after the body: waits for the disconnect
             replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
 
+    def _check_headers(self, scope) -> APIError | None:
+        auth = [v for k, v in scope["headers"] if k == b"authorization"]
+        if len(auth) > 1:
+            return APIError(400, f"the request has {len(auth)} Authorization headers: send "
+                                 "exactly one", param="Authorization", code="duplicate_header")
+        if self.expected is not None and scope["path"].startswith("/v1"):
+            if not hmac.compare_digest(auth[0] if auth else b"", self.expected):
+                return APIError(401, "Incorrect API key provided: pass it as 'Authorization: "
+                                     "Bearer <key>'", code="invalid_api_key")
+        declared = [v for k, v in scope["headers"] if k == b"content-length"]
+        if declared and declared[0].isdigit() and int(declared[0]) > self.max_bytes:
+            return self._too_large()
+        return None
 
-async def _drain(receive, limit: int) -> None:
-    """Read and drop the rest of an oversized body, so the client gets to read our 413 instead
-    of a reset connection; a body that is absurdly large is cut off."""
-    seen = 0
-    while seen <= limit:
-        message = await receive()
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            return
-        seen += len(message.get("body", b""))
+    def _too_large(self) -> APIError:
+        return APIError(413, f"the request body is over the limit of {self.max_bytes} bytes "
+                             "(--max-request-bytes)", code="request_too_large")
+
+    async def _read_body(self, receive) -> tuple[bytes | None, APIError | None]:
+        """(the body, None); (None, None) when the client disconnected; (None, error) for a body
+        too large or too slow."""
+        body, more = bytearray(), True
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
+        while more:
+            try:
+                message = await asyncio.wait_for(
+                    receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                return None, APIError(
+                    408, f"the request body did not arrive within {self.body_timeout:g} s "
+                         "(--body-timeout)", code="request_timeout",
+                    headers={"Connection": "close"})
+            if message["type"] == "http.disconnect":
+                return None, None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return None, self._too_large()
+        return bytes(body), None
 
 
 def build_app(aengine: AsyncEngine, served_model_name: str, api_key: str | None = None, *,
               max_request_bytes: int = MiB, max_waiting_requests: int = 1024,
               max_logprobs: int = 20, max_n: int | None = None,
-              root: str | None = None) -> FastAPI:
+              root: str | None = None, body_timeout: float = 30.0,
+              max_tokenizer_queue: int = 32,
+              parse_special_tokens_in_chat: bool = False) -> FastAPI:
     serving = OpenAIServing(aengine, served_model_name, max_waiting_requests=max_waiting_requests,
-                            max_logprobs=max_logprobs, max_n=max_n)
+                            max_logprobs=max_logprobs, max_n=max_n,
+                            max_tokenizer_queue=max_tokenizer_queue,
+                            parse_special_tokens_in_chat=parse_special_tokens_in_chat)
     app = FastAPI(title="pagedjax", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serving = serving
 
@@ -159,6 +191,7 @@ def build_app(aengine: AsyncEngine, served_model_name: str, api_key: str | None 
     async def chat_completions(body: P.ChatCompletionRequest, request: Request):
         return await serving.create_chat_completion(body, request)
 
-    app.add_middleware(RequestGuard, api_key=api_key, max_request_bytes=max_request_bytes)
+    app.add_middleware(RequestGuard, api_key=api_key, max_request_bytes=max_request_bytes,
+                       body_timeout=body_timeout)
     return app
 

@@ -2,24 +2,71 @@
 
 Request models ignore fields they do not know (as vLLM does), so clients that send newer OpenAI
 fields keep working; fields we know but cannot honour yet are rejected by the handlers with a 400
-that says so, never silently dropped.
+that says so, never silently dropped. Fields are strict: ``"5"`` or ``true`` is not an integer and
+``"0.5"`` is not a number (an integer is a number). No string anywhere in a request may hold a lone
+UTF-16 surrogate, which JSON's ``\\ud800`` escapes can carry but no tokenizer or UTF-8 response can.
 """
 from __future__ import annotations
 
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+STRICT = ConfigDict(extra="ignore", strict=True)
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
+def invalid_unicode_at(value: Any, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """The path to the first string in ``value`` (a dict key or any value, at any depth) that is
+    not valid Unicode, else None. A bad key is reported as its dict's path plus "<key>", so the
+    path itself is always printable."""
+    if isinstance(value, str):
+        return None if _encodable(value) else path
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(k, str) and not _encodable(k):
+                return path + ("<key>",)
+            found = invalid_unicode_at(v, path + (str(k),))
+            if found is not None:
+                return found
+    elif isinstance(value, list) and not set(map(type, value)) <= _SCALARS:  # token ids: skip
+        for i, v in enumerate(value):
+            found = invalid_unicode_at(v, path + (str(i),))
+            if found is not None:
+                return found
+    return None
+
+
+def _encodable(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class _SamplingFields(BaseModel):
     """Fields shared by both endpoints. None means "the OpenAI default"."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode_only(cls, data: Any) -> Any:
+        where = invalid_unicode_at(data)
+        if where is not None:
+            raise PydanticCustomError(
+                "invalid_unicode", "not valid Unicode text (it holds a lone UTF-16 surrogate, "
+                "such as \\ud800): send UTF-8 text", {"field": ".".join(where) or "body"})
+        return data
 
     model: str | None = None  # None: the served model
     n: int = 1
@@ -54,7 +101,7 @@ class CompletionRequest(_SamplingFields):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     role: str
     content: str | list[dict[str, Any]] | None = None

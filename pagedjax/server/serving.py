@@ -5,7 +5,6 @@ engine sees the request, and answered with an ``APIError`` the app turns into Op
 from __future__ import annotations
 
 import asyncio
-import copy
 import time
 import uuid
 from typing import AsyncIterator
@@ -19,16 +18,19 @@ from pagedjax.outputs import RequestOutput
 from pagedjax.sampling_params import SamplingParams
 
 from . import protocol as P
+from .chat_prompt import ChatPromptError, chat_prompt_ids, text_messages
 from .engine_loop import (AsyncEngine, EngineDeadError, RequestFailedError, RequestStream,
                           Submission)
 from .responses import (APIError, ChoiceState, best_first, json_response, next_delta,
                         openai_finish, sse, stop_reason, usage_info)
+from .tokenizer_thread import TokenizerThread
 
 
 class OpenAIServing:
     def __init__(self, aengine: AsyncEngine, served_model_name: str, *,
                  max_waiting_requests: int = 1024, max_logprobs: int = 20,
-                 max_n: int | None = None):
+                 max_n: int | None = None, max_tokenizer_queue: int = 32,
+                 parse_special_tokens_in_chat: bool = False):
         self.aengine = aengine
         self.engine = aengine.engine  # read-only use: config and the pure validate_prompt
         self.model_name = served_model_name
@@ -36,9 +38,10 @@ class OpenAIServing:
         self.max_waiting_requests = max_waiting_requests
         self.max_logprobs = max_logprobs
         self.max_n = max_n or self.engine.args.max_num_seqs
-        # The engine thread decodes with the engine's tokenizer; the handlers encode with their
-        # own copy, so the two threads never share a tokenizer object.
-        self.tokenizer = copy.deepcopy(self.engine.tokenizer)
+        # every tokenizer call of the handlers runs on this thread, off the event loop
+        self.tokens = TokenizerThread(self.engine.tokenizer, max_tokenizer_queue)
+        self.tokenizer = self.tokens.tokenizer
+        self.parse_special_tokens_in_chat = parse_special_tokens_in_chat
 
     # ---- checks shared by both endpoints -----------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -96,7 +99,8 @@ class OpenAIServing:
         except ValueError as e:
             raise APIError(400, f"use_beam_search: {e}", param="use_beam_search") from None
 
-    def _check_length(self, ids: list[int], max_tokens: int | None) -> None:
+    def _check_length(self, ids: list[int], max_tokens: int | None,
+                      max_tokens_field: str = "max_tokens") -> None:
         try:
             self.engine.validate_prompt(ids)
         except ValueError as e:
@@ -106,7 +110,7 @@ class OpenAIServing:
                 400, f"This model's maximum context length is {self.max_model_len} tokens. "
                      f"However, you requested {len(ids) + max_tokens} tokens ({len(ids)} in the "
                      f"prompt, {max_tokens} in the completion). Please reduce the prompt or "
-                     "max_tokens.", param="max_tokens")
+                     f"{max_tokens_field}.", param=max_tokens_field)
 
     def _check_load(self) -> None:
         if self.aengine.draining:
@@ -176,14 +180,18 @@ class OpenAIServing:
                                  background=BackgroundTask(self.aengine.abort, stream.request_ids))
 
     # ---- /v1/completions ---------------------------------------------------------------------
-    def _completion_prompts(self, prompt) -> list[tuple[str | None, list[int]]]:
+    async def _completion_prompts(self, prompt) -> list[tuple[str | None, list[int]]]:
+        """(text, token ids) of each prompt. Text is tokenised with special-token text parsed,
+        as vLLM does: a raw prompt is the client's own template (chat content is not: see
+        chat_prompt.py)."""
         if isinstance(prompt, str):
-            return [(prompt, self._encode(prompt))]
+            prompt = [prompt]
         if not prompt:
             raise APIError(400, "prompt is empty: give a string, a list of strings, token ids "
                                 "or a list of token-id lists", param="prompt")
         if isinstance(prompt[0], str):
-            return [(p, self._encode(p)) for p in prompt]
+            ids = await self.tokens.admit(lambda: [self._encode(p) for p in prompt])
+            return list(zip(prompt, ids))
         if isinstance(prompt[0], int):
             return [(None, list(prompt))]
         return [(None, list(p)) for p in prompt]
@@ -200,7 +208,7 @@ class OpenAIServing:
             raise APIError(400, "best_of must equal n when streaming", param="best_of")
         params = self._params(req, max_tokens=req.max_tokens, best_of=req.best_of,
                               logprobs=req.logprobs)
-        prompts = self._completion_prompts(req.prompt)
+        prompts = await self._completion_prompts(req.prompt)
         if len(prompts) * params.best_of > self.max_waiting_requests:
             raise APIError(400, f"{len(prompts)} prompts x best_of {params.best_of} sequences "
                                 f"are more than the server queues ({self.max_waiting_requests}, "
@@ -211,8 +219,10 @@ class OpenAIServing:
         subs = [Submission(f"{rid}-{i}", ids, self._engine_params(req, params, ids))
                 for i, (_, ids) in enumerate(prompts)]
         stream = await self._submit(subs)
-        echoes = [(t if t is not None else self._decode(ids)) if req.echo else ""
-                  for t, ids in prompts]
+        echoes = [""] * len(prompts)
+        if req.echo:
+            echoes = await self.tokens.run(
+                lambda: [t if t is not None else self._decode(ids) for t, ids in prompts])
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._streaming(self._completion_chunks(rid, stream, params, echoes, prompts,
@@ -225,7 +235,7 @@ class OpenAIServing:
         for i, sub in enumerate(subs):
             for j, o in enumerate(final[sub.request_id].outputs[:params.n]):
                 completion_tokens += len(o.token_ids)
-                lp = (self._completion_logprobs(o.token_ids, o.logprobs, 0)
+                lp = (await self.tokens.run(self._completion_logprobs, o.token_ids, o.logprobs, 0)
                       if req.logprobs is not None else None)
                 choices.append(P.CompletionChoice(
                     index=i * params.n + j, text=echoes[i] + o.text, logprobs=lp,
@@ -278,7 +288,8 @@ class OpenAIServing:
                         completion_tokens[index] = len(o.token_ids)
                         lp = None
                         if params.logprobs is not None:
-                            lp = self._completion_logprobs(d.token_ids, d.logprobs, state.offset)
+                            lp = await self.tokens.run(self._completion_logprobs, d.token_ids,
+                                                       d.logprobs, state.offset)
                             state.offset += sum(len(t) for t in lp.tokens)
                         yield chunk(index, d.text, lp, d.finish_reason,
                                     None if use_beam else d.stop_reason)
@@ -293,41 +304,44 @@ class OpenAIServing:
         yield sse("[DONE]")
 
     # ---- /v1/chat/completions ----------------------------------------------------------------
-    def _chat_prompt(self, req: P.ChatCompletionRequest) -> list[int]:
+    async def _chat_prompt(self, req: P.ChatCompletionRequest) -> list[int]:
         tok = self.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise APIError(400, "this model's tokenizer has no chat template: use "
                                 "/v1/completions", param="messages")
-        messages = []
-        for m in req.messages:
-            content = m.content
-            if isinstance(content, list):
-                parts = []
-                for part in content:
-                    if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                        raise APIError(400, f"message content part of type {part.get('type')!r} "
-                                            "is not supported: only text", param="messages")
-                    parts.append(part["text"])
-                content = "".join(parts)
-            messages.append({"role": m.role, "content": content or ""})
         try:
-            ids = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
-                                          tokenize=True)
-        except Exception as e:  # a template that rejects these messages (roles, order)
-            raise APIError(400, f"the chat template rejected the messages: {e}",
-                           param="messages") from None
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            messages = text_messages(req.messages)
+            return await self.tokens.admit(
+                lambda: chat_prompt_ids(tok, messages, req.add_generation_prompt,
+                                        parse_special=self.parse_special_tokens_in_chat))
+        except ChatPromptError as e:
+            raise APIError(400, str(e), param="messages") from None
+
+    @staticmethod
+    def _chat_max_tokens(req: P.ChatCompletionRequest) -> tuple[int | None, str]:
+        """The completion's token limit and the field that set it: max_completion_tokens, or
+        max_tokens (its older name); both only if they agree."""
+        given = [(name, getattr(req, name)) for name in ("max_completion_tokens", "max_tokens")
+                 if getattr(req, name) is not None]
+        if len(given) == 2 and given[0][1] != given[1][1]:
+            raise APIError(400, f"max_completion_tokens ({given[0][1]}) and max_tokens "
+                                f"({given[1][1]}) differ: send one (max_tokens is the older name)",
+                           param="max_completion_tokens")
+        for name, value in given:
+            if value < 1:
+                raise APIError(400, f"{name} must be at least 1, got {value}", param=name)
+        return (given[0][1], given[0][0]) if given else (None, "max_completion_tokens")
 
     async def create_chat_completion(self, req: P.ChatCompletionRequest, raw: Request) -> Response:
         self.check_model(req.model)
         self._check_unsupported(req, req.logprobs)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        max_tokens = req.max_completion_tokens or req.max_tokens
+        max_tokens, max_tokens_field = self._chat_max_tokens(req)
         params = self._params(req, max_tokens=max_tokens, best_of=None,
                               logprobs=(req.top_logprobs or 0) if req.logprobs else None)
-        ids = self._chat_prompt(req)
-        self._check_length(ids, max_tokens)
+        ids = await self._chat_prompt(req)
+        self._check_length(ids, max_tokens, max_tokens_field)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         stream = await self._submit([Submission(rid, ids, self._engine_params(req, params, ids))])
         if req.stream:
@@ -340,17 +354,21 @@ class OpenAIServing:
         outs = final[rid].outputs[:params.n]  # a beam search returns its n best
         choices = [P.ChatChoice(
             index=j, message=P.AssistantMessage(content=o.text),
-            logprobs=self._chat_logprobs(o.token_ids, o.logprobs, params.logprobs),
+            logprobs=await self._chat_logprobs(o.token_ids, o.logprobs, params.logprobs),
             finish_reason=openai_finish(o.finish_reason), stop_reason=stop_reason(req, o))
             for j, o in enumerate(outs)]
         usage = usage_info(len(ids), sum(len(o.token_ids) for o in outs))
         return json_response(P.ChatCompletionResponse(id=rid, model=self.model_name,
                                                       choices=choices, usage=usage))
 
-    def _chat_logprobs(self, token_ids: list[int], tops: list[dict[int, float]] | None,
-                       k: int | None) -> P.ChatLogprobs | None:
+    async def _chat_logprobs(self, token_ids: list[int], tops: list[dict[int, float]] | None,
+                             k: int | None) -> P.ChatLogprobs | None:
         if k is None:
             return None
+        return await self.tokens.run(self._chat_logprobs_now, token_ids, tops, k)
+
+    def _chat_logprobs_now(self, token_ids: list[int], tops: list[dict[int, float]] | None,
+                           k: int) -> P.ChatLogprobs:
 
         def entry(t: int, lp: float) -> dict:
             tok = self._decode([t])
@@ -385,7 +403,8 @@ class OpenAIServing:
                     completion_tokens[o.index] = len(o.token_ids)
                     yield chunk([P.ChatChunkChoice(
                         index=o.index, delta=P.DeltaMessage(content=d.text or None),
-                        logprobs=self._chat_logprobs(d.token_ids, d.logprobs, params.logprobs),
+                        logprobs=await self._chat_logprobs(d.token_ids, d.logprobs,
+                                                           params.logprobs),
                         finish_reason=d.finish_reason,
                         stop_reason=None if use_beam else d.stop_reason)])
             if include_usage:

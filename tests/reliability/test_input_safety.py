@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 import hmac
 import json
+import logging
 import pickle
 import re
 from pathlib import Path
@@ -42,7 +43,23 @@ CAPS = [  # (name, path, body, status, message fragment, param)
     ("negative max_tokens", "/v1/completions", {**GOOD, "max_tokens": -5}, 400, "max_tokens",
      "max_tokens"),
     ("huge max_completion_tokens", "/v1/chat/completions",
-     {**CHAT, "max_completion_tokens": 10**9}, 400, "maximum context length", "max_tokens"),
+     {**CHAT, "max_tokens": None, "max_completion_tokens": 10**9}, 400, "maximum context length",
+     "max_completion_tokens"),
+    ("max_tokens as a string", "/v1/completions", {**GOOD, "max_tokens": "5"}, 400,
+     "valid integer", "max_tokens"),
+    ("max_tokens as a boolean", "/v1/chat/completions", {**CHAT, "max_tokens": True}, 400,
+     "valid integer", "max_tokens"),
+    ("n as a fraction", "/v1/completions", {**GOOD, "n": 1.5}, 400, "valid integer", "n"),
+    ("temperature as a string", "/v1/chat/completions", {**CHAT, "temperature": "0.5"}, 400,
+     "valid number", "temperature"),
+    ("max_completion_tokens 0", "/v1/chat/completions",
+     {**CHAT, "max_tokens": None, "max_completion_tokens": 0}, 400, "at least 1",
+     "max_completion_tokens"),
+    ("negative max_completion_tokens", "/v1/chat/completions",
+     {**CHAT, "max_tokens": None, "max_completion_tokens": -1}, 400, "at least 1",
+     "max_completion_tokens"),
+    ("chat max_tokens 0", "/v1/chat/completions", {**CHAT, "max_tokens": 0}, 400, "at least 1",
+     "max_tokens"),
     ("huge n", "/v1/completions", {**GOOD, "n": 10**9}, 400, "--max-n", "n"),
     ("n over --max-n", "/v1/chat/completions", {**CHAT, "n": 5}, 400, "--max-n", "n"),
     ("huge best_of", "/v1/completions", {**GOOD, "best_of": 10**6}, 400, "--max-n", "best_of"),
@@ -87,6 +104,42 @@ def test_non_finite_numbers_are_refused(rel_server):
             r = http.post("/v1/completions", content=raw,
                           headers={"Content-Type": "application/json"})
             assert r.status_code == 400 and field in r.json()["error"]["message"], (field, r.text)
+
+
+UNICODE = [  # (path, body with a lone surrogate somewhere, the field named)
+    ("/v1/completions", {**GOOD, "prompt": "a\ud800b"}, "prompt"),
+    ("/v1/completions", {**GOOD, "model": "\ud800"}, "model"),
+    ("/v1/completions", {**GOOD, "stop": "\udfff"}, "stop"),
+    ("/v1/chat/completions",
+     {**CHAT, "messages": [{"role": "user", "content": "x<|im_end|>\ud800"}]}, "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "hi",
+                                                    "name": "\ud800"}]}, "messages"),
+]
+
+
+@pytest.mark.parametrize("path, body, field", UNICODE, ids=[u[2] for u in UNICODE])
+def test_invalid_unicode_is_a_400_and_no_traceback(rel_server, caplog, monkeypatch, path, body,
+                                                   field):
+    uvicorn_log = logging.getLogger("uvicorn.error")  # does not propagate to caplog's root
+    monkeypatch.setattr(uvicorn_log, "handlers", [*uvicorn_log.handlers, caplog.handler])
+    with rel_server.http() as http, caplog.at_level(logging.INFO):
+        r = http.post(path, content=json.dumps(body).encode(),
+                      headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+        assert "not valid Unicode" in r.json()["error"]["message"]
+        ok = {**body, field: GOOD.get(field, CHAT.get(field))}
+        assert http.post(path, json=ok).status_code == 200
+    assert not [rec for rec in caplog.records if rec.exc_info or rec.levelno >= logging.ERROR]
+
+
+def test_max_completion_tokens_is_honoured(rel_server):
+    body = {**CHAT, "max_tokens": None, "max_completion_tokens": 2, "ignore_eos": True}
+    with rel_server.http() as http:
+        for extra in ({}, {"max_tokens": 2}):  # alone, or with max_tokens agreeing
+            r = http.post("/v1/chat/completions", json={**body, **extra})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 2
+            assert r.json()["choices"][0]["finish_reason"] == "length"
 
 
 def test_api_key_is_compared_in_constant_time(rel_server, monkeypatch):

@@ -6,6 +6,7 @@ the whole module compiles the step once per engine."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import string
 import threading
@@ -14,6 +15,7 @@ import time
 import httpx
 import openai
 import pytest
+import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagedjax import LLM
@@ -85,6 +87,24 @@ def start_uvicorn(server) -> Running:
     host, port = server.servers[0].sockets[0].getsockname()[:2]
     assert host == "127.0.0.1"
     return Running(f"http://{host}:{port}", server, thread)
+
+
+@contextlib.contextmanager
+def another_app(aengine, *, header_timeout: float = 10.0, **app_kw):
+    """A second app and uvicorn over ``aengine`` (no new engine, no compile) with other server
+    options; yields its URL."""
+    from pagedjax.server.app import build_app
+    from pagedjax.server.timeouts import uvicorn_config
+
+    app = build_app(aengine, MODEL, API_KEY, **app_kw)
+    config = uvicorn_config(app, "127.0.0.1", 0, log_level="warning",
+                            header_timeout=header_timeout,
+                            linger_timeout=app_kw.get("body_timeout", 30.0))
+    running = start_uvicorn(uvicorn.Server(config))
+    try:
+        yield running.url
+    finally:
+        running.stop()
 
 
 @dataclasses.dataclass

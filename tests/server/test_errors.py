@@ -2,16 +2,22 @@
 succeeds."""
 import json
 
+import httpx
 import openai
 import pytest
 
-from tests.server.conftest import MODEL
+from tests.server.conftest import API_KEY, MODEL
 
 GOOD = {"model": MODEL, "prompt": "hello", "max_tokens": 3, "temperature": 0}
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
 
 DROP = object()
+
+
+def _raw(body: dict) -> bytes:
+    """``body`` as JSON bytes with non-ASCII escaped: the only way a lone surrogate travels."""
+    return json.dumps(body, ensure_ascii=True).encode()
 
 
 def completion(**changes):
@@ -67,6 +73,70 @@ MATRIX = [  # (name, path, body (dict: JSON; bytes: raw), headers, status, messa
     ("oversized body", "/v1/completions",
      json.dumps(completion(prompt="a" * (2 << 20))).encode(), {}, 413, "over the limit", None),
     ("unknown route", "/v1/embeddings", GOOD, {}, 404, "Not Found", None),
+    # strict types: no string, boolean or fraction is taken for a number
+    ("max_tokens as a string", "/v1/completions", completion(max_tokens="5"), {}, 400,
+     "max_tokens: Input should be a valid integer, got a string", "max_tokens"),
+    ("max_tokens as a boolean", "/v1/completions", completion(max_tokens=True), {}, 400,
+     "got a boolean", "max_tokens"),
+    ("n as a fraction", "/v1/completions", completion(n=1.5), {}, 400, "got a number", "n"),
+    ("temperature as a string", "/v1/completions", completion(temperature="0.5"), {}, 400,
+     "temperature: Input should be a valid number, got a string", "temperature"),
+    ("seed as a boolean", "/v1/completions", completion(seed=False), {}, 400, "seed", "seed"),
+    ("logprobs as a boolean", "/v1/completions", completion(logprobs=True), {}, 400,
+     "logprobs", "logprobs"),
+    ("stream as a string", "/v1/completions", completion(stream="yes"), {}, 400,
+     "valid boolean", "stream"),
+    ("token id as a boolean", "/v1/completions", completion(prompt=[5, True]), {}, 400,
+     "prompt", "prompt"),
+    ("include_usage as a string", "/v1/completions",
+     completion(stream=True, stream_options={"include_usage": "true"}), {}, 400,
+     "stream_options.include_usage", "stream_options"),
+    ("chat top_logprobs as a string", "/v1/chat/completions",
+     {**CHAT, "logprobs": True, "top_logprobs": "2"}, {}, 400, "top_logprobs", "top_logprobs"),
+    ("chat role as a number", "/v1/chat/completions",
+     {**CHAT, "messages": [{"role": 1, "content": "hi"}]}, {}, 400, "messages.0.role",
+     "messages"),
+    ("chat max_completion_tokens 0", "/v1/chat/completions",
+     {**CHAT, "max_tokens": None, "max_completion_tokens": 0}, {}, 400,
+     "max_completion_tokens must be at least 1", "max_completion_tokens"),
+    ("chat max_tokens 0", "/v1/chat/completions", {**CHAT, "max_tokens": 0}, {}, 400,
+     "max_tokens must be at least 1", "max_tokens"),
+    ("chat max_completion_tokens and max_tokens differ", "/v1/chat/completions",
+     {**CHAT, "max_tokens": 3, "max_completion_tokens": 4}, {}, 400, "differ",
+     "max_completion_tokens"),
+    ("chat max_completion_tokens over the limit", "/v1/chat/completions",
+     {**CHAT, "max_tokens": None, "max_completion_tokens": 64}, {}, 400,
+     "maximum context length", "max_completion_tokens"),
+    # invalid Unicode (JSON's escapes carry lone UTF-16 surrogates), wherever it is
+    ("lone surrogate in prompt", "/v1/completions", _raw(completion(prompt="a\ud800b")), {},
+     400, "prompt: not valid Unicode", "prompt"),
+    ("lone surrogate in model", "/v1/completions", _raw(completion(model="t\udfffiny")), {},
+     400, "model: not valid Unicode", "model"),
+    ("lone surrogate in a prompt list", "/v1/completions",
+     _raw(completion(prompt=["ok", "\udc00"])), {}, 400, "prompt.1: not valid Unicode",
+     "prompt"),
+    ("lone surrogate in stop", "/v1/completions", _raw(completion(stop=["x", "a\ud800"])), {},
+     400, "stop.1: not valid Unicode", "stop"),
+    ("lone surrogate in user", "/v1/completions", _raw(completion(user="\ud800")), {}, 400,
+     "user: not valid Unicode", "user"),
+    ("lone surrogate in a field we ignore", "/v1/completions",
+     _raw(completion(metadata={"tag": "\ud800"})), {}, 400, "metadata.tag: not valid Unicode",
+     "metadata"),
+    ("lone surrogate in a key", "/v1/completions", _raw(completion(logit_bias={"\ud800": 1})),
+     {}, 400, "logit_bias.<key>: not valid Unicode", "logit_bias"),
+    ("lone surrogate in chat content", "/v1/chat/completions",
+     _raw({**CHAT, "messages": [{"role": "user", "content": "hi \ud800"}]}), {}, 400,
+     "messages.0.content: not valid Unicode", "messages"),
+    ("lone surrogate in a content part", "/v1/chat/completions",
+     _raw({**CHAT, "messages": [{"role": "user", "content": [{"type": "text",
+                                                               "text": "\udbff"}]}]}),
+     {}, 400, "messages.0.content.0.text: not valid Unicode", "messages"),
+    ("lone surrogate in chat role", "/v1/chat/completions",
+     _raw({**CHAT, "messages": [{"role": "us\ud800er", "content": "hi"}]}), {}, 400,
+     "messages.0.role: not valid Unicode", "messages"),
+    ("surrogate as raw bytes", "/v1/completions",
+     b'{"model": "tiny", "prompt": "a\xed\xa0\x80b", "max_tokens": 2}', {}, 400,
+     "not valid Unicode", "prompt"),
 ]
 
 
@@ -117,3 +187,16 @@ def test_chunked_body_over_the_limit_is_413_too(server):
                       headers={"Content-Type": "application/json"})
         assert r.status_code == 413 and "over the limit" in r.json()["error"]["message"]
         assert http.post("/v1/completions", json=GOOD).status_code == 200
+
+
+@pytest.mark.parametrize("keys", [[API_KEY, "nope"], ["nope", API_KEY], [API_KEY, API_KEY]])
+def test_two_authorization_headers_are_refused(server, keys):
+    """A proxy that checks the first header and a server that reads the last would disagree."""
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        r = http.post("/v1/completions", json=GOOD,
+                      headers=[("Authorization", f"Bearer {k}") for k in keys])
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert "2 Authorization headers" in err["message"] and err["param"] == "Authorization"
+        r = http.post("/v1/completions", json=GOOD, headers={"Authorization": f"Bearer {API_KEY}"})
+        assert r.status_code == 200, r.text
