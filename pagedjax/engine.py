@@ -57,6 +57,7 @@ class InFlight:
     samples: dict[int, int | None]
     needs_host: bool  # a beam round or a fork: complete it before scheduling the next step
     want_top: bool  # some row wants its top logprobs (the sampler computed them): fetch them
+    prompt_rows: tuple[tuple[int, int], ...] = ()  # (index in batch.seqs, prompt position)
 
 
 @dataclasses.dataclass
@@ -123,6 +124,7 @@ class LLMEngine:
         self.eos_token_ids = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.runner.stop_ids = frozenset(self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._on_device: list[InFlight] = []  # dispatched, not yet completed (at most 2)
         self._dispatching: ScheduledBatch | None = None  # scheduled, on its way to the device
@@ -172,16 +174,21 @@ class LLMEngine:
         if params.best_of > self.args.max_num_seqs:
             raise ValueError(f"best_of/n = {params.best_of} exceeds --max-num-seqs "
                              f"{self.args.max_num_seqs}: lower n or raise --max-num-seqs")
-        if (params.logprobs or 0) > MAX_LOGPROBS:
-            raise ValueError(f"logprobs = {params.logprobs} exceeds the maximum {MAX_LOGPROBS}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(params, name) or 0) > MAX_LOGPROBS:
+                raise ValueError(f"{name} = {getattr(params, name)} exceeds the maximum "
+                                 f"{MAX_LOGPROBS}")
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenize(prompt) if text is not None else [int(t) for t in prompt]
         self.validate_prompt(ids)
         self._check_pool_room(params.best_of, len(ids), params.max_tokens)
         seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31 - 1))
         arrival = next(self._arrivals)
+        # filled as the prompt is computed, whichever sample computes it
+        prompt_lps = [None] * len(ids) if params.prompt_logprobs is not None else None
         # sample i draws with seed + i: the same tokens as a lone request with that seed
-        seqs = [Sequence(request_id, ids, params, arrival, seed=(seed + i) % (2**31 - 1), index=i)
+        seqs = [Sequence(request_id, ids, params, arrival, seed=(seed + i) % (2**31 - 1), index=i,
+                         prompt_logprobs=prompt_lps)
                 for i in range(params.best_of)]
         seqs[0].pending_forks, seqs[0].seats = seqs[1:], len(seqs)
         detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
@@ -320,7 +327,8 @@ class LLMEngine:
                     or seq.num_tokens >= self.max_model_len):
                 seq.last_token_pending = True
         self._dispatching = None
-        self._on_device.append(InFlight(batch, result, samples, needs_host, inputs.mode.top))
+        self._on_device.append(InFlight(batch, result, samples, needs_host, inputs.mode.top,
+                                        inputs.prompt_rows))
         return True
 
     def _complete(self, f: "InFlight") -> list[RequestOutput]:
@@ -333,6 +341,8 @@ class LLMEngine:
         self.stats.steps += 1
         batch, now = f.batch, time.time()
         touched: dict[str, Request] = {}
+        if f.prompt_rows:
+            self._prompt_logprobs(batch, f.prompt_rows, result)
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             if seq.finished:
                 continue
@@ -377,6 +387,21 @@ class LLMEngine:
             if finished or r.stream:
                 outputs.append(self._output(r))
         return outputs
+
+    @staticmethod
+    def _prompt_logprobs(batch: ScheduledBatch, rows, result: StepResult) -> None:
+        """Record the prompt logprobs a step computed, in vLLM's shape: the top k plus the
+        prompt token itself."""
+        own = result.prompt_logprobs.tolist()
+        tops, ids = result.prompt_top_logprobs.tolist(), result.prompt_top_ids.tolist()
+        for q, (i, pos) in enumerate(rows):
+            seq = batch.seqs[i]
+            if seq.finished:
+                continue
+            k = seq.params.prompt_logprobs
+            entry = dict(zip(ids[q][:k], tops[q][:k])) if k else {}
+            entry[seq.prompt_token_ids[pos + 1]] = own[q]
+            seq.prompt_logprobs[pos + 1] = entry
 
     def _beam_round(self, req: Request) -> None:
         """All live beams have their candidates: pick the next beams, fork their blocks from
@@ -435,11 +460,14 @@ class LLMEngine:
         if not p.ignore_eos and token in self.eos_token_ids:
             return self._finish(seq, "stop", None)
         if detok is not None and p.stop:
-            for s in p.stop:
-                cut = detok.text.find(s)
-                if cut >= 0:
-                    detok.text = detok.text[:cut]
-                    return self._finish(seq, "stop", s)
+            if seq.num_known_tokens - len(seq.prompt_token_ids) <= p.min_tokens:
+                seq.stop_check_from = len(detok.text)  # as vLLM: no stop strings before then
+            else:
+                for s in p.stop:
+                    cut = detok.text.find(s, max(seq.stop_check_from - len(s) + 1, 0))
+                    if cut >= 0:
+                        detok.text = detok.text[:cut]
+                        return self._finish(seq, "stop", s)
         known = seq.num_known_tokens
         if known - len(seq.prompt_token_ids) >= req.max_tokens or known >= self.max_model_len:
             return self._finish(seq, "length")
@@ -466,8 +494,10 @@ class LLMEngine:
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         if req.params.best_of > req.params.n and req.finished:
             outs = sorted(outs, key=lambda o: -o.cumulative_logprob)[:req.params.n]
+        plp = req.seqs[0].prompt_logprobs
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
-                             req.finished, req.metrics)
+                             req.finished, req.metrics,
+                             prompt_logprobs=list(plp) if plp is not None else None)
 
     def _beam_output(self, req: Request) -> RequestOutput:
         outs = [CompletionOutput(index=i, text=self._decode(h.tokens), token_ids=h.tokens,

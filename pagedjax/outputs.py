@@ -37,3 +37,6 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     error: str | None = None  # the request failed (finish_reason "error"): why
+    # SamplingParams.prompt_logprobs: per prompt token (the first None, nothing predicts it) the
+    # token's own logprob and the top k, {token id: logprob}
+    prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -16,11 +16,11 @@ import numpy as np
 
 from pagedjax.models import ModelConfig, forward_paged
 
-from . import kv_pool, sharding
+from . import kv_pool, penalties, sharding
 from .attention import make_attend, resolve_backend
 from .block_manager import BlockManager
 from .scheduler import ScheduledBatch
-from .sampler import sample
+from .sampler import prompt_logprobs, sample
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,9 @@ _INT, _F32 = False, True
 @dataclasses.dataclass(frozen=True)
 class StepLayout:
     """Static shape of one step: T token rows, S sequence rows, W block-table width;
-    ``decode``: every sequence brings one token (the kernels then take the split-K decode path).
+    ``decode``: every sequence brings one token (the kernels then take the split-K decode path);
+    ``Q``: token rows whose logits come back besides the S sampling rows, for prompt logprobs
+    (only a step with a request that asks for them has Q > 0: those shapes are not precompiled).
     Copy-on-write block copies are not part of the step: they run in their own small program
     before it (``ModelRunner._copy``), so they add no step shapes."""
 
@@ -39,13 +41,14 @@ class StepLayout:
     S: int
     W: int
     decode: bool = False
+    Q: int = 0
 
     def fields(self):
         T, S, W = self.T, self.S, self.W
         return (("tokens", T, _INT), ("token_src", T, _INT), ("positions", T, _INT),
                 ("slot_mapping", T, _INT),
                 ("block_tables", S * W, _INT), ("context_lens", S, _INT),
-                ("query_start_loc", S + 1, _INT), ("logits_indices", S, _INT))
+                ("query_start_loc", S + 1, _INT), ("logits_indices", S + self.Q, _INT))
 
     @functools.cached_property
     def offsets(self) -> dict[str, tuple[int, int, bool]]:
@@ -89,28 +92,42 @@ class StepInputs(NamedTuple):
     """What ``prepare`` builds and ``execute`` sends: the model step's packed array and static
     layout, the sampler's per-row parameters and static flags, and the block copies to make
     before the step: one [2, C] array of source / destination blocks per copy program
-    (destination -1 is padding)."""
+    (destination -1 is padding). Only when some row asks: ``penalties`` (pagedjax.penalties),
+    and ``prompt_targets`` [Q] with ``prompt_rows``, per prompt-logprob row (index in the
+    batch, position in the prompt)."""
 
     packed: np.ndarray
     layout: StepLayout
     sampling: np.ndarray
     mode: SampleMode
     copies: tuple[np.ndarray, ...] = ()
+    penalties: np.ndarray | None = None
+    prompt_targets: np.ndarray | None = None
+    prompt_rows: tuple[tuple[int, int], ...] = ()
 
 
 class StepResult(NamedTuple):
-    """Per sampling row: the sampled token, its logprob, the top MAX_LOGPROBS logprobs and ids."""
+    """Per sampling row: the sampled token, its logprob, the top MAX_LOGPROBS logprobs and ids;
+    per prompt-logprob row (a step with Q > 0): the prompt token's logprob, the top ones."""
 
     tokens: jax.Array
     logprobs: jax.Array
     top_logprobs: jax.Array
     top_ids: jax.Array
+    prompt_logprobs: jax.Array | None = None
+    prompt_top_logprobs: jax.Array | None = None
+    prompt_top_ids: jax.Array | None = None
+
+    def wanted(self, with_top: bool) -> list[int]:
+        return [i for i, x in enumerate(self) if x is not None and (with_top or i not in (2, 3))]
 
     def to_host(self, with_top: bool = True) -> "StepResult":
         """The one device wait of a step; the top logprobs travel only when a row wants them."""
-        if with_top:
-            return StepResult(*jax.device_get(tuple(self)))
-        return StepResult(*jax.device_get((self.tokens, self.logprobs)), None, None)
+        out = [None] * len(self)
+        wanted = self.wanted(with_top)
+        for i, x in zip(wanted, jax.device_get([self[i] for i in wanted])):
+            out[i] = x
+        return StepResult(*out)
 
 
 def _pow2_at_least(n: int, lo: int) -> int:
@@ -163,12 +180,12 @@ class ModelRunner:
         # The last step's sampled tokens, on the device, padded to every bucket's S: the next
         # step reads the tokens it was dispatched without (async scheduling) from here.
         self.max_rows = _pow2_at_least(max(max_num_seqs, 4), 4)
-        sample_out = {} if mesh is None else {"out_shardings": (
-            (sharding.replicated(mesh),) * (len(StepResult._fields) + 1))}
+        sample_out = {} if mesh is None else {"out_shardings": sharding.replicated(mesh)}
         self._sample = jax.jit(functools.partial(_sample_step, max_rows=self.max_rows),
                                static_argnames=("mode",), **sample_out)
         self._sampled = _committed(self._to_device(np.zeros(self.max_rows, np.int32)))
         self.step_id = 0  # id of the last dispatched step
+        self.stop_ids = frozenset(cfg.eos_token_ids)  # what min_tokens bans (the engine adds)
 
     # ---- buckets -----------------------------------------------------------------------------
     def layout_for(self, num_tokens: int, num_seqs: int, max_blocks: int,
@@ -282,6 +299,10 @@ class ModelRunner:
         max_blocks = max(len(bm.table(s.seq_id)) for s in seqs)
         layout = self.layout_for(n_tok, len(seqs) + len(batch.forks), max_blocks,
                                  decode=n_tok == len(seqs))
+        prompt_rows = _prompt_rows(seqs, counts)
+        if prompt_rows:
+            layout = dataclasses.replace(
+                layout, Q=min(_pow2_at_least(len(prompt_rows), 16), layout.T))
         bs = self.block_size
         packed = np.zeros(layout.size, dtype=np.int32)
         view = {name: packed[at:at + n] for name, (at, n, _) in layout.offsets.items()}
@@ -296,6 +317,7 @@ class ModelRunner:
         temperature, top_p, min_p = fview["temperature"], fview["top_p"], fview["min_p"]
         top_k, seeds, counters = view["top_k"], view["seeds"], view["counters"]
         num_top = view["num_top"]
+        penalized = []  # (row, params, codes, pending row) of rows with penalties / min_tokens
 
         def sampling_row(row: int, seq) -> None:
             p = seq.params
@@ -304,6 +326,10 @@ class ModelRunner:
             seeds[row] = seq.seed
             counters[row] = len(seq.output_token_ids)
             num_top[row] = p.logprobs or 0
+            codes = penalties.row_codes(seq, self.cfg.vocab_size, self.stop_ids)
+            if codes is not None:  # its newest token, if on the device, is the last step's
+                pending = seq.pending_src[1] if seq.num_pending else -1
+                penalized.append((row, p, codes, pending))
 
         at = 0
         for i, (seq, n) in enumerate(zip(seqs, counts)):
@@ -350,7 +376,16 @@ class ModelRunner:
             c[1] = -1
             c[:, :part.shape[1]] = part
             copies.append(c)
-        return StepInputs(packed, layout, sampling, mode, tuple(copies))
+        targets = None
+        if prompt_rows:
+            targets = np.zeros(layout.Q, np.int32)
+            index = view["logits_indices"][layout.S:]
+            for q, (i, pos) in enumerate(prompt_rows):
+                index[q] = qsl[i] + pos - seqs[i].num_computed_tokens
+                targets[q] = seqs[i].prompt_token_ids[pos + 1]
+        return StepInputs(packed, layout, sampling, mode, tuple(copies),
+                          penalties.pack(penalized, layout.S) if penalized else None,
+                          targets, tuple(prompt_rows))
 
     def execute(self, inputs: StepInputs) -> "StepResult":
         """Dispatch the model step and its sampler; the results stay on the device until the
@@ -359,14 +394,19 @@ class ModelRunner:
             self.pool = self._copy(self.pool, self._to_device(copies))
         logits, self.pool = self._step(self.params, self.pool, self._sampled,
                                        self._to_device(inputs.packed), layout=inputs.layout)
+        extra = {}  # only for a step with a row that asks: other steps run the precompiled ones
+        if inputs.penalties is not None:
+            extra.update(marks=self._to_device(inputs.penalties), prev=self._sampled)
+        if inputs.prompt_targets is not None:
+            extra["prompt_targets"] = self._to_device(inputs.prompt_targets)
         *out, self._sampled = self._sample(logits, self._to_device(inputs.sampling),
-                                           mode=inputs.mode)
+                                           mode=inputs.mode, **extra)
         self.step_id += 1
         result = StepResult(*out)
         # Queue the copies to the host now, behind this step: queued later, at to_host(), they
         # would wait behind the next step, already dispatched (async scheduling).
-        for x in result if inputs.mode.top else result[:2]:
-            x.copy_to_host_async()
+        for i in result.wanted(inputs.mode.top):
+            result[i].copy_to_host_async()
         return result
 
 
@@ -400,13 +440,35 @@ def _committed(tree):
     return jax.tree.map(lambda x: jax.device_put(x, x.sharding), tree)
 
 
-def _sample_step(logits, sampling, *, mode: SampleMode, max_rows: int):
-    """Sample the step's rows; also returns the tokens padded to ``max_rows`` (the next step's
-    ``sampled`` input)."""
+def _sample_step(logits, sampling, marks=None, prev=None, prompt_targets=None, *,
+                 mode: SampleMode, max_rows: int):
+    """Sample the step's rows (the first S rows of ``logits``; the Q after them are prompt
+    positions, scored against ``prompt_targets``); also returns the tokens padded to
+    ``max_rows`` (the next step's ``sampled`` input)."""
     p = dict(zip(SAMPLING_FIELDS, sampling))
     for name in _SAMPLING_FLOATS:
         p[name] = jax.lax.bitcast_convert_type(p[name], jnp.float32)
+    S = sampling.shape[1]
+    prompt = ()
+    if prompt_targets is not None:
+        prompt = prompt_logprobs(logits[S:], prompt_targets)
+        logits = logits[:S]
+    adjusted = None if marks is None else penalties.apply(logits, marks, prev)
     result = sample(logits, p["temperature"], p["top_p"], p["top_k"], p["min_p"], p["seeds"],
-                    p["counters"], random=mode.random, filters=mode.filters, top=mode.top)
-    padded = jnp.zeros((max_rows,), jnp.int32).at[:logits.shape[0]].set(result[0])
-    return (*result, padded)
+                    p["counters"], random=mode.random, filters=mode.filters, top=mode.top,
+                    adjusted=adjusted)
+    padded = jnp.zeros((max_rows,), jnp.int32).at[:S].set(result[0])
+    return (*result, *prompt, padded)
+
+
+def _prompt_rows(seqs, counts) -> list[tuple[int, int]]:
+    """(index in seqs, prompt position) of every position of this step whose logits give a
+    prompt logprob still missing: position i predicts prompt token i + 1."""
+    rows = []
+    for i, (seq, n) in enumerate(zip(seqs, counts)):
+        have = seq.prompt_logprobs
+        if have is not None:
+            start = seq.num_computed_tokens
+            stop = min(start + n, len(seq.prompt_token_ids) - 1)
+            rows += [(i, pos) for pos in range(start, stop) if have[pos + 1] is None]
+    return rows

@@ -10,7 +10,9 @@ These are static flags the host sets per step (one small compiled sampler per co
 ``lax.cond``: a device-side branch makes XLA copy its predicate to the host and wait for it, and
 the host could not queue the next step while the device runs this one (async scheduling).
 The draw itself is Gumbel-max in vocabulary order with noise from (seed, i), and a filter only
-masks tokens, so a row draws the same token whichever of these paths its batch takes.
+masks tokens, so a row draws the same token whichever of these paths its batch takes. Penalties
+and min_tokens (pagedjax.penalties) and prompt logprobs are optional inputs of the step's sampler
+program, present only in steps with a row that asks.
 """
 from __future__ import annotations
 
@@ -46,18 +48,19 @@ def _draw(logits, temperature, top_p, top_k, min_p, seeds, counters, filters: bo
 
 
 def sample(logits, temperature, top_p, top_k, min_p, seeds, counters, *, random: bool = True,
-           filters: bool = True, top: bool = True):
+           filters: bool = True, top: bool = True, adjusted=None):
     """logits [S, V] float32; per-row params [S]. Static flags, set by the host from the step's
     rows (no device-side branch, so dispatch never waits on the device): ``random`` some row has
     temperature > 0, ``filters`` some such row uses top-p / top-k / min-p, ``top`` some row wants
-    its top logprobs. Returns tokens [S] int32, their logprobs [S], and the top MAX_LOGPROBS
-    (logprobs, ids) [S, MAX_LOGPROBS] per row (zeros unless ``top``), all logprobs under the
-    unmodified model distribution (vLLM's default)."""
-    greedy = jnp.argmax(logits, axis=-1)
+    its top logprobs. ``adjusted``: the logits after penalties and min_tokens
+    (pagedjax.penalties), which the draw uses instead. Returns tokens [S] int32, their logprobs
+    [S], and the top MAX_LOGPROBS (logprobs, ids) [S, MAX_LOGPROBS] per row (zeros unless
+    ``top``), all logprobs under the unmodified model distribution (vLLM's default)."""
+    x = logits if adjusted is None else adjusted
+    greedy = jnp.argmax(x, axis=-1)
     if random:
         tokens = jnp.where(temperature == 0.0, greedy,
-                           _draw(logits, temperature, top_p, top_k, min_p, seeds, counters,
-                                 filters))
+                           _draw(x, temperature, top_p, top_k, min_p, seeds, counters, filters))
     else:
         tokens = greedy
     tokens = tokens.astype(jnp.int32)
@@ -71,3 +74,12 @@ def sample(logits, temperature, top_p, top_k, min_p, seeds, counters, *, random:
         top_lp = jnp.zeros((logits.shape[0], k), jnp.float32)
         top_ids = jnp.zeros((logits.shape[0], k), jnp.int32)
     return tokens, chosen, top_lp, top_ids
+
+
+def prompt_logprobs(logits, targets):
+    """logits [Q, V] float32 at prompt positions, targets [Q] the prompt token each predicts:
+    that token's logprob [Q] and the top MAX_LOGPROBS (logprobs, ids) [Q, MAX_LOGPROBS]."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    own = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] - lse
+    top_logits, ids = jax.lax.top_k(logits, min(MAX_LOGPROBS, logits.shape[-1]))
+    return own, top_logits - lse[:, None], ids.astype(jnp.int32)

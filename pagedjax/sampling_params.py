@@ -19,7 +19,12 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # per prompt token: its logprob and the top k
     skip_special_tokens: bool = True
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and the output
+    presence_penalty: float = 0.0  # subtracted once from every token the output holds
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    min_tokens: int = 0  # EOS and stop_token_ids cannot end the output before this many tokens
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -48,6 +53,19 @@ class SamplingParams:
              f"max_tokens must be an integer >= 1, got {self.max_tokens}")
         need(self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
              f"logprobs must be an integer >= 0, got {self.logprobs}")
+        need(self.prompt_logprobs is None
+             or (isinstance(self.prompt_logprobs, int) and self.prompt_logprobs >= 0),
+             f"prompt_logprobs must be an integer >= 0, got {self.prompt_logprobs}")
+        need(0.0 < self.repetition_penalty < math.inf,
+             f"repetition_penalty must be a finite number > 0 (1 means none), got "
+             f"{self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            need(-2.0 <= value <= 2.0, f"{name} must be in [-2, 2], got {value}")
+        need(isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+             f"min_tokens must be an integer >= 0, got {self.min_tokens}")
+        need(self.max_tokens is None or self.min_tokens <= self.max_tokens,
+             f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         need(all(isinstance(s, str) and s for s in self.stop),
              f"stop must be non-empty strings, got {self.stop}")
         need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
@@ -57,3 +75,9 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Some penalty acts on this request's logits (pagedjax.penalties)."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)

@@ -122,7 +122,9 @@ class Scheduler:
         if seq.last_token_pending:  # preempted while its final token was on the device
             return None
         cached = 0
-        if seq.num_computed_tokens == 0 and not self.bm.table(seq.seq_id):
+        # prompt logprobs come from computing the prompt: such a request skips the cache (vLLM)
+        if (seq.num_computed_tokens == 0 and not self.bm.table(seq.seq_id)
+                and seq.params.prompt_logprobs is None):
             cached = self.bm.match_prefix(seq.seq_id, seq.tokens(0, seq.num_tokens))
             seq.num_computed_tokens = cached
         n = min(seq.num_uncomputed, budget)

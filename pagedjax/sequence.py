@@ -35,6 +35,10 @@ class Sequence:
     stop_reason: int | str | None = None
     cumulative_logprob: float = 0.0
     output_top_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
+    # params.prompt_logprobs: one list shared by the request's samples, entry i for prompt token
+    # i (None until computed; entry 0 stays None); the runner asks for the missing ones
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    stop_check_from: int = 0  # min_tokens: stop strings are looked for after this much text
     # n > 1 sampling: the other samples, forked from this sequence when its prompt is computed
     pending_forks: list["Sequence"] = dataclasses.field(default_factory=list)
     seats: int = 1  # running slots it takes: best_of or the beam width until it forks, then 1

@@ -76,16 +76,25 @@ class _SamplingFields(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # known and refused by name unless unused (OpenAIServing._check_unsupported)
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    parallel_tool_calls: bool | None = None
     # vLLM's extras
     top_k: int | None = None
     min_p: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
     use_beam_search: bool = False  # width: best_of if given, else n; returns the n best
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
@@ -96,8 +105,9 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = 16
     best_of: int | None = None
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool = False  # with max_tokens 0: the prompt (and its logprobs) and nothing else
     suffix: str | None = None
+    prompt_logprobs: int | None = None  # vLLM's extra; echo + logprobs k imply k
 
 
 class ChatMessage(BaseModel):
@@ -131,12 +141,21 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: int | None = None  # 1 for the most likely; None: the prompt token outside the top k
+    decoded_token: str | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # vLLM's extra: per prompt token (the first None), {token id: its logprob} for the prompt
+    # token and the top prompt_logprobs
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -25,6 +25,8 @@ from .responses import (APIError, ChoiceState, best_first, json_response, next_d
                         openai_finish, sse, stop_reason, usage_info)
 from .tokenizer_thread import TokenizerThread
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
 
 class OpenAIServing:
     def __init__(self, aengine: AsyncEngine, served_model_name: str, *,
@@ -50,23 +52,39 @@ class OpenAIServing:
                                 f"`{self.model_name}`.", param="model", code="model_not_found")
 
     def _check_unsupported(self, req: P._SamplingFields, logprobs: bool) -> None:
+        """A field this server cannot honour is refused by name, never silently ignored."""
         if req.use_beam_search:
             for name, used in (("stop", req.stop), ("stop_token_ids", req.stop_token_ids),
-                               ("logprobs", logprobs)):
+                               ("logprobs", logprobs),
+                               ("prompt_logprobs", getattr(req, "prompt_logprobs", None)),
+                               ("repetition_penalty", req.repetition_penalty not in (None, 1.0)),
+                               ("presence_penalty", req.presence_penalty),
+                               ("frequency_penalty", req.frequency_penalty),
+                               ("min_tokens", req.min_tokens)):
                 if used:
                     raise APIError(400, f"{name} is not supported with use_beam_search",
                                    param=name)
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(req, name):
-                raise APIError(400, f"{name} is not supported yet; leave it at 0", param=name)
-        if req.logit_bias:
-            raise APIError(400, "logit_bias is not supported yet", param="logit_bias")
+        for name, used in (
+                ("response_format", req.response_format not in (None, {"type": "text"})),
+                ("tools", req.tools), ("tool_choice", req.tool_choice not in (None, "none")),
+                ("functions", req.functions),
+                ("function_call", req.function_call not in (None, "none")),
+                ("parallel_tool_calls", req.parallel_tool_calls is not None),
+                ("logit_bias", req.logit_bias), ("suffix", getattr(req, "suffix", None))):
+            if used:
+                raise APIError(400, f"{name} is not supported by this server: leave it out",
+                               param=name)
+        for m in getattr(req, "messages", ()):
+            if m.role not in CHAT_ROLES:
+                raise APIError(400, f"message role {m.role!r} is not supported: use one of "
+                                    f"{', '.join(CHAT_ROLES)}", param="messages")
 
     def _params(self, req: P._SamplingFields, *, max_tokens: int | None, best_of: int | None,
-                logprobs: int | None) -> SamplingParams:
-        if logprobs is not None and logprobs > self.max_logprobs:
-            raise APIError(400, f"logprobs {logprobs} is over the maximum ({self.max_logprobs})",
-                           param="logprobs")
+                logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+        for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if k is not None and k > self.max_logprobs:
+                raise APIError(400, f"{name} {k} is over the maximum ({self.max_logprobs})",
+                               param=name)
         try:
             params = SamplingParams(
                 n=req.n, best_of=best_of,
@@ -76,7 +94,11 @@ class OpenAIServing:
                 min_p=0.0 if req.min_p is None else req.min_p,
                 seed=req.seed, max_tokens=max_tokens, stop=req.stop,
                 stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
-                skip_special_tokens=req.skip_special_tokens)
+                prompt_logprobs=prompt_logprobs, skip_special_tokens=req.skip_special_tokens,
+                repetition_penalty=(1.0 if req.repetition_penalty is None
+                                    else req.repetition_penalty),
+                presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0, min_tokens=req.min_tokens)
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
         if params.best_of > self.max_n:  # before anything is sized by it
@@ -199,15 +221,22 @@ class OpenAIServing:
     async def create_completion(self, req: P.CompletionRequest, raw: Request) -> Response:
         self.check_model(req.model)
         self._check_unsupported(req, req.logprobs is not None)
-        if req.suffix:
-            raise APIError(400, "suffix is not supported", param="suffix")
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo with logprobs needs prompt logprobs, which are not "
-                                "supported yet", param="echo")
         if req.stream and not req.use_beam_search and req.best_of not in (None, req.n):
             raise APIError(400, "best_of must equal n when streaming", param="best_of")
-        params = self._params(req, max_tokens=req.max_tokens, best_of=req.best_of,
-                              logprobs=req.logprobs)
+        # echo + logprobs k scores the prompt (vLLM: prompt_logprobs k); with max_tokens 0, as
+        # lm-evaluation-harness sends it, one token is generated and dropped
+        echo_scores = req.echo and req.logprobs is not None
+        echo_only = req.echo and req.max_tokens == 0
+        prompt_lp = req.prompt_logprobs
+        if prompt_lp is None and echo_scores:
+            prompt_lp = req.logprobs
+        if req.stream and (prompt_lp is not None or echo_only):
+            name = "prompt_logprobs" if req.prompt_logprobs is not None else "echo"
+            raise APIError(400, f"{name} with logprobs or max_tokens 0 is not supported when "
+                                "streaming: set stream to false", param=name)
+        params = self._params(req, max_tokens=1 if echo_only else req.max_tokens,
+                              best_of=req.best_of, logprobs=req.logprobs,
+                              prompt_logprobs=prompt_lp)
         prompts = await self._completion_prompts(req.prompt)
         if len(prompts) * params.best_of > self.max_waiting_requests:
             raise APIError(400, f"{len(prompts)} prompts x best_of {params.best_of} sequences "
@@ -233,29 +262,49 @@ class OpenAIServing:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         choices, completion_tokens = [], 0
         for i, sub in enumerate(subs):
-            for j, o in enumerate(final[sub.request_id].outputs[:params.n]):
-                completion_tokens += len(o.token_ids)
-                lp = (await self.tokens.run(self._completion_logprobs, o.token_ids, o.logprobs, 0)
+            out = final[sub.request_id]
+            for j, o in enumerate(out.outputs[:params.n]):
+                ids, tops, text = ([], [], "") if echo_only else (o.token_ids, o.logprobs, o.text)
+                if echo_scores:  # the prompt's tokens first, the first without a logprob
+                    ids, tops = out.prompt_token_ids + ids, out.prompt_logprobs + (tops or [])
+                completion_tokens += len(o.token_ids) if not echo_only else 0
+                lp = (await self.tokens.run(self._completion_logprobs, ids, tops, 0)
                       if req.logprobs is not None else None)
                 choices.append(P.CompletionChoice(
-                    index=i * params.n + j, text=echoes[i] + o.text, logprobs=lp,
-                    finish_reason=openai_finish(o.finish_reason),
-                    stop_reason=stop_reason(req, o)))
+                    index=i * params.n + j, text=echoes[i] + text, logprobs=lp,
+                    finish_reason="length" if echo_only else openai_finish(o.finish_reason),
+                    stop_reason=None if echo_only else stop_reason(req, o),
+                    prompt_logprobs=(await self.tokens.run(self._prompt_logprobs,
+                                                           out.prompt_logprobs, prompt_lp)
+                                     if req.prompt_logprobs is not None else None)))
         usage = usage_info(sum(len(ids) for _, ids in prompts), completion_tokens)
         return json_response(P.CompletionResponse(id=rid, model=self.model_name,
                                                   choices=choices, usage=usage))
 
-    def _completion_logprobs(self, token_ids: list[int], tops: list[dict[int, float]] | None,
+    def _completion_logprobs(self, token_ids: list[int],
+                             tops: list[dict[int, float] | None] | None,
                              offset: int) -> P.CompletionLogprobs:
+        """OpenAI's shape; a token without logprobs (the first of an echoed prompt) gets null."""
         out = P.CompletionLogprobs()
         for t, top in zip(token_ids, tops or []):
             tok = self._decode([t])
             out.tokens.append(tok)
-            out.token_logprobs.append(top.get(t))
-            out.top_logprobs.append({self._decode([i]): lp for i, lp in best_first(top)})
+            out.token_logprobs.append(None if top is None else top.get(t))
+            out.top_logprobs.append(None if top is None else
+                                    {self._decode([i]): lp for i, lp in best_first(top)})
             out.text_offset.append(offset)
             offset += len(tok)
         return out
+
+    def _prompt_logprobs(self, entries: list[dict[int, float] | None], k: int):
+        """vLLM's ``prompt_logprobs``: per prompt token {token id: logprob, rank, decoded}; the
+        prompt token is there even outside the top k, and its rank then is unknown (None)."""
+        def one(top):
+            return {t: P.PromptLogprob(logprob=lp, rank=r if r <= k else None,
+                                       decoded_token=self._decode([t]))
+                    for r, (t, lp) in enumerate(best_first(top), start=1)}
+
+        return [None if top is None else one(top) for top in entries]
 
     async def _completion_chunks(self, rid: str, stream: RequestStream, params: SamplingParams,
                                  echoes: list[str], prompts, include_usage: bool, use_beam: bool):

@@ -27,6 +27,9 @@ def test_bad_requests_leave_running_ones_alone(llm):
             eng.add_request("bad", bad, SamplingParams())
     with pytest.raises(ValueError, match="already in use"):
         eng.add_request("good", [1], SamplingParams())
+    for name in ("logprobs", "prompt_logprobs"):
+        with pytest.raises(ValueError, match=f"^{name} = 21 exceeds the maximum 20"):
+            eng.add_request("bad", [1, 2], SamplingParams(**{name: 21}))
     outs = []
     while eng.has_unfinished():
         outs += eng.step()
@@ -42,6 +45,14 @@ def test_bad_requests_leave_running_ones_alone(llm):
     (dict(top_k=-3), "top_k"),
     (dict(n=2, best_of=1), "best_of"),
     (dict(min_p=2.0), "min_p"),
+    (dict(prompt_logprobs=-1), "prompt_logprobs"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+    (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=-2.1), "frequency_penalty"),
+    (dict(min_tokens=-1), "min_tokens"),
+    (dict(min_tokens=1.5), "min_tokens"),
+    (dict(min_tokens=5, max_tokens=4), "min_tokens"),
 ])
 def test_sampling_params_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):

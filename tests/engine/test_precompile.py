@@ -130,3 +130,29 @@ def test_precompiled_engine_compiles_nothing_while_swapping(tiny1):
     assert e.runner.num_compilations == compiled, "a step compiled after a swap"
     assert e.host_pool.num_compilations == host_compiled
     assert_no_leak(llm)
+
+
+def test_what_prompt_logprobs_and_penalties_cost_in_compilations(tiny1):
+    """A prompt-logprobs step compiles its own model step shape (T, Q) and sampler variant; a
+    penalised step its sampler variant per (S, history bucket). Requests that ask for neither
+    still compile nothing, before or after them."""
+    llm = LLM(loaded=tiny1, num_gpu_blocks_override=96, max_model_len=256,
+              max_num_batched_tokens=64, max_num_seqs=4, **PALLAS)
+    e, rng = llm.engine, np.random.default_rng(3)
+    compiled = e.runner.num_compilations
+    plain = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    prompt = rng.integers(2, 128, size=40).tolist()
+    llm.generate([prompt], plain, use_tqdm=False)
+    assert e.runner.num_compilations == compiled
+    out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=1),
+                       use_tqdm=False)[0]
+    assert len(out.prompt_logprobs) == 40
+    assert e.runner.num_compilations == compiled + 2  # step (T 64, Q 64) + its sampler
+    compiled = e.runner.num_compilations
+    llm.generate([prompt], SamplingParams(max_tokens=8, repetition_penalty=1.2, min_tokens=2),
+                 use_tqdm=False)
+    assert e.runner.num_compilations > compiled  # lazily: a sampler per (S, history bucket)
+    compiled = e.runner.num_compilations
+    llm.generate(*_wave(rng, 6, TINY1.vocab_size), use_tqdm=False)
+    assert e.runner.num_compilations == compiled
+    assert_no_leak(llm)

@@ -100,3 +100,21 @@ def test_pallas_kernel_under_shard_map_matches_reference():
     _, ref = run("tiny_qwen", 1)
     _, outs = generate_tp(tiny("tiny_qwen"), 2, attention_backend="pallas-gpu")
     assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in ref]
+
+
+def test_tp_2_prompt_logprobs_and_penalties_equal_tp_1():
+    """The sampler's optional inputs and outputs (penalties, prompt logprobs) under a mesh."""
+    from pagedjax import SamplingParams
+    from tests.scaleout.common import ENGINE, prompts
+
+    model = tiny("tiny_qwen")
+    sp = SamplingParams(max_tokens=6, temperature=0.0, prompt_logprobs=2, repetition_penalty=1.3,
+                        presence_penalty=0.5, min_tokens=3)
+    outs = [LLM(loaded=model, tensor_parallel_size=tp, **ENGINE).generate(
+        prompts(model.cfg.vocab_size), sp, use_tqdm=False) for tp in (1, 2)]
+    for a, b in zip(*outs):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert len(a.prompt_logprobs) == len(a.prompt_token_ids)
+        for da, db in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert da.keys() == db.keys()
+            np.testing.assert_allclose([db[t] for t in da], list(da.values()), atol=1e-5)
