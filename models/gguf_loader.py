@@ -22,6 +22,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 from tqdm.auto import tqdm
 
+from . import gguf_tokenizer
 from .config import ModelConfig, RopeScaling
 from .decoder import rope_inv_freq
 from .params import DTYPE_NAMES, check_shape, param_shapes, unflatten
@@ -132,11 +133,18 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: str | Path, dtype: str) -> tuple[ModelConfig, dict]:
-    path = Path(path)
-    if not path.is_file():
+def open_gguf(path: str | Path) -> GGUFReader:
+    """The file's reader; parsing the metadata takes seconds (a vocabulary is ~100k strings), so
+    the weights and the tokenizer share one."""
+    if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
-    reader = GGUFReader(path)
+    return GGUFReader(path)
+
+
+def load_gguf(path: str | Path, dtype: str,
+              reader: GGUFReader | None = None) -> tuple[ModelConfig, dict]:
+    path = Path(path)
+    reader = reader or open_gguf(path)
     cfg = read_config(reader, path)
     want = param_shapes(cfg)
     tensors = {}
@@ -170,15 +178,11 @@ def load_gguf(path: str | Path, dtype: str) -> tuple[ModelConfig, dict]:
     return cfg, unflatten(flat)
 
 
-def load_gguf_tokenizer(path: str | Path):
-    """The tokenizer stored in the GGUF metadata, through transformers; None if it has none."""
-    from transformers import AutoTokenizer
-
-    path = Path(path)
+def load_gguf_tokenizer(path: str | Path, reader: GGUFReader | None = None):
+    """The tokenizer stored in the GGUF metadata (built without torch, models/gguf_tokenizer.py);
+    None, with a warning, if the file has none pagedjax can build."""
     try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
-                                             trust_remote_code=False)
-    except (KeyError, ValueError, OSError) as e:  # a GGUF without tokenizer.ggml.* metadata
-        logger.warning("%s: no usable tokenizer in the GGUF metadata (%s: %s)", path,
-                       type(e).__name__, e)
+        return gguf_tokenizer.load_gguf_tokenizer(path, reader or open_gguf(path))
+    except ValueError as e:
+        logger.warning("%s; the model runs on token ids only", e)
         return None

@@ -84,9 +84,10 @@ def load_model(model: str | Path | None = None, load_format: str = "auto", dtype
         cfg = dummy.dummy_config(model)
         params = dummy.dummy_params(cfg, dtype, seed)
     elif fmt == "gguf":
-        cfg, params = gguf_loader.load_gguf(model, dtype)
+        reader = gguf_loader.open_gguf(model)
+        cfg, params = gguf_loader.load_gguf(model, dtype, reader)
         if tokenizer is None:
-            own_tokenizer = gguf_loader.load_gguf_tokenizer(model)
+            own_tokenizer = gguf_loader.load_gguf_tokenizer(model, reader)
     elif fmt == "orbax":
         cfg, params, dtype = checkpoint.restore_checkpoint(model, dtype)
         if tokenizer is None:
