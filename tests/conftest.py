@@ -4,21 +4,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import sys
 
 # Several fake CPU devices for the tensor-parallel tests; harmless elsewhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-# pytest puts the repo root first on sys.path, where the top-level kernels/ folder (installed as
-# pagedjax.kernels) hides the PyPI package `kernels` that transformers >= 5 imports with its
-# models; importing that package once without the root leaves it in sys.modules for transformers.
-_path, _root = sys.path[:], os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _root]
-try:
-    import kernels  # noqa: F401
-except ImportError:  # transformers < 5 does not need it
-    pass
-finally:
-    sys.path[:] = _path
 
 import jax
 import jax.numpy as jnp
