@@ -167,8 +167,13 @@ class ModelRunner:
             (sharding.replicated(mesh),) * (len(StepResult._fields) + 1))}
         self._sample = jax.jit(functools.partial(_sample_step, max_rows=self.max_rows),
                                static_argnames=("mode",), **sample_out)
-        self._sampled = _committed(self._to_device(np.zeros(self.max_rows, np.int32)))
+        self.reset_sampled()
         self.step_id = 0  # id of the last dispatched step
+
+    def reset_sampled(self) -> None:
+        """A zero sampled-token buffer: at start, and after a failed step poisoned the last one
+        (pagedjax.faults: the next step reads it, and would fail with the old step's error)."""
+        self._sampled = _committed(self._to_device(np.zeros(self.max_rows, np.int32)))
 
     # ---- buckets -----------------------------------------------------------------------------
     def layout_for(self, num_tokens: int, num_seqs: int, max_blocks: int,
