@@ -242,3 +242,27 @@ async def _send_all(url: str, prompts: list[str], body: dict):
                 return r.status_code, text, error
 
         return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+
+def test_generate_checks_every_request_before_adding_any_and_raises_a_step_error(tiny_qwen):
+    from pagedjax import LLM
+    from pagedjax.llm import EngineStepError
+    from pagedjax.sampler import MAX_LOGPROBS
+    from tests.conftest import assert_no_leak
+
+    llm = LLM(loaded=tiny_qwen, max_model_len=64, block_size=16, max_num_seqs=2,
+              max_num_batched_tokens=16, num_gpu_blocks_override=6)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12]]
+    for bad, match in ((SamplingParams(logprobs=MAX_LOGPROBS + 1), "logprobs"),
+                       (SamplingParams(n=3), "max-num-seqs"),
+                       (SamplingParams(max_tokens=60, n=2, temperature=1.0), "KV blocks")):
+        with pytest.raises(ValueError, match=f"prompt 1: .*{match}"):
+            llm.generate(prompts, [GREEDY, bad, GREEDY], use_tqdm=False)
+        assert_no_leak(llm)  # the good prompts of the call were not queued
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    fail_inside_the_step(llm.engine.runner)
+    with pytest.raises(EngineStepError, match="injected device fault") as e:
+        llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert e.value.prompts and set(e.value.prompts) <= {0, 1, 2}
+    assert_no_leak(llm)  # the prompts the step did not hold were aborted, not left queued
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == want
