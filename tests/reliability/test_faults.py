@@ -266,3 +266,17 @@ def test_generate_checks_every_request_before_adding_any_and_raises_a_step_error
     assert e.value.prompts and set(e.value.prompts) <= {0, 1, 2}
     assert_no_leak(llm)  # the prompts the step did not hold were aborted, not left queued
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == want
+
+
+def test_health_is_503_while_the_engine_recovers(rel_server):
+    """A failed step sets ``engine.fault`` until its reset succeeded (pagedjax.faults)."""
+    def set_fault(e, value):
+        e.fault = value
+
+    with httpx.Client(base_url=rel_server.url, timeout=10) as http:
+        on_engine_thread(rel_server.aengine, lambda e: set_fault(e, "the device step failed: X"))
+        r = http.get("/health")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_recovering"
+        assert "the device step failed: X" in r.json()["error"]["message"]
+        on_engine_thread(rel_server.aengine, lambda e: set_fault(e, None))
+        assert http.get("/health").status_code == 200
