@@ -17,6 +17,7 @@ chunk). Rows past ``qsl[S]`` are padding and come out as zeros; a padded sequenc
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from .quantization import QuantizedPages, dequantize, is_quantized, is_raw_fp8, quantize, saturate
@@ -60,8 +61,38 @@ def token_positions(query_start_loc, context_lens, num_tokens):
     return seq, pos, valid
 
 
+# Attention's scratch per KV chunk is at most this many bytes (more only when one block per
+# chunk already needs more): the engine's activation reserve counts it (pagedjax.memory_report).
+SCRATCH_BYTES = 32 << 20
+MAX_TILE_ROWS = 64
+
+
+def tile_rows(t: int, s: int) -> int:
+    """Query rows per work tile: about the rows per sequence (1 for a decode step), at most
+    MAX_TILE_ROWS. Each tile gathers its sequence's K/V once per chunk, so longer tiles gather
+    less; a tile's rows past its sequence's are computed and dropped, so shorter tiles waste
+    less on short sequences."""
+    rows = max(t // max(s, 1), 1)
+    return min(1 << (rows.bit_length() - 1), MAX_TILE_ROWS)
+
+
+def num_tiles(t: int, s: int, tq: int) -> int:
+    """Work tiles of a step: sequence s brings ceil(q_len_s / tq), at most T / tq + S in all."""
+    return min(-(-t // tq) + s, t)
+
+
+def scratch_bytes(t: int, s: int, n: int, kh: int, h: int, block_size: int,
+                  chunk_blocks: int = 1) -> int:
+    """Bytes the reference attention holds per KV chunk of ``chunk_blocks`` blocks: float32
+    scores, probabilities and mask per tile row, query head and key, and the chunk's K and V
+    gathered per tile (float32 at most)."""
+    tq = tile_rows(t, s)
+    per_key = num_tiles(t, s, tq) * (tq * n * 12 + kh * h * 8)
+    return per_key * chunk_blocks * block_size
+
+
 def paged_attention_ref(q, k_pages, v_pages, block_tables, context_lens, query_start_loc, *,
-                        scale: float | None = None):
+                        scale: float | None = None, chunk_blocks: int | None = None):
     """Attention of a ragged batch over its paged KV cache (K/V of this step already written).
 
     q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H], or QuantizedPages (then the
@@ -69,7 +100,14 @@ def paged_attention_ref(q, k_pages, v_pages, block_tables, context_lens, query_s
     upcast to float32 the same way);
     block_tables: [S, W] int32 (entries past a sequence's blocks are ignored);
     context_lens: [S] int32; query_start_loc: [S + 1] int32, non-decreasing.
+    chunk_blocks: KV blocks per chunk; default the most whose scratch fits SCRATCH_BYTES.
     Returns [T, N, H] in q's dtype; padding rows are zero.
+
+    Blockwise (online softmax), so memory is bounded at any context length: the rows are cut
+    into work tiles of one sequence each ([M, Tq]: sequence s's rows in tiles of Tq), and a loop
+    over KV chunks of C = chunk_blocks x block_size keys, up to the longest context in the step,
+    gathers each tile's K/V chunk ([M, C, K, H]) and folds it into running max / sum / output.
+    Nothing of size [T, context] is ever built.
     """
     t, n, h = q.shape
     nb, bs, kh, h2 = k_pages.shape
@@ -80,25 +118,61 @@ def paged_attention_ref(q, k_pages, v_pages, block_tables, context_lens, query_s
         raise ValueError(f"context_lens {context_lens.shape} / query_start_loc "
                          f"{query_start_loc.shape} must be [{s}] / [{s + 1}]")
     scale = h ** -0.5 if scale is None else scale
-    seq, pos, valid = token_positions(query_start_loc, context_lens, t)
-    blocks = block_tables[seq]  # [T, W]
+    g = n // kh
+    tq = tile_rows(t, s)
+    m = num_tiles(t, s, tq)
+    if chunk_blocks is None:
+        chunk_blocks = max(1, SCRATCH_BYTES // scratch_bytes(t, s, n, kh, h, bs))
+    cb = min(chunk_blocks, w)
+    c = cb * bs
+    num_chunks = -(-w // cb)
+    tables = jnp.pad(block_tables, ((0, 0), (0, num_chunks * cb - w)))  # padding is masked
 
-    def keys(pages):  # [T, S, K, H]
+    # Work tiles: tile i is rows row0[i] .. row0[i] + Tq - 1 of sequence seq[i].
+    qsl = query_start_loc
+    q_len = qsl[1:] - qsl[:-1]  # [S]
+    tiles_end = jnp.cumsum((q_len + tq - 1) // tq)  # [S]
+    i = jnp.arange(m, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(tiles_end, i, side="right"), 0, s - 1)  # [M]
+    first = tiles_end[seq] - (q_len[seq] + tq - 1) // tq
+    row0 = qsl[seq] + (i - first) * tq
+    rows = row0[:, None] + jnp.arange(tq, dtype=jnp.int32)[None, :]  # [M, Tq]
+    ok = (i < tiles_end[-1])[:, None] & (rows < qsl[seq + 1][:, None])
+    pos = (context_lens[seq] - q_len[seq] + row0 - qsl[seq])[:, None] + rows - row0[:, None]
+    qt = q[jnp.where(ok, rows, 0)].reshape(m, tq, kh, g, h)  # [M, Tq, K, G, H]
+    tile_tables = tables[seq]  # [M, num_chunks * cb]
+
+    def chunk(pages, blocks):  # blocks [M, cb] -> [M, C, K, H]
         if is_quantized(pages):
-            return dequantize(pages.data[blocks], pages.scale[blocks]).reshape(t, w * bs, kh, h)
+            return dequantize(pages.data[blocks], pages.scale[blocks]).reshape(m, c, kh, h)
         if is_raw_fp8(pages):
-            return pages[blocks].astype(jnp.float32).reshape(t, w * bs, kh, h)
-        return pages[blocks].reshape(t, w * bs, kh, h)
+            return pages[blocks].astype(jnp.float32).reshape(m, c, kh, h)
+        return pages[blocks].reshape(m, c, kh, h)
 
-    k, v = keys(k_pages), keys(v_pages)
-    qg = q.reshape(t, kh, n // kh, h)
-    scores = jnp.einsum("tkgh,tskh->tkgs", qg, k, preferred_element_type=jnp.float32) * scale
-    key_pos = jnp.arange(w * bs)
-    mask = (key_pos[None, :] <= pos[:, None]) & valid[:, None]  # [T, S]
-    scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
-    m = jnp.max(scores, axis=-1, keepdims=True)
-    p = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0))
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom == 0, 1.0, denom)
-    o = jnp.einsum("tkgs,tskh->tkgh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return o.reshape(t, n, h).astype(q.dtype)
+    def body(j, carry):
+        run_max, run_sum, acc = carry
+        blocks = jax.lax.dynamic_slice_in_dim(tile_tables, j * cb, cb, axis=1)
+        k, v = chunk(k_pages, blocks), chunk(v_pages, blocks)
+        scores = jnp.einsum("mtkgh,mckh->mtkgc", qt, k,
+                            preferred_element_type=jnp.float32) * scale
+        key_pos = j * c + jnp.arange(c, dtype=jnp.int32)
+        mask = (key_pos[None, None, :] <= pos[:, :, None]) & ok[:, :, None]  # [M, Tq, C]
+        scores = jnp.where(mask[:, :, None, None, :], scores, -jnp.inf)
+        new_max = jnp.maximum(run_max, jnp.max(scores, axis=-1))
+        safe = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+        p = jnp.exp(scores - safe[..., None])
+        alpha = jnp.exp(run_max - safe)  # 0 while run_max is -inf
+        run_sum = run_sum * alpha + jnp.sum(p, axis=-1)
+        acc = acc * alpha[..., None] + jnp.einsum("mtkgc,mckh->mtkgh", p.astype(v.dtype), v,
+                                                  preferred_element_type=jnp.float32)
+        return new_max, run_sum, acc
+
+    longest = jnp.max(jnp.where(ok, pos, -1)) + 1  # keys the step reads
+    stats = jnp.full((m, tq, kh, g), -jnp.inf, jnp.float32)
+    carry = (stats, jnp.zeros_like(stats), jnp.zeros((m, tq, kh, g, h), jnp.float32))
+    _, run_sum, acc = jax.lax.fori_loop(0, jnp.minimum((longest + c - 1) // c, num_chunks),
+                                        body, carry)
+    o = acc / jnp.where(run_sum == 0, 1.0, run_sum)[..., None]
+    out = jnp.zeros((t, n, h), q.dtype)
+    return out.at[jnp.where(ok, rows, t).reshape(-1)].set(
+        o.reshape(m * tq, n, h).astype(q.dtype), mode="drop")

@@ -129,6 +129,7 @@ class LLMEngine:
         self._on_device: list[InFlight] = []  # dispatched, not yet completed (at most 2)
         self._dispatching: ScheduledBatch | None = None  # scheduled, on its way to the device
         self.stats = EngineStats()
+        self.fault: str | None = None  # a failed step's error until its reset succeeded (faults.py)
         self._arrivals = itertools.count()
         self._seed_rng = np.random.default_rng(args.seed)
         # Engine-level precompilation: every program a step can run, before the first request.
@@ -171,17 +172,8 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if params.best_of > self.args.max_num_seqs:
-            raise ValueError(f"best_of/n = {params.best_of} exceeds --max-num-seqs "
-                             f"{self.args.max_num_seqs}: lower n or raise --max-num-seqs")
-        for name in ("logprobs", "prompt_logprobs"):
-            if (getattr(params, name) or 0) > MAX_LOGPROBS:
-                raise ValueError(f"{name} = {getattr(params, name)} exceeds the maximum "
-                                 f"{MAX_LOGPROBS}")
+        ids = self.check_request(prompt, params)
         text = prompt if isinstance(prompt, str) else None
-        ids = self.tokenize(prompt) if text is not None else [int(t) for t in prompt]
-        self.validate_prompt(ids)
-        self._check_pool_room(params.best_of, len(ids), params.max_tokens)
         seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31 - 1))
         arrival = next(self._arrivals)
         # filled as the prompt is computed, whichever sample computes it
@@ -199,6 +191,24 @@ class LLMEngine:
                                             max_tokens=max_tokens, stream=stream)
         self.scheduler.add(seqs[0])
         self.stats.prompt_tokens += len(ids)
+
+    def check_request(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Every check ``add_request`` makes of a prompt and its parameters, without queueing
+        anything (``LLM.generate`` checks a whole batch before adding any); returns the ids."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, not "
+                             f"{type(params).__name__}")
+        if params.best_of > self.args.max_num_seqs:
+            raise ValueError(f"best_of/n = {params.best_of} exceeds --max-num-seqs "
+                             f"{self.args.max_num_seqs}: lower n or raise --max-num-seqs")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(params, name) or 0) > MAX_LOGPROBS:
+                raise ValueError(f"{name} = {getattr(params, name)} exceeds the maximum "
+                                 f"{MAX_LOGPROBS}")
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        self.validate_prompt(ids)
+        self._check_pool_room(params.best_of, len(ids), params.max_tokens)
+        return ids
 
     def add_beam_request(self, request_id: str, prompt: str | list[int],
                          params: BeamSearchParams) -> None:

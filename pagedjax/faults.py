@@ -1,13 +1,19 @@
 """What the engine does when the device fails: a failed step costs its own requests, no others.
 
-A device step can fail after the KV pool was donated to it (an XLA runtime error, a lost
-transfer): the runner's pool then points at deleted buffers, or at the poisoned output of the
-failed step. Either way every KV block is lost, so recovery is a reset: the step's requests
-finish with an error (their blocks freed), every other sequence goes back to the front of the
-waiting queue to be recomputed (its generated tokens kept, as after a recompute preemption),
-cached prefixes are forgotten, and the pool is allocated afresh with the same shapes and
-shardings, so the compiled step is reused. If the reset itself fails the error propagates: the
-engine is then beyond repair, and the server reports itself dead.
+A device step can fail after the KV pool was donated to it (an XLA runtime error, an
+allocation the device could not make, a lost transfer): the runner's pool then points at deleted
+buffers, or at the poisoned output of the failed step. A poisoned output is not a one-off: every
+program that reads it fails with "Error dispatching computation: <its error>" and poisons its own
+outputs in turn, so every device array a failed step wrote (the pool, and the sampled-token
+buffer the next step reads its async PLACEHOLDER tokens from) must be replaced, or no later
+step can succeed. Recovery is therefore a reset: the step's requests finish with an error (their
+blocks freed), every other sequence goes back to the front of the waiting queue to be recomputed
+(its generated tokens kept, as after a recompute preemption), cached prefixes and pending block
+copies are forgotten, and the runner's device state is allocated afresh with the same shapes and
+shardings (so the compiled step is reused) and waited for. ``engine.fault`` names the error while
+the engine cannot serve (the server's /health answers 503); it is cleared once the reset
+succeeded. If the reset itself fails the error propagates: the engine is then beyond repair, and
+the server reports itself dead.
 
 Out-of-memory at start is turned into an error that says which flags to change.
 """
@@ -70,6 +76,7 @@ def fail_step(engine: "LLMEngine", batches: "list[ScheduledBatch]",
     message = f"the device step failed: {type(error).__name__}: {error}"
     if is_out_of_memory(error):
         message += f" ({OOM_HINT})"
+    engine.fault = message
     failed = list(dict.fromkeys(s.request_id for b in batches for s in b.seqs))
     logger.error("%s; failing %d request(s) of the step, recomputing the rest", message,
                  len(failed), exc_info=error)
@@ -79,6 +86,10 @@ def fail_step(engine: "LLMEngine", batches: "list[ScheduledBatch]",
         req = engine.end_request(rid, "error")
         if req is None:
             continue
+        for seq in req.seqs:  # tokens the failed step was to sample never came
+            if seq.num_pending:
+                del seq.output_token_ids[-seq.num_pending:]
+                seq.num_pending = 0
         req.metrics.finished_time = now
         out = engine._output(req)
         outputs.append(dataclasses.replace(out, finished=True, error=message))
@@ -106,8 +117,13 @@ def reset_device_state(engine: "LLMEngine") -> None:
     if bm.num_free != bm.num_blocks:
         raise RuntimeError(f"{bm.num_blocks - bm.num_free} KV blocks are still held by no live "
                            "sequence after a failed step; the engine cannot recover")
-    engine.runner.pool = fresh_pool(engine.runner.pool)
-    logger.warning("KV pool reallocated; %d sequence(s) will be recomputed", len(survivors))
+    runner = engine.runner
+    runner.pool = fresh_pool(runner.pool)
+    runner.reset_sampled()
+    jax.block_until_ready((runner.pool, runner._sampled))  # the device can serve again
+    engine.fault = None
+    logger.warning("KV pool and sampled-token buffer reallocated; %d sequence(s) will be "
+                   "recomputed", len(survivors))
 
 
 def fresh_pool(old):

@@ -19,6 +19,14 @@ from .sampling_params import SamplingParams
 Prompt = str | list[int] | dict[str, Any]
 
 
+class EngineStepError(RuntimeError):
+    """A device step failed during ``generate``; ``prompts`` are the indices it cost."""
+
+    def __init__(self, message: str, prompts: list[int]):
+        super().__init__(f"prompt(s) {prompts}: {message}")
+        self.prompts = prompts
+
+
 class LLM:
     def __init__(self, model: str | None = None, *, loaded=None, **engine_args: Any):
         self.engine = LLMEngine(EngineArgs.from_kwargs(model=model, **engine_args), loaded=loaded)
@@ -32,8 +40,10 @@ class LLM:
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt (text, token ids, or {"prompt_token_ids": [...]}), batched
-        continuously; outputs come back in the order of the prompts. Every prompt is validated
-        before any is queued, so a bad one raises and nothing runs."""
+        continuously; outputs come back in the order of the prompts. Every prompt and its
+        parameters are checked (all of ``add_request``'s checks) before any is queued, so a bad
+        one raises ValueError and nothing runs. A failed device step raises EngineStepError
+        naming the prompts it cost; the engine has recovered and serves the next call."""
         prompts = _as_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -42,10 +52,10 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
         inputs = [p["prompt_token_ids"] if isinstance(p, dict) else p for p in prompts]
-        for i, p in enumerate(inputs):
+        for i, (p, sp) in enumerate(zip(inputs, params)):
             try:
-                self.engine.validate_prompt(self.engine.tokenize(p) if isinstance(p, str) else list(p))
-            except ValueError as e:
+                self.engine.check_request(p, sp)
+            except (ValueError, TypeError) as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         ids = [f"gen-{next(self._ids)}" for _ in inputs]
         for rid, p, sp in zip(ids, inputs, params):
@@ -74,10 +84,15 @@ class LLM:
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm)
         try:
             while self.engine.has_unfinished():
-                for out in self.engine.step():
+                outs = self.engine.step()
+                for out in outs:
                     if out.finished:
                         done[out.request_id] = out
                         bar.update(1)
+                errors = [o for o in outs if o.error is not None]
+                if errors:  # the others are aborted below: they would run in the next call
+                    raise EngineStepError(errors[0].error,
+                                          sorted(ids.index(o.request_id) for o in errors))
         except BaseException:
             for rid in ids:
                 self.engine.abort(rid)

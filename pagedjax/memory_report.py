@@ -22,6 +22,7 @@ import re
 
 from pagedjax import kv_pool
 from pagedjax.config import EngineArgs
+from pagedjax.kernels import reference
 from pagedjax.kv_pool import GiB, KVPoolSpec, dtype_bytes
 from pagedjax.models import ModelConfig
 
@@ -102,18 +103,22 @@ def profile_peak_bytes_estimate(cfg: ModelConfig, max_num_batched_tokens: int, d
       + 6 x S x V x 4                                 the sampler's float32 rows: logits, scaled,
                                                       sorted, softmax, cumsum, Gumbel noise
       + 512 MiB                                       XLA's workspaces and fragmentation
+      + attention scratch                             the reference attention's per-chunk bound
 
     It must not fall short: JAX's allocator is capped at ``--gpu-memory-utilization`` of the
     device (:mod:`pagedjax.device_memory`), so what the estimate misses the step cannot get.
-    It assumes a flash-style attention kernel (no T x T score matrix) and no cross-layer
-    activations (inference keeps none). Pass a per-device config for tensor parallelism.
+    It assumes blockwise attention (no T x context score matrix: the Pallas kernels, and the
+    reference path, which holds at most ``kernels.reference.SCRATCH_BYTES`` per KV chunk) and no
+    cross-layer activations (inference keeps none). Pass a per-device config for tensor
+    parallelism.
     """
     t = max_num_batched_tokens
     s = min(t, max_num_seqs or t)
     d, f, n, k, h = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
                      cfg.num_key_value_heads, cfg.head_dim)
     layer = t * (2 * d + (n + 2 * k) * h + 3 * f) * dtype_bytes(dtype)
-    return layer + SAMPLER_ROW_ARRAYS * s * cfg.vocab_size * 4 + XLA_WORKSPACE_BYTES
+    return (layer + SAMPLER_ROW_ARRAYS * s * cfg.vocab_size * 4 + XLA_WORKSPACE_BYTES
+            + reference.SCRATCH_BYTES)
 
 
 def default_max_num_batched_tokens(args: EngineArgs, max_model_len: int) -> int:

@@ -183,9 +183,14 @@ class ModelRunner:
         sample_out = {} if mesh is None else {"out_shardings": sharding.replicated(mesh)}
         self._sample = jax.jit(functools.partial(_sample_step, max_rows=self.max_rows),
                                static_argnames=("mode",), **sample_out)
-        self._sampled = _committed(self._to_device(np.zeros(self.max_rows, np.int32)))
+        self.reset_sampled()
         self.step_id = 0  # id of the last dispatched step
         self.stop_ids = frozenset(cfg.eos_token_ids)  # what min_tokens bans (the engine adds)
+
+    def reset_sampled(self) -> None:
+        """A zero sampled-token buffer: at start, and after a failed step poisoned the last one
+        (pagedjax.faults: the next step reads it, and would fail with the old step's error)."""
+        self._sampled = _committed(self._to_device(np.zeros(self.max_rows, np.int32)))
 
     # ---- buckets -----------------------------------------------------------------------------
     def layout_for(self, num_tokens: int, num_seqs: int, max_blocks: int,

@@ -171,6 +171,10 @@ def build_app(aengine: AsyncEngine, served_model_name: str, api_key: str | None 
         if not aengine.is_alive:
             return _error_response(APIError(503, "the engine is not running", type="server_error",
                                             code="engine_dead"))
+        if aengine.engine.fault is not None:  # a step failed and its reset has not finished
+            return _error_response(APIError(503, f"the engine is recovering from a failed step: "
+                                            f"{aengine.engine.fault}", type="server_error",
+                                            code="engine_recovering"))
         return Response(status_code=200)
 
     @app.get("/metrics")

@@ -10,6 +10,7 @@ import time
 
 import httpx
 import jax
+import jax.numpy as jnp
 import pytest
 
 from pagedjax import SamplingParams, faults, kv_pool
@@ -38,7 +39,37 @@ def lose_the_pool_then_raise(runner):
     runner._step = step
 
 
-def test_a_failed_step_fails_only_its_requests_and_the_engine_recovers(tiny_qwen):
+def fail_inside_the_step(runner):
+    """Make the next ``runner._step`` fail on the device, as a real device error does: the step
+    runs (its pool donated), then its logits and pool pass through a program that fails while
+    it executes (a host callback raising inside it), after a slow program it waits for, so that
+    it fails asynchronously as a large step does: dispatch succeeds, every array the step wrote
+    is poisoned (the sampler's outputs too, among them the sampled-token buffer the next step
+    reads), and the error surfaces where the host reads the results (``to_host``)."""
+    real = runner._step
+
+    def boom(x):
+        raise RuntimeError("injected device fault")
+
+    slow = jax.jit(lambda x: jax.lax.fori_loop(0, 40, lambda i, a: jnp.tanh(a @ a / 256), x))
+    poison = jax.jit(lambda gate, logits, pool: (
+        logits + jax.pure_callback(boom, gate, gate)[0, 0], pool), donate_argnums=2)
+    x = jnp.ones((256, 256))
+    slow(x).block_until_ready()
+
+    def step(*args, **kwargs):
+        runner._step = real
+        logits, pool = real(*args, **kwargs)
+        compiled = poison.lower(x, logits, pool).compile()  # compiling would outlast the gate
+        logits, pool = compiled(slow(x), logits, pool)
+        assert not logits.is_ready(), "the injected fault must fail after dispatch"
+        return logits, pool
+
+    runner._step = step
+
+
+@pytest.mark.parametrize("inject", [lose_the_pool_then_raise, fail_inside_the_step])
+def test_a_failed_step_fails_only_its_requests_and_the_engine_recovers(tiny_qwen, inject):
     engine = LLMEngine(EngineArgs(max_model_len=64, block_size=16, max_num_seqs=2,
                                   max_num_batched_tokens=16, num_gpu_blocks_override=16,
                                   enable_prefix_caching=True), loaded=tiny_qwen)
@@ -59,12 +90,16 @@ def test_a_failed_step_fails_only_its_requests_and_the_engine_recovers(tiny_qwen
         engine.add_request(rid, p, GREEDY, stream=False)
     engine.step()
     engine.step()  # "a" and "b" run (--max-num-seqs 2); "same" and "c" wait
-    lose_the_pool_then_raise(engine.runner)
+    inject(engine.runner)
     outs = engine.step()
+    while not outs:  # the error surfaces when the host reads the step's results
+        outs = engine.step()
     assert sorted(o.request_id for o in outs) == ["a", "b"]
     for o in outs:
         assert o.finished and "injected device fault" in o.error
         assert o.outputs[0].finish_reason == "error"
+        assert -1 not in o.outputs[0].token_ids, "no PLACEHOLDER of the failed step is kept"
+    assert engine.fault is None, "recovered"
     bm = engine.block_manager
     bm.check_invariants()
     assert bm.num_free == bm.num_blocks and not bm.cached, "blocks freed, cache forgotten"
@@ -207,3 +242,41 @@ async def _send_all(url: str, prompts: list[str], body: dict):
                 return r.status_code, text, error
 
         return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+
+def test_generate_checks_every_request_before_adding_any_and_raises_a_step_error(tiny_qwen):
+    from pagedjax import LLM
+    from pagedjax.llm import EngineStepError
+    from pagedjax.sampler import MAX_LOGPROBS
+    from tests.conftest import assert_no_leak
+
+    llm = LLM(loaded=tiny_qwen, max_model_len=64, block_size=16, max_num_seqs=2,
+              max_num_batched_tokens=16, num_gpu_blocks_override=6)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12]]
+    for bad, match in ((SamplingParams(logprobs=MAX_LOGPROBS + 1), "logprobs"),
+                       (SamplingParams(n=3), "max-num-seqs"),
+                       (SamplingParams(max_tokens=60, n=2, temperature=1.0), "KV blocks")):
+        with pytest.raises(ValueError, match=f"prompt 1: .*{match}"):
+            llm.generate(prompts, [GREEDY, bad, GREEDY], use_tqdm=False)
+        assert_no_leak(llm)  # the good prompts of the call were not queued
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    fail_inside_the_step(llm.engine.runner)
+    with pytest.raises(EngineStepError, match="injected device fault") as e:
+        llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert e.value.prompts and set(e.value.prompts) <= {0, 1, 2}
+    assert_no_leak(llm)  # the prompts the step did not hold were aborted, not left queued
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == want
+
+
+def test_health_is_503_while_the_engine_recovers(rel_server):
+    """A failed step sets ``engine.fault`` until its reset succeeded (pagedjax.faults)."""
+    def set_fault(e, value):
+        e.fault = value
+
+    with httpx.Client(base_url=rel_server.url, timeout=10) as http:
+        on_engine_thread(rel_server.aengine, lambda e: set_fault(e, "the device step failed: X"))
+        r = http.get("/health")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_recovering"
+        assert "the device step failed: X" in r.json()["error"]["message"]
+        on_engine_thread(rel_server.aengine, lambda e: set_fault(e, None))
+        assert http.get("/health").status_code == 200
