@@ -2,7 +2,7 @@
 
 The classic experiment: beam_width 4 and n=4 sampling over 1,000-token prompts with 500 new
 tokens. Figures: peak KV blocks per request with sharing (fork + copy-on-write) and with it
-switched off (``disable_kv_sharing``: every fork copies its parent's blocks), the blocks the
+switched off (``CopyingBlockManager``: every fork copies its parent's blocks), the blocks the
 prompt part occupies across the 4 beams over one sequence's, the maximum concurrent requests
 the pool holds at each, and output tok/s of beam search, n=4 sampling and greedy. Output tokens
 count every beam's / sample's generated token, so the three rates compare the same work.
@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from benchmarks import harness
+from pagedjax.block_manager import BlockManager
 from benchmarks.common import print_table, write_result
 
 
@@ -34,25 +35,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "on with the Pallas kernels on a GPU or TPU)")
 
 
-def _llm(args, share: bool):
-    from pagedjax import LLM
+class CopyingBlockManager(BlockManager):
+    """A block manager without sharing, as an engine without copy-on-write: a fork copies every
+    block of its parent at once; the copies ride the next step (``pending_copies``)."""
 
-    kw = dict(max_model_len=args.max_model_len, disable_kv_sharing=not share,
-              num_gpu_blocks_override=args.num_gpu_blocks_override,
-              max_num_seqs=max(64, args.num_requests * args.width),
-              precompile=getattr(args, "precompile", None))
+    def fork(self, parent_id: int, child_id: int) -> None:
+        table = self.table(parent_id)
+        if len(table) > self.num_free:
+            raise RuntimeError(f"fork without sharing: {len(table)} blocks, {self.num_free} free")
+        self.tables[child_id] = [self._take() for _ in table]
+        self.pending_copies += zip(table, self.tables[child_id])
+
+
+def _engine(args, share: bool):
+    from pagedjax.engine import LLMEngine
+
     if args.tiny:
         from tests.conftest import TINY_QWEN, TinyModel, random_params
+    loaded = TinyModel(TINY_QWEN, random_params(TINY_QWEN)) if args.tiny else None
+    ea = harness.engine_args(args, max_num_seqs=max(64, args.num_requests * args.width))
+    return LLMEngine(ea, loaded=loaded, block_manager_cls=None if share else CopyingBlockManager)
 
-        return LLM(loaded=TinyModel(TINY_QWEN, random_params(TINY_QWEN)), **kw)
-    return LLM(args.model, load_format=args.load_format, dtype=args.dtype, **kw)
 
-
-def _run(llm, kind: str, prompts, args):
+def _run(eng, kind: str, prompts, args):
     """Run one kind over all prompts; returns (seconds, generated tokens, peak blocks)."""
     from pagedjax import BeamSearchParams, SamplingParams
 
-    eng, peak, prompt_union = llm.engine, 0, []
+    peak, prompt_union = 0, []
     for i, p in enumerate(prompts):
         if kind == "beam":
             eng.add_beam_request(f"{kind}{i}", p, BeamSearchParams(
@@ -63,7 +72,7 @@ def _run(llm, kind: str, prompts, args):
                 n=n, temperature=0.8 if n > 1 else 0.0, seed=i, max_tokens=args.output_len,
                 ignore_eos=True), stream=False)
     gen0, t0 = eng.stats.generation_tokens, time.perf_counter()
-    pblocks = -(-args.prompt_len // eng.spec.block_size)
+    pblocks = eng.spec.blocks_for(args.prompt_len)
     while eng.has_unfinished():
         eng.step()
         bm = eng.block_manager
@@ -81,25 +90,25 @@ def run(args) -> dict:
     rng = np.random.default_rng(0)
     rows, figures = [], {}
     for share in (True, False):
-        llm = _llm(args, share)
-        vocab = llm.engine.cfg.vocab_size
+        eng = _engine(args, share)
+        vocab = eng.cfg.vocab_size
         prompts = [rng.integers(10, vocab - 1, size=args.prompt_len).tolist()
                    for _ in range(args.num_requests)]
-        figures[f"precompile_share_{share}"] = harness.precompile_figures(llm.engine)
+        figures[f"precompile_share_{share}"] = harness.precompile_figures(eng)
         for kind in ("greedy", "n4", "beam"):
             # warm-up: the same requests (every step shape and copy program is compiled at
             # engine start where --precompile is on; elsewhere this pass compiles them); then
             # peak blocks of ONE request (its own shapes, compiled there), then the timed batch
-            _run(llm, kind, prompts, args)
-            _, _, one_peak, prompt_ratio = _run(llm, kind, prompts[:1], args)
-            c0 = llm.engine.runner.num_compilations
-            dt, gen, _, _ = _run(llm, kind, prompts, args)
+            _run(eng, kind, prompts, args)
+            _, _, one_peak, prompt_ratio = _run(eng, kind, prompts[:1], args)
+            c0 = eng.runner.num_compilations
+            dt, gen, _, _ = _run(eng, kind, prompts, args)
             rows.append({"sharing": share, "kind": kind, "peak_blocks_per_request": one_peak,
-                         "max_concurrent_requests": llm.engine.spec.num_blocks // max(one_peak, 1),
+                         "max_concurrent_requests": eng.spec.num_blocks // max(one_peak, 1),
                          "output_tok_s": gen / dt, "prompt_part_ratio": prompt_ratio})
             figures[f"compilations_after_warmup_{kind}_share_{share}"] = (
-                llm.engine.runner.num_compilations - c0)
-        del llm
+                eng.runner.num_compilations - c0)
+        del eng
     print_table(rows)
     by = {(r["sharing"], r["kind"]): r for r in rows}
     summary = {

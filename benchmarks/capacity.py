@@ -33,9 +33,10 @@ import jax
 
 from benchmarks import harness, plots
 from benchmarks.common import print_table, results_dir, write_result
-from pagedjax import device_memory, kv_pool
+from pagedjax import device_memory
+from pagedjax.config import EngineArgs, EngineConfig
 from pagedjax.kv_pool import GiB
-from pagedjax.memory_report import memory_report, resolve_kv_dtype
+from pagedjax.memory_report import memory_report, plan_pool
 
 logger = logging.getLogger(__name__)
 
@@ -80,17 +81,15 @@ def _probe(loaded, args, max_model_len: int, **overrides) -> dict:
     # what `pagedjax plan --gpu-memory <this device's memory>` predicts: the same arithmetic, but
     # weights from the config instead of the bytes the loaded model really occupies
     total = device_memory.device_bytes(jax.local_devices()[0])
-    plan = memory_report(loaded.cfg, llm.engine.args, loaded.dtype, total_bytes=total,
-                         max_model_len=max_model_len)
+    plan = memory_report(llm.engine.config, total_bytes=total)
     row.update(planner_blocks=plan["num_blocks"], planner_max_concurrency=plan["max_concurrency"],
                device_memory_bytes=total)
     if total is not None:  # the planner given the card's nominal size instead
-        nominal = memory_report(loaded.cfg, llm.engine.args, loaded.dtype,
-                                total_bytes=NOMINAL_GPU_MEMORY, max_model_len=max_model_len)
+        nominal = memory_report(llm.engine.config, total_bytes=NOMINAL_GPU_MEMORY)
         row["planner_blocks_at_80gib"] = nominal["num_blocks"]
     row.update(kv_cache_tokens=spec.num_tokens, kv_cache_gib=spec.total_bytes / GiB,
                kv_cache_blocks=spec.num_blocks, max_concurrency=spec.num_tokens / max_model_len,
-               max_num_batched_tokens=llm.engine.max_num_batched_tokens)
+               max_num_batched_tokens=llm.engine.config.max_num_batched_tokens)
     harness.release(llm)
     n = int(row["max_concurrency"])
     row["requests"] = min(n, args.max_concurrency_cap) if args.max_concurrency_cap else n
@@ -191,13 +190,14 @@ def _summary(rows: list[dict], args, base: dict | None = None) -> dict:
 
 
 def _figures(loaded, args, rows, base: dict | None = None) -> dict:
-    kv_dtype = resolve_kv_dtype(args.kv_cache_dtype, loaded.dtype)
+    shape = plan_pool(EngineConfig.resolve(EngineArgs(kv_cache_dtype=args.kv_cache_dtype),
+                                           loaded.cfg, loaded.dtype))
     return {"model": loaded.cfg.name or args.model, "dtype": loaded.dtype,
-            "kv_cache_dtype": kv_dtype,
+            "kv_cache_dtype": shape.dtype,
             "gpu_memory_utilization": args.gpu_memory_utilization,
             "input_len": args.input_len, "output_len": args.output_len,
             "max_concurrency_cap": args.max_concurrency_cap, "warmup": args.warmup,
-            "kv_bytes_per_token": kv_pool.kv_bytes_per_token(loaded.cfg, kv_dtype),
+            "kv_bytes_per_token": shape.bytes_per_token,
             "model_dtype_pool": base, "rows": rows,
             "table": {"columns": COLUMNS, "rows": rows}}
 

@@ -144,9 +144,9 @@ def device_memory() -> dict | None:
 
 
 class StepRecorder:
-    """Wraps ``engine.step`` for the duration of a ``with`` block and samples, after each step:
-    time, running / waiting sequences, KV-pool use, tokens generated so far, and (at most every
-    ``memory_every_s``) device bytes in use. The wrapper costs a few attribute reads per step."""
+    """Samples the engine after each step of a ``with`` block (through the engine's
+    ``step_observers`` seam): time, running / waiting sequences, KV-pool use, tokens generated so
+    far, and (at most every ``memory_every_s``) device bytes in use."""
 
     def __init__(self, engine, memory_every_s: float = 0.05):
         self.engine = engine
@@ -157,17 +157,14 @@ class StepRecorder:
     def __enter__(self):
         self._t0 = time.perf_counter()
         self._gen0 = self.engine.stats.generation_tokens
-        self._orig = self.engine.step
-        self.engine.step = self._step
+        self.engine.step_observers.append(self._sample)
         return self
 
     def __exit__(self, *exc):
-        del self.engine.step  # back to the class's method
-        return False
+        self.engine.step_observers.remove(self._sample)
 
-    def _step(self):
-        out = self._orig()
-        e, now = self.engine, time.perf_counter()
+    def _sample(self, e) -> None:
+        now = time.perf_counter()
         s = {"t": now - self._t0, "running": len(e.scheduler.running),
              "waiting": len(e.scheduler.waiting), "kv_usage": e.block_manager.usage,
              "generated": e.stats.generation_tokens - self._gen0}
@@ -177,7 +174,6 @@ class StepRecorder:
                 s["bytes_in_use"] = mem["bytes_in_use"]
             self._last_mem = now
         self.samples.append(s)
-        return out
 
     @property
     def max_running(self) -> int:
@@ -222,18 +218,17 @@ class Run:
 def generate(llm, prompts, params) -> Run:
     """One timed ``LLM.generate``, with the compilations, engine time split and a step timeline."""
     e = llm.engine
-    c0, st0 = e.runner.num_compilations, dataclasses.replace(e.stats)
-    pre0 = e.scheduler.num_preemptions
+    before = e.make_stats()
     with StepRecorder(e) as rec:
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=sys.stderr.isatty())
         elapsed = time.perf_counter() - t0
-    return Run(outs, elapsed, e.runner.num_compilations - c0,
+    d = e.make_stats().delta(before)
+    return Run(outs, elapsed, d["num_compilations"],
                prompt_tokens=sum(len(o.prompt_token_ids) for o in outs),
                output_tokens=sum(len(c.token_ids) for o in outs for c in o.outputs),
-               steps=e.stats.steps - st0.steps, host_s=e.stats.host_seconds - st0.host_seconds,
-               device_s=e.stats.device_seconds - st0.device_seconds,
-               preemptions=e.scheduler.num_preemptions - pre0, timeline=rec.samples,
+               steps=d["steps"], host_s=d["host_seconds"], device_s=d["device_seconds"],
+               preemptions=d["num_preemptions"], timeline=rec.samples,
                max_running=rec.max_running)
 
 

@@ -158,9 +158,8 @@ def run(args) -> dict:
     if b1:  # issue 4's figures: batch-1 decode speed and model-bandwidth utilisation
         r = b1[0]
         copy_bw = copy_bandwidth()
-        cfg = loaded.cfg
         weights = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(loaded.params))
-        kv = cfg.kv_bytes_per_token(jnp.dtype(loaded.dtype).itemsize) * (
+        kv = llm.engine.spec.bytes_per_token * (
             r["input_len"] + args.output_len / 2)  # mean context read per decode step
         step_s = r["tpot_p50_ms"] / 1e3
         summary.update(batch1_tok_s=1.0 / step_s,

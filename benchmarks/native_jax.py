@@ -62,10 +62,10 @@ def _contiguous(cfg, dtype: str, reserve_len: int, budget_bytes: int, cap: int) 
     import jax
     import jax.numpy as jnp
 
-    from pagedjax.kv_pool import dtype_bytes
+    from pagedjax.kv_pool import KVPoolSpec
 
     shape = (cfg.num_hidden_layers, 2, reserve_len, cfg.num_key_value_heads, cfg.head_dim)
-    per_seq = cfg.kv_bytes_per_token(dtype_bytes(dtype)) * reserve_len
+    per_seq = KVPoolSpec.for_model(cfg, 0, 1, dtype).bytes_per_token * reserve_len
     out = {"reserve_len": reserve_len, "bytes_per_seq": per_seq, "shape_per_seq": shape,
            "seqs_in_same_budget": budget_bytes // per_seq, "seqs_allocatable": None}
     if jax.devices()[0].platform == "cpu":
@@ -109,7 +109,7 @@ def main(spec_path: str, result_path: str) -> None:
     res["pool"] = {"num_blocks": pool.num_blocks, "block_size": pool.block_size,
                    "tokens": pool.num_tokens, "bytes": pool.total_bytes,
                    "max_model_len": reserve_len, "max_num_seqs": ea.max_num_seqs,
-                   "max_num_batched_tokens": e.max_num_batched_tokens}
+                   "max_num_batched_tokens": e.config.max_num_batched_tokens}
     res.update(harness.precompile_figures(e))
     save()
 
@@ -122,8 +122,7 @@ def main(spec_path: str, result_path: str) -> None:
     _case(llm, harness.random_prompts([a["prompt_len"]], vocab, seed),
           SamplingParams(max_tokens=a["new_tokens"], **greedy), res, "a", save, warmup_tokens=16)
     b = cases["b"]
-    per_seq_blocks = -(-b["context"] // pool.block_size)
-    n_b = pool.num_blocks // per_seq_blocks
+    n_b = pool.max_concurrency(b["context"])
     res["paged_seqs_8k_arithmetic"] = n_b
     if n_b >= 1:
         _case(llm, harness.random_prompts([b["context"] - b["new_tokens"]] * n_b, vocab, seed),

@@ -143,12 +143,12 @@ def measure(llm, batch: int, args) -> dict:
     ids = [f"p{batch}-{i}" for i in range(batch)]
     for rid, p in zip(ids, prompts):
         e.add_request(rid, p, sp, stream=False)
-    while e.num_waiting or any(not s.output_token_ids for s in e.scheduler.running):
+    while e.scheduler.waiting or any(not s.output_token_ids for s in e.scheduler.running):
         e.step()  # prefill
     for _ in range(4):
         e.step()  # compile and warm the decode shape
-    if e.num_running != batch:
-        raise RuntimeError(f"{e.num_running} of {batch} sequences running after prefill: "
+    if len(e.scheduler.running) != batch:
+        raise RuntimeError(f"{len(e.scheduler.running)} of {batch} sequences running after prefill: "
                            "give the pool more room (--max-num-seqs, memory)")
     c0, st0 = e.runner.num_compilations, (e.stats.host_seconds, e.stats.device_seconds)
     t0 = time.perf_counter()

@@ -221,13 +221,13 @@ def _summarise(args, raw, piece_raw, rows, by, e, big, small, warmup_s, warm_com
     }
     spec = e.spec
     figures = {
-        "model": e.cfg.name or args.model, "dtype": e.dtype,
+        "model": e.cfg.name or args.model, "dtype": e.config.dtype,
         "workload": {"num_prompts": args.num_prompts, "prompt_len": args.prompt_len,
                      "output_len": args.output_len, "greedy": True},
         "engine": {"block_size": spec.block_size, "block_bytes": spec.bytes_per_block,
                    "pool_blocks_no_pressure": big, "pool_blocks_pressure": small,
                    "pool_prompts": args.pool_prompts, "max_model_len": e.max_model_len,
-                   "max_num_batched_tokens": e.max_num_batched_tokens,
+                   "max_num_batched_tokens": e.config.max_num_batched_tokens,
                    "swap_space_gib": args.swap_space, "host_pieces": len(e.host_pool.pieces),
                    "piece_blocks": e.host_pool.piece_blocks,
                    "piece_mib": e.host_pool.piece_bytes / (1 << 20),

@@ -18,13 +18,13 @@ pool does.
 ``--transfer-only`` (under a minute at full size, no model weights): a device pool of the
 workload's no-pressure size with random bits, the real ``HostKVPool`` and ``SwapSpace``, and
 ``--rounds`` rounds of swapping sequences of the workload's length out and back one at a time,
-once as the engine does (transfers in the swap programs) and once by ``jax.device_put``; every
-event against both raw figures, a bit-exact check of a sequence that went out and back every
+as the engine does (transfers in the swap programs); every event against both raw figures, a bit-exact check of a sequence that went out and back every
 round, and the swap programs' device scratch bytes (``scatter_copies_pool``: the scatter copies
 whole pool arrays instead of writing in place, as XLA on the CPU does around its bitcasts).
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -166,7 +166,7 @@ def _bits_of(pool, table):
     return jax.lax.bitcast_convert_type(x, jax.numpy.dtype(f"uint{8 * x.dtype.itemsize}"))
 
 
-def _cycle(args, spec, pool, in_program: bool | None, seq_blocks: int):
+def _cycle(args, spec, pool, seq_blocks: int):
     """Swap sequences out and back one at a time; (events, pool, bit-exact, host pool facts)."""
     import jax
     import jax.numpy as jnp
@@ -179,7 +179,7 @@ def _cycle(args, spec, pool, in_program: bool | None, seq_blocks: int):
     space = make_swap_space(ns, spec, args.max_model_len)
     runner = types.SimpleNamespace(pool=pool)
     t0 = time.perf_counter()
-    host = HostKVPool(spec, space, runner, in_program=in_program)
+    host = HostKVPool(spec, space, runner)
     facts = {"transfers": host.transfers, "allocate_s": time.perf_counter() - t0,
              "piece_blocks": host.piece_blocks, "piece_bytes": host.piece_bytes,
              "pieces": len(host.pieces), "pieces_per_program": host.sizes,
@@ -212,44 +212,39 @@ def transfer_only(args) -> dict:
     from pagedjax.swap import MAX_GROUP
 
     cfg = ModelConfig.from_hf(harness.hf_config_dict(args), source=args.model)
-    seq_blocks = -(-(args.prompt_len + args.output_len) // args.block_size)
-    spec = KVPoolSpec.for_model(cfg, args.num_prompts * seq_blocks, args.block_size,
-                                resolve_dtype(args.dtype))
+    shape = KVPoolSpec.for_model(cfg, 0, args.block_size, resolve_dtype(args.dtype))
+    seq_blocks = shape.blocks_for(args.prompt_len + args.output_len)
+    spec = dataclasses.replace(shape, num_blocks=args.num_prompts * seq_blocks)
     large = raw_large(int(args.bw_mib * MiB))
     pool = _random_pool(spec, args.seed)
-    rows, variants, pieces = [], {}, None
-    for name, in_program in (("in-program", None), ("device_put", False)):
-        events, pool, exact, facts = _cycle(args, spec, pool, in_program, seq_blocks)
-        if pieces is None:
-            count = min(MAX_GROUP, facts["pieces"])
-            pieces = raw_pieces(facts["piece_bytes"], count)
-            swept = sweep(facts["piece_bytes"], count)
-        out, in_ = direction_figures(events, "out"), direction_figures(events, "in")
-        v = variants[name] = {**facts, "bit_exact": exact, "out": out, "in": in_,
-                              "events": [{"direction": e.direction, "blocks": e.blocks,
-                                          "pieces": e.pieces, "programs": e.programs,
-                                          "ms": e.seconds * 1e3,
-                                          "gb_s": e.payload_bytes / e.seconds / 1e9}
-                                         for e in events]}
-        for key, raw in (("pct_raw_pieces", pieces), ("pct_raw_large", large)):
-            v[key] = (pct_of_raw(out["bytes"], out["s"], in_["bytes"], in_["s"], raw)
-                      if raw else None)
-        rows.append({"variant": name, "transfers": facts["transfers"],
-                     "out_gb_s": out["gb_s"], "in_gb_s": in_["gb_s"],
-                     "out_median": out["median_event_gb_s"], "in_median": in_["median_event_gb_s"],
-                     "pct_raw_pieces": v["pct_raw_pieces"], "pct_raw_large": v["pct_raw_large"],
-                     "bit_exact": exact})
-    d, p = variants["in-program"], variants["device_put"]
+    rows, variants = [], {}
+    events, pool, exact, facts = _cycle(args, spec, pool, seq_blocks)
+    count = min(MAX_GROUP, facts["pieces"])
+    pieces, swept = raw_pieces(facts["piece_bytes"], count), sweep(facts["piece_bytes"], count)
+    out, in_ = direction_figures(events, "out"), direction_figures(events, "in")
+    v = variants["in-program"] = {**facts, "bit_exact": exact, "out": out, "in": in_,
+                          "events": [{"direction": e.direction, "blocks": e.blocks,
+                                      "pieces": e.pieces, "programs": e.programs,
+                                      "ms": e.seconds * 1e3,
+                                      "gb_s": e.payload_bytes / e.seconds / 1e9}
+                                     for e in events]}
+    for key, raw in (("pct_raw_pieces", pieces), ("pct_raw_large", large)):
+        v[key] = (pct_of_raw(out["bytes"], out["s"], in_["bytes"], in_["s"], raw)
+                  if raw else None)
+    rows.append({"variant": "in-program", "transfers": facts["transfers"],
+                 "out_gb_s": out["gb_s"], "in_gb_s": in_["gb_s"],
+                 "out_median": out["median_event_gb_s"], "in_median": in_["median_event_gb_s"],
+                 "pct_raw_pieces": v["pct_raw_pieces"], "pct_raw_large": v["pct_raw_large"],
+                 "bit_exact": exact})
+    d = variants["in-program"]
     summary = {
         "swap_pct_raw_bw": d["pct_raw_pieces"] if pieces else d["pct_raw_large"],
         "swap_pct_raw_bw_large": d["pct_raw_large"],
-        "device_put_pct_raw_bw": p["pct_raw_pieces"] if pieces else p["pct_raw_large"],
         "swap_out_gb_s": d["out"]["gb_s"], "swap_in_gb_s": d["in"]["gb_s"],
-        "device_put_out_gb_s": p["out"]["gb_s"], "device_put_in_gb_s": p["in"]["gb_s"],
         "raw_piece_d2h_gb_s": pieces["d2h_gb_s"] if pieces else None,
         "raw_piece_h2d_gb_s": pieces["h2d_gb_s"] if pieces else None,
         "raw_large_d2h_gb_s": large["d2h_gb_s"], "raw_large_h2d_gb_s": large["h2d_gb_s"],
-        "round_trip_bit_exact": d["bit_exact"] and p["bit_exact"],
+        "round_trip_bit_exact": d["bit_exact"],
         "swap_transfers": d["transfers"],
         "scatter_copies_pool": (d["scatter_temp_bytes"] >= d["pool_array_bytes"]
                                 if d["scatter_temp_bytes"] is not None else None),

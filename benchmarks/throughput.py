@@ -119,7 +119,7 @@ def run(args) -> dict:
     figures = {
         "model": loaded.cfg.name or args.model, "dtype": loaded.dtype,
         "engine": {"max_model_len": e.max_model_len, "max_num_seqs": args.max_num_seqs,
-                   "max_num_batched_tokens": e.max_num_batched_tokens,
+                   "max_num_batched_tokens": e.config.max_num_batched_tokens,
                    "block_size": args.block_size, "kv_cache_blocks": e.spec.num_blocks,
                    "gpu_memory_utilization": args.gpu_memory_utilization},
         "input_len": args.input_len if args.dataset == "random" else None,

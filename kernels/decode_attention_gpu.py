@@ -7,8 +7,7 @@ reading the block-table entry of every token (a gather of int32s that hits L1) a
 page rows ``[block_kv, H]`` straight out of the pool with an online softmax. With one split the
 kernel writes the output rows; with several it writes per-split partials (unnormalised output,
 running max, running sum) and a second small kernel merges them and writes the rows, reading
-every partial of its row in one round trip (5.3 -> 2.5 us at 1 x 32K on the H100; 1 x 32K then
-runs at 76% of the copy bandwidth: benchmarks/KERNEL_NOTES.md, session 5).
+every partial of its row in one round trip (benchmarks/KERNEL_NOTES.md, session 5).
 
 Row slots: the step's rows are ragged (``query_start_loc``), and every output row must be written
 (padding rows as zeros) without an extra XLA pass. In a decode step each q_len is 0 or 1, so slot
@@ -19,16 +18,12 @@ nothing), so every row is written exactly once.
 
 fp8 KV (raw fp8 pages, kernels/quantization.py): the 1-byte values are gathered like bf16 ones
 (half the bytes) and converted to q's dtype in registers (``to_compute``); the static scale is the
-model's business, outside the kernel. On the H100 at 64 x 4096 this runs in 109 us at the
-dispatch defaults for these pages (two KV heads per program, 5 pipeline stages), 1.76x bf16's
-192 (benchmarks/results/gpu-nvidia_h100_80gb_hbm3/kernel.json; the variants behind those
-defaults: decode-probe-*/ and benchmarks/KERNEL_NOTES.md).
+model's business, outside the kernel (measured: benchmarks/KERNEL_NOTES.md).
 
 Quantized KV (``QuantizedPages``: int8, or fp8 with scales): the values are converted the same way
 and the bfloat16 scale per token and KV head is gathered beside them ([block_kv] per tile): K's
 scales multiply the score columns, V's the probabilities before the PV matmul, so no dequantized
-tile is materialised. fp8 pages with these scales ran 64 x 4096 in 134.7 us; float16 matmuls,
-float32 scales and other tiles measured slower (benchmarks/KERNEL_NOTES.md).
+tile is materialised (the variants measured: benchmarks/KERNEL_NOTES.md).
 
 Why Triton and not Mosaic GPU: the Triton lowering runs in CPU interpret mode with real grids (the
 tests run this very kernel), and decode is a bandwidth problem that Triton's pipelined gathers
@@ -247,9 +242,7 @@ def _combine_kernel(o_part_ref, m_ref, l_ref, cl_ref, qsl_ref, o_ref, *, num_seq
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_tokens: int, block_kv: int,
                        num_sms: int = 132, min_split_tokens: int = 512) -> int:
     """Fewest power-of-two splits that give about two programs per SM, each split at least
-    ``min_split_tokens`` long. Measured on an H100 (benchmarks/KERNEL_NOTES.md): 256-token splits
-    lost 7% to 512-token ones at 1 x 32K (short programs are mostly pipeline fill), while at
-    8 x 32K and 64 x 4K this rule picks the fastest of the splits timed."""
+    ``min_split_tokens`` long (why 512: benchmarks/KERNEL_NOTES.md)."""
     p = 1
     while (num_seqs * num_kv_heads * p < 2 * num_sms and 2 * p * max(min_split_tokens, block_kv)
            <= max_tokens):

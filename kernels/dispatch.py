@@ -153,13 +153,8 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
 
 def decode_defaults(k_pages) -> dict:
     """Decode knobs that depend on the pages: raw fp8 pages read two KV heads per program (one
-    [block_kv, 2H] gather per token) through a 5-stage pipeline. On the H100 (benchmarks/results/
-    gpu-nvidia_h100_80gb_hbm3/decode-probe-*; bf16 188 us at 64 x 4096): one head per program
-    155 us, two 115, two with 5 stages 109.0 (8 x 32K: 108.4 against 113.6; 1 x 32K: 28.1
-    against 31.5); 6-8 stages or block_kv 32 with 6-8 stages are within 1% of 5, 7 and 10 slower.
-    bf16 and QuantizedPages keep the kernel's defaults. The split count stays
-    ``default_num_splits`` of K programs per sequence (2 at 64 x 4096): 1, 3 or 4 splits measured
-    slower (156, 135, 127 us)."""
+    [block_kv, 2H] gather per token) through a 5-stage pipeline; bf16 and QuantizedPages keep the
+    kernel's defaults (the measurements: benchmarks/KERNEL_NOTES.md)."""
     if is_raw_fp8(k_pages) and k_pages.shape[2] % 2 == 0:
         return {"kv_heads_per_program": 2, "num_stages": 5}
     return {}

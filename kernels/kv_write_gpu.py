@@ -1,10 +1,7 @@
 """This step's K/V into their pool slots in one Pallas (Triton) launch, in place.
 
-The XLA path (``write_kv_ref``: two scatters) measured 13.9 us per layer for 64 decode rows on an
-H100 (benchmarks/results/gpu-nvidia_h100_80gb_hbm3/kernel.json), several times what 64 KiB of
-writes cost; one launch that writes K and V rows together should take ~3-4 us. Not yet measured
-on the device: ``python -m benchmarks kernel`` times both (figures ``kv_write_us``:
-``xla_T64_us``, ``pallas_T64_us``, ...) and the engine should keep whichever is faster.
+One launch that writes K and V rows together instead of the XLA path's two scatters
+(``write_kv_ref``); ``python -m benchmarks kernel`` times both (benchmarks/KERNEL_NOTES.md).
 
 A quantized pool (``QuantizedPages``, int8) is quantized here, per token and KV head, with the
 same float32 arithmetic as ``kernels/quantization.py`` (so in interpret mode the bits equal the

@@ -41,9 +41,8 @@ Perplexity moves by ~0.5% between near-identical schemes on 175 tokens (noise); 
 the stable one: per token has the lowest for every dtype.
 
 Why fp8 is static per layer and KV head anyway: the pool holds exactly 2x bf16's tokens, the
-kernels do no work for the scale, and decode on the H100 at 64 x 4096 takes 115-120 us against
-135 us with per-token scales (bf16 188.5-200.9 us; benchmarks/results/gpu-nvidia_h100_80gb_hbm3/
-decode-probe-e24938b and kv-fp8_e4m3/, the per-token figure from benchmarks/KERNEL_NOTES.md). The
+kernels do no work for the scale, and decode is faster than with per-token scales
+(benchmarks/KERNEL_NOTES.md). The
 price is accuracy: KL 5.0e-3 against 3.3e-3 with per-token scales, within the 1% perplexity bar.
 int8 keeps its per-token scales.
 """

@@ -28,7 +28,7 @@ Two ways to feed K/V (``paged_tma``):
     independent of the block-table width; no extra memory.
   * False: an XLA gather of the table's pages into a contiguous ``[W * block_size, K, H]`` K and V
     (rows past ``ctx`` zeroed), then one TMA box per key block. Costs a pass over the table
-    WIDTH (~23-35 us at 8K rows on the H100) and that much transient memory per call.
+    WIDTH and that much transient memory per call.
 
 Limits: one sequence per call (S == 1; ragged multi-sequence batches stay on the Triton kernel in
 ``ragged_attention_gpu.py``); bf16/f16; head_dim a multiple of 64; ``block_q`` a multiple of 64,
@@ -41,21 +41,8 @@ index/mask/range logic through ``prefill_attention_twin`` (built from the same h
 the kernel lowers to wgmma/TMA for CUDA; ``benchmarks/experiments/prefill_mgpu_probe.py`` checks the real
 kernel on the GPU.
 
-Measured (H100 80GB HBM3, jax 0.11.2, one run of ``python -m benchmarks.experiments.prefill_mgpu_probe``,
-results in ``benchmarks/results/gpu-nvidia_h100_80gb_hbm3/prefill_mgpu.json``; Qwen2.5-7B heads
-28 q / 4 kv / 128, bf16, page 16, device time; TFLOP/s, mean of 2-3 repeats):
-
-    case                        paged (default)   gather   Triton ragged   cuDNN (contiguous)
-    causal 8K                   527 (0.965x)      544      284             546
-    2K chunk over 6K context    497               508      265             549 (dense 2K x 8K)
-    2K chunk over 30K context   534               548      259             -
-    512 chunk over 7.5K         494               468      234             -
-    128 chunk over 8K           133               130       64             -
-
-Relative error against a float32 reference 2.1e-3 (max abs 8.4e-3 where |ref| <= 2.9), the same
-as cuDNN's and Triton's: bf16 output rounding. Defaults (block_q 64, block_kv 128, 2 stages) were
-the fastest of the swept tiles; see the "Prefill with Mosaic GPU" section of
-``benchmarks/KERNEL_NOTES.md``.
+Measured against the Triton kernel and cuDNN: ``benchmarks/KERNEL_NOTES.md`` ("Prefill with
+Mosaic GPU" and "Figures moved out of the product docstrings").
 """
 from __future__ import annotations
 

@@ -60,10 +60,6 @@ class ModelConfig:
     def q_per_kv(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
-    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
-        """Bytes of K and V one token occupies across all layers."""
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
-
     def num_params(self) -> int:
         d, f, n, k, h = (self.hidden_size, self.intermediate_size, self.num_attention_heads,
                          self.num_key_value_heads, self.head_dim)

@@ -103,30 +103,33 @@ def _shards(d, fused_name):
     return d[fused_name]["weight"].shape[0] if fused_name in d else None
 
 
-def _replace(d, names, fused_name, shards, relayout) -> None:
-    """Rewrite dict ``d`` in place to the target layout (``shards`` blocks, or unfused for None),
-    deleting the arrays it replaces."""
+def _relayout(d: dict, names, fused_name, shards, relayout, consume: bool) -> dict:
+    """A copy of dict ``d`` in the target layout (``shards`` blocks, or unfused for None); with
+    ``consume`` the arrays it replaces are deleted."""
     if _shards(d, fused_name) == shards:
-        return
-    old = {n: d.pop(n) for n in ((fused_name,) if fused_name in d else names)}
-    d.update(jax.block_until_ready(relayout(old, shards)))  # one layer at a time
-    for x in jax.tree.leaves(old):
-        if isinstance(x, jax.Array):
-            x.delete()
+        return d
+    old_names = (fused_name,) if fused_name in d else names
+    old = {n: d[n] for n in old_names}
+    new = {n: x for n, x in d.items() if n not in old_names}
+    new.update(jax.block_until_ready(relayout(old, shards)))  # one layer at a time
+    if consume:
+        for x in jax.tree.leaves(old):
+            if isinstance(x, jax.Array):
+                x.delete()
+    return new
 
 
-def fuse_projections(cfg: ModelConfig, params, shards: int):
-    """``params`` with each layer's q/k/v as ``self_attn.qkv_proj`` and gate/up as
+def fuse_projections(cfg: ModelConfig, params, shards: int, *, consume: bool = False):
+    """A new tree: ``params`` with each layer's q/k/v as ``self_attn.qkv_proj`` and gate/up as
     ``mlp.gate_up_proj``, laid out for ``shards`` tensor-parallel devices (the module docstring);
-    every other leaf is untouched (the same objects).
+    every other leaf is shared (the same objects). The caller's dicts are never rewritten.
 
-    IN PLACE: the layer dicts of the caller's tree are rewritten and the arrays they held are
-    deleted, so that a caller still holding the tree (``loaded.params``) sees the fused one, not
-    deleted arrays. One small jit per layer, each layer's originals deleted right after, keeps the
-    peak at the weights plus one layer's projections (jit donation would not help: XLA reuses a
-    donated buffer only for an output of the same shape, which a concatenation never has).
-    A layer already fused for another ``shards`` is laid out again. Where the heads or the MLP
-    columns do not split into ``shards`` blocks, those projections are left (or made) unfused.
+    ``consume``: the caller gives up ``params``: each layer's original projections are deleted
+    right after its fused ones exist, which keeps the peak at the weights plus one layer's
+    projections (jit donation would not help: XLA reuses a donated buffer only for an output of
+    the same shape, which a concatenation never has). A layer already fused for another
+    ``shards`` is laid out again. Where the heads or the MLP columns do not split into ``shards``
+    blocks, those projections are left (or made) unfused.
     """
     n, k, f = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
     attn_shards = shards if n % shards == 0 and k % shards == 0 else None
@@ -137,8 +140,11 @@ def fuse_projections(cfg: ModelConfig, params, shards: int):
     if mlp_shards is None:
         logger.info("gate/up projections left unfused: %d MLP columns do not split into %d "
                     "blocks", f, shards)
-    for layer in params["model"]["layers"]:
-        _replace(layer["self_attn"], QKV, "qkv_proj", attn_shards,
-                 functools.partial(_relayout_attn, cfg))
-        _replace(layer["mlp"], GATE_UP, "gate_up_proj", mlp_shards, _relayout_mlp)
-    return params
+    relayout_attn = functools.partial(_relayout_attn, cfg)
+    layers = [{**layer,
+               "self_attn": _relayout(layer["self_attn"], QKV, "qkv_proj", attn_shards,
+                                      relayout_attn, consume),
+               "mlp": _relayout(layer["mlp"], GATE_UP, "gate_up_proj", mlp_shards, _relayout_mlp,
+                                consume)}
+              for layer in params["model"]["layers"]]
+    return {**params, "model": {**params["model"], "layers": layers}}

@@ -21,8 +21,7 @@ Measured on SmolLM2-135M (tests/data/paragraph.txt, float32 model, against bf16 
 sit 5-20x above the largest values the paragraph produces, 0.2-0.4% of the stored values are
 e4m3 subnormals; through the engine's paged path perplexity -0.03%, mean KL 5.0e-3 nats/token (a
 scale per token and KV head: 3.3e-3; kernels/quantization.py has the comparison). In exchange the
-pool holds exactly 2x bf16's tokens and decode reads no scales (H100, 64 x 4096: 112 us, 1.73x
-bf16, against 135 us, 1.44x, with per-token scales; benchmarks/results/.../kernel.json).
+pool holds exactly 2x bf16's tokens and decode reads no scales (benchmarks/KERNEL_NOTES.md).
 """
 from __future__ import annotations
 

@@ -37,11 +37,12 @@ class LoadedModel:
     source: str = ""  # the file or folder the weights came from
 
 
-def resolve_dtype(dtype: str) -> str:
-    """"auto" is bfloat16 on accelerators (half the memory and bandwidth) and float32 on CPU,
-    where bfloat16 matmuls are emulated and slower."""
+def resolve_dtype(dtype: str, platform: str | None = None) -> str:
+    """The one rule for ``--dtype``: "auto" is bfloat16 on accelerators (half the memory and
+    bandwidth) and float32 on the CPU, where bfloat16 matmuls are emulated and slower.
+    ``platform`` defaults to JAX's backend; the planner passes "gpu" (it plans for one)."""
     if dtype == "auto":
-        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        return "float32" if (platform or jax.default_backend()) == "cpu" else "bfloat16"
     return dtype_name(dtype)
 
 

@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, share: bool = True):
+    def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
@@ -23,9 +23,8 @@ class BlockManager:
         # caching evicts in), and a cached block can leave the free list in O(1) on a hit
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.tables: dict[int, list[int]] = {}
-        # share=False is a debug switch for the beam benchmark: a fork copies every block at
-        # once, as an engine without copy-on-write would; the copies ride the next step
-        self.share = share
+        # block copies (src, dst) to run with the next step, outside copy-on-write: the seam a
+        # fork that copies instead of sharing uses (benchmarks/beam.py)
         self.pending_copies: list[tuple[int, int]] = []
         self.queries = self.hits = 0  # prefix-cache lookups and hits, in tokens
 
@@ -86,14 +85,6 @@ class BlockManager:
         if child_id in self.tables:
             raise RuntimeError(f"fork: sequence {child_id} already has blocks")
         table = list(self.table(parent_id))
-        if not self.share:
-            if len(table) > self.num_free:
-                raise RuntimeError(f"fork without sharing needs {len(table)} blocks, "
-                                   f"{self.num_free} free")
-            copy = [self._take() for _ in table]
-            self.pending_copies += zip(table, copy)
-            self.tables[child_id] = copy
-            return
         for b in table:
             self.ref_counts[b] += 1
         self.tables[child_id] = table

@@ -1,14 +1,19 @@
 """Engine, cache and scheduler configuration with vLLM's names and defaults.
 
 ``EngineArgs`` is what a user passes to ``LLM(...)`` or on the command line; ``validate`` checks
-each value on its own and says what to change. Checks that need the model (``max_model_len`` vs
-the model's maximum, the pool vs one sequence) happen when the engine starts.
+each value on its own and says what to change. ``EngineConfig`` is those arguments resolved once
+against the model (vLLM's ``VllmConfig``): the engine and the planner both build it, and pass it
+whole. The check of the pool against one sequence happens when the pool is sized
+(``kv_pool.check_fits``).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pagedjax.models import ModelConfig
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 # auto: the model's dtype. The others store 1-byte values with a bf16 scale per token and KV head
@@ -40,7 +45,6 @@ class EngineArgs:
     attention_backend: str = "auto"
     seed: int = 0
     tensor_parallel_size: int = 1
-    disable_kv_sharing: bool = False  # debug: forks copy blocks instead of sharing them
     enable_prefix_caching: bool = False
     # schedule and dispatch step k+1 while step k runs (its sampled tokens stay on the device)
     async_scheduling: bool = True
@@ -102,6 +106,45 @@ class EngineArgs:
     def from_namespace(cls, ns: argparse.Namespace) -> "EngineArgs":
         return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)
                       if hasattr(ns, f.name)})
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """``EngineArgs`` resolved against the model, once: every value a part of the engine (or the
+    planner) reads that depends on the model is here, so no two places resolve it differently."""
+
+    args: EngineArgs
+    model: "ModelConfig"  # the whole model (per-device shapes: memory_report.per_device_config)
+    dtype: str  # the weights' dtype, resolved (models.loader.resolve_dtype)
+    kv_dtype: str  # the cache's: the model's dtype for "auto"; "fp8" is fp8_e4m3
+    max_model_len: int
+    max_num_batched_tokens: int  # the step's token budget
+
+    @classmethod
+    def resolve(cls, args: EngineArgs, model: "ModelConfig", dtype: str) -> "EngineConfig":
+        max_model_len = args.max_model_len or model.max_position_embeddings
+        if max_model_len > model.max_position_embeddings:
+            raise ValueError(
+                f"--max-model-len {max_model_len} is larger than the model's maximum "
+                f"({model.max_position_embeddings} positions): lower --max-model-len")
+        # vLLM's default budget: 2048 with chunked prefill, else room for a whole prompt
+        tokens = args.max_num_batched_tokens or max(
+            2048, args.max_num_seqs if args.enable_chunked_prefill else max_model_len)
+        if not args.enable_chunked_prefill and tokens < max_model_len:
+            raise ValueError(
+                f"--max-num-batched-tokens {tokens} is smaller than --max-model-len "
+                f"{max_model_len} with chunked prefill off: a long prompt could never be "
+                "scheduled; raise it or enable chunked prefill")
+        kv_dtype = {"auto": dtype, "fp8": "fp8_e4m3"}.get(args.kv_cache_dtype, args.kv_cache_dtype)
+        return cls(args, model, dtype, kv_dtype, max_model_len, tokens)
+
+    @property
+    def block_size(self) -> int:
+        return self.args.block_size
+
+    @property
+    def tp(self) -> int:
+        return self.args.tensor_parallel_size
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

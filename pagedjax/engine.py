@@ -12,16 +12,17 @@ import numpy as np
 from . import device_memory, faults, kv_pool, sharding, swap
 from .beam_search import BeamSearchParams, BeamState
 from .block_manager import BlockManager
-from .config import EngineArgs
+from .config import EngineArgs, EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .prefix_cache import PrefixCachingBlockManager
-from .memory_report import default_max_num_batched_tokens, format_memory_report, memory_report
+from .memory_report import format_memory_report, memory_report
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .runner import ModelRunner, StepResult
 from .sampler import MAX_LOGPROBS
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import PLACEHOLDER, Sequence
+from .stats import EngineSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -71,52 +72,43 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs, loaded=None):
+    def __init__(self, args: EngineArgs, loaded=None, *, block_manager_cls=None):
+        """``block_manager_cls`` (benchmarks): a BlockManager subclass to build the block manager
+        from, e.g. one that copies forked blocks instead of sharing them (benchmarks/beam.py)."""
         self.args = args
         device_memory.configure_allocator(args.gpu_memory_utilization)  # before JAX starts
-        if loaded is None:
+        owned = loaded is None  # the engine loads the weights itself: it may consume them
+        if owned:
             from pagedjax.models.loader import load_model
 
             loaded = load_model(args.model, load_format=args.load_format, dtype=args.dtype,
                                 tokenizer=args.tokenizer, seed=args.seed)
         self.cfg, self.tokenizer = loaded.cfg, loaded.tokenizer
-        self.dtype = loaded.dtype
+        self.config = config = EngineConfig.resolve(args, loaded.cfg, loaded.dtype)
+        self.max_model_len = config.max_model_len
         cfg = self.cfg
-        self.max_model_len = args.max_model_len or cfg.max_position_embeddings
-        if self.max_model_len > cfg.max_position_embeddings:
-            raise ValueError(
-                f"--max-model-len {self.max_model_len} is larger than the model's maximum "
-                f"({cfg.max_position_embeddings} positions): lower --max-model-len")
-        self.max_num_batched_tokens = default_max_num_batched_tokens(args, self.max_model_len)
-        if not args.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(
-                f"--max-num-batched-tokens {self.max_num_batched_tokens} is smaller than "
-                f"--max-model-len {self.max_model_len} with chunked prefill off: a long prompt "
-                "could never be scheduled; raise it or enable chunked prefill")
-        # q/k/v and gate/up fused (in place: loaded.params becomes the fused tree); tp > 1:
-        # params sharded (KV heads replicated when tp > K) before memory is measured
-        self.tp = sharding.TensorParallel.build(cfg, loaded.params, args.tensor_parallel_size)
-        num_blocks = self._num_blocks(args, loaded)
-        self.spec = kv_pool.KVPoolSpec.for_model(self.tp.cfg, num_blocks, args.block_size,
-                                                 self.memory["kv_dtype"])
+        # q/k/v and gate/up fused; tp > 1: params sharded (KV heads replicated when tp > K)
+        # before memory is measured
+        self.tp = sharding.TensorParallel.build(cfg, loaded.params, config.tp, consume=owned)
+        has_weights = loaded.params is not None
+        del loaded  # an owned model's originals go now, before the pool is sized
+        self.spec = self._size_pool()
         kv_pool.check_fits(self.spec, self.max_model_len)
         kv_pool.log_capacity(self.spec, self.max_model_len)
-        if args.enable_prefix_caching:
-            self.block_manager = PrefixCachingBlockManager(
-                num_blocks, args.block_size, share=not args.disable_kv_sharing, salt=hash(cfg))
-        else:
-            self.block_manager = BlockManager(num_blocks, args.block_size,
-                                              share=not args.disable_kv_sharing)
+        bm_cls = block_manager_cls or (PrefixCachingBlockManager if args.enable_prefix_caching
+                                       else BlockManager)
+        self.block_manager = bm_cls(self.spec.num_blocks, args.block_size,
+                                    **({"salt": hash(cfg)} if args.enable_prefix_caching else {}))
         self.swap_space = swap.make_swap_space(args, self.spec, self.max_model_len)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs,
-                                   self.max_num_batched_tokens, args.enable_chunked_prefill,
+                                   config.max_num_batched_tokens, args.enable_chunked_prefill,
                                    swap_space=self.swap_space)
         interpret = jax.devices()[0].platform == "cpu"
         with faults.explain_oom_at_start("allocating the KV pool", self.spec, self.max_model_len):
             self.runner = ModelRunner(self.tp.cfg, self.tp.params, self.spec,
                                       max_model_len=self.max_model_len,
                                       max_num_seqs=args.max_num_seqs,
-                                      max_num_batched_tokens=self.max_num_batched_tokens,
+                                      max_num_batched_tokens=config.max_num_batched_tokens,
                                       attention_backend=args.attention_backend,
                                       interpret=interpret, mesh=self.tp.mesh)
             self.host_pool = (swap.HostKVPool(self.spec, self.swap_space, self.runner)
@@ -130,13 +122,16 @@ class LLMEngine:
         self._dispatching: ScheduledBatch | None = None  # scheduled, on its way to the device
         self.stats = EngineStats()
         self.fault: str | None = None  # a failed step's error until its reset succeeded (faults.py)
+        # called with the engine after each step: a seam for observers such as the benchmarks'
+        # step timeline (benchmarks/harness.py), which must not wrap engine methods
+        self.step_observers: list = []
         self._arrivals = itertools.count()
         self._seed_rng = np.random.default_rng(args.seed)
         # Engine-level precompilation: every program a step can run, before the first request.
         # Without weights (a stand-in device: benchmarks.host_overhead) there is nothing to run.
         self.precompile = (args.precompile if args.precompile is not None else
                            self.runner.coarse_buckets and not interpret
-                           and loaded.params is not None)
+                           and has_weights)
         self.precompile_s, self.precompile_compilations = 0.0, 0
         if self.precompile:
             self._precompile()
@@ -149,16 +144,15 @@ class LLMEngine:
         self.precompile_s = time.perf_counter() - t0
         self.precompile_compilations = r.num_compilations - c0
 
-    def _num_blocks(self, args: EngineArgs, loaded) -> int:
+    def _size_pool(self) -> kv_pool.KVPoolSpec:
         """The planner's arithmetic (pagedjax.memory_report), fed with this device's numbers."""
         dev = jax.local_devices()[0]  # multi-host: devices()[0] may be another process's
         stats = dev.memory_stats() if dev.platform != "cpu" else None
-        self.memory = memory_report(self.cfg, args, self.dtype,
-                                    total_bytes=device_memory.device_bytes(dev),
-                                    weights=stats["bytes_in_use"] if stats else None,
-                                    max_model_len=self.max_model_len)
+        self.memory = memory_report(self.config, total_bytes=device_memory.device_bytes(dev),
+                                    weights=stats["bytes_in_use"] if stats else None)
         logger.info(format_memory_report(self.memory))
-        return self.memory["num_blocks"]
+        return kv_pool.KVPoolSpec.for_model(self.tp.cfg, self.memory["num_blocks"],
+                                            self.config.block_size, self.config.kv_dtype)
 
     # ---- requests ----------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
@@ -252,7 +246,7 @@ class LLMEngine:
         """Refuse a request whose sequences could not all hold their KV at once: they would
         preempt one another forever (a recomputed sample shares no blocks with its siblings)."""
         longest = min(prompt_len + (max_tokens or self.max_model_len), self.max_model_len)
-        need = num_seqs * self.block_manager.blocks_for(longest)
+        need = num_seqs * self.spec.blocks_for(longest)
         if need > self.block_manager.num_blocks:
             raise ValueError(
                 f"{num_seqs} sequences of up to {longest} tokens may need {need} KV blocks at "
@@ -295,6 +289,8 @@ class LLMEngine:
             self._on_device, self._dispatching = [], None
             return outputs + faults.fail_step(self, failed, e)
         self.stats.host_seconds += time.perf_counter() - t0 - (self.stats.device_seconds - wait0)
+        for observe in self.step_observers:
+            observe(self)
         return outputs
 
     def _complete_oldest(self) -> list[RequestOutput]:
@@ -523,22 +519,19 @@ class LLMEngine:
                 if self.tokenizer else "")
 
     # ---- introspection -----------------------------------------------------------------------
-    @property
-    def num_running(self) -> int:
-        return len(self.scheduler.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
-
-    @property
-    def kv_cache_usage(self) -> float:
-        return self.block_manager.usage
-
-    @property
-    def num_swapped(self) -> int:
-        return len(self.scheduler.swapped)
-
-    @property
-    def cpu_cache_usage(self) -> float:
-        return self.swap_space.usage if self.swap_space is not None else 0.0
+    def make_stats(self) -> EngineSnapshot:
+        """Every counter and gauge of the engine's parts, in one snapshot (pagedjax.stats)."""
+        s, sched, bm = self.stats, self.scheduler, self.block_manager
+        swapped = self.host_pool.landed.blocks if self.host_pool is not None else {}
+        return EngineSnapshot(
+            num_running=len(sched.running), num_waiting=len(sched.waiting),
+            num_swapped=len(sched.swapped), kv_cache_usage=bm.usage,
+            cpu_cache_usage=self.swap_space.usage if self.swap_space is not None else 0.0,
+            prompt_tokens=s.prompt_tokens, generation_tokens=s.generation_tokens,
+            computed_tokens=s.computed_tokens, steps=s.steps, host_seconds=s.host_seconds,
+            device_seconds=s.device_seconds, num_preemptions=sched.num_preemptions,
+            num_preemptions_swap=sched.num_preemptions_swap,
+            num_preemptions_recompute=sched.num_preemptions_recompute,
+            prefix_cache_queries=bm.queries, prefix_cache_hits=bm.hits,
+            num_compilations=self.runner.num_compilations,
+            swap_out_blocks=swapped.get("out", 0), swap_in_blocks=swapped.get("in", 0))

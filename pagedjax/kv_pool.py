@@ -37,6 +37,10 @@ GiB = 1 << 30
 
 @dataclasses.dataclass(frozen=True)
 class KVPoolSpec:
+    """The pool's shape and dtype, and the one owner of its arithmetic: bytes per token and per
+    block (int8's scales included), blocks per sequence, sequences that fit. A spec with 0
+    blocks describes the shape alone (the planner's per-sequence figures)."""
+
     num_layers: int
     num_blocks: int
     block_size: int
@@ -48,6 +52,13 @@ class KVPoolSpec:
     def for_model(cls, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: str):
         return cls(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
                    cfg.head_dim, dtype)
+
+    @classmethod
+    def for_budget(cls, cfg: ModelConfig, budget_bytes: int, block_size: int, dtype: str):
+        """As many whole blocks as ``budget_bytes`` holds (the engine's and the planner's rule)."""
+        shape = cls.for_model(cfg, 0, block_size, dtype)
+        return dataclasses.replace(shape, num_blocks=max(int(budget_bytes // shape.bytes_per_block),
+                                                         0))
 
     @property
     def page_shape(self) -> tuple[int, int, int, int]:
@@ -77,13 +88,35 @@ class KVPoolSpec:
         return self.num_blocks * self.block_size
 
     @property
+    def row_bytes(self) -> int:
+        """Bytes one token's K (or V) takes per KV head and layer: the values, plus the scale
+        (int8)."""
+        return self.head_dim * dtype_bytes(self.dtype) + (SCALE_BYTES if self.token_scales else 0)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V bytes one token takes across all layers (scales included)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.row_bytes
+
+    @property
     def bytes_per_block(self) -> int:
-        return block_bytes(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim,
-                           self.dtype)
+        return self.block_size * self.bytes_per_token
 
     @property
     def total_bytes(self) -> int:
         return self.num_blocks * self.bytes_per_block
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks a sequence of ``num_tokens`` tokens holds (the last one partly filled)."""
+        return -(-num_tokens // self.block_size)
+
+    def bytes_for(self, num_tokens: int) -> int:
+        """KV bytes a sequence of ``num_tokens`` tokens holds, in whole blocks."""
+        return self.blocks_for(num_tokens) * self.bytes_per_block
+
+    def max_concurrency(self, max_model_len: int) -> int:
+        """Sequences of ``max_model_len`` tokens that fit in the pool at once (whole blocks)."""
+        return self.num_blocks // self.blocks_for(max_model_len)
 
 
 def is_quantized_dtype(dtype: str) -> bool:
@@ -93,27 +126,6 @@ def is_quantized_dtype(dtype: str) -> bool:
 def dtype_bytes(dtype: str) -> int:
     """Bytes of one stored value (a quantized cache's scales not included)."""
     return storage_dtype(dtype).itemsize
-
-
-def row_bytes(head_dim: int, dtype: str) -> int:
-    """Bytes one token's K (or V) takes per KV head: the values, plus its scale (int8)."""
-    return head_dim * dtype_bytes(dtype) + (SCALE_BYTES if has_token_scales(dtype) else 0)
-
-
-def block_bytes(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
-    """Bytes of one block across all layers, K and V (scales included)."""
-    return 2 * num_layers * block_size * num_kv_heads * row_bytes(head_dim, dtype)
-
-
-def kv_bytes_per_token(cfg: ModelConfig, dtype: str) -> int:
-    """K and V bytes one token takes across all layers (scales included)."""
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * row_bytes(cfg.head_dim, dtype)
-
-
-def num_blocks_for_budget(budget_bytes: int, cfg: ModelConfig, block_size: int, dtype: str) -> int:
-    per_block = block_bytes(cfg.num_hidden_layers, block_size, cfg.num_key_value_heads,
-                            cfg.head_dim, dtype)
-    return max(int(budget_bytes // per_block), 0)
 
 
 def allocate(spec: KVPoolSpec, sharding=None) -> list:
@@ -142,7 +154,7 @@ def params_for_pool(spec: KVPoolSpec, cfg: ModelConfig, params):
 def check_fits(spec: KVPoolSpec, max_model_len: int) -> None:
     """vLLM's start-up check, with what to change."""
     if spec.num_tokens < max_model_len:
-        need = -(-max_model_len // spec.block_size) * spec.bytes_per_block
+        need = spec.bytes_for(max_model_len)
         raise ValueError(
             f"The model's max seq len ({max_model_len}) is larger than the maximum number of "
             f"tokens that can be stored in KV cache ({spec.num_tokens}): one sequence of "
@@ -179,12 +191,6 @@ def copy_blocks(pool, src: jax.Array, dst: jax.Array):
         return jax.lax.bitcast_convert_type(bits.at[dst].set(bits[src], mode="drop"), pages.dtype)
 
     return jax.tree.map(copy, pool)
-
-
-def host_bytes_per_layer(spec: KVPoolSpec) -> int:
-    """Bytes of one layer's K and V, scales included."""
-    return spec.num_blocks * block_bytes(1, spec.block_size, spec.num_kv_heads, spec.head_dim,
-                                         spec.dtype)
 
 
 def _bits(x: jax.Array) -> jax.Array:

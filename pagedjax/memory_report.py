@@ -11,7 +11,7 @@ not JAX's allocator limit (75% of it unless configured; :mod:`pagedjax.device_me
 Every figure is per device. Under tensor parallelism a device holds a slice of the model; that
 slice is described by :func:`per_device_config`, a sizing view whose ``num_params()`` is the
 device's share of the weights and whose KV heads are the heads one device stores. The pool is
-always sized by :func:`pagedjax.kv_pool.num_blocks_for_budget`, the function the engine allocates
+always sized by :meth:`pagedjax.kv_pool.KVPoolSpec.for_budget`, the rule the engine allocates
 with, so the planner's prediction and the engine's pool cannot disagree.
 """
 from __future__ import annotations
@@ -20,8 +20,7 @@ import dataclasses
 import math
 import re
 
-from pagedjax import kv_pool
-from pagedjax.config import EngineArgs
+from pagedjax.config import EngineConfig
 from pagedjax.kernels import reference
 from pagedjax.kv_pool import GiB, KVPoolSpec, dtype_bytes
 from pagedjax.models import ModelConfig
@@ -40,15 +39,6 @@ def parse_size(text: str) -> int:
         raise ValueError(f"cannot read the size {text!r}: write a number and a unit, e.g. "
                          "80GiB, 24GB or 81920MiB (GiB/MiB are powers of 1024, GB/MB of 1000)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def resolve_kv_dtype(kv_cache_dtype: str, dtype: str) -> str:
-    """``--kv-cache-dtype auto`` stores K/V in the model's dtype, as vLLM does; vLLM's ``fp8``
-    is ``fp8_e4m3``. fp8 stores 1 byte per value (static scales, ``models/kv_scales.py``); int8
-    adds a bf16 scale per token and KV head (``pagedjax.kv_pool``)."""
-    if kv_cache_dtype == "auto":
-        return dtype
-    return "fp8_e4m3" if kv_cache_dtype == "fp8" else kv_cache_dtype
 
 
 def kv_heads_per_device(cfg: ModelConfig, tp: int) -> int:
@@ -79,12 +69,6 @@ def weights_bytes(cfg: ModelConfig, dtype: str, tp: int = 1) -> int:
     """Weights one device holds, computed from the config at ``dtype`` (for a GGUF file: the
     dequantised size the engine holds, not the file's quantised size)."""
     return per_device_config(cfg, tp).num_params() * dtype_bytes(dtype)
-
-
-def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str, tp: int = 1) -> int:
-    """K and V bytes one token takes on one device, all layers (int8's scales included: half of
-    bf16 plus 2 bytes per token, KV head, layer and K/V; fp8 is exactly half of bf16)."""
-    return kv_pool.kv_bytes_per_token(per_device_config(cfg, tp), kv_dtype)
 
 
 SAMPLER_ROW_ARRAYS = 6  # [S, V] float32 arrays live in the sampler's top-p/top-k/min-p path
@@ -121,12 +105,6 @@ def profile_peak_bytes_estimate(cfg: ModelConfig, max_num_batched_tokens: int, d
             + reference.SCRATCH_BYTES)
 
 
-def default_max_num_batched_tokens(args: EngineArgs, max_model_len: int) -> int:
-    """The engine's default token budget per step (vLLM's: 2048 with chunked prefill)."""
-    return args.max_num_batched_tokens or max(
-        2048, args.max_num_seqs if args.enable_chunked_prefill else max_model_len)
-
-
 def kv_budget_bytes(total_bytes: int, gpu_memory_utilization: float, weights: int,
                     profile_peak: int) -> int:
     """Bytes left for the KV pool on one device; a clear error when nothing is left."""
@@ -144,27 +122,15 @@ def kv_budget_bytes(total_bytes: int, gpu_memory_utilization: float, weights: in
     return budget
 
 
-def plan_pool(cfg: ModelConfig, budget_bytes: int, block_size: int, kv_dtype: str,
-              tp: int = 1) -> KVPoolSpec:
-    """The pool one device allocates for ``budget_bytes``: exactly the engine's
-    ``kv_pool.num_blocks_for_budget`` on the per-device shapes."""
-    dev = per_device_config(cfg, tp)
-    num_blocks = kv_pool.num_blocks_for_budget(budget_bytes, dev, block_size, kv_dtype)
-    return KVPoolSpec.for_model(dev, num_blocks, block_size, kv_dtype)
+def plan_pool(config: EngineConfig, budget_bytes: int = 0) -> KVPoolSpec:
+    """The pool one device allocates for ``budget_bytes`` (0: the shape alone, for per-token and
+    per-block figures), on the per-device shapes."""
+    return KVPoolSpec.for_budget(per_device_config(config.model, config.tp), budget_bytes,
+                                 config.block_size, config.kv_dtype)
 
 
-def blocks_per_seq(max_model_len: int, block_size: int) -> int:
-    return -(-max_model_len // block_size)
-
-
-def max_concurrency(spec: KVPoolSpec, max_model_len: int) -> int:
-    """Sequences of ``max_model_len`` tokens that fit in the pool at once (whole blocks)."""
-    return spec.num_blocks // blocks_per_seq(max_model_len, spec.block_size)
-
-
-def memory_report(cfg: ModelConfig, args: EngineArgs, dtype: str, *,
-                  total_bytes: int | None = None, weights: int | None = None,
-                  profile_peak: int | None = None, max_model_len: int | None = None) -> dict:
+def memory_report(config: EngineConfig, *, total_bytes: int | None = None,
+                  weights: int | None = None, profile_peak: int | None = None) -> dict:
     """Weights / profiling peak / KV pool / free for one device, in GiB, and the pool it implies.
 
     The engine calls this at start-up and allocates ``report["num_blocks"]`` blocks:
@@ -176,17 +142,16 @@ def memory_report(cfg: ModelConfig, args: EngineArgs, dtype: str, *,
     ``--num-gpu-blocks-override``, then ``--kv-cache-memory-bytes``, then ``total_bytes`` x
     ``--gpu-memory-utilization`` minus weights and peak, then 1 GiB on the CPU.
     """
-    tp = args.tensor_parallel_size
-    dev = per_device_config(cfg, tp)
-    kv_dtype = resolve_kv_dtype(args.kv_cache_dtype, dtype)
-    max_model_len = max_model_len or args.max_model_len or cfg.max_position_embeddings
-    tokens = default_max_num_batched_tokens(args, max_model_len)
+    args, dtype = config.args, config.dtype
+    dev = per_device_config(config.model, config.tp)
+    tokens = config.max_num_batched_tokens
     peak_measured = profile_peak is not None
-    weights = weights_bytes(cfg, dtype, tp) if weights is None else weights
+    weights = weights_bytes(config.model, dtype, config.tp) if weights is None else weights
     if profile_peak is None:
         profile_peak = profile_peak_bytes_estimate(dev, tokens, dtype, args.max_num_seqs)
     if args.num_gpu_blocks_override:
-        spec = KVPoolSpec.for_model(dev, args.num_gpu_blocks_override, args.block_size, kv_dtype)
+        spec = KVPoolSpec.for_model(dev, args.num_gpu_blocks_override, config.block_size,
+                                    config.kv_dtype)
         source = "--num-gpu-blocks-override"
     else:
         if args.kv_cache_memory_bytes:
@@ -197,7 +162,7 @@ def memory_report(cfg: ModelConfig, args: EngineArgs, dtype: str, *,
             source = "--gpu-memory-utilization"
         else:
             budget, source = CPU_DEFAULT_KV_BYTES, "CPU default (1 GiB)"
-        spec = plan_pool(cfg, budget, args.block_size, kv_dtype, tp)
+        spec = plan_pool(config, budget)
     free = None if total_bytes is None else total_bytes - weights - profile_peak - spec.total_bytes
     return {
         "device_memory_gib": None if total_bytes is None else total_bytes / GiB,
@@ -209,14 +174,14 @@ def memory_report(cfg: ModelConfig, args: EngineArgs, dtype: str, *,
         "kv_pool_gib": spec.total_bytes / GiB,
         "free_gib": None if free is None else free / GiB,
         "kv_budget_source": source,
-        "kv_dtype": kv_dtype,
-        "kv_bytes_per_token": kv_pool.kv_bytes_per_token(dev, kv_dtype),
+        "kv_dtype": spec.dtype,
+        "kv_bytes_per_token": spec.bytes_per_token,
         "block_size": spec.block_size,
         "block_bytes": spec.bytes_per_block,
         "num_blocks": spec.num_blocks,
         "num_tokens": spec.num_tokens,
-        "max_model_len": max_model_len,
-        "max_concurrency": max_concurrency(spec, max_model_len),
+        "max_model_len": config.max_model_len,
+        "max_concurrency": spec.max_concurrency(config.max_model_len),
         "bytes": {"device": total_bytes, "weights": weights, "profile_peak": profile_peak,
                   "kv_pool": spec.total_bytes, "free": free},
     }
@@ -233,20 +198,17 @@ def format_memory_report(rep: dict) -> str:
             f"{free}")
 
 
-def min_device_bytes(cfg: ModelConfig, args: EngineArgs, dtype: str, concurrency: int,
-                     max_model_len: int, weights: int, profile_peak: int) -> int:
+def min_device_bytes(config: EngineConfig, concurrency: int, weights: int,
+                     profile_peak: int) -> int:
     """Smallest per-device memory whose pool holds ``concurrency`` sequences of
-    ``max_model_len`` tokens, with the same weights, peak and utilization."""
-    kv_dtype = resolve_kv_dtype(args.kv_cache_dtype, dtype)
-    tp, bs, util = args.tensor_parallel_size, args.block_size, args.gpu_memory_utilization
+    ``config.max_model_len`` tokens, with the same weights, peak and utilization."""
+    util, max_model_len = config.args.gpu_memory_utilization, config.max_model_len
 
     def fits(total: int) -> bool:
         budget = int(total * util) - weights - profile_peak
-        return budget > 0 and max_concurrency(plan_pool(cfg, budget, bs, kv_dtype, tp),
-                                               max_model_len) >= concurrency
+        return budget > 0 and plan_pool(config, budget).max_concurrency(max_model_len) >= concurrency
 
-    need = concurrency * blocks_per_seq(max_model_len, bs) * plan_pool(
-        cfg, 0, bs, kv_dtype, tp).bytes_per_block
+    need = concurrency * plan_pool(config).bytes_for(max_model_len)
     total = math.ceil((weights + profile_peak + need) / util)
     while not fits(total):  # float rounding of total x util: a step or two at most
         total += 1

@@ -19,12 +19,12 @@ import socket
 import urllib.parse
 from pathlib import Path
 
-from pagedjax import kv_pool
 from pagedjax import memory_report as mr
 from pagedjax import request_log
-from pagedjax.config import EngineArgs, add_engine_arguments
+from pagedjax.config import EngineArgs, EngineConfig, add_engine_arguments
 from pagedjax.kv_pool import GiB, KVPoolSpec
 from pagedjax.models import ModelConfig
+from pagedjax.models.loader import resolve_dtype
 
 CONTEXT_LENGTHS = (2048, 4096, 8192, 16384, 32768)
 
@@ -160,12 +160,6 @@ def resolve_model(model: str) -> ResolvedModel:
     return dataclasses.replace(_from_json(cfg_path, "hub", model, (model, None)), source=model)
 
 
-def resolve_dtype(dtype: str) -> str:
-    """``--dtype auto`` is bfloat16: what the loader picks on an accelerator (it picks float32
-    only on the CPU, which the planner does not plan for)."""
-    return "bfloat16" if dtype == "auto" else dtype
-
-
 def load_tokenizer(source: str, gguf_file: str | None = None):
     """The loaders' tokenizer loading, with an error instead of None; a hub id's from the local
     cache first, and the hub only if it can be reached."""
@@ -251,14 +245,11 @@ def plan(args: argparse.Namespace) -> dict:
                     ("--max-tokens", args.max_tokens)):
         if v is not None and v < 1:
             raise ValueError(f"{flag} {v} must be >= 1")
-    dtype, tp = resolve_dtype(args.dtype), eargs.tensor_parallel_size
-    kv_dtype = mr.resolve_kv_dtype(eargs.kv_cache_dtype, dtype)
+    # the planner plans for an accelerator: "auto" is what the loader picks on one
+    config = EngineConfig.resolve(eargs, cfg, resolve_dtype(args.dtype, platform="gpu"))
+    dtype, kv_dtype, tp, max_len = config.dtype, config.kv_dtype, config.tp, config.max_model_len
     dev = mr.per_device_config(cfg, tp)
     model_max = cfg.max_position_embeddings
-    if args.max_model_len and args.max_model_len > model_max:
-        raise ValueError(f"--max-model-len {args.max_model_len} is larger than the model's "
-                         f"maximum ({model_max} positions): lower --max-model-len")
-    max_len = args.max_model_len or model_max
     total = mr.parse_size(args.gpu_memory) if isinstance(args.gpu_memory, str) else args.gpu_memory
     notes = [res.note] if res.note else []
     if args.device:
@@ -270,21 +261,20 @@ def plan(args: argparse.Namespace) -> dict:
                      "less than the card's nominal size (an 80 GB H100 reports 79.18 GiB = "
                      "81079MiB): the engine sizes from the reported total")
     weights = mr.weights_bytes(cfg, dtype, tp)
-    tokens = mr.default_max_num_batched_tokens(eargs, max_len)
+    tokens = config.max_num_batched_tokens
     peak = mr.profile_peak_bytes_estimate(dev, tokens, dtype, eargs.max_num_seqs)
-    bs = eargs.block_size
-    block_bytes = mr.plan_pool(cfg, 0, bs, kv_dtype, tp).bytes_per_block
+    bs, shape = config.block_size, mr.plan_pool(config)
     notes += [f"profiling peak is an estimate (profile_peak_bytes_estimate at {tokens} batched "
              "tokens), the same the engine sizes its pool with"]
     if tp > cfg.num_key_value_heads:
         notes.append(f"--tensor-parallel-size {tp} > {cfg.num_key_value_heads} KV heads: each KV "
                      f"head is replicated on {tp // cfg.num_key_value_heads} devices, so each "
                      "device stores 1 KV head and the KV cache does not shrink further")
-    if kv_pool.has_token_scales(kv_dtype):
+    if shape.token_scales:
         notes.append(f"KV cache {kv_dtype}: 1 byte per value plus a bf16 scale per token and KV "
-                     f"head ({kv_pool.row_bytes(cfg.head_dim, kv_dtype)} B per {cfg.head_dim} "
+                     f"head ({shape.row_bytes} B per {cfg.head_dim} "
                      f"values; {2 * cfg.head_dim} in bf16)")
-    elif kv_pool.is_quantized_dtype(kv_dtype):
+    elif shape.quantized:
         notes.append(f"KV cache {kv_dtype}: 1 byte per value, static power-of-two scales per "
                      "layer and KV head from the weights (models/kv_scales.py)")
     if res.gguf_tensor_bytes is not None:
@@ -303,15 +293,14 @@ def plan(args: argparse.Namespace) -> dict:
         "weights_bytes_per_device": weights, "weights_bytes_total": cfg.num_params()
         * mr.dtype_bytes(dtype), "gguf_stored_tensor_bytes": res.gguf_tensor_bytes,
         "profile_peak_bytes_estimate": peak, "max_num_batched_tokens": tokens,
-        "kv_bytes_per_token": mr.kv_bytes_per_token(cfg, kv_dtype, tp),
-        "block_bytes": block_bytes, "memory": None, "concurrency": [], "target": None,
+        "kv_bytes_per_token": shape.bytes_per_token,
+        "block_bytes": shape.bytes_per_block, "memory": None, "concurrency": [], "target": None,
         "requests": None, "notes": notes,
     }
     spec = None
     if total is not None or eargs.kv_cache_memory_bytes or eargs.num_gpu_blocks_override:
-        report["memory"] = mr.memory_report(cfg, eargs, dtype, total_bytes=total,
-                                            max_model_len=max_len)
-        spec = KVPoolSpec.for_model(dev, report["memory"]["num_blocks"], bs, kv_dtype)
+        report["memory"] = mr.memory_report(config, total_bytes=total)
+        spec = dataclasses.replace(shape, num_blocks=report["memory"]["num_blocks"])
     else:
         notes.append("no device memory given: pass --gpu-memory SIZE (or --device on a GPU) "
                      "for the pool size and concurrency")
@@ -319,23 +308,22 @@ def plan(args: argparse.Namespace) -> dict:
     for n in lengths:
         report["concurrency"].append({
             "max_model_len": n, "model_max": n == model_max,
-            "blocks_per_seq": mr.blocks_per_seq(n, bs),
-            "kv_bytes_per_seq": mr.blocks_per_seq(n, bs) * block_bytes,
-            "max_concurrency": None if spec is None else mr.max_concurrency(spec, n),
+            "blocks_per_seq": shape.blocks_for(n),
+            "kv_bytes_per_seq": shape.bytes_for(n),
+            "max_concurrency": None if spec is None else spec.max_concurrency(n),
             "concurrency_ratio": None if spec is None else spec.num_tokens / n})
-    if spec is not None and mr.max_concurrency(spec, max_len) == 0:
+    if spec is not None and spec.max_concurrency(max_len) == 0:
         notes.append(f"the pool ({spec.num_tokens} tokens) cannot hold one sequence of "
                      f"max_model_len {max_len}: the engine would refuse to start; lower "
                      "--max-model-len or give it more memory")
     if args.target_concurrency:
-        need = mr.min_device_bytes(cfg, eargs, dtype, args.target_concurrency, max_len, weights,
-                                   peak)
+        need = mr.min_device_bytes(config, args.target_concurrency, weights, peak)
         report["target"] = {"concurrency": args.target_concurrency, "max_model_len": max_len,
                             "min_device_memory_bytes": need,
                             "min_device_memory_gib": need / GiB,
                             "gpu_memory_utilization": eargs.gpu_memory_utilization}
     if args.requests:
-        report["requests"] = _requests(args, res, eargs, model_max, spec)
+        report["requests"] = _requests(args, res, shape, model_max, spec)
     return report
 
 
@@ -362,7 +350,7 @@ class _LazyTokenizer:
         return getattr(self._tok, name)
 
 
-def _requests(args, res: ResolvedModel, eargs: EngineArgs, model_max: int,
+def _requests(args, res: ResolvedModel, shape: KVPoolSpec, model_max: int,
               spec: KVPoolSpec | None) -> dict:
     if args.tokenizer:
         t = Path(args.tokenizer)
@@ -372,12 +360,12 @@ def _requests(args, res: ResolvedModel, eargs: EngineArgs, model_max: int,
     tokenizer = _LazyTokenizer(tok_src, res.kind, res.source)
     prompts, errors = request_log.read_request_log(args.requests, tokenizer)
     out = request_log.summarize(prompts, errors, max_tokens=args.max_tokens,
-                                block_size=eargs.block_size, model_max_len=model_max)
+                                spec=shape, model_max_len=model_max)
     out["log"] = str(args.requests)
     rec = out["recommended_max_model_len"]
-    out["max_concurrency"] = None if spec is None else mr.max_concurrency(spec, rec)
+    out["max_concurrency"] = None if spec is None else spec.max_concurrency(rec)
     out["max_concurrency_at_model_max"] = (None if spec is None
-                                           else mr.max_concurrency(spec, model_max))
+                                           else spec.max_concurrency(model_max))
     return out
 
 

@@ -13,8 +13,8 @@ from .block_manager import BlockManager
 
 
 class PrefixCachingBlockManager(BlockManager):
-    def __init__(self, num_blocks: int, block_size: int, share: bool = True, salt: int = 0):
-        super().__init__(num_blocks, block_size, share)
+    def __init__(self, num_blocks: int, block_size: int, salt: int = 0):
+        super().__init__(num_blocks, block_size)
         self.salt = salt
         self.cached: dict[int, int] = {}  # key -> block
         self.block_key: dict[int, tuple[int, tuple[int, ...]]] = {}  # block -> (key, tokens)
@@ -66,8 +66,7 @@ class PrefixCachingBlockManager(BlockManager):
 
     def fork(self, parent_id: int, child_id: int) -> None:
         super().fork(parent_id, child_id)
-        if self.share:
-            self.keys[child_id] = list(self.keys.get(parent_id, []))
+        self.keys[child_id] = list(self.keys.get(parent_id, []))
 
     def free(self, seq_id: int) -> None:
         self.keys.pop(seq_id, None)

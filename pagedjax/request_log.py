@@ -14,7 +14,10 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pagedjax.kv_pool import KVPoolSpec
 
 PERCENTILES = (50, 95, 99)
 
@@ -115,16 +118,16 @@ def percentile(values: list[int], p: float) -> int:
 
 
 def summarize(prompts: list[LoggedPrompt], errors: list[dict], *, max_tokens: int,
-              block_size: int, model_max_len: int) -> dict:
-    """Percentiles, the recommended ``max_model_len`` and the share of the log it rejects
-    (prompt + max_tokens > max_model_len: what vLLM's OpenAI server refuses)."""
+              spec: "KVPoolSpec", model_max_len: int) -> dict:
+    """Percentiles, the recommended ``max_model_len`` (whole blocks of ``spec``) and the share of
+    the log it rejects (prompt + max_tokens > max_model_len: what vLLM's OpenAI server refuses)."""
     if not prompts:
         raise ValueError("the request log has no readable request"
                          + (f" ({len(errors)} malformed lines, first at line "
                             f"{errors[0]['line']}: {errors[0]['error']})" if errors else ""))
     lens = [p.tokens for p in prompts]
     pct = {f"p{q}": percentile(lens, q) for q in PERCENTILES}
-    wanted = -(-(pct["p99"] + max_tokens) // block_size) * block_size
+    wanted = spec.blocks_for(pct["p99"] + max_tokens) * spec.block_size
     recommended = min(wanted, model_max_len)
     rejected = sum(n + max_tokens > recommended for n in lens)
     asked = [p.max_tokens for p in prompts if p.max_tokens is not None]

@@ -144,12 +144,12 @@ class ModelRunner:
         self.params = params if mesh is None else sharding.place_params(cfg, params, mesh)
         self.spec = spec
         self.block_size = spec.block_size
-        self.max_blocks = -(-max_model_len // spec.block_size)
+        self.max_blocks = spec.blocks_for(max_model_len)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         # The largest copy program: copy-on-write copies at most one block per sequence a step
         # (only the block a sequence's first new token lands in can be shared). More copies (a
-        # fork that copies whole tables, --disable-kv-sharing) run as several programs of this
+        # fork that copies whole tables: benchmarks/beam.py) run as several programs of this
         # size, so every copy program is precompiled and none needs a pool-sized scratch.
         self.max_copies = _pow2_at_least(max_num_seqs, 4)
         pool_sharding = None if mesh is None else sharding.pool_sharding(mesh)
@@ -241,7 +241,7 @@ class ModelRunner:
         """Every step shape the engine can produce for contexts up to max_context (under coarse
         buckets W is fixed, so max_context changes nothing there): mixed steps first, each
         sorted by (T, S, W)."""
-        max_blocks = self.max_blocks if max_context is None else -(-max_context // self.block_size)
+        max_blocks = self.max_blocks if max_context is None else self.spec.blocks_for(max_context)
         ws = sorted({self.layout_for(1, 1, w).W for w in _doublings(1, max_blocks)})
         out = set()
         for n, rows, decode in self._reachable():

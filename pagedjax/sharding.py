@@ -214,14 +214,15 @@ class TensorParallel:
     params: Any
 
     @classmethod
-    def build(cls, cfg: ModelConfig, params, tp: int) -> "TensorParallel":
-        """The one place the engine's params are prepared. Fusing rewrites the caller's layer
-        dicts in place (fuse_projections), so ``params`` ends up fused too, not deleted."""
+    def build(cls, cfg: ModelConfig, params, tp: int, consume: bool = False) -> "TensorParallel":
+        """The one place the engine's params are prepared; ``params`` stays as it was unless
+        ``consume`` (the engine loaded them itself: fusing then deletes the originals as it goes,
+        fuse_projections)."""
         check_tp(cfg, tp)
         run_cfg = cfg
         if params is not None:  # None: a stand-in device without weights
             run_cfg, params = replicate_kv_heads(cfg, params, tp)
-            params = fuse_projections(run_cfg, params, tp)
+            params = fuse_projections(run_cfg, params, tp, consume=consume)
         if tp == 1:
             return cls(1, None, run_cfg, params)
         mesh = make_mesh(tp)

@@ -14,14 +14,10 @@ pieces from the device pool (not donated) and its outputs *are* the host pieces 
 in ``pinned_host``), so XLA issues the device->host copies itself, back to back, with no runtime
 round trip per piece. Swap-in is the mirror: one program per group takes the host pieces as
 arguments, moves them to the device (``device_put`` inside the jit), concatenates them and
-scatters every block into the donated pool. Why: on the lent H100 the first design (a jitted
-gather and a ``jax.device_put`` per 28 MiB piece, all dispatched, then one wait) moved ~1 ms per
-piece, 26 GB/s out and 17 GB/s in, against 52.6 GB/s for one 1 GiB transfer and 32 GB/s for one
-28 MiB transfer alone: the figures fit a fixed cost of ~0.4 ms per runtime transfer that async
-dispatch did not overlap (an inference; ``benchmarks swap --transfer-only`` measures it).
-``in_program=False`` keeps that design (the gather or scatter in one program, the transfers as one
-batched ``jax.device_put``) for comparison, and is the fallback, per direction, where a platform
-cannot compile transfers into a program.
+scatters every block into the donated pool. Why: a runtime transfer per piece has a fixed cost
+that async dispatch does not overlap (benchmarks/NOTES.md, "swap transfers"). Where a platform
+cannot compile transfers into a program, that direction falls back to the gather or scatter in
+one program and the transfers as one batched ``jax.device_put``.
 
 ``execute`` waits for the pool (the step before, where the engine dispatches steps ahead), then
 dispatches the swap programs and returns; the host prepares and dispatches the step while the
@@ -38,8 +34,8 @@ bytes move. Order, reasoned on the runtime's data dependencies:
 * overlap of swap-out with the step: with the copies inside the gather program, the step (which
   donates the pool the program reads) runs after the whole program, copies included; only the
   ``device_put`` design, whose copies read the gather's own outputs and nothing else, lets them
-  run beside the step. That costs ~10 ms per swap-out of ~500 blocks (3 in the thrashing run,
-  ~0.1% of its time) and buys full link speed on every swap.
+  run beside the step. That costs little (a few swap-outs per thrashing run) and buys full link
+  speed on every swap.
 * swap-in scatters into the donated pool, and the step takes the scatter's output pool: the step
   cannot start before the blocks are in place.
 * host pieces are never written in place: a swap-out makes new arrays, and a swap-in reads the
@@ -57,8 +53,8 @@ a swap look slower. ``stats`` waits for events still in flight.
 
 The pool is allocated and touched at start by running the real swap programs into every piece,
 plus one program's worth of headroom (a piece being replaced may still be read by a swap-in in
-flight, so its memory is not back yet): on the lent H100 a first transfer into fresh host memory
-ran at 1.7 GB/s, into warm pinned memory at ~50 GB/s (ANCHORS.md).
+flight, so its memory is not back yet): a first transfer into fresh host memory is far slower
+than into warm pinned memory (benchmarks/NOTES.md).
 """
 from __future__ import annotations
 
@@ -106,7 +102,7 @@ def make_swap_space(args, spec: kv_pool.KVPoolSpec, max_model_len: int) -> SwapS
             "--preemption-mode recompute")
     _check_host_memory(num_cpu_blocks * spec.bytes_per_block)
     piece = piece_blocks_for(spec.bytes_per_block, num_cpu_blocks,
-                             -(-max_model_len // spec.block_size))
+                             spec.blocks_for(max_model_len))
     return SwapSpace(num_cpu_blocks // piece, piece, spec.block_size)
 
 
@@ -208,24 +204,28 @@ class HostKVPool:
     """The host pieces and the swap transfers; ``execute`` dispatches one step's swaps on the
     runner's pool. Bookkeeping (which slot holds what) is the ``SwapSpace``'s."""
 
-    def __init__(self, spec: kv_pool.KVPoolSpec, space: SwapSpace, runner,
-                 in_program: bool | None = None):
+    def __init__(self, spec: kv_pool.KVPoolSpec, space: SwapSpace, runner):
         self.spec, self.space = spec, space
         self.piece_blocks = space.piece_blocks
         self.block_bytes = spec.bytes_per_block
         self.memory_kind = host_memory_kind()
-        want = self.memory_kind is not None and in_program is not False
+        want = self.memory_kind is not None
         self.in_program = {"out": want, "in": want}  # where the transfers run, per direction
         self.sizes = [s for s in (16, 8, 4, 2, 1) if s <= min(MAX_GROUP, space.num_pieces)]
         self.pieces: list = [None] * space.num_pieces
         self._stats = SwapStats()
         self._lock = threading.Lock()
         self._watchers: list[threading.Thread] = []
-        self._allocate(runner, in_program)
+        self._allocate(runner)
 
     @property
     def stats(self) -> SwapStats:
         self.wait()
+        return self._stats
+
+    @property
+    def landed(self) -> SwapStats:
+        """The swaps recorded so far, without waiting for those in flight."""
         return self._stats
 
     @property
@@ -262,7 +262,7 @@ class HostKVPool:
         self._watchers.clear()
 
     # ---- start ---------------------------------------------------------------------------------
-    def _allocate(self, runner, in_program: bool | None) -> None:
+    def _allocate(self, runner) -> None:
         """Compile every swap program and allocate and touch every piece by running them."""
         t0 = time.perf_counter()
         # Commit the pool to its sharding now: a step's output pool is committed, and jit compiles
@@ -278,7 +278,7 @@ class HostKVPool:
             try:
                 build(runner)
             except Exception as e:  # noqa: BLE001 - a platform without in-program transfers
-                if not self.in_program[direction] or in_program:
+                if not self.in_program[direction]:
                     raise
                 logger.warning("swap-%s: transfers inside the swap programs failed here (%s: %s);"
                                " using jax.device_put", direction, type(e).__name__, e)

@@ -10,10 +10,11 @@ from hypothesis import given, settings, strategies as st
 
 from pagedjax import cli, kv_pool, planner
 from pagedjax import memory_report as mr
-from pagedjax.config import EngineArgs
+from pagedjax.config import EngineArgs, EngineConfig
 from pagedjax.kernels.reference import SCRATCH_BYTES
 from pagedjax.kv_pool import GiB
 from pagedjax.models import ModelConfig
+from pagedjax.models.loader import resolve_dtype
 
 QWEN25_7B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584,
              "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
@@ -66,14 +67,22 @@ def plan_error(capsys, *argv) -> str:
 
 
 # ---- arithmetic ------------------------------------------------------------------------------
+def config(cfg, dtype="bfloat16", **kw) -> EngineConfig:
+    return EngineConfig.resolve(EngineArgs(**kw), cfg, dtype)
+
+
+def kv_bytes_per_token(cfg, dtype="bfloat16", tp=1) -> int:
+    return mr.plan_pool(config(cfg, dtype, tensor_parallel_size=tp)).bytes_per_token
+
+
 def test_kv_bytes_per_token_bf16():
     qwen, llama = ModelConfig.from_hf(QWEN25_7B), ModelConfig.from_hf(LLAMA2_70B)
-    assert mr.kv_bytes_per_token(qwen, "bfloat16") == 57_344
-    assert mr.kv_bytes_per_token(llama, "bfloat16") == 327_680
-    assert mr.kv_bytes_per_token(llama, "bfloat16", tp=8) == 327_680 // 8
+    assert kv_bytes_per_token(qwen) == 57_344
+    assert kv_bytes_per_token(llama) == 327_680
+    assert kv_bytes_per_token(llama, tp=8) == 327_680 // 8
     # 16 devices, 8 KV heads: each device still stores one whole head (replication).
     assert mr.kv_heads_per_device(llama, 16) == 1
-    assert mr.kv_bytes_per_token(llama, "bfloat16", tp=16) == 327_680 // 8
+    assert kv_bytes_per_token(llama, tp=16) == 327_680 // 8
 
 
 def test_weights_per_device_shard_everything_but_norms():
@@ -93,11 +102,12 @@ def test_tensor_parallel_that_does_not_divide_the_heads_is_refused():
 @settings(max_examples=50, deadline=None)
 @given(budget=st.integers(0, 1 << 36), block_size=st.sampled_from([8, 16, 32]),
        dtype=st.sampled_from(["bfloat16", "float32"]))
-def test_plan_pool_is_the_engines_num_blocks_for_budget(budget, block_size, dtype):
+def test_plan_pool_is_the_engines_for_budget(budget, block_size, dtype):
     cfg = ModelConfig.from_hf(QWEN25_7B)
-    spec = mr.plan_pool(cfg, budget, block_size, dtype)
-    assert spec.num_blocks == kv_pool.num_blocks_for_budget(budget, cfg, block_size, dtype)
+    spec = mr.plan_pool(config(cfg, dtype, block_size=block_size), budget)
+    assert spec == kv_pool.KVPoolSpec.for_budget(cfg, budget, block_size, dtype)
     assert spec.total_bytes <= budget < spec.total_bytes + spec.bytes_per_block
+    assert spec.bytes_per_block == block_size * spec.bytes_per_token
 
 
 def test_planner_pool_equals_the_engines_actual_pool_on_cpu(tiny_qwen):
@@ -105,22 +115,23 @@ def test_planner_pool_equals_the_engines_actual_pool_on_cpu(tiny_qwen):
 
     args = EngineArgs(kv_cache_memory_bytes=3_000_000, max_model_len=256, block_size=16)
     engine = LLMEngine(args, loaded=tiny_qwen)
-    rep = mr.memory_report(tiny_qwen.cfg, args, tiny_qwen.dtype)
+    assert engine.config == EngineConfig.resolve(args, tiny_qwen.cfg, tiny_qwen.dtype)
+    rep = mr.memory_report(engine.config)
     assert rep["num_blocks"] == engine.spec.num_blocks > 0
     assert rep["kv_pool_gib"] * GiB == engine.spec.total_bytes
-    assert mr.plan_pool(tiny_qwen.cfg, 3_000_000, 16, tiny_qwen.dtype) == engine.spec
+    assert mr.plan_pool(engine.config, 3_000_000) == engine.spec
 
 
 def test_memory_report_splits_the_device():
     cfg, total = ModelConfig.from_hf(QWEN25_7B), 80 * GiB
-    rep = mr.memory_report(cfg, EngineArgs(), "bfloat16", total_bytes=total)
+    rep = mr.memory_report(config(cfg), total_bytes=total)
     b = rep["bytes"]
     assert b["weights"] + b["profile_peak"] + b["kv_pool"] + b["free"] == total
     budget = int(total * 0.9) - b["weights"] - b["profile_peak"]
     assert b["kv_pool"] <= budget < b["kv_pool"] + rep["block_bytes"]
     assert rep["profile_peak_source"] == "estimate"
-    measured = mr.memory_report(cfg, EngineArgs(), "bfloat16", total_bytes=total,
-                                weights=15 * GiB, profile_peak=2 * GiB)
+    measured = mr.memory_report(config(cfg), total_bytes=total, weights=15 * GiB,
+                                profile_peak=2 * GiB)
     assert measured["profile_peak_source"] == "measured" and measured["weights_gib"] == 15
 
 
@@ -134,13 +145,12 @@ def test_profile_peak_estimate_formula():
 
 
 def test_min_device_bytes_is_the_smallest_that_fits():
-    cfg, args = ModelConfig.from_hf(QWEN25_7B), EngineArgs()
-    w, p = mr.weights_bytes(cfg, "bfloat16"), 1 * GiB
-    need = mr.min_device_bytes(cfg, args, "bfloat16", 64, 32768, w, p)
+    conf = config(ModelConfig.from_hf(QWEN25_7B))
+    w, p = mr.weights_bytes(conf.model, "bfloat16"), 1 * GiB
+    need = mr.min_device_bytes(conf, 64, w, p)
 
     def conc(total):
-        return mr.max_concurrency(mr.plan_pool(cfg, int(total * 0.9) - w - p, 16, "bfloat16"),
-                                  32768)
+        return mr.plan_pool(conf, int(total * 0.9) - w - p).max_concurrency(32768)
 
     assert conc(need) >= 64 > conc(need - 1)
 
@@ -169,10 +179,11 @@ def test_unknown_model_and_offline_hub_give_clear_errors(capsys, monkeypatch):
 def test_shipped_configs_resolve_offline():
     res = planner.resolve_model("Qwen/Qwen2.5-7B-Instruct")  # a hub id whose config is shipped
     assert res.kind == "shipped config" and res.tokenizer == ("Qwen/Qwen2.5-7B-Instruct", None)
-    assert mr.kv_bytes_per_token(res.cfg, "bfloat16") == 57_344
+    assert kv_bytes_per_token(res.cfg) == 57_344
     llama = planner.resolve_model("llama-2-70b-hf").cfg
-    assert mr.kv_bytes_per_token(llama, "bfloat16") == 327_680
-    assert planner.resolve_dtype("auto") == "bfloat16"
+    assert kv_bytes_per_token(llama) == 327_680
+    assert resolve_dtype("auto", platform="gpu") == "bfloat16"  # what the planner plans with
+    assert resolve_dtype("auto", platform="cpu") == "float32"
 
 
 def test_weights_are_what_the_loader_allocates():
@@ -227,13 +238,15 @@ def test_request_log_percentiles_and_malformed_lines(tmp_path, tokenizer_dir):
     assert len(prompts) == 100
     assert [e["line"] for e in errors] == [3, 7]
     assert "not valid JSON" in errors[0]["error"] and "neither" in errors[1]["error"]
-    s = request_log.summarize(prompts, errors, max_tokens=5, block_size=8, model_max_len=4096)
+    shape = kv_pool.KVPoolSpec(num_layers=1, num_blocks=0, block_size=8, num_kv_heads=1,
+                               head_dim=8)
+    s = request_log.summarize(prompts, errors, max_tokens=5, spec=shape, model_max_len=4096)
     assert (s["prompt_tokens"]["p50"], s["prompt_tokens"]["p95"],
             s["prompt_tokens"]["p99"]) == (50, 95, 99)
     assert s["recommended_max_model_len"] == 104  # 99 + 5, already a multiple of 8
     assert s["rejected"] == 1 and s["rejected_share"] == 0.01  # the 100-token prompt
     assert s["requested_max_tokens"]["p50"] == 8
-    capped = request_log.summarize(prompts, [], max_tokens=5, block_size=8, model_max_len=64)
+    capped = request_log.summarize(prompts, [], max_tokens=5, spec=shape, model_max_len=64)
     assert capped["recommended_max_model_len"] == 64 and capped["capped_at_model_max"]
 
 
@@ -274,7 +287,7 @@ def test_cli_json_end_to_end(capsys, qwen_dir, tmp_path, tokenizer_dir):
                             "--target-concurrency", 8, "--max-model-len", 8192))
     assert r["kv_bytes_per_token"] == 57_344 and r["dtype"] == "bfloat16"
     mem = r["memory"]
-    spec = mr.plan_pool(ModelConfig.from_hf(QWEN25_7B), 0, 16, "bfloat16")
+    spec = mr.plan_pool(config(ModelConfig.from_hf(QWEN25_7B)))
     assert mem["num_blocks"] * spec.bytes_per_block == mem["bytes"]["kv_pool"]
     lens = [row["max_model_len"] for row in r["concurrency"]]
     assert lens == [2048, 4096, 8192, 16384, 32768]
@@ -395,12 +408,13 @@ def test_kv_pool_at_0_9_of_an_h100_is_vllms_arithmetic():
     predicts the engine's pool exactly."""
     from pagedjax import device_memory as dm
 
-    cfg, args = ModelConfig.from_hf(QWEN25_7B), EngineArgs(max_model_len=2048)
+    cfg = ModelConfig.from_hf(QWEN25_7B)
     env = {}
     dm.configure_allocator(0.9, env, started=False)
     total = dm.device_bytes(FakeDevice("gpu", int(H100_TOTAL * 0.9)), env)
     weights = mr.weights_bytes(cfg, "bfloat16")
-    engine = mr.memory_report(cfg, args, "bfloat16", total_bytes=total, weights=weights + 2816)
+    engine = mr.memory_report(config(cfg, max_model_len=2048), total_bytes=total,
+                              weights=weights + 2816)
     b = engine["bytes"]
     assert b["kv_pool"] <= int(total * 0.9) - b["weights"] - b["profile_peak"] < (
         b["kv_pool"] + engine["block_bytes"])

@@ -24,6 +24,7 @@ from pagedjax.beam_search import BeamSearchParams
 from pagedjax.engine import LLMEngine
 from pagedjax.outputs import RequestOutput
 from pagedjax.sampling_params import SamplingParams
+from pagedjax.stats import EngineSnapshot
 
 from .metrics import EngineMetrics
 
@@ -55,17 +56,6 @@ class Submission:
     def num_seqs(self) -> int:
         p = self.params
         return p.beam_width if isinstance(p, BeamSearchParams) else p.best_of
-
-
-@dataclasses.dataclass(frozen=True)
-class Snapshot:
-    """What the handlers may read about the engine, published by the engine thread."""
-
-    running: int = 0
-    waiting: int = 0
-    swapped: int = 0
-    kv_cache_usage: float = 0.0
-    cpu_cache_usage: float = 0.0
 
 
 class RequestStream:
@@ -123,7 +113,7 @@ class AsyncEngine:
         self.metrics = metrics
         self.log_interval = log_interval
         self.log_stats = log_stats
-        self.snapshot = Snapshot()
+        self.snapshot = EngineSnapshot()  # the engine thread's latest (pagedjax.stats)
         self.dead: BaseException | None = None
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._stopping = False
@@ -135,11 +125,8 @@ class AsyncEngine:
         # engine-thread state
         self._streams: dict[str, RequestStream] = {}
         self._seen: dict[str, tuple[int, float]] = {}  # request -> (tokens so far, last token time)
-        self._totals = (0, 0, 0)  # prompt tokens, generation tokens, preemptions already counted
-        self._prefix = (0, 0)
-        self._compiled = 0  # step shapes compiled, already counted
         self._last_log = time.monotonic()
-        self._logged_totals = (0, 0)
+        self._logged = EngineSnapshot()  # the snapshot of the last log line
         self._thread = threading.Thread(target=self._run, name="pagedjax-engine", daemon=True)
 
     # ---- handler side (event-loop threads) ---------------------------------------------------
@@ -161,7 +148,7 @@ class AsyncEngine:
         """Sequences waiting for the scheduler, counting those not yet handed to the engine."""
         with self._lock:
             pending = self._submitted_seqs - self._added_seqs
-        return self.snapshot.waiting + pending
+        return self.snapshot.num_waiting + pending
 
     @property
     def num_in_flight(self) -> int:
@@ -320,43 +307,38 @@ class AsyncEngine:
             m.e2e.observe((metrics.finished_time or now) - metrics.arrival_time)
 
     def _publish(self) -> None:
-        eng, m = self.engine, self.metrics
-        snap = Snapshot(eng.num_running, eng.num_waiting, eng.num_swapped, eng.kv_cache_usage,
-                        eng.cpu_cache_usage)
+        """The engine's snapshot into the metrics (counters by their change since the last one)
+        and, every log interval, into the log line. ``self.snapshot`` is what handlers read."""
+        m, before, snap = self.metrics, self.snapshot, self.engine.make_stats()
         self.snapshot = snap
-        m.running.set(snap.running)
-        m.waiting.set(snap.waiting)
-        m.swapped.set(snap.swapped)
+        m.running.set(snap.num_running)
+        m.waiting.set(snap.num_waiting)
+        m.swapped.set(snap.num_swapped)
         m.kv_usage.set(snap.kv_cache_usage)
         m.cpu_usage.set(snap.cpu_cache_usage)
-        totals = (eng.stats.prompt_tokens, eng.stats.generation_tokens,
-                  eng.scheduler.num_preemptions)
-        for counter, new, old in zip((m.prompt_tokens, m.generation_tokens, m.preemptions),
-                                     totals, self._totals):
-            if new > old:
-                counter.inc(new - old)
-        self._totals = totals
-        prefix = (eng.block_manager.queries, eng.block_manager.hits)
-        for counter, new, old in zip((m.prefix_queries, m.prefix_hits), prefix, self._prefix):
-            if new > old:
-                counter.inc(new - old)
-        self._prefix = prefix
-        compiled = eng.runner.num_compilations
-        if compiled > self._compiled:
-            m.compilations.inc(compiled - self._compiled)
-            self._compiled = compiled
-        self._maybe_log(snap, totals)
+        delta = snap.delta(before)
+        for counter, name in ((m.prompt_tokens, "prompt_tokens"),
+                              (m.generation_tokens, "generation_tokens"),
+                              (m.preemptions, "num_preemptions"),
+                              (m.prefix_queries, "prefix_cache_queries"),
+                              (m.prefix_hits, "prefix_cache_hits"),
+                              (m.compilations, "num_compilations")):
+            if delta[name] > 0:
+                counter.inc(delta[name])
+        self._maybe_log(snap)
 
-    def _maybe_log(self, snap: Snapshot, totals: tuple[int, int, int]) -> None:
+    def _maybe_log(self, snap: EngineSnapshot) -> None:
         now = time.monotonic()
         elapsed = now - self._last_log
         if not self.log_stats or elapsed < self.log_interval:
             return
-        prompt, gen = totals[0] - self._logged_totals[0], totals[1] - self._logged_totals[1]
-        if prompt or gen or snap.running or snap.waiting or snap.swapped:  # quiet when idle
+        d = snap.delta(self._logged)
+        if (d["prompt_tokens"] or d["generation_tokens"] or snap.num_running or snap.num_waiting
+                or snap.num_swapped):  # quiet when idle
             logger.info(
                 "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
                 "Running: %d reqs, Waiting: %d reqs, Swapped: %d reqs, GPU KV cache usage: %.1f%%, "
-                "CPU KV cache usage: %.1f%%", prompt / elapsed, gen / elapsed, snap.running,
-                snap.waiting, snap.swapped, 100 * snap.kv_cache_usage, 100 * snap.cpu_cache_usage)
-        self._last_log, self._logged_totals = now, totals[:2]
+                "CPU KV cache usage: %.1f%%", d["prompt_tokens"] / elapsed,
+                d["generation_tokens"] / elapsed, snap.num_running, snap.num_waiting,
+                snap.num_swapped, 100 * snap.kv_cache_usage, 100 * snap.cpu_cache_usage)
+        self._last_log, self._logged = now, snap

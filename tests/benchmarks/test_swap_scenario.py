@@ -42,11 +42,10 @@ def test_swap_transfer_only_tiny(tmp_path):
     # XLA:CPU gives the swap-in scatter a pool-sized temporary; on the H100 it updates in place
     # (NOTES.md): the figure is read from the compiled program, so a change shows here
     assert summary["scatter_copies_pool"] is True
-    for key in ("swap_pct_raw_bw", "swap_pct_raw_bw_large", "device_put_pct_raw_bw",
-                "swap_out_gb_s", "swap_in_gb_s", "raw_piece_d2h_gb_s", "raw_large_d2h_gb_s"):
+    for key in ("swap_pct_raw_bw", "swap_pct_raw_bw_large", "swap_out_gb_s", "swap_in_gb_s", "raw_piece_d2h_gb_s", "raw_large_d2h_gb_s"):
         assert summary[key] > 0, key
     variants = record["figures"]["variants"]
-    assert variants["device_put"]["transfers"] == "jax.device_put"
+    assert list(variants) == ["in-program"]
     for v in variants.values():  # 2 rounds x 3 sequences, out and back
         assert v["out"]["events"] == v["in"]["events"] == 6
     assert len(record["figures"]["sweep"]) == 5

@@ -18,7 +18,7 @@ from pagedjax import LLM, SamplingParams, kv_pool
 from pagedjax import memory_report as mr
 from pagedjax.attention import make_attend
 from pagedjax.block_manager import BlockManager
-from pagedjax.config import EngineArgs
+from pagedjax.config import EngineArgs, EngineConfig
 from pagedjax.kernels import QuantizedPages
 from pagedjax.models import forward_paged
 from pagedjax.swap import HostKVPool
@@ -236,22 +236,28 @@ def test_planner_bytes_per_token_fp8_is_half_of_bf16_int8_adds_scales():
     from pagedjax.planner import resolve_model
 
     cfg = resolve_model("Qwen2.5-7B-Instruct").cfg  # 28 layers, 4 KV heads, head_dim 128
-    bf16 = mr.kv_bytes_per_token(cfg, "bfloat16")
+
+    def config(kv_dtype="auto", dtype="bfloat16"):
+        return EngineConfig.resolve(EngineArgs(kv_cache_dtype=kv_dtype, max_model_len=4096,
+                                               kv_cache_memory_bytes=10 << 30), cfg, dtype)
+
+    def per_token(kv_dtype):
+        return mr.plan_pool(config(kv_dtype)).bytes_per_token
+
+    bf16 = per_token("auto")
     assert bf16 == 57_344
     scales = 2 * 28 * 4 * 2  # K and V, per layer and KV head, one bf16 each
-    assert mr.kv_bytes_per_token(cfg, "fp8_e4m3") == mr.kv_bytes_per_token(cfg, "fp8_e5m2") \
-        == bf16 // 2 == 28_672
-    assert mr.kv_bytes_per_token(cfg, "int8") == bf16 // 2 + scales == 29_120
-    base = mr.memory_report(cfg, EngineArgs(kv_cache_memory_bytes=10 << 30), "bfloat16",
-                            max_model_len=4096)
-    for kv_dtype, per_token in (("fp8_e4m3", 28_672), ("int8", 29_120)):
-        args = EngineArgs(kv_cache_dtype=kv_dtype, kv_cache_memory_bytes=10 << 30)
-        rep = mr.memory_report(cfg, args, "bfloat16", max_model_len=4096)
-        assert rep["kv_dtype"] == kv_dtype and rep["kv_bytes_per_token"] == per_token
-        assert rep["block_bytes"] == 16 * per_token
-        assert rep["num_tokens"] / base["num_tokens"] == pytest.approx(bf16 / per_token, abs=2e-3)
-    assert mr.resolve_kv_dtype("fp8", "bfloat16") == "fp8_e4m3"
-    assert mr.resolve_kv_dtype("auto", "float16") == "float16"
+    assert per_token("fp8_e4m3") == per_token("fp8_e5m2") == per_token("fp8") == bf16 // 2 \
+        == 28_672
+    assert per_token("int8") == bf16 // 2 + scales == 29_120
+    base = mr.memory_report(config())
+    for kv_dtype, want in (("fp8_e4m3", 28_672), ("int8", 29_120)):
+        rep = mr.memory_report(config(kv_dtype))
+        assert rep["kv_dtype"] == kv_dtype and rep["kv_bytes_per_token"] == want
+        assert rep["block_bytes"] == 16 * want
+        assert rep["num_tokens"] / base["num_tokens"] == pytest.approx(bf16 / want, abs=2e-3)
+    assert config("fp8").kv_dtype == "fp8_e4m3"
+    assert config("auto", "float16").kv_dtype == "float16"
 
 
 def test_bad_kv_cache_dtype_names_the_choices():

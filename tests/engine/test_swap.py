@@ -70,7 +70,8 @@ def test_swap_preemption_outputs_match_no_preemption(swap_llm, reference):
     assert stats.blocks["out"] == stats.blocks["in"] > 0
     assert [o.outputs[0].token_ids for o in outs] == reference
     assert llm.engine.host_pool.num_compilations == compiled, "swap shapes must not compile"
-    assert llm.engine.num_swapped == 0 and llm.engine.cpu_cache_usage == 0.0
+    snap = llm.engine.make_stats()
+    assert snap.num_swapped == 0 and snap.cpu_cache_usage == 0.0
     assert_swap_pools_free(llm)
 
 
@@ -98,10 +99,12 @@ def test_abort_of_swapped_request_frees_host_blocks(swap_llm):
         engine.add_request(f"a{i}", p, GREEDY)
     for _ in range(500):
         engine.step()
-        if engine.num_swapped:
+        if engine.make_stats().num_swapped:
             break
-    assert engine.num_swapped, "the workload was meant to swap"
-    assert engine.cpu_cache_usage > 0
+    engine.host_pool.wait()  # the snapshot counts a swap once it has landed
+    snap = engine.make_stats()
+    assert snap.num_swapped, "the workload was meant to swap"
+    assert snap.cpu_cache_usage > 0 and snap.swap_out_blocks > 0
     victim = engine.scheduler.swapped[0]
     assert victim.status is Status.SWAPPED
     engine.abort(victim.request_id)
@@ -112,12 +115,27 @@ def test_abort_of_swapped_request_frees_host_blocks(swap_llm):
     assert_swap_pools_free(swap_llm)
 
 
-TRANSFERS = {  # how the bytes travel -> HostKVPool(in_program=...), expected .transfers
-    "in-program": (True, "in the swap programs"),
-    "device_put": (False, "jax.device_put"),
-    "numpy": (None, "numpy"),  # a platform without pinned host memory
-    "fallback": (None, "out: in the swap programs, in: jax.device_put"),
+TRANSFERS = {  # how the bytes travel -> expected .transfers
+    "in-program": "in the swap programs",
+    "device_put": "jax.device_put",  # neither direction compiles transfers into a program
+    "numpy": "numpy",  # a platform without pinned host memory
+    "fallback": "out: in the swap programs, in: jax.device_put",
 }
+
+
+def _no_host_transfers(program, monkeypatch):
+    """``swap.<program>`` fails to compile whenever its transfers would run inside it."""
+    real = getattr(swap, program)
+
+    def no_host_memory(*args):  # the last argument: the host (or device) shardings, or None
+        if args[-1] is None:
+            return real(*args)
+
+        def fails(*args):
+            raise RuntimeError("host memory in a program is not supported here")
+        fails._cache_size = lambda: 0
+        return fails
+    monkeypatch.setattr(swap, program, no_host_memory)
 
 
 @pytest.mark.parametrize("dtype,transfers", [("bfloat16", "in-program"), ("float32", "in-program"),
@@ -129,18 +147,10 @@ def test_swapped_blocks_round_trip_bit_exact(dtype, transfers, monkeypatch, capl
     numpy, or by ``jax.device_put`` for the direction whose in-program transfers do not compile."""
     if transfers == "numpy":
         monkeypatch.setattr(swap, "host_memory_kind", lambda: None)
-    if transfers == "fallback":
-        real = swap._scatter_program
-
-        def no_host_arguments(to_device):
-            if to_device is None:
-                return real(None)
-
-            def fails(*args):
-                raise RuntimeError("host memory arguments are not supported here")
-            fails._cache_size = lambda: 0
-            return fails
-        monkeypatch.setattr(swap, "_scatter_program", no_host_arguments)
+    if transfers in ("fallback", "device_put"):
+        _no_host_transfers("_scatter_program", monkeypatch)
+    if transfers == "device_put":
+        _no_host_transfers("_gather_program", monkeypatch)
     spec = KVPoolSpec(num_layers=3, num_blocks=16, block_size=4, num_kv_heads=2, head_dim=8,
                       dtype=dtype)
     bits = jnp.uint16 if dtype == "bfloat16" else jnp.uint32
@@ -152,12 +162,11 @@ def test_swapped_blocks_round_trip_bit_exact(dtype, transfers, monkeypatch, capl
     assert allocate(spec)[0][0].shape == runner.pool[0][0].shape
 
     bm, space = BlockManager(16, 4), SwapSpace(num_pieces=5, piece_blocks=2, block_size=4)
-    in_program, how = TRANSFERS[transfers]
     with caplog.at_level(logging.WARNING):
-        host = HostKVPool(spec, space, runner, in_program=in_program)
-    assert host.transfers == how
+        host = HostKVPool(spec, space, runner)
+    assert host.transfers == TRANSFERS[transfers]
     assert ("swap-in: transfers inside the swap programs failed" in caplog.text) == (
-        transfers == "fallback")
+        transfers in ("fallback", "device_put"))
     assert host.sizes == [4, 2, 1] and host.num_compilations == 6
     bm.append_slots(0, 0, 4 * 5)  # 5 blocks: 3 pieces, the last one padded
     bm.append_slots(1, 0, 4 * 2)

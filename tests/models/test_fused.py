@@ -47,9 +47,15 @@ def test_layout_and_exact_round_trip(n, k, r, bias):
     orig = _host(params)
     layer0 = params["model"]["layers"][0]
     o_proj, old_q = layer0["self_attn"]["o_proj"], layer0["self_attn"]["q_proj"]["weight"]
-    assert fuse_projections(cfg, params, r) is params  # in place
-    assert old_q.is_deleted() and layer0["self_attn"]["o_proj"] is o_proj
-    for layer, want in zip(params["model"]["layers"], orig["model"]["layers"]):
+    fused = fuse_projections(cfg, params, r)
+    # a new tree: the caller's is untouched, leaves that do not change are shared
+    assert sorted(layer0["self_attn"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert not old_q.is_deleted()
+    assert fused["model"]["layers"][0]["self_attn"]["o_proj"] is o_proj
+    consumed = fuse_projections(cfg, random_params(cfg, seed=n + k + r), r, consume=True)
+    for got, want in zip(jax.tree.leaves(consumed), jax.tree.leaves(fused)):
+        np.testing.assert_array_equal(got, want)
+    for layer, want in zip(fused["model"]["layers"], orig["model"]["layers"]):
         attn, mlp = layer["self_attn"], layer["mlp"]
         assert sorted(attn) == ["o_proj", "qkv_proj"] and sorted(mlp) == ["down_proj",
                                                                           "gate_up_proj"]
@@ -78,17 +84,16 @@ def test_relayout_for_other_shards_and_unsplittable_left_unfused(caplog):
     cfg = _cfg(8, 2, f=90)
     params, direct = random_params(cfg, seed=3), random_params(cfg, seed=3)
     orig = _host(params)
-    fuse_projections(cfg, params, 2)
+    params = fuse_projections(cfg, params, 2)
     with caplog.at_level(logging.INFO, logger="pagedjax.models.fused"):
-        fuse_projections(cfg, params, 4)
+        params = fuse_projections(cfg, params, 4)
     assert "q/k/v projections left unfused" in caplog.text
     assert "gate/up projections left unfused" in caplog.text
     layer = params["model"]["layers"][0]
     assert "qkv_proj" not in layer["self_attn"] and "gate_up_proj" not in layer["mlp"]
     np.testing.assert_array_equal(layer["self_attn"]["k_proj"]["weight"],
                                   orig["model"]["layers"][0]["self_attn"]["k_proj"]["weight"])
-    fuse_projections(cfg, params, 1)
-    fuse_projections(cfg, direct, 1)
+    params, direct = fuse_projections(cfg, params, 1), fuse_projections(cfg, direct, 1)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(direct)):
         np.testing.assert_array_equal(a, b)
 
@@ -158,12 +163,13 @@ def test_tensor_parallel_puts_block_i_on_device_i(tp):
         i = devices.index(s.device)
         np.testing.assert_array_equal(np.asarray(s.data)[0], np.concatenate(
             [np.split(orig["mlp"][p]["weight"], tp)[i] for p in ("gate_proj", "up_proj")]))
-    # the caller's tree: fused in place (its KV heads not expanded), never left with deleted arrays
+    # the caller's tree: as it was (unfused, KV heads not expanded), no array deleted
     caller = params["model"]["layers"][1]
     assert not any(x.is_deleted() for x in jax.tree.leaves(params))
-    np.testing.assert_array_equal(qkv_parts(cfg, caller["self_attn"])["k_proj"]["weight"],
+    assert sorted(caller["self_attn"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    np.testing.assert_array_equal(caller["self_attn"]["k_proj"]["weight"],
                                   orig["self_attn"]["k_proj"]["weight"])
-    assert caller["mlp"]["gate_up_proj"]["weight"].shape[0] == tp
+    assert sorted(caller["mlp"]) == ["down_proj", "gate_proj", "up_proj"]
 
 
 def test_engine_runs_fused_and_the_callers_params_stay_usable():
@@ -176,6 +182,6 @@ def test_engine_runs_fused_and_the_callers_params_stay_usable():
         assert "qkv_proj" in layer["self_attn"] and "gate_up_proj" in layer["mlp"]
         assert not {"q_proj", "k_proj", "v_proj"} & set(layer["self_attn"])
         assert not {"gate_proj", "up_proj"} & set(layer["mlp"])
-    assert "qkv_proj" in model.params["model"]["layers"][0]["self_attn"]  # updated in place
+    assert "q_proj" in model.params["model"]["layers"][0]["self_attn"]  # the caller's: as it was
     np.testing.assert_allclose(np.asarray(forward_dense(model.params, cfg, tokens)), before,
                                rtol=1e-5, atol=1e-5)

@@ -1,0 +1,42 @@
+"""One snapshot of the engine's counters and gauges (vLLM v1's ``make_stats``).
+
+The counters live where they are counted (the engine's ``EngineStats``, the scheduler's
+preemptions, the block manager's prefix-cache lookups, the runner's compilations, the host pool's
+swap traffic); ``LLMEngine.make_stats()`` gathers them into one frozen ``EngineSnapshot`` that the
+server's metrics and log line, and the benchmarks, read. Counters are cumulative since the engine
+started: a reader that wants a rate or a delta subtracts two snapshots (``delta``).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSnapshot:
+    # gauges
+    num_running: int = 0  # sequences on the device
+    num_waiting: int = 0
+    num_swapped: int = 0  # sequences whose blocks are in host memory
+    kv_cache_usage: float = 0.0  # share of the device pool's blocks in use
+    cpu_cache_usage: float = 0.0  # share of the host swap pool in use
+    # counters
+    prompt_tokens: int = 0  # prompt tokens of admitted requests
+    generation_tokens: int = 0
+    computed_tokens: int = 0  # tokens run through the model, recompute included
+    steps: int = 0
+    host_seconds: float = 0.0  # schedule + prepare + postprocess
+    device_seconds: float = 0.0  # dispatch until the sampled tokens are on the host
+    num_preemptions: int = 0
+    num_preemptions_swap: int = 0
+    num_preemptions_recompute: int = 0
+    prefix_cache_queries: int = 0  # tokens looked up (--enable-prefix-caching)
+    prefix_cache_hits: int = 0  # tokens found
+    num_compilations: int = 0  # step programs compiled, --precompile's included
+    swap_out_blocks: int = 0  # swap traffic recorded so far (a swap in flight counts on landing)
+    swap_in_blocks: int = 0
+
+    def delta(self, before: "EngineSnapshot") -> dict:
+        """Each counter's change since ``before`` (the gauges as they are now)."""
+        gauges = {"num_running", "num_waiting", "num_swapped", "kv_cache_usage", "cpu_cache_usage"}
+        return {f.name: getattr(self, f.name) - (0 if f.name in gauges else getattr(before, f.name))
+                for f in dataclasses.fields(self)}
