@@ -32,7 +32,7 @@ def main() -> None:
     r = engine.runner
 
     def step_temp(max_blocks: int) -> int:  # a full token budget over max_blocks of context
-        layout = r.layout_for(engine.max_num_batched_tokens, 1, max_blocks)
+        layout = r.layout_for(engine.config.max_num_batched_tokens, 1, max_blocks)
         packed = r._to_device(np.zeros(layout.size, np.int32))
         return r._step.lower(r.params, r.pool, r._sampled, packed, layout=layout).compile() \
             .memory_analysis().temp_size_in_bytes
