@@ -33,7 +33,7 @@ import jax
 
 from benchmarks import harness, plots
 from benchmarks.common import print_table, results_dir, write_result
-from pagedjax import device_memory
+from pagedjax import device_memory, planner
 from pagedjax.config import EngineArgs, EngineConfig
 from pagedjax.kv_pool import GiB
 from pagedjax.memory_report import memory_report, plan_pool
@@ -85,7 +85,8 @@ def _probe(loaded, args, max_model_len: int, **overrides) -> dict:
     row.update(planner_blocks=plan["num_blocks"], planner_max_concurrency=plan["max_concurrency"],
                device_memory_bytes=total)
     if total is not None:  # the planner given the card's nominal size instead
-        nominal = memory_report(llm.engine.config, total_bytes=NOMINAL_GPU_MEMORY)
+        nominal = memory_report(llm.engine.config,
+                                total_bytes=planner.reported_total(NOMINAL_GPU_MEMORY)[0])
         row["planner_blocks_at_80gib"] = nominal["num_blocks"]
     row.update(kv_cache_tokens=spec.num_tokens, kv_cache_gib=spec.total_bytes / GiB,
                kv_cache_blocks=spec.num_blocks, max_concurrency=spec.num_tokens / max_model_len,
@@ -175,6 +176,9 @@ def _summary(rows: list[dict], args, base: dict | None = None) -> dict:
                "device_memory_gib": None if total is None else total / GiB,
                "planner_blocks_at_80gib": sized[0].get("planner_blocks_at_80gib") if sized
                else None,
+               "planner_at_80gib_matches_engine": (
+                   abs(sized[0]["planner_blocks_at_80gib"] - sized[0]["kv_cache_blocks"]) <= 1
+                   if sized and sized[0].get("planner_blocks_at_80gib") else None),
                "kv_cache_dtype": args.kv_cache_dtype}
     if base is not None:
         prefix = "fp8" if args.kv_cache_dtype.startswith("fp8") else args.kv_cache_dtype

@@ -81,14 +81,19 @@ def load(args: argparse.Namespace):
     """The model once per process: ``--tiny``, or ``--model`` with ``--load-format``."""
     from pagedjax.models import ModelConfig
     from pagedjax.models.dummy import dummy_params
+    from pagedjax.models.fused import fuse_projections
     from pagedjax.models.loader import LoadedModel, load_model, resolve_dtype
 
     if args.tiny:
         cfg = ModelConfig.from_hf(TINY_HF_CONFIG, source="--tiny")
         dtype = resolve_dtype(args.dtype)
         return LoadedModel(cfg, dummy_params(cfg, dtype, args.seed), None, dtype, "tiny")
-    return load_model(args.model, load_format=args.load_format, dtype=args.dtype,
-                      tokenizer=args.tokenizer, seed=args.seed)
+    loaded = load_model(args.model, load_format=args.load_format, dtype=args.dtype,
+                        tokenizer=args.tokenizer, seed=args.seed)
+    # Fused once for the process's engines (they take a fused tree as it is): an engine given
+    # unfused weights fuses a copy of its own, and a scenario's engines would each hold one.
+    params = fuse_projections(loaded.cfg, loaded.params, args.tensor_parallel_size, consume=True)
+    return dataclasses.replace(loaded, params=params)
 
 
 def make_llm(loaded, ea):

@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 
-from . import checkpoint, dummy, embedded, gguf_loader, hf
+from . import checkpoint, dummy, embedded, hf
 from .config import ModelConfig
 from .params import dtype_name
 
@@ -85,6 +85,8 @@ def load_model(model: str | Path | None = None, load_format: str = "auto", dtype
         cfg = dummy.dummy_config(model)
         params = dummy.dummy_params(cfg, dtype, seed)
     elif fmt == "gguf":
+        from . import gguf_loader  # the gguf package only when a GGUF file is read
+
         reader = gguf_loader.open_gguf(model)
         cfg, params = gguf_loader.load_gguf(model, dtype, reader)
         if tokenizer is None:

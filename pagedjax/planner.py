@@ -213,6 +213,25 @@ def _size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+# A nominal card size -> (the card, the total it reports to CUDA, which the engine sizes the KV
+# pool from). Measured on the lent cards: benchmarks/results/<device>/capacity.json,
+# "device_memory_gib".
+NOMINAL_CARDS = {80 * GiB: ("an H100 80GB HBM3", 81080 << 20)}
+
+
+def reported_total(size: int) -> tuple[int, str]:
+    """The device total the engine would size from, for ``--gpu-memory size``, and a note: a
+    card's nominal size (NOMINAL_CARDS) becomes what that card reports to CUDA; any other size is
+    taken as the reported total."""
+    if size in NOMINAL_CARDS:
+        card, total = NOMINAL_CARDS[size]
+        return total, (f"--gpu-memory {size / GiB:g}GiB: planned as {card}, which reports "
+                       f"{total / GiB:.2f} GiB to CUDA, the total the engine sizes from (give an "
+                       "exact size such as 81000MiB to plan for another total)")
+    return size, ("--gpu-memory is the device's total memory as CUDA reports it, a little less "
+                  "than a card's nominal size")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     g = parser.add_argument_group("plan")
@@ -257,9 +276,8 @@ def plan(args: argparse.Namespace) -> dict:
         notes.append(f"--device read {total / GiB:.2f} GiB: the device's total memory, which "
                      "the engine takes --gpu-memory-utilization of")
     elif total is not None:
-        notes.append("--gpu-memory is the device's total memory as CUDA reports it, a little "
-                     "less than the card's nominal size (an 80 GB H100 reports 79.18 GiB = "
-                     "81079MiB): the engine sizes from the reported total")
+        total, note = reported_total(total)
+        notes.append(note)
     weights = mr.weights_bytes(cfg, dtype, tp)
     tokens = config.max_num_batched_tokens
     peak = mr.profile_peak_bytes_estimate(dev, tokens, dtype, eargs.max_num_seqs)
