@@ -1,13 +1,16 @@
 """Soak: many concurrent clients against the real server on 127.0.0.1 with random lengths,
 streams, disconnects mid-stream, client timeouts and bad requests, under a KV pool too small for
-all of them (preemption) and a short waiting queue (503s). Afterwards: no unexpected error, no
-leaked block, and every completed greedy request equals its sequential LLM.generate result.
+all of them (preemption), a short waiting queue (503s) and a device fault injected inside every
+FAULT_EVERY-th step (its requests fail with a 500 or an error event; the rest are recomputed).
+Afterwards: no unexpected error, no leaked block, and every completed greedy request equals its
+sequential LLM.generate result.
 
 Bounded: at most REQUESTS requests and DEADLINE seconds of load."""
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import random
 import string
@@ -17,6 +20,7 @@ import httpx
 
 from pagedjax import SamplingParams
 from tests.reliability.conftest import FIGURES, on_engine_thread
+from tests.reliability.test_faults import fail_inside_the_step
 from tests.server.conftest import API_KEY, MODEL
 
 REQUESTS = 150
@@ -25,6 +29,8 @@ DEADLINE = 40.0  # seconds of load; requests not started by then are not sent
 STEP_SECONDS = 0.005
 RETRIES = 4
 KV, RUNNING = "pagedjax:kv_cache_usage_perc", "pagedjax:num_requests_running"
+FAULT_EVERY = 120  # engine steps between injected device faults
+FAILED_STEP = "the device step failed"  # how a request of a failed step is answered
 
 
 @dataclasses.dataclass
@@ -84,7 +90,10 @@ async def one(client: httpx.AsyncClient, rng: random.Random, kind: str, body: di
                         continue
                     event = json.loads(line[len("data: "):])
                     if "error" in event:
-                        out.error = f"error event: {event['error']}"
+                        if FAILED_STEP in event["error"]["message"]:  # an injected fault
+                            out.status, out.text = 500, event["error"]["message"]
+                        else:
+                            out.error = f"error event: {event['error']}"
                         return out
                     text += event["choices"][0]["text"]
                     finish = event["choices"][0]["finish_reason"] or finish
@@ -139,10 +148,12 @@ async def soak(url: str) -> tuple[list[Outcome], float]:
 
 def test_soak(rel_server, rel_ref, monkeypatch):
     engine = rel_server.aengine.engine
-    step = engine.step
+    step, steps = engine.step, itertools.count(1)
 
     def model_paced_step():  # a few ms a step, as a real model takes: requests overlap more
         time.sleep(STEP_SECONDS)
+        if next(steps) % FAULT_EVERY == 0:
+            fail_inside_the_step(engine.runner)
         return step()
 
     monkeypatch.setattr(engine, "step", model_paced_step)
@@ -160,12 +171,14 @@ def test_soak(rel_server, rel_ref, monkeypatch):
     metrics = rel_server.metrics()
 
     unexpected = [o for o in outcomes if o.error is not None
-                  or (o.status not in (None, 200, 400, 503))
+                  or (o.status not in (None, 200, 400, 500, 503))
+                  or (o.status == 500 and FAILED_STEP not in (o.text or ""))
                   or (o.status == 400) != (o.kind == "bad")
                   or (o.status == 503 and "overloaded" not in (o.text or ""))]
     served = [o for o in outcomes if o.status == 200 and o.kind in ("greedy", "sampled")]
     rejected = [o for o in outcomes if o.status in (400, 503)]
     aborted = [o for o in outcomes if o.status is None]
+    faulted = [o for o in outcomes if o.status == 500]
     greedy = [o for o in served if o.kind == "greedy"]
     mismatched = []
     refs: dict[tuple, str] = {}
@@ -185,7 +198,8 @@ def test_soak(rel_server, rel_ref, monkeypatch):
     FIGURES.append(
         f"soak: {len(outcomes)} requests in {elapsed:.1f} s from {CLIENTS} clients: "
         f"{len(served)} served ({len(greedy)} greedy compared), {len(aborted)} aborted by the "
-        f"client ({aborts:.0f} aborts counted by the server), {len(rejected)} rejected "
+        f"client ({aborts:.0f} aborts counted by the server), {len(faulted)} failed by "
+        f"{next(steps) // FAULT_EVERY} injected device faults, {len(rejected)} rejected "
         f"({sum(o.status == 503 for o in rejected)} x 503 overloaded after {RETRIES} retries, "
         f"{sum(o.status == 400 for o in rejected)} x 400; {sum(o.retries for o in outcomes)} "
         f"503s retried), {len(unexpected)} unexpected errors, "
@@ -195,4 +209,5 @@ def test_soak(rel_server, rel_ref, monkeypatch):
     assert leaked == 0 and requests_left == 0
     assert not mismatched, mismatched[:3]
     assert len(outcomes) >= REQUESTS // 2, "the soak made too little progress"
-    assert greedy and aborted and preemptions > 0, "the soak did not exercise what it claims"
+    assert greedy and aborted and faulted and preemptions > 0, \
+        "the soak did not exercise what it claims"
