@@ -106,9 +106,13 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            gang = self._gang(seq)  # the gang's members sit together: same arrival
-            plan = self._plan(gang, budget)
-            if not plan:  # a beam waiting for its siblings' candidates
+            gang = self.requests[seq.request_id].gang(seq)  # its members sit together
+            if gang is None:
+                n = min(seq.num_uncomputed, budget)
+                gang, plan = (seq,), [(seq, n)] if n else []
+            else:
+                plan = self._plan(gang, budget)
+            if not plan:  # nothing to compute: a beam waiting for its siblings' candidates
                 i += len(gang)
                 continue
             # running[i + len(gang):] are younger and not yet scheduled: victims come from there,
@@ -123,7 +127,8 @@ class Scheduler:
                     self._take(batch, s, n)
                     budget -= n
                 i += len(gang)
-        if not batch.num_preempted:  # no admissions in a step that had to preempt
+        # no admissions in a step that had to preempt
+        if not batch.num_preempted and (self.swapped or self.waiting):
             budget = self._swap_in(batch, budget)
             seats = self.seats_taken()  # summed once; admissions below add their own
             while (not self.swapped and self.waiting and len(self.running) < self.max_num_seqs
@@ -251,7 +256,7 @@ class Scheduler:
         self.num_steps += 1
         reqs = [self.requests[s.request_id] for s in batch.seqs]
         for i, (seq, n, req) in enumerate(zip(batch.seqs, batch.num_new_tokens, reqs)):
-            if seq.num_computed_tokens + n == seq.num_tokens:
+            if req.unforked and seq.num_computed_tokens + n == seq.num_tokens:
                 batch.forks += [(i, child) for child in req.forks_of(seq)]
         batch.needs_host = bool(batch.forks)
         batch.prompt_rows = prompt_rows(batch.seqs, batch.num_new_tokens)
@@ -259,7 +264,8 @@ class Scheduler:
                                     self.eos_token_ids)
         for i, (seq, n, req) in enumerate(zip(batch.seqs, batch.num_new_tokens, reqs)):
             seq.num_computed_tokens += n
-            if seq.num_computed_tokens < seq.num_tokens:
+            num_tokens = seq.num_tokens
+            if seq.num_computed_tokens < num_tokens:
                 continue  # a prefill chunk that is not the last: it samples nothing
             if not req.samples_async:
                 batch.needs_host = True
@@ -269,8 +275,7 @@ class Scheduler:
             seq.output_token_ids.append(PLACEHOLDER)
             seq.num_pending += 1
             seq.pending_src = (self.num_steps, i)
-            if (len(seq.output_token_ids) >= req.max_tokens
-                    or seq.num_tokens >= self.max_model_len):
+            if len(seq.output_token_ids) >= req.max_tokens or num_tokens >= self.max_model_len:
                 seq.last_token_pending = True
 
     # ---- update ------------------------------------------------------------------------------
