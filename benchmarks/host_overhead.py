@@ -83,7 +83,7 @@ def run(args) -> dict:
         times = {"schedule": 0.0, "prepare": 0.0, "postprocess": 0.0}
         timed(engine.scheduler, "schedule", times, "schedule")
         timed(engine.runner, "prepare", times, "prepare")
-        timed(engine, "_complete", times, "postprocess")
+        timed(engine, "_complete_oldest", times, "postprocess")
         t0 = time.perf_counter()
         for _ in range(args.steps):
             engine.step()

@@ -169,7 +169,7 @@ def measure(llm, batch: int, args) -> dict:
     # the device's own time: the same decode step, dispatched back to back, one wait at the end
     while e._on_device:  # settle the engine: nothing in flight
         e._complete_oldest()
-    inputs = e.runner.prepare(e.scheduler.schedule(), e.block_manager)
+    inputs = e.runner.prepare(e.scheduler.schedule())
     row["layout"] = str(inputs.layout)
     jax.block_until_ready(e.runner.execute(inputs))
     t0, dispatch = time.perf_counter(), 0.0

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from . import fused
 from .config import ModelConfig
@@ -133,11 +134,26 @@ def forward_dense(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Ar
     return lm_head(params, cfg, x)
 
 
+@struct.dataclass
+class StepMeta:
+    """Where one engine step's tokens go and what they attend to: the attention metadata every
+    layer shares. slot_mapping [T]: pool slot of each token's K/V (-1: padding, written nowhere);
+    block_tables [S, W]; context_lens [S]: tokens in the cache after this step; query_start_loc
+    [S + 1]: each sequence's first token row. ``decode_only`` is static (part of the tree
+    structure, not a traced value): every sequence brings one token."""
+
+    slot_mapping: jax.Array
+    block_tables: jax.Array
+    context_lens: jax.Array
+    query_start_loc: jax.Array
+    decode_only: bool = struct.field(pytree_node=False, default=False)
+
+
 # attend(q [T, N, H], k [T, K, H], v [T, K, H], layer_cache, meta) -> (out [T, N, H], layer_cache)
-AttendFn = Callable[[jax.Array, jax.Array, jax.Array, Any, Any], tuple[jax.Array, Any]]
+AttendFn = Callable[[jax.Array, jax.Array, jax.Array, Any, StepMeta], tuple[jax.Array, Any]]
 
 
-def forward_paged(params: Params, cfg: ModelConfig, tokens, positions, kv_pool, meta,
+def forward_paged(params: Params, cfg: ModelConfig, tokens, positions, kv_pool, meta: StepMeta,
                   attend: AttendFn, logits_indices):
     """One engine step over a packed ragged batch.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 
 from pagedjax.kernels import paged_attention_ref, write_kv_ref
+from pagedjax.models import StepMeta
 
 
 def resolve_backend(backend: str) -> str:
@@ -33,10 +34,10 @@ def make_attend(backend: str, interpret: bool = False, mesh=None):
             return ragged_paged_attention(*args, backend=backend, interpret=interpret,
                                           decode_only=decode_only)
 
-    def attend(q, k, v, pages, meta):
-        k_pages, v_pages = write_kv_ref(pages[0], pages[1], k, v, meta["slot_mapping"])
-        out = attention(q, k_pages, v_pages, meta["block_tables"], meta["context_lens"],
-                        meta["query_start_loc"], decode_only=meta["decode_only"])
+    def attend(q, k, v, pages, meta: StepMeta):
+        k_pages, v_pages = write_kv_ref(pages[0], pages[1], k, v, meta.slot_mapping)
+        out = attention(q, k_pages, v_pages, meta.block_tables, meta.context_lens,
+                        meta.query_start_loc, decode_only=meta.decode_only)
         return out, (k_pages, v_pages)
 
     if mesh is None:

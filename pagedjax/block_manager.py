@@ -54,6 +54,11 @@ class BlockManager:
     def can_append(self, seq_id: int, num_computed: int, num_new: int) -> bool:
         return self._needed(seq_id, num_computed, num_new) <= self.num_free
 
+    def can_append_all(self, appends: list[tuple[int, int, int]]) -> bool:
+        """Room for every (seq_id, num_computed, num_new) at once (blocks the sequences share
+        are counted once per sequence: a safe bound)."""
+        return sum(self._needed(*a) for a in appends) <= self.num_free
+
     def append_slots(self, seq_id: int, num_computed: int, num_new: int) -> list[tuple[int, int]]:
         """Make room for tokens ``num_computed .. num_computed + num_new - 1``; returns CoW copies."""
         table = self.tables.setdefault(seq_id, [])

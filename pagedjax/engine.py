@@ -5,60 +5,37 @@ import dataclasses
 import itertools
 import logging
 import time
+from typing import NamedTuple
 
 import jax
 import numpy as np
 
 from . import device_memory, faults, kv_pool, sharding, swap
+from .batch import ScheduledBatch
 from .beam_search import BeamSearchParams, BeamState
 from .block_manager import BlockManager
 from .config import EngineArgs, EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .prefix_cache import PrefixCachingBlockManager
 from .memory_report import format_memory_report, memory_report
-from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+from .outputs import RequestMetrics, RequestOutput
+from .request import BeamGroup, Request
 from .runner import ModelRunner, StepResult
 from .sampler import MAX_LOGPROBS
 from .sampling_params import SamplingParams
-from .scheduler import ScheduledBatch, Scheduler
-from .sequence import PLACEHOLDER, Sequence
+from .scheduler import Scheduler
+from .sequence import Sequence
 from .stats import EngineSnapshot
 
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
-class Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[Sequence]
-    detoks: list[IncrementalDetokenizer | None]
-    metrics: RequestMetrics
-    max_tokens: int  # params.max_tokens capped by what max_model_len leaves after the prompt
-    stream: bool = True  # False: an output only when the request finishes
-    beam: BeamState | None = None
-    beam_candidates: dict[int, list[tuple[float, int]]] = dataclasses.field(default_factory=dict)
-
-    @property
-    def finished(self) -> bool:
-        if self.beam is not None:
-            return self.beam.done
-        return all(s.finished for s in self.seqs)
-
-
-@dataclasses.dataclass
-class InFlight:
-    """A dispatched step: its batch, its device results, and per sequence row that samples the
-    index of its PLACEHOLDER in ``output_token_ids`` (None for a beam row)."""
+class InFlight(NamedTuple):
+    """A dispatched step: its batch and its results, still on the device."""
 
     batch: ScheduledBatch
     result: StepResult
-    samples: dict[int, int | None]
-    needs_host: bool  # a beam round or a fork: complete it before scheduling the next step
     want_top: bool  # some row wants its top logprobs (the sampler computed them): fetch them
-    prompt_rows: tuple[tuple[int, int], ...] = ()  # (index in batch.seqs, prompt position)
 
 
 @dataclasses.dataclass
@@ -100,9 +77,6 @@ class LLMEngine:
         self.block_manager = bm_cls(self.spec.num_blocks, args.block_size,
                                     **({"salt": hash(cfg)} if args.enable_prefix_caching else {}))
         self.swap_space = swap.make_swap_space(args, self.spec, self.max_model_len)
-        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs,
-                                   config.max_num_batched_tokens, args.enable_chunked_prefill,
-                                   swap_space=self.swap_space)
         interpret = jax.devices()[0].platform == "cpu"
         with faults.explain_oom_at_start("allocating the KV pool", self.spec, self.max_model_len):
             self.runner = ModelRunner(self.tp.cfg, self.tp.params, self.spec,
@@ -113,14 +87,18 @@ class LLMEngine:
                                       interpret=interpret, mesh=self.tp.mesh)
             self.host_pool = (swap.HostKVPool(self.spec, self.swap_space, self.runner)
                               if self.swap_space is not None else None)
-        self.eos_token_ids = set(cfg.eos_token_ids)
+        eos = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            self.eos_token_ids.add(self.tokenizer.eos_token_id)
-        self.runner.stop_ids = frozenset(self.eos_token_ids)
-        self.requests: dict[str, Request] = {}
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self.stats = EngineStats()
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs,
+                                   config.max_num_batched_tokens, args.enable_chunked_prefill,
+                                   swap_space=self.swap_space, max_model_len=self.max_model_len,
+                                   eos_token_ids=self.eos_token_ids, vocab_size=cfg.vocab_size,
+                                   decode=self._decode, stats=self.stats)
         self._on_device: list[InFlight] = []  # dispatched, not yet completed (at most 2)
         self._dispatching: ScheduledBatch | None = None  # scheduled, on its way to the device
-        self.stats = EngineStats()
         self.fault: str | None = None  # a failed step's error until its reset succeeded (faults.py)
         # called with the engine after each step: a seam for observers such as the benchmarks'
         # step timeline (benchmarks/harness.py), which must not wrap engine methods
@@ -160,6 +138,11 @@ class LLMEngine:
             raise ValueError("this model has no tokenizer (dummy weights?): pass prompt_token_ids")
         return list(self.tokenizer.encode(prompt))
 
+    @property
+    def requests(self) -> dict[str, Request]:
+        """Live requests by id (the scheduler's)."""
+        return self.scheduler.requests
+
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     arrival_time: float | None = None, stream: bool = True) -> None:
         """Validate and queue a request; a bad request raises ValueError and changes nothing."""
@@ -176,14 +159,12 @@ class LLMEngine:
         seqs = [Sequence(request_id, ids, params, arrival, seed=(seed + i) % (2**31 - 1), index=i,
                          prompt_logprobs=prompt_lps)
                 for i in range(params.best_of)]
-        seqs[0].pending_forks, seqs[0].seats = seqs[1:], len(seqs)
         detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
                   if self.tokenizer is not None else None for _ in seqs]
         max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(ids))
-        self.requests[request_id] = Request(request_id, text, ids, params, seqs, detoks,
-                                            RequestMetrics(arrival_time or time.time()),
-                                            max_tokens=max_tokens, stream=stream)
-        self.scheduler.add(seqs[0])
+        self.scheduler.add(Request(request_id, text, ids, params, seqs, detoks,
+                                   RequestMetrics(arrival_time or time.time()),
+                                   max_tokens=max_tokens, stream=stream, unforked=seqs[1:]))
         self.stats.prompt_tokens += len(ids)
 
     def check_request(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
@@ -224,11 +205,10 @@ class LLMEngine:
         # logprobs: the step returns each beam's top 2 x width candidates
         sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                             logprobs=2 * params.beam_width)
-        seq = Sequence(request_id, ids, sp, next(self._arrivals), seed=0, seats=params.beam_width)
-        self.requests[request_id] = Request(
-            request_id, text, ids, sp, [seq], [], RequestMetrics(time.time()),
-            max_tokens=max_tokens, stream=False, beam=BeamState(params, self.eos_token_ids))
-        self.scheduler.add(seq)
+        seq = Sequence(request_id, ids, sp, next(self._arrivals), seed=0)
+        self.scheduler.add(BeamGroup(request_id, text, ids, sp, [seq], [],
+                                     RequestMetrics(time.time()), max_tokens=max_tokens,
+                                     stream=False, beam=BeamState(params, self.eos_token_ids)))
         self.stats.prompt_tokens += len(ids)
 
     def validate_prompt(self, ids: list[int]) -> None:
@@ -258,12 +238,7 @@ class LLMEngine:
 
     def end_request(self, request_id: str, reason: str) -> Request | None:
         """Finish every live sequence of a request with ``reason`` and forget the request."""
-        req = self.requests.pop(request_id, None)
-        if req is not None:
-            for s in req.seqs:
-                if not s.finished:
-                    self.scheduler.finish(s, reason)
-        return req
+        return self.scheduler.end_request(request_id, reason)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._on_device)
@@ -279,240 +254,51 @@ class LLMEngine:
         wait0 = self.stats.device_seconds
         outputs: list[RequestOutput] = []
         try:
-            dispatched = self._schedule_and_dispatch()
+            batch = self.scheduler.schedule()
+            if batch.swap_out or batch.swap_in:  # before the step writes into the freed blocks
+                self.stats.device_seconds += self.host_pool.execute(batch, self.runner)
+            if batch:
+                self._dispatching = batch
+                inputs = self.runner.prepare(batch)
+                self._on_device.append(InFlight(batch, self.runner.execute(inputs),
+                                                inputs.mode.top))
+                self._dispatching = None
             while len(self._on_device) > 1 or (self._on_device and (
-                    not dispatched or self._on_device[0].needs_host
+                    not batch or self._on_device[0].batch.needs_host
                     or not self.args.async_scheduling)):
                 outputs += self._complete_oldest()
         except Exception as e:  # only the failed steps' requests fail; the KV pool is rebuilt
             failed = [f.batch for f in self._on_device] + [b for b in [self._dispatching] if b]
             self._on_device, self._dispatching = [], None
-            return outputs + faults.fail_step(self, failed, e)
+            return outputs + self._fail(failed, e)
         self.stats.host_seconds += time.perf_counter() - t0 - (self.stats.device_seconds - wait0)
         for observe in self.step_observers:
             observe(self)
         return outputs
 
     def _complete_oldest(self) -> list[RequestOutput]:
-        outputs = self._complete(self._on_device[0])
-        self._on_device.pop(0)
-        return outputs
-
-    def _schedule_and_dispatch(self) -> bool:
-        """Schedule the next step and queue it on the device (``self._on_device``)."""
-        batch = self.scheduler.schedule()
-        if batch.swap_out or batch.swap_in:  # before the step writes into the freed blocks
-            t = self.host_pool.execute(batch, self.runner)
-            self.stats.device_seconds += t  # transfer time is not host time
-        if not batch:
-            return False
-        self._dispatching = batch
-        batch.forks = [(i, child)
-                       for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
-                       if seq.pending_forks and seq.num_computed_tokens + n == seq.num_tokens
-                       for child in seq.pending_forks]
-        inputs = self.runner.prepare(batch, self.block_manager)
-        result = self.runner.execute(inputs)
-        # The step is on its way: its tokens count as computed, and each row that samples gets
-        # a PLACEHOLDER for its token, filled when the step completes.
-        step_id, samples, needs_host = self.runner.step_id, {}, bool(batch.forks)
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            seq.num_computed_tokens += n
-            if seq.num_computed_tokens < seq.num_tokens:
-                continue  # a prefill chunk that is not the last: it samples nothing
-            req = self.requests[seq.request_id]
-            if req.beam is not None:  # the beam round decides the next tokens
-                needs_host = True
-                samples[i] = None
-                continue
-            samples[i] = len(seq.output_token_ids)
-            seq.output_token_ids.append(PLACEHOLDER)
-            seq.num_pending += 1
-            seq.pending_src = (step_id, i)
-            if (len(seq.output_token_ids) >= req.max_tokens
-                    or seq.num_tokens >= self.max_model_len):
-                seq.last_token_pending = True
-        self._dispatching = None
-        self._on_device.append(InFlight(batch, result, samples, needs_host, inputs.mode.top,
-                                        inputs.prompt_rows))
-        return True
-
-    def _complete(self, f: "InFlight") -> list[RequestOutput]:
-        """Wait for a dispatched step's samples and apply them: tokens, finishes, beam rounds,
-        forks. Sequences that ended while the step ran (aborted, or stopped by the step before)
-        are skipped."""
+        """Wait for the oldest dispatched step's samples and hand them to the scheduler."""
+        f = self._on_device[0]
         t = time.perf_counter()
         result = f.result.to_host(f.want_top)  # the one device wait
         self.stats.device_seconds += time.perf_counter() - t
         self.stats.steps += 1
-        batch, now = f.batch, time.time()
-        touched: dict[str, Request] = {}
-        if f.prompt_rows:
-            self._prompt_logprobs(batch, f.prompt_rows, result)
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            if seq.finished:
-                continue
-            req = self.requests[seq.request_id]
-            if req.metrics.first_scheduled_time is None:
-                req.metrics.first_scheduled_time = now
-            self.stats.computed_tokens += n
-            if i not in f.samples:  # a prefill chunk that is not the last
-                self.block_manager.commit_full_blocks(seq.seq_id, seq.tokens,
-                                                      min(seq.num_computed_tokens,
-                                                          seq.num_known_tokens))
-                continue
-            if req.beam is not None:
-                self.block_manager.commit_full_blocks(seq.seq_id, seq.tokens,
-                                                      seq.num_computed_tokens)
-                req.beam_candidates[seq.seq_id] = list(zip(result.top_logprobs[i].tolist(),
-                                                           result.top_ids[i].tolist()))
-                if len(req.beam_candidates) == len(req.seqs):
-                    self._beam_round(req)
-                    touched[req.request_id] = req
-                continue
-            for child in seq.pending_forks:  # n > 1: the samples share the prompt's blocks
-                self.block_manager.fork(seq.seq_id, child.seq_id)
-                child.num_computed_tokens = seq.num_computed_tokens
-                self.scheduler.insert_running(child)
-            seq.pending_forks, seq.seats = [], 1  # the samples now hold their own seats
-            self._append(req, seq, result, i, now, at=f.samples[i])
-            if not seq.finished:
-                self.block_manager.commit_full_blocks(seq.seq_id, seq.tokens,
-                                                      min(seq.num_computed_tokens,
-                                                          seq.num_known_tokens))
-            touched[req.request_id] = req
-        for j, (_, child) in enumerate(batch.forks, start=len(batch.seqs)):
-            if not child.finished:
-                self._append(self.requests[child.request_id], child, result, j, now)
-        outputs = []
-        for r in touched.values():
-            finished = r.finished
-            if finished:
-                r.metrics.finished_time = now
-                del self.requests[r.request_id]
-            if finished or r.stream:
-                outputs.append(self._output(r))
+        outputs = self.scheduler.update_from_output(f.batch, result)
+        self._on_device.pop(0)
         return outputs
 
-    @staticmethod
-    def _prompt_logprobs(batch: ScheduledBatch, rows, result: StepResult) -> None:
-        """Record the prompt logprobs a step computed, in vLLM's shape: the top k plus the
-        prompt token itself."""
-        own = result.prompt_logprobs.tolist()
-        tops, ids = result.prompt_top_logprobs.tolist(), result.prompt_top_ids.tolist()
-        for q, (i, pos) in enumerate(rows):
-            seq = batch.seqs[i]
-            if seq.finished:
-                continue
-            k = seq.params.prompt_logprobs
-            entry = dict(zip(ids[q][:k], tops[q][:k])) if k else {}
-            entry[seq.prompt_token_ids[pos + 1]] = own[q]
-            seq.prompt_logprobs[pos + 1] = entry
-
-    def _beam_round(self, req: Request) -> None:
-        """All live beams have their candidates: pick the next beams, fork their blocks from
-        their parents (copy-on-write on the next write), free the rest."""
-        old = req.seqs
-        parents = req.beam.step([req.beam_candidates[s.seq_id] for s in old])
-        req.beam_candidates.clear()
-        new = []
-        for j, (b, token) in enumerate(parents):
-            parent = old[b]
-            child = Sequence(req.request_id, req.prompt_token_ids, parent.params, parent.arrival,
-                             seed=0, index=j, output_token_ids=parent.output_token_ids + [token])
-            self.block_manager.fork(parent.seq_id, child.seq_id)
-            child.num_computed_tokens = parent.num_computed_tokens if parent.num_computed_tokens \
-                == parent.num_tokens else 0
-            new.append(child)
-        for seq in old:
-            self.scheduler.finish(seq, "stop")
-        for child in new:
-            if child.num_computed_tokens:
-                self.scheduler.insert_running(child)
-            else:  # its parent had been preempted: recompute
-                self.block_manager.free(child.seq_id)
-                self.scheduler.add(child)
-        self.stats.generation_tokens += len(new)
-        req.seqs = new
-
-    def _append(self, req: Request, seq: Sequence, result, row: int, now: float,
-                at: int | None = None) -> None:
-        """Record the token of ``row`` (into its PLACEHOLDER ``at``, else appended) and finish
-        the sequence if it ends here; a finished sequence drops its later placeholders."""
-        token, logprob = int(result.tokens[row]), float(result.logprobs[row])
-        if at is None:
-            seq.output_token_ids.append(token)
-        else:
-            seq.output_token_ids[at] = token
-            seq.num_pending -= 1
-        seq.output_logprobs.append(logprob)
-        seq.cumulative_logprob += logprob
-        k = req.params.logprobs
-        if k is not None:  # vLLM's shape: the top k plus the sampled token
-            top = dict(zip(result.top_ids[row, :k].tolist(),
-                           result.top_logprobs[row, :k].tolist())) if k else {}
-            top[token] = logprob
-            seq.output_top_logprobs.append(top)
-        self.stats.generation_tokens += 1
-        if req.metrics.first_token_time is None:
-            req.metrics.first_token_time = now
-        req.metrics.last_token_time = now
-        p = req.params
-        detok = req.detoks[seq.index]
-        if detok is not None and (req.stream or p.stop):
-            detok.add(token)  # offline requests without stop strings decode once, at the end
-        if token in p.stop_token_ids:
-            return self._finish(seq, "stop", token)
-        if not p.ignore_eos and token in self.eos_token_ids:
-            return self._finish(seq, "stop", None)
-        if detok is not None and p.stop:
-            if seq.num_known_tokens - len(seq.prompt_token_ids) <= p.min_tokens:
-                seq.stop_check_from = len(detok.text)  # as vLLM: no stop strings before then
-            else:
-                for s in p.stop:
-                    cut = detok.text.find(s, max(seq.stop_check_from - len(s) + 1, 0))
-                    if cut >= 0:
-                        detok.text = detok.text[:cut]
-                        return self._finish(seq, "stop", s)
-        known = seq.num_known_tokens
-        if known - len(seq.prompt_token_ids) >= req.max_tokens or known >= self.max_model_len:
-            return self._finish(seq, "length")
-
-    def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
-        if seq.num_pending:  # tokens sampled after the end by a step already dispatched
-            del seq.output_token_ids[-seq.num_pending:]
-            seq.num_pending = 0
-        self.scheduler.finish(seq, reason, stop_reason)
-
-    def _output(self, req: Request) -> RequestOutput:
-        if req.beam is not None:
-            return self._beam_output(req)
-        outs = []
-        for seq, detok in zip(req.seqs, req.detoks):
-            if detok is not None and not req.stream and not req.params.stop:
-                text = self._decode(seq.output_token_ids, req.params.skip_special_tokens)
-            else:
-                text = detok.text if detok else ""
-            outs.append(CompletionOutput(
-                index=seq.index, text=text,
-                token_ids=list(seq.output_token_ids), cumulative_logprob=seq.cumulative_logprob,
-                logprobs=list(seq.output_top_logprobs) if req.params.logprobs is not None else None,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
-        if req.params.best_of > req.params.n and req.finished:
-            outs = sorted(outs, key=lambda o: -o.cumulative_logprob)[:req.params.n]
-        plp = req.seqs[0].prompt_logprobs
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
-                             req.finished, req.metrics,
-                             prompt_logprobs=list(plp) if plp is not None else None)
-
-    def _beam_output(self, req: Request) -> RequestOutput:
-        outs = [CompletionOutput(index=i, text=self._decode(h.tokens), token_ids=h.tokens,
-                                 cumulative_logprob=h.cum_logprob, logprobs=None,
-                                 finish_reason="stop" if h.ended_by_eos else "length",
-                                 stop_reason=h.score)
-                for i, h in enumerate(req.beam.best())] if req.beam.done else []
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
-                             req.finished, req.metrics)
+    def _fail(self, batches: list[ScheduledBatch], error: Exception) -> list[RequestOutput]:
+        """A device step raised ``error`` while ``batches`` were on the device (with async
+        scheduling, the one running and the one queued behind it): their requests fail, every
+        other sequence is recomputed into a fresh pool. ``self.fault`` names the error until the
+        reset succeeded (the server's /health answers 503 meanwhile)."""
+        self.fault = faults.describe(error)
+        logger.error("%s; failing the step's requests, recomputing the rest", self.fault,
+                     exc_info=error)
+        outputs = self.scheduler.fail(batches, self.fault)
+        faults.reset_device(self.runner)
+        self.fault = None
+        return outputs
 
     def _decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return (self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

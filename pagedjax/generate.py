@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> str:
             print("\n".join(["logprobs:", *format_logprobs(engine.tokenizer, outs[0])]))
     else:
         for i, o in enumerate(outs):
-            head = (f"[beam {i + 1}/{len(outs)}] score {o.stop_reason:.4f}, logprob "
+            head = (f"[beam {i + 1}/{len(outs)}] score {o.score:.4f}, logprob "
                     f"{o.cumulative_logprob:.4f}" if beam else f"[sample {i + 1}/{len(outs)}]")
             print(f"{head}\n{o.text}")
             if want_logprobs:

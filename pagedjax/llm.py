@@ -73,7 +73,7 @@ class LLM:
         results = []
         for out in self._run(ids, use_tqdm):
             seqs = [BeamSearchSequence(tokens=out.prompt_token_ids + o.token_ids,
-                                       cum_logprob=o.cumulative_logprob, score=o.stop_reason,
+                                       cum_logprob=o.cumulative_logprob, score=o.score,
                                        text=o.text, finish_reason=o.finish_reason)
                     for o in out.outputs]
             results.append(BeamSearchOutput(seqs))

@@ -13,6 +13,7 @@ class CompletionOutput:
     logprobs: list[float] | None  # per token, the sampled token's logprob
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
+    score: float | None = None  # beam search: cumulative_logprob / generated_len ** length_penalty
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -14,12 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pagedjax.models import ModelConfig, forward_paged
+from pagedjax.models import ModelConfig, StepMeta, forward_paged
 
 from . import kv_pool, penalties, sharding
 from .attention import make_attend, resolve_backend
-from .block_manager import BlockManager
-from .scheduler import ScheduledBatch
+from .batch import SAMPLING_FIELDS, SAMPLING_FLOATS, ScheduledBatch
 from .sampler import prompt_logprobs, sample
 
 logger = logging.getLogger(__name__)
@@ -71,11 +70,6 @@ class StepLayout:
         return out
 
 
-# Per sampling row, one row each of the step's [len(SAMPLING_FIELDS), S] int32 sampling array.
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seeds", "counters", "num_top")
-_SAMPLING_FLOATS = ("temperature", "top_p", "min_p")
-
-
 class SampleMode(NamedTuple):
     """Static sampler flags of one step (pagedjax.sampler.sample)."""
 
@@ -93,8 +87,7 @@ class StepInputs(NamedTuple):
     layout, the sampler's per-row parameters and static flags, and the block copies to make
     before the step: one [2, C] array of source / destination blocks per copy program
     (destination -1 is padding). Only when some row asks: ``penalties`` (pagedjax.penalties),
-    and ``prompt_targets`` [Q] with ``prompt_rows``, per prompt-logprob row (index in the
-    batch, position in the prompt)."""
+    and ``prompt_targets`` [Q], the prompt token each prompt-logprob row scores."""
 
     packed: np.ndarray
     layout: StepLayout
@@ -103,7 +96,6 @@ class StepInputs(NamedTuple):
     copies: tuple[np.ndarray, ...] = ()
     penalties: np.ndarray | None = None
     prompt_targets: np.ndarray | None = None
-    prompt_rows: tuple[tuple[int, int], ...] = ()
 
 
 class StepResult(NamedTuple):
@@ -184,8 +176,6 @@ class ModelRunner:
         self._sample = jax.jit(functools.partial(_sample_step, max_rows=self.max_rows),
                                static_argnames=("mode",), **sample_out)
         self.reset_sampled()
-        self.step_id = 0  # id of the last dispatched step
-        self.stop_ids = frozenset(cfg.eos_token_ids)  # what min_tokens bans (the engine adds)
 
     def reset_sampled(self) -> None:
         """A zero sampled-token buffer: at start, and after a failed step poisoned the last one
@@ -294,86 +284,38 @@ class ModelRunner:
                 + self._copy._cache_size())
 
     # ---- one step ----------------------------------------------------------------------------
-    def prepare(self, batch: ScheduledBatch, bm: BlockManager) -> StepInputs:
-        """Rows 0..len(seqs)-1 sample for the scheduled sequences; rows after them sample the
-        first token of each ``batch.forks`` child from its parent's logits (n > 1 sampling).
-        A token still on the device (a PLACEHOLDER sampled by the last dispatched step) is read
-        there: its row's ``token_src`` names the row of that step's output."""
-        seqs, counts = batch.seqs, batch.num_new_tokens
-        n_tok = sum(counts)
-        max_blocks = max(len(bm.table(s.seq_id)) for s in seqs)
-        layout = self.layout_for(n_tok, len(seqs) + len(batch.forks), max_blocks,
-                                 decode=n_tok == len(seqs))
-        prompt_rows = _prompt_rows(seqs, counts)
-        if prompt_rows:
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        """The batch's arrays (pagedjax.batch.BatchArrays) padded into the bucket's packed
+        layout: rows past the batch's are padding (slot -1 writes nothing, top_p 1)."""
+        a = batch.arrays
+        R, rows, n_tok = len(a.context_lens), a.sampling.shape[1], len(a.tokens)
+        layout = self.layout_for(n_tok, rows, a.block_tables.shape[1], decode=n_tok == R)
+        if len(a.prompt_index):
             layout = dataclasses.replace(
-                layout, Q=min(_pow2_at_least(len(prompt_rows), 16), layout.T))
-        bs = self.block_size
+                layout, Q=min(_pow2_at_least(len(a.prompt_index), 16), layout.T))
         packed = np.zeros(layout.size, dtype=np.int32)
         view = {name: packed[at:at + n] for name, (at, n, _) in layout.offsets.items()}
+        for name in ("tokens", "token_src", "positions", "slot_mapping"):
+            view[name][:n_tok] = getattr(a, name)
+        view["token_src"][n_tok:] = view["slot_mapping"][n_tok:] = -1
+        view["block_tables"].reshape(layout.S, layout.W)[:R, :a.block_tables.shape[1]] = \
+            a.block_tables
+        view["context_lens"][:R] = a.context_lens
+        view["query_start_loc"][:R + 1] = a.query_start_loc
+        view["query_start_loc"][R + 1:] = n_tok
+        view["logits_indices"][:rows] = a.logits_indices
+        view["logits_indices"][layout.S:layout.S + len(a.prompt_index)] = a.prompt_index
         sampling = np.zeros((len(SAMPLING_FIELDS), layout.S), np.int32)
-        view.update(zip(SAMPLING_FIELDS, sampling))
-        fview = {name: view[name].view(np.float32) for name in _SAMPLING_FLOATS}
-        tokens, positions, slots = view["tokens"], view["positions"], view["slot_mapping"]
-        slots[:] = -1
-        view["token_src"][:] = -1
-        tables = view["block_tables"].reshape(layout.S, layout.W)
-        qsl = view["query_start_loc"]
-        temperature, top_p, min_p = fview["temperature"], fview["top_p"], fview["min_p"]
-        top_k, seeds, counters = view["top_k"], view["seeds"], view["counters"]
-        num_top = view["num_top"]
-        penalized = []  # (row, params, codes, pending row) of rows with penalties / min_tokens
-
-        def sampling_row(row: int, seq) -> None:
-            p = seq.params
-            temperature[row], top_p[row], top_k[row], min_p[row] = (
-                p.temperature, p.top_p, p.top_k, p.min_p)
-            seeds[row] = seq.seed
-            counters[row] = len(seq.output_token_ids)
-            num_top[row] = p.logprobs or 0
-            codes = penalties.row_codes(seq, self.cfg.vocab_size, self.stop_ids)
-            if codes is not None:  # its newest token, if on the device, is the last step's
-                pending = seq.pending_src[1] if seq.num_pending else -1
-                penalized.append((row, p, codes, pending))
-
-        at = 0
-        for i, (seq, n) in enumerate(zip(seqs, counts)):
-            start = seq.num_computed_tokens
-            table = bm.table(seq.seq_id)
-            tables[i, :len(table)] = table
-            if n == 1:
-                tokens[at] = seq.token_at(start)
-                positions[at] = start
-                slots[at] = table[start // bs] * bs + start % bs
-            else:
-                pos = np.arange(start, start + n)
-                tokens[at:at + n] = seq.tokens(start, start + n)
-                positions[at:at + n] = pos
-                slots[at:at + n] = np.asarray(table)[pos // bs] * bs + pos % bs
-            if seq.num_pending and start + n == seq.num_tokens:  # its last token is on the device
-                step_id, row = seq.pending_src
-                if step_id != self.step_id:
-                    raise RuntimeError(f"seq {seq.seq_id}: its pending token comes from step "
-                                       f"{step_id}, not the step in flight ({self.step_id})")
-                tokens[at + n - 1] = 0
-                view["token_src"][at + n - 1] = row
-            at += n
-            qsl[i + 1] = at
-            view["context_lens"][i] = start + n
-            sampling_row(i, seq)
-        qsl[len(seqs) + 1:] = at
-        view["logits_indices"][:len(seqs)] = qsl[1:len(seqs) + 1] - 1
-        fview["top_p"][len(seqs):] = 1.0
-        for j, (parent, child) in enumerate(batch.forks, start=len(seqs)):
-            view["logits_indices"][j] = qsl[parent + 1] - 1
-            sampling_row(j, child)
-        rows = slice(0, len(seqs) + len(batch.forks))
-        randoms = temperature[rows] > 0
-        mode = SampleMode(
-            random=bool(randoms.any()),
-            filters=bool((randoms & ((top_p[rows] < 1) | (top_k[rows] > 0) | (min_p[rows] > 0)))
-                         .any()),
-            top=bool((num_top[rows] > 0).any()))
+        sampling[:, :rows] = a.sampling
+        sampling[SAMPLING_FIELDS.index("top_p"), rows:] = np.float32(1.0).view(np.int32)
+        f = dict(zip(SAMPLING_FIELDS, a.sampling))
+        temperature, top_p, min_p = (f[k].view(np.float32) for k in ("temperature", "top_p",
+                                                                     "min_p"))
+        randoms = temperature > 0
+        mode = SampleMode(random=bool(randoms.any()),
+                          filters=bool((randoms & ((top_p < 1) | (f["top_k"] > 0) | (min_p > 0)))
+                                       .any()),
+                          top=bool((f["num_top"] > 0).any()))
         copies = []  # [2, C] (source, destination) per copy program; destination -1 is padding
         for at in range(0, len(batch.copies), self.max_copies):
             part = np.asarray(batch.copies[at:at + self.max_copies], np.int32).T
@@ -382,15 +324,11 @@ class ModelRunner:
             c[:, :part.shape[1]] = part
             copies.append(c)
         targets = None
-        if prompt_rows:
+        if len(a.prompt_index):
             targets = np.zeros(layout.Q, np.int32)
-            index = view["logits_indices"][layout.S:]
-            for q, (i, pos) in enumerate(prompt_rows):
-                index[q] = qsl[i] + pos - seqs[i].num_computed_tokens
-                targets[q] = seqs[i].prompt_token_ids[pos + 1]
+            targets[:len(a.prompt_targets)] = a.prompt_targets
         return StepInputs(packed, layout, sampling, mode, tuple(copies),
-                          penalties.pack(penalized, layout.S) if penalized else None,
-                          targets, tuple(prompt_rows))
+                          penalties.pack(a.penalized, layout.S) if a.penalized else None, targets)
 
     def execute(self, inputs: StepInputs) -> "StepResult":
         """Dispatch the model step and its sampler; the results stay on the device until the
@@ -406,7 +344,6 @@ class ModelRunner:
             extra["prompt_targets"] = self._to_device(inputs.prompt_targets)
         *out, self._sampled = self._sample(logits, self._to_device(inputs.sampling),
                                            mode=inputs.mode, **extra)
-        self.step_id += 1
         result = StepResult(*out)
         # Queue the copies to the host now, behind this step: queued later, at to_host(), they
         # would wait behind the next step, already dispatched (async scheduling).
@@ -419,8 +356,8 @@ def _step(params, pool, sampled, packed, *, layout: StepLayout, cfg: ModelConfig
     f = layout.unpack(packed)
     src = f["token_src"]  # >= 0: the token is row src of the previous step's samples
     tokens = jnp.where(src >= 0, sampled[jnp.clip(src, 0, sampled.shape[0] - 1)], f["tokens"])
-    meta = {k: f[k] for k in ("slot_mapping", "block_tables", "context_lens", "query_start_loc")}
-    meta["decode_only"] = layout.decode  # static: a Python bool, not a traced value
+    meta = StepMeta(f["slot_mapping"], f["block_tables"], f["context_lens"],
+                    f["query_start_loc"], decode_only=layout.decode)
     return forward_paged(params, cfg, tokens, f["positions"], pool, meta, attend,
                          f["logits_indices"])
 
@@ -451,7 +388,7 @@ def _sample_step(logits, sampling, marks=None, prev=None, prompt_targets=None, *
     positions, scored against ``prompt_targets``); also returns the tokens padded to
     ``max_rows`` (the next step's ``sampled`` input)."""
     p = dict(zip(SAMPLING_FIELDS, sampling))
-    for name in _SAMPLING_FLOATS:
+    for name in SAMPLING_FLOATS:
         p[name] = jax.lax.bitcast_convert_type(p[name], jnp.float32)
     S = sampling.shape[1]
     prompt = ()
@@ -464,16 +401,3 @@ def _sample_step(logits, sampling, marks=None, prev=None, prompt_targets=None, *
                     adjusted=adjusted)
     padded = jnp.zeros((max_rows,), jnp.int32).at[:S].set(result[0])
     return (*result, *prompt, padded)
-
-
-def _prompt_rows(seqs, counts) -> list[tuple[int, int]]:
-    """(index in seqs, prompt position) of every position of this step whose logits give a
-    prompt logprob still missing: position i predicts prompt token i + 1."""
-    rows = []
-    for i, (seq, n) in enumerate(zip(seqs, counts)):
-        have = seq.prompt_logprobs
-        if have is not None:
-            start = seq.num_computed_tokens
-            stop = min(start + n, len(seq.prompt_token_ids) - 1)
-            rows += [(i, pos) for pos in range(start, stop) if have[pos + 1] is None]
-    return rows

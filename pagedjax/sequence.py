@@ -39,9 +39,6 @@ class Sequence:
     # i (None until computed; entry 0 stays None); the runner asks for the missing ones
     prompt_logprobs: list[dict[int, float] | None] | None = None
     stop_check_from: int = 0  # min_tokens: stop strings are looked for after this much text
-    # n > 1 sampling: the other samples, forked from this sequence when its prompt is computed
-    pending_forks: list["Sequence"] = dataclasses.field(default_factory=list)
-    seats: int = 1  # running slots it takes: best_of or the beam width until it forks, then 1
     # Async scheduling: the trailing ``num_pending`` output tokens are PLACEHOLDERs, sampled by
     # steps still on the device; ``pending_src`` = (step id, row) of the newest one there.
     num_pending: int = 0

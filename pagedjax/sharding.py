@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from pagedjax.memory_report import kv_heads_per_device, per_device_config
-from pagedjax.models import ModelConfig
+from pagedjax.models import ModelConfig, StepMeta
 from pagedjax.models.fused import fuse_projections, qkv_parts
 
 logger = logging.getLogger(__name__)
@@ -240,18 +240,15 @@ def place_params(cfg: ModelConfig, params, mesh: Mesh):
 
 def shard_attend(attend, mesh: Mesh):
     """``attend`` (write K/V, then attend) run per device on its own heads: query heads and KV
-    heads are independent, so no collective is needed inside. Python values in ``meta`` (static
-    flags such as ``decode_only``) are closed over rather than passed through shard_map, so they
-    stay static. check_vma is off because Pallas calls carry no varying-axis rules."""
+    heads are independent, so no collective is needed inside. ``meta`` (a StepMeta) is
+    replicated; its static ``decode_only`` rides in the tree structure. check_vma is off because
+    Pallas calls carry no varying-axis rules."""
     q_spec, kv_spec, pages_spec = (logical_to_spec(a) for a in (Q_AXES, KV_AXES, POOL_AXES))
 
-    def attend_tp(q, k, v, layer_pages, meta):
-        static = {n: x for n, x in meta.items() if isinstance(x, (bool, int, float, str))}
-        arrays = {n: x for n, x in meta.items() if n not in static}
-        local = jax.shard_map(lambda q, k, v, pages, m: attend(q, k, v, pages, {**m, **static}),
-                              mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec,
-                                                   (pages_spec, pages_spec), P()),
+    def attend_tp(q, k, v, layer_pages, meta: StepMeta):
+        local = jax.shard_map(attend, mesh=mesh,
+                              in_specs=(q_spec, kv_spec, kv_spec, (pages_spec, pages_spec), P()),
                               out_specs=(q_spec, (pages_spec, pages_spec)), check_vma=False)
-        return local(q, k, v, tuple(layer_pages), arrays)
+        return local(q, k, v, tuple(layer_pages), meta)
 
     return attend_tp

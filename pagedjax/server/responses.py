@@ -72,7 +72,7 @@ def best_first(top: dict[int, float]) -> list[tuple[int, float]]:
 
 
 def stop_reason(req: P._SamplingFields, o: CompletionOutput) -> int | str | None:
-    return None if req.use_beam_search else o.stop_reason  # a beam's is its score
+    return None if req.use_beam_search else o.stop_reason  # a beam has none (its score: o.score)
 
 
 def usage_info(prompt_tokens: int, completion_tokens: int) -> P.UsageInfo:

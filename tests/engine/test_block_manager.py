@@ -4,9 +4,26 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pagedjax.block_manager import BlockManager
+from pagedjax.outputs import RequestMetrics
+from pagedjax.request import Request
+from pagedjax.runner import StepResult
 from pagedjax.sampling_params import SamplingParams
 from pagedjax.scheduler import Scheduler
 from pagedjax.sequence import Sequence
+
+
+def host_request(request_id: str, prompt: list[int], params: SamplingParams, arrival: int):
+    """A one-sample request as the engine queues it, without a tokenizer."""
+    seq = Sequence(request_id, prompt, params, arrival, seed=0)
+    return Request(request_id, None, prompt, params, [seq], [None], RequestMetrics(0.0),
+                   max_tokens=params.max_tokens, stream=False)
+
+
+def sampled(batch, token_of) -> StepResult:
+    """What a device step would return: token_of(seq, row) for each sampling row."""
+    rows = [*batch.seqs, *(child for _, child in batch.forks)]
+    tokens = np.asarray([token_of(s, i) for i, s in enumerate(rows)], np.int32)
+    return StepResult(tokens, np.zeros(len(rows), np.float32), None, None)
 
 
 def test_append_fork_copy_on_write_free():
@@ -79,24 +96,21 @@ def test_scheduler_never_loses_or_duplicates(reqs, num_blocks, budget, max_seqs)
         return  # the engine refuses such a request up front
     bm = BlockManager(num_blocks, block_size)
     sched = Scheduler(bm, max_num_seqs=max_seqs, max_num_batched_tokens=budget)
-    seqs = [Sequence(str(i), [1] * p, SamplingParams(max_tokens=m), arrival=i, seed=0)
-            for i, (p, m) in enumerate(reqs)]
-    for s in seqs:
-        sched.add(s)
+    requests = [host_request(str(i), [1] * p, SamplingParams(max_tokens=m, ignore_eos=True), i)
+                for i, (p, m) in enumerate(reqs)]
+    for r in requests:
+        sched.add(r)
     for _ in range(5000):
         if not sched.has_unfinished():
             break
         batch = sched.schedule()
         assert len({s.seq_id for s in batch.seqs}) == len(batch.seqs), "scheduled twice"
         assert batch.num_tokens <= budget and len(batch.seqs) <= max_seqs
-        for s, n in zip(batch.seqs, batch.num_new_tokens):
-            s.num_computed_tokens += n
-            if s.num_computed_tokens == s.num_tokens:
-                s.output_token_ids.append(2)
-                if len(s.output_token_ids) == s.params.max_tokens:
-                    sched.finish(s, "length")
+        if batch:
+            sched.update_from_output(batch, sampled(batch, lambda s, i: 2))
         bm.check_invariants()
         assert set(map(id, sched.running)).isdisjoint(map(id, sched.waiting))
     assert not sched.has_unfinished(), "the workload did not drain"
-    assert [len(s.output_token_ids) for s in seqs] == [m for _, m in reqs]
+    assert [r.seqs[0].output_token_ids for r in requests] == [[2] * m for _, m in reqs]
+    assert all(r.seqs[0].finish_reason == "length" for r in requests) and not sched.requests
     assert bm.num_free == num_blocks

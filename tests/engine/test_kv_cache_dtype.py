@@ -20,7 +20,7 @@ from pagedjax.attention import make_attend
 from pagedjax.block_manager import BlockManager
 from pagedjax.config import EngineArgs, EngineConfig
 from pagedjax.kernels import QuantizedPages
-from pagedjax.models import forward_paged
+from pagedjax.models import StepMeta, forward_paged
 from pagedjax.swap import HostKVPool
 from pagedjax.swap_space import SwapSpace
 from tests.conftest import assert_no_leak
@@ -45,10 +45,9 @@ def _recompute(cfg, kv_dtype: str):
 
     def last_logits(params, tokens, n):
         pos = jnp.arange(WIDTH, dtype=jnp.int32)
-        meta = {"slot_mapping": jnp.where(pos < n, pos, -1),
-                "block_tables": jnp.arange(spec.num_blocks, dtype=jnp.int32)[None],
-                "context_lens": n[None], "query_start_loc": jnp.stack([0 * n, n]),
-                "decode_only": False}
+        meta = StepMeta(slot_mapping=jnp.where(pos < n, pos, -1),
+                        block_tables=jnp.arange(spec.num_blocks, dtype=jnp.int32)[None],
+                        context_lens=n[None], query_start_loc=jnp.stack([0 * n, n]))
         logits, _ = forward_paged(kv_pool.params_for_pool(spec, cfg, params), cfg, tokens, pos,
                                   kv_pool.allocate(spec), meta, make_attend("reference"),
                                   (n - 1)[None])

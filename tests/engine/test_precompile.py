@@ -101,7 +101,7 @@ def test_precompiled_engine_compiles_nothing_in_a_throughput_like_run(tiny1):
     assert compiled == e.precompile_compilations > 0
     copies = []
     prepare = e.runner.prepare
-    e.runner.prepare = lambda batch, bm: (copies.append(len(batch.copies)), prepare(batch, bm))[1]
+    e.runner.prepare = lambda batch: (copies.append(len(batch.copies)), prepare(batch))[1]
     for _ in range(3):
         outs = llm.generate(*_wave(rng, 24, TINY1.vocab_size), use_tqdm=False)
         assert all(c.finish_reason == "length" for o in outs for c in o.outputs)

@@ -14,11 +14,12 @@ from pagedjax.block_manager import BlockManager
 from pagedjax.config import EngineArgs
 from pagedjax.kv_pool import KVPoolSpec, allocate
 from pagedjax.scheduler import Scheduler
-from pagedjax.sequence import Sequence, Status
+from pagedjax.sequence import Status
 from pagedjax import swap
 from pagedjax.swap import HostKVPool, group_sizes, make_swap_space, piece_blocks_for
 from pagedjax.swap_space import SwapSpace
 from tests.conftest import assert_no_leak
+from tests.engine.test_block_manager import host_request, sampled
 
 GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
 # 16 blocks x 16 tokens hold about two of these sequences (40-80 + 40 tokens, up to 8 blocks),
@@ -237,9 +238,10 @@ def test_no_request_lost_or_duplicated_under_swap_and_recompute(reqs, num_blocks
     sched = Scheduler(bm, max_num_seqs=max_seqs, max_num_batched_tokens=budget, swap_space=space)
     dev = np.full((num_blocks * bs,), -1)
     host = np.full(((host_pieces or 1) * piece * bs,), -1)
-    seqs = [Sequence(str(i), [(7 * i + j) % 50 + 100 for j in range(p)],
-                     SamplingParams(max_tokens=m), arrival=i, seed=0)
-            for i, (p, m, _, _) in enumerate(reqs)]
+    requests = [host_request(str(i), [(7 * i + j) % 50 + 100 for j in range(p)],
+                             SamplingParams(max_tokens=m), i)
+                for i, (p, m, _, _) in enumerate(reqs)]
+    seqs = [r.seqs[0] for r in requests]
 
     def expected_output(i, k):  # what the fake model samples: a function of (request, position)
         return (13 * i + k) % 89
@@ -247,9 +249,9 @@ def test_no_request_lost_or_duplicated_under_swap_and_recompute(reqs, num_blocks
     for step in range(5000):
         for i, (_, _, arrive, abort) in enumerate(reqs):
             if arrive == step:
-                sched.add(seqs[i])
-            if abort == step and arrive <= step and not seqs[i].finished:
-                sched.finish(seqs[i], "abort")
+                sched.add(requests[i])
+            if abort == step and arrive <= step:
+                sched.end_request(str(i), "abort")
         if not sched.has_unfinished() and step > max(a for _, _, a, _ in reqs):
             break
         batch = sched.schedule()
@@ -262,16 +264,13 @@ def test_no_request_lost_or_duplicated_under_swap_and_recompute(reqs, num_blocks
         assert len({s.seq_id for s in batch.seqs}) == len(batch.seqs), "scheduled twice"
         assert batch.num_tokens <= budget and len(batch.seqs) <= max_seqs
         for s, n in zip(batch.seqs, batch.num_new_tokens):
-            end = s.num_computed_tokens + n
-            for pos in range(s.num_computed_tokens, end):
+            end = s.num_computed_tokens  # the scheduler counts the step's tokens as computed
+            for pos in range(end - n, end):
                 dev[bm.slot(s.seq_id, pos)] = s.token_at(pos)
             assert [dev[bm.slot(s.seq_id, pos)] for pos in range(end)] == s.tokens(0, end)
-            s.num_computed_tokens = end
-            if end == s.num_tokens:
-                i = int(s.request_id)
-                s.output_token_ids.append(expected_output(i, len(s.output_token_ids)))
-                if len(s.output_token_ids) == s.params.max_tokens:
-                    sched.finish(s, "length")
+        if batch:  # a sampling row's PLACEHOLDER is its last output token
+            sched.update_from_output(batch, sampled(batch, lambda s, i: expected_output(
+                int(s.request_id), len(s.output_token_ids) - 1)))
         bm.check_invariants()
         queues = [list(map(id, q)) for q in (sched.running, sched.waiting, sched.swapped)]
         assert sum(map(len, queues)) == len(set().union(*queues)), "a sequence in two queues"

@@ -168,9 +168,9 @@ def test_a_failed_step_in_the_server_is_a_500_for_its_requests_only(rel_server, 
     armed, victims, last = threading.Event(), [], []
     prepare, execute = runner.prepare, runner.execute
 
-    def spy_prepare(batch, bm):
+    def spy_prepare(batch):
         last[:] = [tuple(s.prompt_token_ids) for s in batch.seqs]
-        return prepare(batch, bm)
+        return prepare(batch)
 
     def failing_execute(inputs):
         if armed.is_set() and len(last) >= 2 and engine.scheduler.waiting:

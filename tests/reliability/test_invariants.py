@@ -75,7 +75,7 @@ def check_invariants(engine, tracked: dict[str, Tracked]) -> None:
     queued_ids = {s.seq_id for s in queued}
     for rid, req in engine.requests.items():
         assert not tracked[rid].aborted and not tracked[rid].finished
-        pending = {c.seq_id for s in req.seqs for c in s.pending_forks}
+        pending = {c.seq_id for c in req.unforked}
         for s in req.seqs:
             if not s.finished:  # queued once, or an n > 1 sample not forked yet
                 assert (s.seq_id in queued_ids) != (s.seq_id in pending), f"seq {s.seq_id} lost"
