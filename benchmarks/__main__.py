@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> dict:
     set_argv(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if hasattr(args, "gpu_memory_utilization"):  # the scenario starts engines on this device
-        from pagedjax.device_memory import configure_allocator
+        from pagedjax.worker.device_memory import configure_allocator
 
         configure_allocator(args.gpu_memory_utilization)  # before JAX starts a backend
-    from pagedjax.distributed import maybe_initialize
+    from pagedjax.worker.distributed import maybe_initialize
 
     maybe_initialize(args)  # before anything touches a device
     return available[args.scenario].run(args)

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from benchmarks import harness
-from pagedjax.block_manager import BlockManager
+from pagedjax.core.block_manager import BlockManager
 from benchmarks.common import print_table, write_result
 
 

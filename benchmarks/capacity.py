@@ -33,10 +33,11 @@ import jax
 
 from benchmarks import harness, plots
 from benchmarks.common import print_table, results_dir, write_result
-from pagedjax import device_memory, planner
+from pagedjax.worker import device_memory
+from pagedjax.planning import planner
 from pagedjax.config import EngineArgs, EngineConfig
-from pagedjax.kv_pool import GiB
-from pagedjax.memory_report import memory_report, plan_pool
+from pagedjax.worker.kv_pool import GiB
+from pagedjax.planning.memory_report import memory_report, plan_pool
 
 logger = logging.getLogger(__name__)
 

@@ -65,7 +65,7 @@ fi
 if ! $PY - <<'EOF' 2>&1 | tee -a "$LOG"; then
 import fastapi, httpx, prometheus_client, pydantic, starlette, tokenizers, transformers, uvicorn
 import jax
-import pagedjax.models, pagedjax.server.app, benchmarks.prefix, benchmarks.serve
+import pagedjax.models, pagedjax.entrypoints.server.app, benchmarks.prefix, benchmarks.serve
 platform = jax.devices()[0].platform
 print("jax", jax.__version__, jax.devices(), "| fastapi", fastapi.__version__, "| pydantic",
       pydantic.__version__, "| uvicorn", uvicorn.__version__, "| transformers",

@@ -25,8 +25,8 @@ def _fake_engine(num_seqs: int, prompt_len: int, steps: int):
 
     from pagedjax import LLM, SamplingParams
     from pagedjax.models import ModelConfig
-    from pagedjax.runner import StepResult
-    from pagedjax.sampler import MAX_LOGPROBS
+    from pagedjax.worker.runner import StepResult
+    from pagedjax.worker.sampler import MAX_LOGPROBS
 
     cfg = ModelConfig(family="llama", vocab_size=32000, hidden_size=64, intermediate_size=64,
                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,

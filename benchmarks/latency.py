@@ -58,7 +58,7 @@ def backend_parity(args) -> dict:
     steps over its own paged context) and then decode. Not covered: the Mosaic GPU prefill kernel,
     which takes bf16 / f16 only."""
     from pagedjax import SamplingParams
-    from pagedjax.attention import resolve_backend
+    from pagedjax.worker.attention import resolve_backend
     from pagedjax.config import EngineArgs
     from pagedjax.models.loader import load_model
 

@@ -62,7 +62,7 @@ def _contiguous(cfg, dtype: str, reserve_len: int, budget_bytes: int, cap: int) 
     import jax
     import jax.numpy as jnp
 
-    from pagedjax.kv_pool import KVPoolSpec
+    from pagedjax.worker.kv_pool import KVPoolSpec
 
     shape = (cfg.num_hidden_layers, 2, reserve_len, cfg.num_key_value_heads, cfg.head_dim)
     per_seq = KVPoolSpec.for_model(cfg, 0, 1, dtype).bytes_per_token * reserve_len

@@ -74,7 +74,7 @@ def started_server(args, vocab_size: int, env: dict):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        argv = [sys.executable, "-m", "pagedjax.cli", "serve", "--host", "127.0.0.1",
+        argv = [sys.executable, "-m", "pagedjax.entrypoints.cli", "serve", "--host", "127.0.0.1",
                 "--port", str(port), "--served-model-name", "bench", "--uvicorn-log-level",
                 "warning", "--log-stats-interval", "10", "--drain-timeout", "5",
                 "--max-waiting-requests", str(max(1024, 2 * args.num_prompts)),

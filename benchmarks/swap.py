@@ -12,7 +12,7 @@ each, greedy, ``ignore_eos``. Three policies over the same workload:
 Figures: swap events, blocks and bytes each way, the achieved transfer GB/s against the raw
 pinned host<->device bandwidth measured in the same run, output tok/s of each policy, and output
 tok/s over time (PNG). A swap's time runs from its dispatch to its data being in place (gather or
-scatter included: ``pagedjax.swap``). ``swap_pct_raw_bw`` is the time the raw bandwidth would need
+scatter included: ``pagedjax.worker.swap``). ``swap_pct_raw_bw`` is the time the raw bandwidth would need
 for the payload moved (padding of the last piece counts against the swap), over the time the
 swaps took, in percent, like with like: raw = transfers of the engine's piece size, as many per
 call as one swap program moves (``benchmarks.swap_bandwidth``); ``swap_pct_raw_bw_large`` is the

@@ -64,7 +64,7 @@ def raw_large(nbytes: int, repeats: int = 5) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from pagedjax.swap import host_memory_kind
+    from pagedjax.worker.swap import host_memory_kind
 
     kind = host_memory_kind()
     x = jax.block_until_ready(jnp.ones((max(nbytes // 4, 1),), jnp.float32))
@@ -84,7 +84,7 @@ def raw_pieces(piece_bytes: int, count: int, repeats: int = 5) -> dict | None:
     import jax
     import jax.numpy as jnp
 
-    from pagedjax.swap import host_memory_kind
+    from pagedjax.worker.swap import host_memory_kind
 
     kind = host_memory_kind()
     if kind is None:
@@ -149,7 +149,7 @@ def direction_figures(events, d: str) -> dict:
 def _random_pool(spec, seed: int):
     import jax
 
-    from pagedjax.kv_pool import allocate
+    from pagedjax.worker.kv_pool import allocate
 
     keys = iter(jax.random.split(jax.random.key(seed), 2 * spec.num_layers))
     bits = jax.numpy.dtype(f"uint{8 * jax.numpy.dtype(spec.dtype).itemsize}")
@@ -160,7 +160,7 @@ def _random_pool(spec, seed: int):
 def _bits_of(pool, table):
     import jax
 
-    from pagedjax.kv_pool import gather_blocks
+    from pagedjax.worker.kv_pool import gather_blocks
 
     x = jax.jit(gather_blocks)(pool, np.asarray(table, np.int32))
     return jax.lax.bitcast_convert_type(x, jax.numpy.dtype(f"uint{8 * x.dtype.itemsize}"))
@@ -171,8 +171,8 @@ def _cycle(args, spec, pool, seq_blocks: int):
     import jax
     import jax.numpy as jnp
 
-    from pagedjax.block_manager import BlockManager
-    from pagedjax.swap import HostKVPool, make_swap_space
+    from pagedjax.core.block_manager import BlockManager
+    from pagedjax.worker.swap import HostKVPool, make_swap_space
 
     ns = types.SimpleNamespace(preemption_mode="swap", swap_space=args.swap_space,
                                num_cpu_blocks_override=None)
@@ -206,10 +206,10 @@ def _cycle(args, spec, pool, seq_blocks: int):
 
 
 def transfer_only(args) -> dict:
-    from pagedjax.kv_pool import KVPoolSpec
+    from pagedjax.worker.kv_pool import KVPoolSpec
     from pagedjax.models import ModelConfig
     from pagedjax.models.loader import resolve_dtype
-    from pagedjax.swap import MAX_GROUP
+    from pagedjax.worker.swap import MAX_GROUP
 
     cfg = ModelConfig.from_hf(harness.hf_config_dict(args), source=args.model)
     shape = KVPoolSpec.for_model(cfg, 0, args.block_size, resolve_dtype(args.dtype))

@@ -84,7 +84,7 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     q: [T, N, H]. Sequence ``s`` owns rows ``q[qsl[s]:qsl[s+1]]``; rows from ``qsl[S]`` on are
         padding and come out as zeros.
     k_pages, v_pages: [num_blocks, block_size, K, H], one layer of the pool
-        (``pagedjax.kv_pool``); same dtype as q on the Pallas backends, or raw fp8 (an fp8 cache:
+        (``pagedjax.worker.kv_pool``); same dtype as q on the Pallas backends, or raw fp8 (an fp8 cache:
         float8_e4m3fn / float8_e5m2 values attended as they are, converted in registers; the
         model applies the static scale). Or, for an int8 cache, ``QuantizedPages(data, scale)``
         (``kernels/quantization.py``): 1-byte values and a bfloat16 scale per token and KV head,

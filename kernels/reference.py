@@ -1,6 +1,6 @@
 """Pure-jnp paged attention over a ragged batch: the CPU path and the oracle for the Pallas kernels.
 
-Layout (owned by ``pagedjax.kv_pool``): one layer's pages are ``k_pages, v_pages`` of shape
+Layout (owned by ``pagedjax.worker.kv_pool``): one layer's pages are ``k_pages, v_pages`` of shape
 ``[num_blocks, block_size, K, H]``; a slot is ``block * block_size + offset``. An fp8 cache
 (``--kv-cache-dtype fp8_e4m3 | fp8_e5m2``) is plain pages in the fp8 dtype holding raw values (the
 model applies the static scale outside the kernels): the write saturates to +-qmax, attention
@@ -62,7 +62,8 @@ def token_positions(query_start_loc, context_lens, num_tokens):
 
 
 # Attention's scratch per KV chunk is at most this many bytes (more only when one block per
-# chunk already needs more): the engine's activation reserve counts it (pagedjax.memory_report).
+# chunk already needs more): the engine's activation reserve counts it
+# (pagedjax.planning.memory_report).
 SCRATCH_BYTES = 32 << 20
 MAX_TILE_ROWS = 64
 

@@ -5,7 +5,7 @@ Why: at decode the projections are weight-read bound, and k_proj / v_proj are na
 bandwidth; one wider gemm each (vLLM's QKVParallelLinear and MergedColumnParallelLinear) does not.
 
 The layout, for ``r`` tensor-parallel shards (r = 1 on one device), N query heads, K KV heads (after
-``pagedjax.sharding.replicate_kv_heads``), H head dim, D model dim, F MLP dim::
+``pagedjax.worker.sharding.replicate_kv_heads``), H head dim, D model dim, F MLP dim::
 
     self_attn.qkv_proj.weight  [r, (N/r + 2 K/r) H, D]   block i: q rows of query heads
                                                          [i N/r, (i+1) N/r), then k rows of KV heads

@@ -188,6 +188,6 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         "the CPU and with --attention-backend reference)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
-    from pagedjax.distributed import add_distributed_arguments
+    from pagedjax.worker.distributed import add_distributed_arguments
 
     add_distributed_arguments(parser)

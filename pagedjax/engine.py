@@ -10,22 +10,22 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from . import device_memory, faults, kv_pool, sharding, swap
-from .batch import ScheduledBatch
-from .beam_search import BeamSearchParams, BeamState
-from .block_manager import BlockManager
-from .config import EngineArgs, EngineConfig
-from .detokenizer import IncrementalDetokenizer
-from .prefix_cache import PrefixCachingBlockManager
-from .memory_report import format_memory_report, memory_report
-from .outputs import RequestMetrics, RequestOutput
-from .request import BeamGroup, Request
-from .runner import ModelRunner, StepResult
-from .sampler import MAX_LOGPROBS
-from .sampling_params import SamplingParams
-from .scheduler import Scheduler
-from .sequence import Sequence
-from .stats import EngineSnapshot
+from pagedjax.worker import device_memory, faults, kv_pool, sharding, swap
+from pagedjax.core.batch import ScheduledBatch
+from pagedjax.core.beam_search import BeamSearchParams, BeamState
+from pagedjax.core.block_manager import BlockManager
+from pagedjax.config import EngineArgs, EngineConfig
+from pagedjax.core.detokenizer import IncrementalDetokenizer
+from pagedjax.core.prefix_cache import PrefixCachingBlockManager
+from pagedjax.planning.memory_report import format_memory_report, memory_report
+from pagedjax.outputs import RequestMetrics, RequestOutput
+from pagedjax.core.request import BeamGroup, Request
+from pagedjax.worker.runner import ModelRunner, StepResult
+from pagedjax.worker.sampler import MAX_LOGPROBS
+from pagedjax.sampling_params import SamplingParams
+from pagedjax.core.scheduler import Scheduler
+from pagedjax.core.sequence import Sequence
+from pagedjax.stats import EngineSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,8 @@ class LLMEngine:
         self.precompile_compilations = r.num_compilations - c0
 
     def _size_pool(self) -> kv_pool.KVPoolSpec:
-        """The planner's arithmetic (pagedjax.memory_report), fed with this device's numbers."""
+        """The planner's arithmetic (pagedjax.planning.memory_report), fed with this device's
+        numbers."""
         dev = jax.local_devices()[0]  # multi-host: devices()[0] may be another process's
         stats = dev.memory_stats() if dev.platform != "cpu" else None
         self.memory = memory_report(self.config, total_bytes=device_memory.device_bytes(dev),

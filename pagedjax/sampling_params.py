@@ -78,6 +78,6 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        """Some penalty acts on this request's logits (pagedjax.penalties)."""
+        """Some penalty acts on this request's logits (pagedjax.worker.penalties)."""
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)

@@ -4,7 +4,7 @@
 Same as ``pagedjax generate``; see ``--help`` for the engine flags (vLLM's names)."""
 import sys
 
-from pagedjax.cli import main
+from pagedjax.entrypoints.cli import main
 
 if __name__ == "__main__":
     main(["generate", *sys.argv[1:]])

@@ -1,10 +1,11 @@
-"""``python -m pagedjax <command>`` is the ``pagedjax`` console script (``pagedjax.cli:main``)."""
+"""``python -m pagedjax <command>`` is the ``pagedjax`` console script
+(``pagedjax.entrypoints.cli:main``)."""
 from __future__ import annotations
 
 import subprocess
 import sys
 
-CONSOLE_SCRIPT = "import sys; from pagedjax.cli import main; main(sys.argv[1:])"
+CONSOLE_SCRIPT = "import sys; from pagedjax.entrypoints.cli import main; main(sys.argv[1:])"
 
 
 def _run(tmp_path, *args: str) -> subprocess.CompletedProcess:

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pagedjax import cli, kv_pool, planner
-from pagedjax import memory_report as mr
+from pagedjax.entrypoints import cli
+from pagedjax.worker import kv_pool
+from pagedjax.planning import planner, memory_report as mr
 from pagedjax.config import EngineArgs, EngineConfig
 from pagedjax.kernels.reference import SCRATCH_BYTES
-from pagedjax.kv_pool import GiB
+from pagedjax.worker.kv_pool import GiB
 from pagedjax.models import ModelConfig
 from pagedjax.models.loader import resolve_dtype
 
@@ -231,7 +232,7 @@ def write_log(path: Path) -> Path:
 
 
 def test_request_log_percentiles_and_malformed_lines(tmp_path, tokenizer_dir):
-    from pagedjax import request_log
+    from pagedjax.planning import request_log
 
     tok = planner.load_tokenizer(str(tokenizer_dir))
     prompts, errors = request_log.read_request_log(write_log(tmp_path / "log.jsonl"), tok)
@@ -350,7 +351,7 @@ H100_TOTAL = 81079 << 20  # what CUDA reports for an "80 GB" H100
 
 
 def test_allocator_fraction_set_from_utilization_before_the_backend_starts():
-    from pagedjax import device_memory as dm
+    from pagedjax.worker import device_memory as dm
 
     env = {}
     msg = dm.configure_allocator(0.9, env, started=False)
@@ -365,7 +366,7 @@ def test_allocator_fraction_set_from_utilization_before_the_backend_starts():
 
 
 def test_user_allocator_settings_are_kept_and_said():
-    from pagedjax import device_memory as dm
+    from pagedjax.worker import device_memory as dm
 
     env = {dm.FRACTION: "0.3", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     msg = dm.configure_allocator(0.9, env, started=False)
@@ -383,18 +384,18 @@ def test_user_allocator_settings_are_kept_and_said():
 
 
 def test_backend_started_first_keeps_jax_default_cap_with_a_warning(caplog):
-    from pagedjax import device_memory as dm
+    from pagedjax.worker import device_memory as dm
 
     env = {}
     assert "had started" in dm.configure_allocator(0.9, env, started=True) and env == {}
     limit = int(H100_TOTAL * 0.75)
-    with caplog.at_level("WARNING", logger="pagedjax.device_memory"):
+    with caplog.at_level("WARNING", logger="pagedjax.worker.device_memory"):
         assert dm.device_bytes(FakeDevice("gpu", limit), env) == limit
     assert "capped at" in caplog.text and "XLA_PYTHON_CLIENT_MEM_FRACTION" in caplog.text
 
 
 def test_device_bytes_on_cpu_tpu_and_without_stats():
-    from pagedjax import device_memory as dm
+    from pagedjax.worker import device_memory as dm
 
     assert dm.device_bytes(FakeDevice("cpu", None), {}) is None
     assert dm.device_bytes(FakeDevice("tpu", 16 << 30), {}) == 16 << 30  # a TPU's whole HBM
@@ -406,7 +407,7 @@ def test_kv_pool_at_0_9_of_an_h100_is_vllms_arithmetic():
     """Qwen2.5-7B, max_model_len 2048: KV = 0.9 x total - weights - activation peak (the issue's
     >= 54 GiB; 0.9 x JAX's 75% cap gave 38.7), and the planner given the same device memory
     predicts the engine's pool exactly."""
-    from pagedjax import device_memory as dm
+    from pagedjax.worker import device_memory as dm
 
     cfg = ModelConfig.from_hf(QWEN25_7B)
     env = {}

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import print_table, results_dir, write_result
-from pagedjax import sampler
+from pagedjax.worker import sampler
 
 
 def _timed(fn, *args, n: int = 30) -> float:

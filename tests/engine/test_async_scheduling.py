@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pagedjax import LLM, SamplingParams
-from pagedjax.beam_search import BeamSearchParams
+from pagedjax.core.beam_search import BeamSearchParams
 from tests.conftest import assert_no_leak
 
 

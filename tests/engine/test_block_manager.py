@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pagedjax.block_manager import BlockManager
+from pagedjax.core.block_manager import BlockManager
 from pagedjax.outputs import RequestMetrics
-from pagedjax.request import Request
-from pagedjax.runner import StepResult
+from pagedjax.core.request import Request
+from pagedjax.worker.runner import StepResult
 from pagedjax.sampling_params import SamplingParams
-from pagedjax.scheduler import Scheduler
-from pagedjax.sequence import Sequence
+from pagedjax.core.scheduler import Scheduler
+from pagedjax.core.sequence import Sequence
 
 
 def host_request(request_id: str, prompt: list[int], params: SamplingParams, arrival: int):

@@ -14,15 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pagedjax import LLM, SamplingParams, kv_pool
-from pagedjax import memory_report as mr
-from pagedjax.attention import make_attend
-from pagedjax.block_manager import BlockManager
+from pagedjax import LLM, SamplingParams
+from pagedjax.worker import kv_pool
+from pagedjax.planning import memory_report as mr
+from pagedjax.worker.attention import make_attend
+from pagedjax.core.block_manager import BlockManager
 from pagedjax.config import EngineArgs, EngineConfig
 from pagedjax.kernels import QuantizedPages
 from pagedjax.models import StepMeta, forward_paged
-from pagedjax.swap import HostKVPool
-from pagedjax.swap_space import SwapSpace
+from pagedjax.worker.swap import HostKVPool
+from pagedjax.core.swap_space import SwapSpace
 from tests.conftest import assert_no_leak
 
 QUANTIZED = ["fp8_e4m3", "fp8_e5m2", "int8"]
@@ -232,7 +233,7 @@ def test_pool_bytes_are_what_is_allocated(tiny_qwen, kv_dtype):
 
 
 def test_planner_bytes_per_token_fp8_is_half_of_bf16_int8_adds_scales():
-    from pagedjax.planner import resolve_model
+    from pagedjax.planning.planner import resolve_model
 
     cfg = resolve_model("Qwen2.5-7B-Instruct").cfg  # 28 layers, 4 KV heads, head_dim 128
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from pagedjax import LLM, BeamSearchParams, SamplingParams
-from pagedjax.kv_pool import KVPoolSpec
-from pagedjax.runner import SAMPLE_MODES, ModelRunner
+from pagedjax.worker.kv_pool import KVPoolSpec
+from pagedjax.worker.runner import SAMPLE_MODES, ModelRunner
 from tests.conftest import TINY_QWEN, TinyModel, assert_no_leak, random_params
 
 TINY1 = dataclasses.replace(TINY_QWEN, num_hidden_layers=1)

@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from pagedjax import LLM, SamplingParams
-from pagedjax.prefix_cache import PrefixCachingBlockManager
+from pagedjax.core.prefix_cache import PrefixCachingBlockManager
 from tests.conftest import assert_no_leak
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)

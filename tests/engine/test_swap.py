@@ -10,14 +10,14 @@ import pytest
 from hypothesis import assume, event, given, settings, strategies as st
 
 from pagedjax import LLM, SamplingParams
-from pagedjax.block_manager import BlockManager
+from pagedjax.core.block_manager import BlockManager
 from pagedjax.config import EngineArgs
-from pagedjax.kv_pool import KVPoolSpec, allocate
-from pagedjax.scheduler import Scheduler
-from pagedjax.sequence import Status
-from pagedjax import swap
-from pagedjax.swap import HostKVPool, group_sizes, make_swap_space, piece_blocks_for
-from pagedjax.swap_space import SwapSpace
+from pagedjax.worker.kv_pool import KVPoolSpec, allocate
+from pagedjax.core.scheduler import Scheduler
+from pagedjax.core.sequence import Status
+from pagedjax.worker import swap
+from pagedjax.worker.swap import HostKVPool, group_sizes, make_swap_space, piece_blocks_for
+from pagedjax.core.swap_space import SwapSpace
 from tests.conftest import assert_no_leak
 from tests.engine.test_block_manager import host_request, sampled
 

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pagedjax import kv_pool
-from pagedjax.attention import make_attend
+from pagedjax.worker import kv_pool
+from pagedjax.worker.attention import make_attend
 from pagedjax.models import forward_paged
 
 

@@ -17,7 +17,7 @@ from pagedjax import LLM
 from pagedjax.models import forward_dense
 from pagedjax.models.fused import fuse_projections, gate_up_parts, qkv_parts
 from pagedjax.models.kv_scales import layer_kv_scales
-from pagedjax.sharding import TensorParallel
+from pagedjax.worker.sharding import TensorParallel
 from tests.conftest import TINY_QWEN, TinyModel, random_params
 from tests.models.paged_step import prefill_one_sequence
 

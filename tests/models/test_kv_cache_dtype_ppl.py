@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from tests.models.loader_testutil import perplexity
 
-from pagedjax import kv_pool
-from pagedjax.attention import make_attend
+from pagedjax.worker import kv_pool
+from pagedjax.worker.attention import make_attend
 from pagedjax.models import forward_paged
 
 BLOCK = 16

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from pagedjax import LLM
-from pagedjax.server import add_arguments, build_server
+from pagedjax.entrypoints.server import add_arguments, build_server
 from tests.server.conftest import ENGINE_ARGS, Server, char_tokenizer, server_argv, start_uvicorn
 
 SOAK_BLOCKS = 10  # 4 running sequences of 64 tokens would need 16

@@ -14,7 +14,7 @@ import numpy as np
 
 from pagedjax.config import EngineArgs
 from pagedjax.engine import LLMEngine
-from pagedjax.sampler import MAX_LOGPROBS
+from pagedjax.worker.sampler import MAX_LOGPROBS
 from tests.conftest import TINY_QWEN
 
 EOS = TINY_QWEN.eos_token_ids[0]
@@ -80,7 +80,7 @@ class FakeDevice:
 def fake_engine(seed: int = 0, **engine_args) -> tuple[LLMEngine, FakeDevice]:
     args = EngineArgs(**{"max_model_len": 32, "block_size": 8, "max_num_seqs": 4,
                          "max_num_batched_tokens": 16, **engine_args})
-    with mock.patch("pagedjax.swap.HostKVPool", FakeHostPool):
+    with mock.patch("pagedjax.worker.swap.HostKVPool", FakeHostPool):
         engine = LLMEngine(args, loaded=NoWeights())
     device = FakeDevice(engine.runner, seed)
     engine.runner.execute = device

@@ -17,7 +17,7 @@ import sys
 import threading
 
 from pagedjax.kernels import reference
-from pagedjax.server import add_arguments, build_server
+from pagedjax.entrypoints.server import add_arguments, build_server
 from tests.conftest import TINY_QWEN, TinyModel, random_params
 from tests.server.conftest import char_tokenizer, server_argv
 

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pagedjax import SamplingParams, faults, kv_pool
-from pagedjax.cli import main as cli_main
+from pagedjax import SamplingParams
+from pagedjax.worker import faults, kv_pool
+from pagedjax.entrypoints.cli import main as cli_main
 from pagedjax.config import EngineArgs
 from pagedjax.engine import LLMEngine
 from tests.conftest import greedy_reference
@@ -246,8 +247,8 @@ async def _send_all(url: str, prompts: list[str], body: dict):
 
 def test_generate_checks_every_request_before_adding_any_and_raises_a_step_error(tiny_qwen):
     from pagedjax import LLM
-    from pagedjax.llm import EngineStepError
-    from pagedjax.sampler import MAX_LOGPROBS
+    from pagedjax.entrypoints.llm import EngineStepError
+    from pagedjax.worker.sampler import MAX_LOGPROBS
     from tests.conftest import assert_no_leak
 
     llm = LLM(loaded=tiny_qwen, max_model_len=64, block_size=16, max_num_seqs=2,
@@ -269,7 +270,7 @@ def test_generate_checks_every_request_before_adding_any_and_raises_a_step_error
 
 
 def test_health_is_503_while_the_engine_recovers(rel_server):
-    """A failed step sets ``engine.fault`` until its reset succeeded (pagedjax.faults)."""
+    """A failed step sets ``engine.fault`` until its reset succeeded (pagedjax.worker.faults)."""
     def set_fault(e, value):
         e.fault = value
 

@@ -238,7 +238,7 @@ def test_no_source_unpickles_or_trusts_remote_code():
 
 
 def test_server_binds_localhost_by_default(rel_server):
-    from pagedjax.server import add_arguments
+    from pagedjax.entrypoints.server import add_arguments
     import argparse
 
     parser = argparse.ArgumentParser()

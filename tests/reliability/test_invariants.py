@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 from hypothesis import HealthCheck, event, given, note, settings, strategies as st
 
-from pagedjax.beam_search import BeamSearchParams
+from pagedjax.core.beam_search import BeamSearchParams
 from pagedjax.sampling_params import SamplingParams
 from tests.reliability.fake_device import EOS, fake_engine
 

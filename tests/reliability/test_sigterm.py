@@ -40,7 +40,7 @@ def _events(lines):
 def test_sigterm_drains_then_exits_0(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(CONFIG))
     char_tokenizer(CONFIG["vocab_size"]).save_pretrained(tmp_path / "tokenizer")
-    argv = [sys.executable, "-m", "pagedjax.cli", "serve", "--load-format", "dummy",
+    argv = [sys.executable, "-m", "pagedjax.entrypoints.cli", "serve", "--load-format", "dummy",
             "--model", str(tmp_path / "config.json"), "--tokenizer", str(tmp_path / "tokenizer"),
             "--served-model-name", "tiny",
             "--port", "0", "--max-model-len", "8192", "--block-size", "128",

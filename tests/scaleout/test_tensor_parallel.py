@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from pagedjax import LLM, sharding
-from pagedjax.memory_report import weights_bytes
+from pagedjax import LLM
+from pagedjax.worker import sharding
+from pagedjax.planning.memory_report import weights_bytes
 from tests.scaleout.common import generate_tp, tiny
 
 

@@ -7,7 +7,7 @@ prompts at tensor parallel TP, and prints the token ids as one JSON line.
 import json
 import sys
 
-from pagedjax.distributed import initialize
+from pagedjax.worker.distributed import initialize
 
 
 def main(port: int, process_id: int, tp: int) -> None:

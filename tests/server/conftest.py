@@ -19,7 +19,7 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagedjax import LLM
-from pagedjax.server import add_arguments, build_server
+from pagedjax.entrypoints.server import add_arguments, build_server
 
 API_KEY = "sk-test-key"
 MODEL = "tiny"
@@ -93,8 +93,8 @@ def start_uvicorn(server) -> Running:
 def another_app(aengine, *, header_timeout: float = 10.0, **app_kw):
     """A second app and uvicorn over ``aengine`` (no new engine, no compile) with other server
     options; yields its URL."""
-    from pagedjax.server.app import build_app
-    from pagedjax.server.timeouts import uvicorn_config
+    from pagedjax.entrypoints.server.app import build_app
+    from pagedjax.entrypoints.server.timeouts import uvicorn_config
 
     app = build_app(aengine, MODEL, API_KEY, **app_kw)
     config = uvicorn_config(app, "127.0.0.1", 0, log_level="warning",

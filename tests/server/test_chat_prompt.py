@@ -7,8 +7,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from pagedjax.server.chat_prompt import (ChatPromptError, _content_as_text, _special_texts,
-                                         chat_prompt_ids)
+from pagedjax.entrypoints.server.chat_prompt import (ChatPromptError, _content_as_text,
+                                                     _special_texts, chat_prompt_ids)
 from tests.server.conftest import API_KEY, MODEL, another_app, char_tokenizer
 
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

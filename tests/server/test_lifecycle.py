@@ -9,7 +9,7 @@ import httpx
 import pytest
 import uvicorn
 
-from pagedjax.server.app import build_app
+from pagedjax.entrypoints.server.app import build_app
 from tests.server.conftest import API_KEY, MODEL, start_uvicorn
 
 LONG = {"model": MODEL, "prompt": "hello", "max_tokens": 50, "temperature": 0,
@@ -106,7 +106,7 @@ LOG_LINE = re.compile(r"Avg prompt throughput: [\d.]+ tokens/s, Avg generation t
 
 
 def test_periodic_stats_log_line(server, caplog):
-    caplog.set_level(logging.INFO, logger="pagedjax.server.engine_loop")
+    caplog.set_level(logging.INFO, logger="pagedjax.entrypoints.server.engine_loop")
     server.client().completions.create(model=MODEL, prompt="log me", max_tokens=8)
     deadline = time.monotonic() + 5  # the server logs every 0.3 s while it has work
     while not any(LOG_LINE.search(r.getMessage()) for r in caplog.records):
@@ -117,7 +117,7 @@ def test_periodic_stats_log_line(server, caplog):
 def test_serve_flags_default_to_localhost_and_vllm_names():
     import argparse
 
-    from pagedjax.server import add_arguments
+    from pagedjax.entrypoints.server import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -129,8 +129,8 @@ def test_serve_flags_default_to_localhost_and_vllm_names():
 def test_a_failing_engine_step_fails_requests_and_health(tok_model, monkeypatch):
     from pagedjax.engine import LLMEngine
     from pagedjax.config import EngineArgs
-    from pagedjax.server.engine_loop import AsyncEngine
-    from pagedjax.server.metrics import EngineMetrics
+    from pagedjax.entrypoints.server.engine_loop import AsyncEngine
+    from pagedjax.entrypoints.server.metrics import EngineMetrics
     from tests.server.conftest import ENGINE_ARGS
 
     engine = LLMEngine(EngineArgs(**ENGINE_ARGS), loaded=tok_model)

@@ -4,7 +4,7 @@ import asyncio
 import pytest
 
 from pagedjax import BeamSearchParams, SamplingParams
-from pagedjax.generate import build_prompt
+from pagedjax.entrypoints.generate import build_prompt
 from tests.server.conftest import MODEL
 
 IGNORE_EOS = {"ignore_eos": True}

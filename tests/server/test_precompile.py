@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from pagedjax.server import add_arguments, build_server
+from pagedjax.entrypoints.server import add_arguments, build_server
 from tests.conftest import TINY_QWEN, TinyModel, random_params
 from tests.server.conftest import MODEL, Server, char_tokenizer, server_argv, start_uvicorn
 

@@ -13,7 +13,7 @@ import types
 import httpx
 import pytest
 
-from pagedjax.server import serving as serving_module
+from pagedjax.entrypoints.server import serving as serving_module
 from tests.server.conftest import API_KEY, MODEL
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}

@@ -20,7 +20,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
-from .responses import APIError
+from pagedjax.entrypoints.server.responses import APIError
 
 T = TypeVar("T")
 

@@ -24,7 +24,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from .kv_pool import GiB, KVPoolSpec
+from pagedjax.worker.kv_pool import GiB, KVPoolSpec
 
 logger = logging.getLogger(__name__)
 

@@ -24,12 +24,12 @@ import sys
 import time
 from collections import deque
 
-from .batch import ScheduledBatch, build_arrays, prompt_rows
-from .block_manager import BlockManager
-from .outputs import RequestOutput
-from .request import Request
-from .sequence import PLACEHOLDER, Sequence, Status
-from .swap_space import SwapSpace
+from pagedjax.core.batch import ScheduledBatch, build_arrays, prompt_rows
+from pagedjax.core.block_manager import BlockManager
+from pagedjax.outputs import RequestOutput
+from pagedjax.core.request import Request
+from pagedjax.core.sequence import PLACEHOLDER, Sequence, Status
+from pagedjax.core.swap_space import SwapSpace
 
 logger = logging.getLogger(__name__)
 
@@ -393,7 +393,7 @@ class Scheduler:
             self.swapped.remove(seq)
             self.swap.free(seq.seq_id)
 
-    # ---- a failed device step (pagedjax.faults) ------------------------------------------------
+    # ---- a failed device step (pagedjax.worker.faults) --------------------------------------
     def fail(self, batches: list[ScheduledBatch], message: str) -> list[RequestOutput]:
         """The steps of ``batches`` failed on the device and every KV block is lost: their
         requests finish with ``finish_reason="error"`` (final outputs returned, ``error`` set);

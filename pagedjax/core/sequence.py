@@ -5,7 +5,7 @@ import dataclasses
 import enum
 import itertools
 
-from .sampling_params import SamplingParams
+from pagedjax.sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
 PLACEHOLDER = -1  # an output token still on the device (async scheduling)

@@ -9,7 +9,7 @@ stored token ids, so a hash collision costs a miss, never wrong K/V.
 """
 from __future__ import annotations
 
-from .block_manager import BlockManager
+from pagedjax.core.block_manager import BlockManager
 
 
 class PrefixCachingBlockManager(BlockManager):

@@ -1,6 +1,6 @@
 """A request's host-side state: its sequences, how a sampled token changes them, and its output.
 
-Two kinds, both owned and changed by the scheduler only (pagedjax.scheduler):
+Two kinds, both owned and changed by the scheduler only (pagedjax.core.scheduler):
 
 - ``Request``: n independent samples (best_of of them). Sample 0 computes the prompt; the others
   are forked from it when its prompt is done (they share its KV blocks), so until then it holds
@@ -8,7 +8,7 @@ Two kinds, both owned and changed by the scheduler only (pagedjax.scheduler):
 - ``BeamGroup``: a beam search. Its live beams are one gang: the scheduler preempts and admits
   them together, so a beam never waits for a sibling the pool cannot hold. A sampled row gives
   the beam's top candidates; once every live beam is computed and has them, the round picks the
-  next beams (pagedjax.beam_search.BeamState), each forked from its parent.
+  next beams (pagedjax.core.beam_search.BeamState), each forked from its parent.
 
 Detokenisation and stop strings live here too: a stop string ends a sequence like a stop token.
 """
@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from .beam_search import BeamState
-from .detokenizer import IncrementalDetokenizer
-from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .sampling_params import SamplingParams
-from .sequence import Sequence
+from pagedjax.core.beam_search import BeamState
+from pagedjax.core.detokenizer import IncrementalDetokenizer
+from pagedjax.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from pagedjax.sampling_params import SamplingParams
+from pagedjax.core.sequence import Sequence
 
 
 @dataclasses.dataclass(eq=False)

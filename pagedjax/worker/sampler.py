@@ -11,7 +11,7 @@ These are static flags the host sets per step (one small compiled sampler per co
 the host could not queue the next step while the device runs this one (async scheduling).
 The draw itself is Gumbel-max in vocabulary order with noise from (seed, i), and a filter only
 masks tokens, so a row draws the same token whichever of these paths its batch takes. Penalties
-and min_tokens (pagedjax.penalties) and prompt logprobs are optional inputs of the step's sampler
+and min_tokens (pagedjax.worker.penalties) and prompt logprobs are optional inputs of the step's sampler
 program, present only in steps with a row that asks.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def sample(logits, temperature, top_p, top_k, min_p, seeds, counters, *, random:
     rows (no device-side branch, so dispatch never waits on the device): ``random`` some row has
     temperature > 0, ``filters`` some such row uses top-p / top-k / min-p, ``top`` some row wants
     its top logprobs. ``adjusted``: the logits after penalties and min_tokens
-    (pagedjax.penalties), which the draw uses instead. Returns tokens [S] int32, their logprobs
+    (pagedjax.worker.penalties), which the draw uses instead. Returns tokens [S] int32, their logprobs
     [S], and the top MAX_LOGPROBS (logprobs, ids) [S, MAX_LOGPROBS] per row (zeros unless
     ``top``), all logprobs under the unmodified model distribution (vLLM's default)."""
     x = logits if adjusted is None else adjusted

@@ -100,7 +100,7 @@ class BlockManager:
             if self.ref_counts[b] == 0:
                 self._release(b)
 
-    # ---- prefix caching (pagedjax.prefix_cache overrides; without it nothing is cached) -------
+    # ---- prefix caching (pagedjax.core.prefix_cache overrides; without it nothing is cached) -------
     def match_prefix(self, seq_id: int, token_ids: list[int]) -> int:
         return 0
 
@@ -108,7 +108,7 @@ class BlockManager:
         pass
 
     def drop_cache(self) -> None:
-        """Forget every cached block's contents (the device pool was lost: pagedjax.faults)."""
+        """Forget every cached block's contents (the device pool was lost: pagedjax.worker.faults)."""
 
     def _release(self, b: int) -> None:
         self.free_blocks[b] = None

@@ -6,12 +6,12 @@ One device's memory is split as vLLM splits it::
     free = device memory - weights - profiling peak - KV pool
 
 "Device memory" is the device's total (what CUDA reports: an "80 GB" H100 reports 79.18 GiB),
-not JAX's allocator limit (75% of it unless configured; :mod:`pagedjax.device_memory`).
+not JAX's allocator limit (75% of it unless configured; :mod:`pagedjax.worker.device_memory`).
 
 Every figure is per device. Under tensor parallelism a device holds a slice of the model; that
 slice is described by :func:`per_device_config`, a sizing view whose ``num_params()`` is the
 device's share of the weights and whose KV heads are the heads one device stores. The pool is
-always sized by :meth:`pagedjax.kv_pool.KVPoolSpec.for_budget`, the rule the engine allocates
+always sized by :meth:`pagedjax.worker.kv_pool.KVPoolSpec.for_budget`, the rule the engine allocates
 with, so the planner's prediction and the engine's pool cannot disagree.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import re
 
 from pagedjax.config import EngineConfig
 from pagedjax.kernels import reference
-from pagedjax.kv_pool import GiB, KVPoolSpec, dtype_bytes
+from pagedjax.worker.kv_pool import GiB, KVPoolSpec, dtype_bytes
 from pagedjax.models import ModelConfig
 
 CPU_DEFAULT_KV_BYTES = 1 << 30  # without an accelerator to measure, the pool gets 1 GiB
@@ -90,7 +90,7 @@ def profile_peak_bytes_estimate(cfg: ModelConfig, max_num_batched_tokens: int, d
       + attention scratch                             the reference attention's per-chunk bound
 
     It must not fall short: JAX's allocator is capped at ``--gpu-memory-utilization`` of the
-    device (:mod:`pagedjax.device_memory`), so what the estimate misses the step cannot get.
+    device (:mod:`pagedjax.worker.device_memory`), so what the estimate misses the step cannot get.
     It assumes blockwise attention (no T x context score matrix: the Pallas kernels, and the
     reference path, which holds at most ``kernels.reference.SCRATCH_BYTES`` per KV chunk) and no
     cross-layer activations (inference keeps none). Pass a per-device config for tensor
@@ -134,7 +134,7 @@ def memory_report(config: EngineConfig, *, total_bytes: int | None = None,
     """Weights / profiling peak / KV pool / free for one device, in GiB, and the pool it implies.
 
     The engine calls this at start-up and allocates ``report["num_blocks"]`` blocks:
-    ``total_bytes`` is the device's memory (:func:`pagedjax.device_memory.device_bytes`: its
+    ``total_bytes`` is the device's memory (:func:`pagedjax.worker.device_memory.device_bytes`: its
     total on a GPU, None on the CPU),
     ``weights`` the measured bytes in use after loading and ``profile_peak`` the measured peak of
     a profiling step; either left None is computed from the config (weights at ``dtype``; the

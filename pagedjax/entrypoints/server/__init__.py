@@ -83,13 +83,13 @@ def build_server(args: argparse.Namespace, loaded=None):
     loading a model."""
     from pagedjax.engine import LLMEngine
 
-    from .app import build_app
-    from .engine_loop import AsyncEngine
-    from .metrics import EngineMetrics
-    from .shutdown import DrainingServer
-    from .timeouts import uvicorn_config
+    from pagedjax.entrypoints.server.app import build_app
+    from pagedjax.entrypoints.server.engine_loop import AsyncEngine
+    from pagedjax.entrypoints.server.metrics import EngineMetrics
+    from pagedjax.entrypoints.server.shutdown import DrainingServer
+    from pagedjax.entrypoints.server.timeouts import uvicorn_config
 
-    from pagedjax.sampler import MAX_LOGPROBS
+    from pagedjax.worker.sampler import MAX_LOGPROBS
 
     for flag in ("max_request_bytes", "max_waiting_requests", "max_n", "max_tokenizer_queue"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:

@@ -15,7 +15,7 @@ import time
 
 import uvicorn
 
-from .engine_loop import AsyncEngine, RequestFailedError
+from pagedjax.entrypoints.server.engine_loop import AsyncEngine, RequestFailedError
 
 logger = logging.getLogger(__name__)
 

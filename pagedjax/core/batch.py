@@ -12,9 +12,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import penalties
-from .block_manager import BlockManager
-from .sequence import Sequence
+from pagedjax.worker import penalties
+from pagedjax.core.block_manager import BlockManager
+from pagedjax.core.sequence import Sequence
 
 # Per sampling row, one row each of the step's [len(SAMPLING_FIELDS), rows] int32 sampling array.
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seeds", "counters", "num_top")

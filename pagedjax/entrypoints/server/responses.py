@@ -8,7 +8,7 @@ from starlette.responses import Response
 
 from pagedjax.outputs import CompletionOutput
 
-from . import protocol as P
+from pagedjax.entrypoints.server import protocol as P
 
 
 class APIError(Exception):

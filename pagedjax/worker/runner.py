@@ -16,10 +16,10 @@ import numpy as np
 
 from pagedjax.models import ModelConfig, StepMeta, forward_paged
 
-from . import kv_pool, penalties, sharding
-from .attention import make_attend, resolve_backend
-from .batch import SAMPLING_FIELDS, SAMPLING_FLOATS, ScheduledBatch
-from .sampler import prompt_logprobs, sample
+from pagedjax.worker import kv_pool, penalties, sharding
+from pagedjax.worker.attention import make_attend, resolve_backend
+from pagedjax.core.batch import SAMPLING_FIELDS, SAMPLING_FLOATS, ScheduledBatch
+from pagedjax.worker.sampler import prompt_logprobs, sample
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class StepLayout:
 
 
 class SampleMode(NamedTuple):
-    """Static sampler flags of one step (pagedjax.sampler.sample)."""
+    """Static sampler flags of one step (pagedjax.worker.sampler.sample)."""
 
     random: bool = True  # some row has temperature > 0
     filters: bool = False  # some such row uses top-p / top-k / min-p
@@ -86,7 +86,7 @@ class StepInputs(NamedTuple):
     """What ``prepare`` builds and ``execute`` sends: the model step's packed array and static
     layout, the sampler's per-row parameters and static flags, and the block copies to make
     before the step: one [2, C] array of source / destination blocks per copy program
-    (destination -1 is padding). Only when some row asks: ``penalties`` (pagedjax.penalties),
+    (destination -1 is padding). Only when some row asks: ``penalties`` (pagedjax.worker.penalties),
     and ``prompt_targets`` [Q], the prompt token each prompt-logprob row scores."""
 
     packed: np.ndarray
@@ -131,7 +131,7 @@ class ModelRunner:
                  max_num_seqs: int, max_num_batched_tokens: int, attention_backend: str = "auto",
                  interpret: bool = False, mesh=None):
         self.cfg = cfg
-        self.mesh = mesh  # tensor parallelism (pagedjax.sharding); None on one device
+        self.mesh = mesh  # tensor parallelism (pagedjax.worker.sharding); None on one device
         params = kv_pool.params_for_pool(spec, cfg, params)  # fp8: static KV scales
         self.params = params if mesh is None else sharding.place_params(cfg, params, mesh)
         self.spec = spec
@@ -147,7 +147,7 @@ class ModelRunner:
         pool_sharding = None if mesh is None else sharding.pool_sharding(mesh)
         # Committed from the start: a step's outputs are committed once any input is, and jit
         # keys its cache on committedness, so an uncommitted first pool (or first ``_sampled``)
-        # would compile the first step shape twice (pagedjax.faults.fresh_pool keeps it so).
+        # would compile the first step shape twice (pagedjax.worker.faults.fresh_pool keeps it so).
         self.pool = _committed(kv_pool.allocate(spec, sharding=pool_sharding))
         # The Pallas kernels loop over each sequence's real context, so a wider block table costs
         # nothing there: fix W at the maximum and give mixed steps S = min(max seqs, T). That
@@ -179,7 +179,8 @@ class ModelRunner:
 
     def reset_sampled(self) -> None:
         """A zero sampled-token buffer: at start, and after a failed step poisoned the last one
-        (pagedjax.faults: the next step reads it, and would fail with the old step's error)."""
+        (pagedjax.worker.faults: the next step reads it, and would fail with the old step's
+        error)."""
         self._sampled = _committed(self._to_device(np.zeros(self.max_rows, np.int32)))
 
     # ---- buckets -----------------------------------------------------------------------------
@@ -285,7 +286,7 @@ class ModelRunner:
 
     # ---- one step ----------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        """The batch's arrays (pagedjax.batch.BatchArrays) padded into the bucket's packed
+        """The batch's arrays (pagedjax.core.batch.BatchArrays) padded into the bucket's packed
         layout: rows past the batch's are padding (slot -1 writes nothing, top_p 1)."""
         a = batch.arrays
         R, rows, n_tok = len(a.context_lens), a.sampling.shape[1], len(a.tokens)

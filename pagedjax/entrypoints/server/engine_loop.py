@@ -20,13 +20,13 @@ import threading
 import time
 from typing import AsyncIterator, Callable
 
-from pagedjax.beam_search import BeamSearchParams
+from pagedjax.core.beam_search import BeamSearchParams
 from pagedjax.engine import LLMEngine
 from pagedjax.outputs import RequestOutput
 from pagedjax.sampling_params import SamplingParams
 from pagedjax.stats import EngineSnapshot
 
-from .metrics import EngineMetrics
+from pagedjax.entrypoints.server.metrics import EngineMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class AsyncEngine:
                     self._dispatch(self.engine.step())
                 self._publish()
         except Exception as e:  # a host-side error leaves the engine in an unknown state: stop
-            # (a failed device step is handled inside LLMEngine.step: pagedjax.faults)
+            # (a failed device step is handled inside LLMEngine.step: pagedjax.worker.faults)
             logger.exception("engine step failed; failing all requests")
             self.dead = e
         finally:
@@ -282,7 +282,7 @@ class AsyncEngine:
             if out.finished:
                 del self._streams[out.request_id]
                 self._seen.pop(out.request_id, None)
-            if out.error is not None:  # its device step failed (pagedjax.faults): a 500
+            if out.error is not None:  # its device step failed (pagedjax.worker.faults): a 500
                 self._call(stream.loop, stream._fail,
                            RequestFailedError(out.error, code="engine_step_failed"))
                 continue

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pagedjax.kv_pool import KVPoolSpec
+    from pagedjax.worker.kv_pool import KVPoolSpec
 
 PERCENTILES = (50, 95, 99)
 

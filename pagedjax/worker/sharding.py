@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from pagedjax.memory_report import kv_heads_per_device, per_device_config
+from pagedjax.planning.memory_report import kv_heads_per_device, per_device_config
 from pagedjax.models import ModelConfig, StepMeta
 from pagedjax.models.fused import fuse_projections, qkv_parts
 
@@ -126,7 +126,7 @@ def param_logical_axes(params) -> Any:
         key = tuple(names[-2:])
         if key not in PARAM_AXES:
             raise ValueError(f"no logical axes for parameter {'.'.join(names)}: add it to "
-                             f"pagedjax.sharding.PARAM_AXES")
+                             f"pagedjax.worker.sharding.PARAM_AXES")
         if len(PARAM_AXES[key]) != np.ndim(x):
             raise ValueError(f"parameter {'.'.join(names)} has shape {np.shape(x)}, but its "
                              f"logical axes are {PARAM_AXES[key]}")

@@ -12,10 +12,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from . import protocol as P
-from .engine_loop import AsyncEngine
-from .responses import APIError
-from .serving import OpenAIServing
+from pagedjax.entrypoints.server import protocol as P
+from pagedjax.entrypoints.server.engine_loop import AsyncEngine
+from pagedjax.entrypoints.server.responses import APIError
+from pagedjax.entrypoints.server.serving import OpenAIServing
 
 logger = logging.getLogger(__name__)
 

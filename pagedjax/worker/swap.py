@@ -69,8 +69,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import kv_pool
-from .swap_space import SwapSpace
+from pagedjax.worker import kv_pool
+from pagedjax.core.swap_space import SwapSpace
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import logging
 import sys
 import time
 
-from .config import add_engine_arguments
-from .sampling_params import SamplingParams
+from pagedjax.config import add_engine_arguments
+from pagedjax.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def check(args: argparse.Namespace):
     """The request's parameters from the flags (SamplingParams, or BeamSearchParams with
     ``--beam-width``); a ValueError naming the flag if one is bad. No JAX, no model."""
     if args.beam_width is not None:
-        from .beam_search import BeamSearchParams
+        from pagedjax.core.beam_search import BeamSearchParams
 
         clash = [flag for flag, bad in (
             ("--n", args.n != 1), ("--temperature", args.temperature != 0.0),
@@ -72,7 +72,7 @@ def check(args: argparse.Namespace):
         except ValueError as e:
             raise _named(e) from None
     if args.logprobs is not None:
-        from .sampler import MAX_LOGPROBS
+        from pagedjax.worker.sampler import MAX_LOGPROBS
 
         if args.logprobs > MAX_LOGPROBS:
             raise ValueError(f"--logprobs {args.logprobs} exceeds the maximum {MAX_LOGPROBS}")
@@ -108,8 +108,8 @@ def format_logprobs(tokenizer, out) -> list[str]:
 
 def run(args: argparse.Namespace) -> str:
     params = check(args)  # again, for callers that skip the CLI
-    from .config import EngineArgs
-    from .engine import LLMEngine
+    from pagedjax.config import EngineArgs
+    from pagedjax.engine import LLMEngine
 
     engine = LLMEngine(EngineArgs.from_namespace(args))
     prompt = build_prompt(engine.tokenizer, args.prompt, args.raw, args.system)

@@ -13,9 +13,9 @@ import logging
 import sys
 
 COMMANDS = {
-    "generate": ("pagedjax.generate", "generate text from a prompt (the main job)"),
-    "serve": ("pagedjax.server", "OpenAI-compatible HTTP server"),
-    "plan": ("pagedjax.planner", "capacity planner and memory report"),
+    "generate": ("pagedjax.entrypoints.generate", "generate text from a prompt (the main job)"),
+    "serve": ("pagedjax.entrypoints.server", "OpenAI-compatible HTTP server"),
+    "plan": ("pagedjax.planning.planner", "capacity planner and memory report"),
 }
 QUIET = ("generate",)  # commands whose output is the answer: no INFO lines without -v
 RUNS_ENGINE = ("generate", "serve")  # commands that size a KV pool on this device
@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None):
 
         if command in RUNS_ENGINE:
             EngineArgs.from_namespace(args)  # every engine flag checked before a model loads
-            from pagedjax.device_memory import configure_allocator
+            from pagedjax.worker.device_memory import configure_allocator
 
             configure_allocator(args.gpu_memory_utilization)  # before JAX starts a backend
-        from pagedjax.distributed import maybe_initialize
+        from pagedjax.worker.distributed import maybe_initialize
 
         maybe_initialize(args)  # before anything touches a device
         return module.run(args)

@@ -1,7 +1,7 @@
 """Host-side bookkeeping of the swap space: which host slots hold which swapped sequence's blocks.
 
 Plain Python, like the device ``BlockManager`` it mirrors. The host pool is cut into *pieces* of
-``piece_blocks`` device blocks (``pagedjax.swap`` says why: one device->host transfer fills one
+``piece_blocks`` device blocks (``pagedjax.worker.swap`` says why: one device->host transfer fills one
 whole piece). A host ``BlockManager`` whose block is one piece keeps the free list and the reference
 counts; a swapped sequence owns ``ceil(n / piece_blocks)`` pieces for its ``n`` device blocks, and
 device block ``i`` of its table lives in host slot ``piece[i // P] * P + i % P``.
@@ -13,8 +13,8 @@ way in). A sequence swapped out of blocks it shared (a fork) comes back with its
 """
 from __future__ import annotations
 
-from .block_manager import BlockManager
-from .sequence import Sequence
+from pagedjax.core.block_manager import BlockManager
+from pagedjax.core.sequence import Sequence
 
 
 class SwapSpace:

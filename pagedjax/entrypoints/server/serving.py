@@ -13,17 +13,18 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from pagedjax.beam_search import BeamSearchParams
+from pagedjax.core.beam_search import BeamSearchParams
 from pagedjax.outputs import RequestOutput
 from pagedjax.sampling_params import SamplingParams
 
-from . import protocol as P
-from .chat_prompt import ChatPromptError, chat_prompt_ids, text_messages
-from .engine_loop import (AsyncEngine, EngineDeadError, RequestFailedError, RequestStream,
-                          Submission)
-from .responses import (APIError, ChoiceState, best_first, json_response, next_delta,
-                        openai_finish, sse, stop_reason, usage_info)
-from .tokenizer_thread import TokenizerThread
+from pagedjax.entrypoints.server import protocol as P
+from pagedjax.entrypoints.server.chat_prompt import ChatPromptError, chat_prompt_ids, text_messages
+from pagedjax.entrypoints.server.engine_loop import (AsyncEngine, EngineDeadError,
+                                                     RequestFailedError, RequestStream, Submission)
+from pagedjax.entrypoints.server.responses import (APIError, ChoiceState, best_first,
+                                                   json_response, next_delta, openai_finish, sse,
+                                                   stop_reason, usage_info)
+from pagedjax.entrypoints.server.tokenizer_thread import TokenizerThread
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 

@@ -42,6 +42,6 @@ def make_attend(backend: str, interpret: bool = False, mesh=None):
 
     if mesh is None:
         return attend
-    from pagedjax.sharding import shard_attend
+    from pagedjax.worker.sharding import shard_attend
 
     return shard_attend(attend, mesh)

@@ -10,11 +10,11 @@ from typing import Any, Sequence as Seq
 
 from tqdm.auto import tqdm
 
-from .beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
-from .config import EngineArgs
-from .engine import LLMEngine
-from .outputs import RequestOutput
-from .sampling_params import SamplingParams
+from pagedjax.core.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
+from pagedjax.config import EngineArgs
+from pagedjax.engine import LLMEngine
+from pagedjax.outputs import RequestOutput
+from pagedjax.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict[str, Any]
 

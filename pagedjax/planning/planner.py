@@ -6,7 +6,7 @@
 The model's shape comes from its config alone (no weights are read): a shipped config name
 (``models/configs/<name>.json``), a Hugging Face folder or ``config.json``, a ``.gguf`` file (its
 metadata) or a hub id (its ``config.json`` from the hub). The arithmetic is
-:mod:`pagedjax.memory_report`, the same the engine's start-up uses.
+:mod:`pagedjax.planning.memory_report`, the same the engine's start-up uses.
 """
 from __future__ import annotations
 
@@ -19,10 +19,9 @@ import socket
 import urllib.parse
 from pathlib import Path
 
-from pagedjax import memory_report as mr
-from pagedjax import request_log
+from pagedjax.planning import memory_report as mr, request_log
 from pagedjax.config import EngineArgs, EngineConfig, add_engine_arguments
-from pagedjax.kv_pool import GiB, KVPoolSpec
+from pagedjax.worker.kv_pool import GiB, KVPoolSpec
 from pagedjax.models import ModelConfig
 from pagedjax.models.loader import resolve_dtype
 
@@ -189,9 +188,9 @@ def load_tokenizer(source: str, gguf_file: str | None = None):
 
 def device_memory_bytes(gpu_memory_utilization: float) -> int:
     """The first JAX device's memory, as the engine reads it (its total on a GPU:
-    :func:`pagedjax.device_memory.device_bytes`). JAX is told not to preallocate, so that
+    :func:`pagedjax.worker.device_memory.device_bytes`). JAX is told not to preallocate, so that
     planning on a busy GPU takes nothing from the server running there."""
-    from pagedjax import device_memory
+    from pagedjax.worker import device_memory
 
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     device_memory.configure_allocator(gpu_memory_utilization)

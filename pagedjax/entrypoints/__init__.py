@@ -1,0 +1,1 @@
+"""What users call: LLM, the CLI, generate, the OpenAI-compatible server."""

@@ -1,0 +1,1 @@
+"""Capacity planning: the planner, the memory report, request logs."""
