@@ -1,7 +1,9 @@
-"""host-overhead: host time per engine step (schedule + prepare + postprocess) with a fake device.
+"""host-overhead: host time per engine step (schedule + prepare + update) with a fake device.
 
-The device step is replaced by a numpy stub that returns tokens at once, so what is measured is
-exactly the Python the engine runs between two device steps, at 8 / 64 / 256 decoding sequences.
+The device step is a numpy stub given to the engine through its fake-device seam
+(``LLMEngine(execute=...)``) that returns tokens at once, so what is measured is exactly the
+Python the engine runs between two device steps, at 8 / 64 / 256 decoding sequences; the phases
+come from the engine's own counters (``EngineStats``).
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _fake_engine(num_seqs: int, prompt_len: int, steps: int):
     import jax.numpy as jnp
 
-    from pagedjax import LLM, SamplingParams
+    from pagedjax import SamplingParams
+    from pagedjax.config import EngineArgs
+    from pagedjax.engine import LLMEngine
     from pagedjax.models import ModelConfig
     from pagedjax.worker.runner import StepResult
     from pagedjax.worker.sampler import MAX_LOGPROBS
@@ -40,8 +44,6 @@ def _fake_engine(num_seqs: int, prompt_len: int, steps: int):
         dtype: str = "float32"
 
     blocks = num_seqs * (-(-(prompt_len + steps + 32) // 16))
-    llm = LLM(loaded=Loaded(cfg), num_gpu_blocks_override=blocks, max_num_seqs=num_seqs,
-              max_num_batched_tokens=max(2048, num_seqs), max_model_len=cfg.max_position_embeddings)
     rng = np.random.default_rng(0)
 
     def fake_execute(inputs):  # what the device would return, instantly
@@ -51,26 +53,15 @@ def _fake_engine(num_seqs: int, prompt_len: int, steps: int):
                           np.full(layout.S, -1.0, np.float32),
                           np.full((layout.S, MAX_LOGPROBS), -2.0, np.float32), top)
 
-    llm.engine.runner.execute = fake_execute
+    args = EngineArgs.from_kwargs(num_gpu_blocks_override=blocks, max_num_seqs=num_seqs,
+                                  max_num_batched_tokens=max(2048, num_seqs),
+                                  max_model_len=cfg.max_position_embeddings)
+    engine = LLMEngine(args, loaded=Loaded(cfg), execute=fake_execute)
     sp = SamplingParams(max_tokens=steps + 10, ignore_eos=True, temperature=0.7)
     for i in range(num_seqs):
-        llm.engine.add_request(str(i), rng.integers(3, 32000, size=prompt_len).tolist(), sp,
-                               stream=False)  # as LLM.generate does
-    return llm.engine, jnp
-
-
-def timed(obj, name: str, times: dict, key: str) -> None:
-    """Wrap ``obj.name`` so its time accumulates into ``times[key]``."""
-    fn = getattr(obj, name)
-
-    def wrapper(*a, **kw):
-        t = time.perf_counter()
-        try:
-            return fn(*a, **kw)
-        finally:
-            times[key] += time.perf_counter() - t
-
-    setattr(obj, name, wrapper)
+        engine.add_request(str(i), rng.integers(3, 32000, size=prompt_len).tolist(), sp,
+                           stream=False)  # as LLM.generate does
+    return engine, jnp
 
 
 def run(args) -> dict:
@@ -80,15 +71,13 @@ def run(args) -> dict:
         while any(s.num_computed_tokens < len(s.prompt_token_ids) for r in engine.requests.values()
                   for s in r.seqs):
             engine.step()  # prefill everyone first
-        times = {"schedule": 0.0, "prepare": 0.0, "postprocess": 0.0}
-        timed(engine.scheduler, "schedule", times, "schedule")
-        timed(engine.runner, "prepare", times, "prepare")
-        timed(engine, "_complete_oldest", times, "postprocess")
+        before = engine.make_stats()
         t0 = time.perf_counter()
         for _ in range(args.steps):
             engine.step()
         total = (time.perf_counter() - t0) / args.steps * 1e3
-        per = {k: v / args.steps * 1e3 for k, v in times.items()}
+        d = engine.make_stats().delta(before)
+        per = {k: d[f"{k}_seconds"] / args.steps * 1e3 for k in ("schedule", "prepare", "update")}
         per["other"] = total - sum(per.values())  # dispatch bookkeeping, step loop
         rows.append({"running_seqs": b, **{f"{k}_ms": v for k, v in per.items()},
                      "total_ms": sum(per.values())})

@@ -44,14 +44,22 @@ class EngineStats:
     generation_tokens: int = 0
     computed_tokens: int = 0  # tokens run through the model, recompute included
     steps: int = 0
-    host_seconds: float = 0.0  # schedule + prepare + postprocess
+    host_seconds: float = 0.0  # schedule + prepare + update (and the step's bookkeeping)
     device_seconds: float = 0.0  # dispatch until the sampled tokens are on the host
+    schedule_seconds: float = 0.0  # Scheduler.schedule: the batch and its host arrays
+    prepare_seconds: float = 0.0  # ModelRunner.prepare: padding into a bucket
+    update_seconds: float = 0.0  # Scheduler.update_from_output
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs, loaded=None, *, block_manager_cls=None):
+    def __init__(self, args: EngineArgs, loaded=None, *, block_manager_cls=None, execute=None):
         """``block_manager_cls`` (benchmarks): a BlockManager subclass to build the block manager
-        from, e.g. one that copies forked blocks instead of sharing them (benchmarks/beam.py)."""
+        from, e.g. one that copies forked blocks instead of sharing them (benchmarks/beam.py).
+
+        ``execute`` (the fake-device seam, for benchmarks and tests without a model): called with
+        each step's ``StepInputs`` instead of ``ModelRunner.execute``; returns what the device
+        would (a ``StepResult``-shaped object with ``to_host``), so the host side runs as it
+        does for real (benchmarks/host_overhead.py, tests/reliability/fake_device.py)."""
         self.args = args
         device_memory.configure_allocator(args.gpu_memory_utilization)  # before JAX starts
         owned = loaded is None  # the engine loads the weights itself: it may consume them
@@ -92,6 +100,7 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self.stats = EngineStats()
+        self._fake_execute = execute
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs,
                                    config.max_num_batched_tokens, args.enable_chunked_prefill,
                                    swap_space=self.swap_space, max_model_len=self.max_model_len,
@@ -256,13 +265,17 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         try:
             batch = self.scheduler.schedule()
+            t1 = time.perf_counter()
+            self.stats.schedule_seconds += t1 - t0
             if batch.swap_out or batch.swap_in:  # before the step writes into the freed blocks
                 self.stats.device_seconds += self.host_pool.execute(batch, self.runner)
             if batch:
                 self._dispatching = batch
+                t1 = time.perf_counter()
                 inputs = self.runner.prepare(batch)
-                self._on_device.append(InFlight(batch, self.runner.execute(inputs),
-                                                inputs.mode.top))
+                self.stats.prepare_seconds += time.perf_counter() - t1
+                execute = self._fake_execute or self.runner.execute
+                self._on_device.append(InFlight(batch, execute(inputs), inputs.mode.top))
                 self._dispatching = None
             while len(self._on_device) > 1 or (self._on_device and (
                     not batch or self._on_device[0].batch.needs_host
@@ -284,7 +297,9 @@ class LLMEngine:
         result = f.result.to_host(f.want_top)  # the one device wait
         self.stats.device_seconds += time.perf_counter() - t
         self.stats.steps += 1
+        t = time.perf_counter()
         outputs = self.scheduler.update_from_output(f.batch, result)
+        self.stats.update_seconds += time.perf_counter() - t
         self._on_device.pop(0)
         return outputs
 
@@ -316,7 +331,8 @@ class LLMEngine:
             cpu_cache_usage=self.swap_space.usage if self.swap_space is not None else 0.0,
             prompt_tokens=s.prompt_tokens, generation_tokens=s.generation_tokens,
             computed_tokens=s.computed_tokens, steps=s.steps, host_seconds=s.host_seconds,
-            device_seconds=s.device_seconds, num_preemptions=sched.num_preemptions,
+            device_seconds=s.device_seconds, schedule_seconds=s.schedule_seconds,
+            prepare_seconds=s.prepare_seconds, update_seconds=s.update_seconds, num_preemptions=sched.num_preemptions,
             num_preemptions_swap=sched.num_preemptions_swap,
             num_preemptions_recompute=sched.num_preemptions_recompute,
             prefix_cache_queries=bm.queries, prefix_cache_hits=bm.hits,

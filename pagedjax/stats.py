@@ -24,8 +24,11 @@ class EngineSnapshot:
     generation_tokens: int = 0
     computed_tokens: int = 0  # tokens run through the model, recompute included
     steps: int = 0
-    host_seconds: float = 0.0  # schedule + prepare + postprocess
+    host_seconds: float = 0.0  # schedule + prepare + update (and the step's bookkeeping)
     device_seconds: float = 0.0  # dispatch until the sampled tokens are on the host
+    schedule_seconds: float = 0.0  # the host phases inside host_seconds
+    prepare_seconds: float = 0.0
+    update_seconds: float = 0.0
     num_preemptions: int = 0
     num_preemptions_swap: int = 0
     num_preemptions_recompute: int = 0

@@ -49,7 +49,7 @@ class FakeHostPool:
 
 
 class FakeDevice:
-    """``runner.execute`` stand-in: random distinct top ids per row, EOS now and then; ``fail``
+    """The device step's stand-in (``LLMEngine(execute=...)``): random distinct top ids per row, EOS now and then; ``fail``
     makes the next call lose the pool (as a failure after donation does) and raise."""
 
     def __init__(self, runner, seed: int, eos_rate: float = 0.05):
@@ -80,8 +80,8 @@ class FakeDevice:
 def fake_engine(seed: int = 0, **engine_args) -> tuple[LLMEngine, FakeDevice]:
     args = EngineArgs(**{"max_model_len": 32, "block_size": 8, "max_num_seqs": 4,
                          "max_num_batched_tokens": 16, **engine_args})
+    device = FakeDevice(None, seed)
     with mock.patch("pagedjax.worker.swap.HostKVPool", FakeHostPool):
-        engine = LLMEngine(args, loaded=NoWeights())
-    device = FakeDevice(engine.runner, seed)
-    engine.runner.execute = device
+        engine = LLMEngine(args, loaded=NoWeights(), execute=device)  # the fake-device seam
+    device.runner = engine.runner  # whose pool a failing call loses
     return engine, device
