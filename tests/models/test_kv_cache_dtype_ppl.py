@@ -22,7 +22,7 @@ from tests.models.loader_testutil import perplexity
 
 from pagedjax.worker import kv_pool
 from pagedjax.worker.attention import make_attend
-from pagedjax.models import forward_paged
+from pagedjax.models import StepMeta, forward_paged
 
 BLOCK = 16
 
@@ -31,10 +31,10 @@ def paged_logits(loaded, ids, kv_dtype: str):
     """Logits of every position of ``ids`` [T] from one paged prefill into a fresh pool."""
     cfg, t = loaded.cfg, len(ids)
     spec = kv_pool.KVPoolSpec.for_model(cfg, -(-t // BLOCK), BLOCK, kv_dtype)
-    meta = {"slot_mapping": jnp.arange(t, dtype=jnp.int32),
-            "block_tables": jnp.arange(spec.num_blocks, dtype=jnp.int32)[None],
-            "context_lens": jnp.array([t], jnp.int32),
-            "query_start_loc": jnp.array([0, t], jnp.int32), "decode_only": False}
+    meta = StepMeta(slot_mapping=jnp.arange(t, dtype=jnp.int32),
+                    block_tables=jnp.arange(spec.num_blocks, dtype=jnp.int32)[None],
+                    context_lens=jnp.array([t], jnp.int32),
+                    query_start_loc=jnp.array([0, t], jnp.int32))
     step = jax.jit(functools.partial(forward_paged, cfg=cfg, meta=meta,
                                      attend=make_attend("reference")))
     logits, _ = step(kv_pool.params_for_pool(spec, cfg, loaded.params), tokens=jnp.asarray(ids, jnp.int32),
