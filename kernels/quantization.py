@@ -74,8 +74,11 @@ bf16), and when a new token raises it, re-quantizes the block's earlier codes to
 not grow leaves the codes bit-identical, so a code is re-rounded only when its channel's maximum
 grows (about ln(16) ~ 3 times in a block of random keys). Rows written together are applied in
 slot order, so the stored bits are those of token-by-token writes whatever the chunking
-(``reference.write_channel_scaled``): chunked prefill, decode and recompute after preemption
-agree bit for bit. Measured (tests/kernels/test_int4_kv.py ``partial_block_errors``; K of
+(``reference.write_channel_scaled``). What attention sees does depend on the chunking: a query
+of a prefill chunk reads its block's keys quantized with the chunk's later tokens already in the
+scale, a decode step only with the tokens before it; so int4's greedy tokens equal a
+token-at-a-time reference, not a one-shot prefill's (tests/engine/test_kv_cache_dtype.py), and a
+recompute after preemption may differ from the run it replaces by that noise. Measured (tests/kernels/test_int4_kv.py ``partial_block_errors``; K of
 16-token blocks written a token at a time; error relative to the keys' norm):
 
 | keys | whole block at once (floor) | running max (chosen) | first token's scale, clamped | per token |
