@@ -14,9 +14,10 @@ with context lengths 0/1/15/16/17/long, and every timed decode shape against jax
 Quantized KV (``--kv-cache-dtype``, default fp8_e4m3; ``auto`` skips it): every decode shape is
 timed a second time on the same pages in the engine's format for that dtype (fp8: raw fp8 pages,
 1 byte per value; int8: ``QuantizedPages``, 1-byte values and a bf16 scale per token and KV
-head), through ``ragged_paged_attention`` and its defaults (kv_heads_per_program 2 on raw fp8),
-and checked against the reference on those pages; ``summary["fp8_decode_speedup"]`` is
-bf16 time / fp8 time at 64 x 4096.
+head; int4: packed half-byte codes, V scaled per token, K per channel of a block), through
+``ragged_paged_attention`` and its defaults (kv_heads_per_program 2 on raw fp8), and checked
+against the reference on those pages; ``summary["fp8_decode_speedup"]`` (``int8_...``,
+``int4_...``) is bf16 time / that dtype's time at 64 x 4096.
 """
 from __future__ import annotations
 
@@ -32,13 +33,13 @@ import numpy as np
 
 from pagedjax.kernels import paged_attention_ref
 from pagedjax.kernels.dispatch import ragged_paged_attention, write_kv
-from pagedjax.kernels.quantization import QUANTIZED_DTYPES, SCALE_BYTES, has_token_scales
+from pagedjax.kernels.quantization import QUANTIZED_DTYPES
 
 from . import common, plots
 from .common import as_f32, rel_err
 from .kernel_prefill import prefill
-from .kernel_quantized import (cache_pages, check_quantized_write, checked_timings,
-                               quantized_decode, quantized_sweep)
+from .kernel_quantized import (cache_kv, check_quantized_write, checked_timings,
+                               kv_bytes_per_token_head, quantized_decode, quantized_sweep)
 
 logger = logging.getLogger(__name__)
 L2_BYTES = 50 << 20
@@ -169,8 +170,8 @@ def decode_inputs(b: Bench, batch: int, ctx: int, rot: int):
 def decode_case(b: Bench, batch: int, ctx: int, copy_bw: float, sweep: bool, peer: bool) -> dict:
     k, h = b.k, b.h
     kv_bytes = 2 * batch * ctx * k * h * 2
-    scale_bytes = SCALE_BYTES if b.kv_dtype and has_token_scales(b.kv_dtype) else 0  # raw fp8: 0
-    q_kv_bytes = 2 * batch * ctx * k * (h + scale_bytes) if b.kv_dtype else 0
+    q_kv_bytes = (int(batch * ctx * k * kv_bytes_per_token_head(b.kv_dtype, h, b.bs))
+                  if b.kv_dtype else 0)
     rot = int(np.clip(-(-4 * L2_BYTES // kv_bytes), 1, 16)) if not b.tiny else 1
     if (kv_bytes * (2 if peer else 1) + q_kv_bytes) * rot > b.mem:
         return {"batch": batch, "ctx": ctx, "skipped": "does not fit"}
@@ -299,8 +300,7 @@ def correctness(b: Bench) -> dict:
         ref = paged_attention_ref(*as_f32(*args[:3]), *args[3:])
         out[name] = _check(b, args, kw, ref)
         if b.kv_dtype:  # the same pages in the cache dtype's format, against the reference on them
-            qargs = (args[0], cache_pages(args[1], b.kv_dtype), cache_pages(args[2], b.kv_dtype),
-                     *args[3:])
+            qargs = (args[0], *cache_kv(args[1], args[2], b.kv_dtype), *args[3:])
             ref = paged_attention_ref(args[0].astype(jnp.float32), *qargs[1:])
             out[f"{name}-{b.kv_dtype}"] = _check(b, qargs, kw, ref)
     if b.kv_dtype:
@@ -361,7 +361,7 @@ def kv_write(b: Bench) -> dict:
     out = {}
     pools = [("", (kp, vp))]
     if b.kv_dtype:
-        pools.append((f"_{b.kv_dtype}", tuple(cache_pages(x, b.kv_dtype) for x in (kp, vp))))
+        pools.append((f"_{b.kv_dtype}", cache_kv(kp, vp, b.kv_dtype)))
     for t in ([4] if b.tiny else [64, 2048]):
         kn, vn = b.rand((t, b.k, b.h)), b.rand((t, b.k, b.h))
         slots = jnp.asarray(np.random.default_rng(t).permutation(pages * b.bs)[:t], jnp.int32)

@@ -15,18 +15,32 @@ import numpy as np
 
 from pagedjax.kernels import dequantize_pages, paged_attention_ref, quantize_pages, write_kv_ref
 from pagedjax.kernels.dispatch import ragged_paged_attention, write_kv
-from pagedjax.kernels.quantization import has_token_scales, is_quantized, saturate, storage_dtype
+from pagedjax.kernels.quantization import (SCALE_BYTES, has_token_scales, is_quantized, saturate,
+                                           storage_dtype)
 
 from .common import rel_err
 
 
-def cache_pages(pages, name: str):
+def cache_pages(pages, name: str, keys: bool = False):
     """Pages -> the same values in cache dtype ``name``'s format: QuantizedPages for a dtype with
-    per-token scales (int8), else raw fp8 pages (saturated to +-qmax; the benchmark's N(0, 1)
-    values need no static scale to fit)."""
+    scales (int8; int4, whose ``keys`` take a scale per channel of a block), else raw fp8 pages
+    (saturated to +-qmax; the benchmark's N(0, 1) values need no static scale to fit)."""
     if has_token_scales(name):
-        return quantize_pages(pages, name)
+        return quantize_pages(pages, name, keys=keys)
     return saturate(pages, storage_dtype(name))
+
+
+def cache_kv(k_pages, v_pages, name: str) -> tuple:
+    """(K, V) pages in cache dtype ``name``'s format."""
+    return cache_pages(k_pages, name, keys=True), cache_pages(v_pages, name)
+
+
+def kv_bytes_per_token_head(name: str, h: int, block_size: int) -> float:
+    """K + V bytes of one token and KV head in cache dtype ``name``'s format, scales included
+    (int4's K scales are per block: 2 H bytes over its tokens)."""
+    if name == "int4":
+        return h + 2 + 2 * h / block_size
+    return 2 * (h + (SCALE_BYTES if has_token_scales(name) else 0))  # raw fp8: no scale bytes
 
 
 def quantized_decode(b, ours, q, kp, vp, tables, cl, qsl, bf16_out, bf16_t, kv_bytes,
@@ -36,7 +50,7 @@ def quantized_decode(b, ours, q, kp, vp, tables, cl, qsl, bf16_out, bf16_t, kv_b
     bandwidth, speedup over bf16, error against the reference on those pages and against the
     bf16 output."""
     name = b.kv_dtype
-    qk, qv = cache_pages(kp, name), cache_pages(vp, name)
+    qk, qv = cache_kv(kp, vp, name)
     bytes_per_call = kv_bytes + 2 * q.nbytes
     try:
         t = ours({}, (qk, qv), bytes_per_call / 2.5e12 + 4e-6)
@@ -69,6 +83,10 @@ SWEEP_QUANTIZED = {
                   {"kv_heads_per_program": 2, "num_warps": 8},
                   {"kv_heads_per_program": 4, "block_kv": 32, "num_warps": 8, "num_splits": 4}],
     "tiny": [{"kv_heads_per_program": 2}, {"num_splits": 3, "block_kv": 32}],
+    # int4 (one KV head per program: the packed halves): the tile and pipeline knobs, untimed yet
+    "int4": [{"block_kv": 32}, {"block_kv": 128}, {"num_warps": 8}, {"num_stages": 4},
+             {"num_splits": 4}],
+    "tiny_int4": [{"num_splits": 3, "block_kv": 32}],
 }
 SWEEP_TOL = 1e-2  # bf16 output against the float32 reference: ~2e-3 when right
 
@@ -101,14 +119,15 @@ def quantized_sweep(b, ours, q, kp, vp, meta) -> dict:
     in that format, each checked against the reference on those pages first (rel errors under
     ``kv_sweep_rel_err``)."""
     tables, cl, qsl = meta
-    pages = tuple(cache_pages(x, b.kv_dtype) for x in (kp, vp))
+    pages = cache_kv(kp, vp, b.kv_dtype)
     ref = paged_attention_ref(q.astype(jnp.float32), *pages, tables[0], cl, qsl)
 
     def check(tun):
         return rel_err(ragged_paged_attention(q, *pages, tables[0], cl, qsl, backend=b.backend,
                                               interpret=b.interpret, decode_only=True, **tun), ref)
 
-    variants = SWEEP_QUANTIZED["tiny" if b.tiny else
+    variants = SWEEP_QUANTIZED["tiny_int4" if b.tiny and b.kv_dtype == "int4" else
+                               "tiny" if b.tiny else "int4" if b.kv_dtype == "int4" else
                                "per_token" if has_token_scales(b.kv_dtype) else "raw"]
     us, errs = checked_timings(variants, b.k, check, lambda tun: ours(tun, pages),
                                b.sweep_deadline)
@@ -121,7 +140,8 @@ def check_quantized_write(b) -> dict:
     both fp8 formats' range); QuantizedPages: the device's float32 division may round a value to
     the neighbouring level, nothing more."""
     pages, t = 32, 40
-    pool = [cache_pages(b.rand((pages, b.bs, b.k, b.h)), b.kv_dtype) for _ in range(2)]
+    pool = list(cache_kv(b.rand((pages, b.bs, b.k, b.h)), b.rand((pages, b.bs, b.k, b.h)),
+                         b.kv_dtype))
     new = [(b.rand((t, b.k, b.h)) * 3.0).at[::5, 0, 0].set(1e5) for _ in range(2)]
     slots = np.random.default_rng(2).permutation(pages * b.bs)[:t].astype(np.int32)
     slots[::7] = -1

@@ -25,6 +25,14 @@ and the bfloat16 scale per token and KV head is gathered beside them ([block_kv]
 scales multiply the score columns, V's the probabilities before the PV matmul, so no dequantized
 tile is materialised (the variants measured: benchmarks/KERNEL_NOTES.md).
 
+int4 KV (``QuantizedPages`` of packed codes, kernels/quantization.py): each token's [H / 2] bytes
+are gathered (a quarter of bf16's) and unpacked in registers into the low and high halves of the
+head dim (a mask and a shift, ``load_int4``); K's halves are multiplied by their block's channel
+scales (one bf16 row per page, gathered per token of the tile: the tile's 16-token pages share
+their cache lines) and V's per-token scales go on the probabilities, as int8's. Scores are two
+matmuls over the halves (q's low half against the low nibbles), the output two accumulators of
+H / 2 columns each: no dequantized tile in memory, no interleave of columns.
+
 Why Triton and not Mosaic GPU: the Triton lowering runs in CPU interpret mode with real grids (the
 tests run this very kernel), and decode is a bandwidth problem that Triton's pipelined gathers
 serve; see benchmarks/KERNEL_NOTES.md for the measurements.
@@ -39,7 +47,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .quantization import is_quantized, to_compute
+from .quantization import is_int4, is_quantized, to_compute, unpack_int4
 
 NEG = -1e30  # finite "minus infinity": exp2(NEG - NEG) stays 1, never NaN
 LOG2E = math.log2(math.e)
@@ -72,6 +80,28 @@ def load_kv(ref, idx, mask):
     return plgpu.load(ref.at[idx], mask=mask, other=zero)
 
 
+def load_int4(k_ref, v_ref, ks_ref, rows, page, kh, head_dim, live, dtype):
+    """K and V of KV head ``kh`` at pool rows ``rows`` [n] of an int4 pool, unpacked in
+    registers: ([k_lo, k_hi], [v_lo, v_hi]), each [n, H / 2] in ``dtype``, the low and high
+    halves of the head dim. K is dequantized by its block's channel scales (ks_ref [num_blocks,
+    K * H], row ``page`` [n] of each token); V stays bare codes (its per-token scale goes on the
+    probabilities). ``live`` [n] masks the gathers (masked lanes give 0); None: all in range."""
+    half = head_dim // 2
+    hd = jnp.arange(half, dtype=jnp.int32)
+    mask = None if live is None else jnp.broadcast_to(live[:, None], (rows.shape[0], half))
+
+    def gather(ref, idx):
+        return ref[idx] if mask is None else load_kv(ref, idx, mask)
+
+    byte_cols = (kh * half + hd)[None, :]
+    k_parts = []
+    for codes, c0 in zip(unpack_int4(gather(k_ref, (rows[:, None], byte_cols))), (0, half)):
+        scale = gather(ks_ref, (page[:, None], (kh * head_dim + c0 + hd)[None, :]))
+        k_parts.append((codes.astype(jnp.float32) * scale.astype(jnp.float32)).astype(dtype))
+    v_parts = [c.astype(dtype) for c in unpack_int4(gather(v_ref, (rows[:, None], byte_cols)))]
+    return k_parts, v_parts
+
+
 def split_refs(refs, quantized: bool):
     """(ks_ref, vs_ref, rest) from a kernel's trailing refs: the scale refs [num_blocks *
     block_size, K] come first when the pool is quantized."""
@@ -80,9 +110,10 @@ def split_refs(refs, quantized: bool):
 
 def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs, num_rows,
                    num_heads, group, group_pad, head_dim, block_size, block_kv, split_tokens,
-                   num_splits, scale_log2, quantized, kv_per_prog, interpret):
+                   num_splits, scale_log2, quantized, packed, kv_per_prog, interpret):
     # q_ref [T*N, H]; k_ref, v_ref [num_blocks*block_size, K*H]; bt_ref [S, W]; cl_ref [S];
     # qsl_ref [S+1]; quantized: ks_ref, vs_ref [num_blocks*block_size, K] bf16;
+    # packed (int4): k_ref, v_ref [num_blocks*block_size, K*H/2] uint8, ks_ref [num_blocks, K*H];
     # outputs: o [T*N, H] (one split); o_part [S*N*P, H], m, l [S*N*P] (partials, merged by
     # _combine_kernel).
     # The tile's rows are the kv_per_prog * group query heads of kv_per_prog adjacent KV heads
@@ -119,13 +150,15 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
         x = jnp.where(own, x, 0.0).reshape(group_pad, kv_per_prog, head_dim)
         return jnp.sum(x, axis=1)
 
-    def row_mask(ok):
-        return jnp.broadcast_to(ok[:, None], (group_pad, head_dim))
-
-    q_mask = jnp.broadcast_to((head_ok & decodes)[:, None], (group_pad, width))
-    q_mask = q_mask if own is None else q_mask & own
-    q = plgpu.load(q_ref.at[q_rows[:, None], qcols[None, :]], mask=q_mask,
-                   other=0)  # [G_pad, width], zero outside each row's own KV head
+    # The head dim in parts: one, or int4's low and high halves ([G_pad, H / 2] each).
+    out_cols = [dims] if not packed else [dims[:head_dim // 2], dims[head_dim // 2:]]
+    q_parts = []
+    for c in (out_cols if packed else [qcols]):
+        q_mask = jnp.broadcast_to((head_ok & decodes)[:, None], (group_pad, c.shape[0]))
+        q_mask = q_mask if own is None else q_mask & own
+        q_parts.append(plgpu.load(q_ref.at[q_rows[:, None], c[None, :]], mask=q_mask,
+                                  other=0))  # [G_pad, width], zero outside the row's KV head
+    dt = q_parts[0].dtype
 
     lo = split * split_tokens
     hi = jnp.minimum(ctx, lo + split_tokens)
@@ -147,12 +180,18 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
         valid = j < hi
         page = plgpu.load(bt_ref.at[s, jax.lax.div(j, block_size)], mask=valid, other=0)
         rows = page * block_size + jax.lax.rem(j, block_size)
-        kv_mask = jnp.broadcast_to(valid[:, None], (block_kv, width))
-        k = load_kv(k_ref, (rows[:, None], cols), kv_mask)  # [block_kv, width]
-        v = load_kv(v_ref, (rows[:, None], cols), kv_mask)
-        sc = jax.lax.dot_general(q, to_compute(k, q.dtype), (((1,), (1,)), ((), ())),
-                                 preferred_element_type=jnp.float32) * scale_log2
-        if quantized:
+        if packed:
+            k_parts, v_parts = load_int4(k_ref, v_ref, ks_ref, rows, page, kh0, head_dim,
+                                         valid, dt)
+        else:
+            kv_mask = jnp.broadcast_to(valid[:, None], (block_kv, width))
+            k = load_kv(k_ref, (rows[:, None], cols), kv_mask)  # [block_kv, width]
+            v = load_kv(v_ref, (rows[:, None], cols), kv_mask)
+            k_parts, v_parts = [to_compute(k, dt)], [to_compute(v, dt)]
+        sc = sum(jax.lax.dot_general(qp, kp, (((1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+                 for qp, kp in zip(q_parts, k_parts)) * scale_log2
+        if quantized and not packed:
             sc = sc * row_scales(ks_ref, rows, valid)
         sc = jnp.where(valid[None, :], sc, NEG)  # [G_pad, block_kv], log2 domain
         m_new = jnp.maximum(m, jnp.max(sc, axis=1))
@@ -162,26 +201,30 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
         pv = p
         if quantized:
             pv = p * row_scales(vs_ref, rows, valid)
-        acc = acc * alpha[:, None] + jnp.dot(pv.astype(q.dtype), to_compute(v, q.dtype),
-                                             preferred_element_type=jnp.float32)
+        acc = tuple(a * alpha[:, None] + jnp.dot(pv.astype(dt), vp,
+                                                 preferred_element_type=jnp.float32)
+                    for a, vp in zip(acc, v_parts))
         return acc, m_new, l
 
-    acc = jnp.zeros((group_pad, width), jnp.float32)
+    acc = tuple(jnp.zeros((group_pad, qp.shape[1]), jnp.float32) for qp in q_parts)
     m = jnp.full((group_pad,), NEG, jnp.float32)
     l = jnp.zeros((group_pad,), jnp.float32)
     acc, m, l = jax.lax.fori_loop(0, n_iter, body, (acc, m, l))
 
     if num_splits == 1:
         (o_ref,) = out_refs
-        out = acc / jnp.where(l == 0, 1.0, l)[:, None]  # ctx 0 (padding): l == 0, acc == 0
-        mask = row_mask(head_ok & (row < num_rows))
-        plgpu.store(o_ref.at[q_rows[:, None], dims[None, :]], narrow(out).astype(o_ref.dtype),
-                    mask=mask)
+        ok = head_ok & (row < num_rows)
+        for a, c in zip(acc, out_cols):
+            out = a / jnp.where(l == 0, 1.0, l)[:, None]  # ctx 0 (padding): l == 0, acc == 0
+            plgpu.store(o_ref.at[q_rows[:, None], c[None, :]], narrow(out).astype(o_ref.dtype),
+                        mask=jnp.broadcast_to(ok[:, None], (group_pad, c.shape[0])))
         return
     o_part_ref, m_ref, l_ref = out_refs
     part = (s * num_heads + kh0 * group + heads) * num_splits + split  # each row's head's partial
     ok = head_ok & (slot < num_seqs)
-    plgpu.store(o_part_ref.at[part[:, None], dims[None, :]], narrow(acc), mask=row_mask(ok))
+    for a, c in zip(acc, out_cols):
+        plgpu.store(o_part_ref.at[part[:, None], c[None, :]], narrow(a),
+                    mask=jnp.broadcast_to(ok[:, None], (group_pad, c.shape[0])))
     plgpu.store(m_ref.at[part], m, mask=ok)
     plgpu.store(l_ref.at[part], l, mask=ok)
 
@@ -294,6 +337,9 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     if kvp < 1 or kvp & (kvp - 1) or kh % kvp:
         raise ValueError(f"kv_heads_per_program must be a power of two dividing the {kh} KV "
                          f"heads, got {kv_heads_per_program}")
+    packed = is_int4(k_pages)
+    if packed and kvp != 1:
+        raise ValueError(f"int4 pages take kv_heads_per_program 1, got {kv_heads_per_program}")
     group_pad = max(16, _pow2(kvp * group))
     max_tokens = w * bs
     if block_kv is None:
@@ -313,7 +359,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     cp = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     kernel = functools.partial(_decode_kernel, group=group, group_pad=group_pad, block_size=bs,
                                block_kv=block_kv, scale_log2=scale * LOG2E, quantized=quantized,
-                               kv_per_prog=kvp, interpret=interpret, **params)
+                               packed=packed, kv_per_prog=kvp, interpret=interpret, **params)
     if num_splits == 1:
         out = pl.pallas_call(kernel, grid=(rows, kh_progs, 1),
                              out_shape=jax.ShapeDtypeStruct((t * n, h), q.dtype),
@@ -346,11 +392,12 @@ def flat_pages(k_pages, v_pages):
 
 
 def flat_scales(k_pages, v_pages):
-    """() for plain pages; the scales as [num_blocks * block_size, K] for QuantizedPages."""
+    """() for plain pages; the scales as [num_blocks * block_size, K] for QuantizedPages (int4's
+    K scales, per channel of a block: [num_blocks, K * H])."""
     if not is_quantized(k_pages):
         return ()
-    nb, bs, kh, _ = k_pages.shape
-    return k_pages.scale.reshape(nb * bs, kh), v_pages.scale.reshape(nb * bs, kh)
+    return tuple(p.scale.reshape(p.scale.shape[0] * p.scale.shape[1], -1)
+                 for p in (k_pages, v_pages))
 
 
 def _num_sms() -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .quantization import is_quantized, is_raw_fp8
+from .quantization import is_int4, is_quantized, is_raw_fp8
 from .reference import paged_attention_ref, write_kv_ref
 
 BACKENDS = ("pallas-gpu", "pallas-tpu", "reference")
@@ -25,9 +25,9 @@ def _is_pow2(n: int) -> bool:
 
 def check_pages(k_pages, v_pages) -> None:
     """Both plain [num_blocks, block_size, K, H] arrays of one dtype, or both QuantizedPages with
-    a [num_blocks, block_size, K, 1] scale each. Plain 1-byte pages must be fp8 (raw values, the
-    static scale applied by the model): int8 has no such scale, its values mean nothing without
-    their per-token scales."""
+    a [num_blocks, block_size, K, 1] scale each (int4: K's scale [num_blocks, 1, K, H], per
+    channel within a block). Plain 1-byte pages must be fp8 (raw values, the static scale applied
+    by the model): int8 has no such scale, its values mean nothing without their scales."""
     if is_quantized(k_pages) != is_quantized(v_pages):
         raise ValueError("k_pages and v_pages must both be quantized (QuantizedPages) or neither")
     if len(k_pages.shape) != 4 or k_pages.shape != v_pages.shape:
@@ -42,9 +42,14 @@ def check_pages(k_pages, v_pages) -> None:
                          "pages are taken raw")
     if is_quantized(k_pages):
         want = (*k_pages.shape[:3], 1)
-        for name, pages in (("k_pages", k_pages), ("v_pages", v_pages)):
-            if pages.scale.shape != want:
-                raise ValueError(f"{name}.scale must be [num_blocks, block_size, K, 1] = {want}, "
+        nb, _, kh, h = k_pages.shape
+        k_want, k_what = ((nb, 1, kh, h), "[num_blocks, 1, K, H] (int4 keys: per channel)") \
+            if is_int4(k_pages) else (want, "[num_blocks, block_size, K, 1]")
+        for name, pages, shape, what in (("k_pages", k_pages, k_want, k_what),
+                                         ("v_pages", v_pages, want,
+                                          "[num_blocks, block_size, K, 1]")):
+            if pages.scale.shape != shape:
+                raise ValueError(f"{name}.scale must be {what} = {shape}, "
                                  f"got {pages.scale.shape}")
 
 
@@ -183,6 +188,9 @@ def _check_gpu(q, k_pages, decode_only, tuning) -> None:
     if not _is_pow2(h) or h < 16:
         raise ValueError(f"pallas-gpu needs a power-of-two head_dim >= 16, got {h}; use "
                          f"backend='reference' or pad the heads")
+    if is_int4(k_pages) and h < 32:
+        raise ValueError(f"pallas-gpu on int4 pages needs head_dim >= 32 (two halves of >= 16, "
+                         f"the smallest tile tl.dot takes), got {h}; use backend='reference'")
     for knob in ("block_kv", "block_m", "block_n"):
         if knob in tuning and not _is_pow2(int(tuning[knob])):
             raise ValueError(f"{knob} must be a power of two, got {tuning[knob]}")
@@ -207,7 +215,9 @@ def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping, *, backend: str = "re
     in); k_new, v_new: [T, K, H];
     slot_mapping: [T] int32, slot = block * block_size + offset, negative for padding rows.
     backend "pallas-gpu": one fused Pallas launch writing K and V in place (needs K * H a power of
-    two, else falls back); anything else: the XLA scatter of ``write_kv_ref``. Which is faster on
+    two, else falls back); anything else, and int4 pages on every backend: the XLA scatter of
+    ``write_kv_ref`` (int4 re-quantizes K's whole blocks as their channel scales grow: a gather
+    and a scatter of the touched blocks, ``reference.write_channel_scaled``). Which is faster on
     the GPU is measured by ``python -m benchmarks kernel`` (figures["kv_write_us"]).
     """
     check_pages(k_pages, v_pages)
@@ -219,7 +229,7 @@ def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping, *, backend: str = "re
         raise ValueError(f"slot_mapping must be int32 [{t}], got {slot_mapping.dtype} "
                          f"{slot_mapping.shape}")
     if backend == "pallas-gpu" and _is_pow2(k_pages.shape[2] * k_pages.shape[3]) and (
-            not is_quantized(k_pages) or _is_pow2(k_pages.shape[3])):
+            not is_quantized(k_pages) or _is_pow2(k_pages.shape[3])) and not is_int4(k_pages):
         from .kv_write_gpu import write_kv_gpu
         return write_kv_gpu(k_pages, v_pages, k_new, v_new, slot_mapping, interpret=interpret)
     return write_kv_ref(k_pages, v_pages, k_new, v_new, slot_mapping)

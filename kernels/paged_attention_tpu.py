@@ -17,6 +17,9 @@ stale buffer rows are masked out of both matmuls.
 bf16 ones (half the bytes) and converted to q's dtype in VMEM per KV head; ``QuantizedPages``
 (int8) DMA their ``[block_size, K, 1]`` bfloat16 scale pages beside the values (1/64 more at
 H = 128) and dequantize (values x scale in float32, then q's dtype) before the two matmuls.
+int4 pages DMA their packed ``[block_size, K, H / 2]`` bytes (a quarter of bf16's), V's per-token
+scale pages and K's ``[1, K, H]`` channel-scale row per page; the bytes are unpacked in VMEM
+(mask and shift, the halves concatenated) and dequantized the same way.
 
 Verified here in TPU interpret mode on the CPU (``pltpu.InterpretParams``: simulated HBM/VMEM/SMEM,
 DMAs and semaphores, uninitialised memory as NaN) and by lowering to Mosaic for a TPU target; not
@@ -31,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .quantization import is_quantized
+from .quantization import is_quantized, unpack_codes
 
 NEG = -1e30
 
@@ -82,15 +85,17 @@ class _PageBlocks:
 
     def tiles(self, slot, kh, dtype):
         """K and V of KV head kh in buffer ``slot``: [P * block_size, H] each, in ``dtype``
-        (dequantized for a quantized pool, converted for raw fp8 pages)."""
-        _, p_blk, bs, _, h = self.kbuf.shape
-        length = p_blk * bs
-        k, v = (buf[slot, :, :, kh, :].reshape(length, h) for buf in self.bufs[:2])
+        (dequantized for a quantized pool: int4 bytes unpacked, times the scales [P, block_size
+        or 1, 1 or H] broadcast; converted for raw fp8 pages)."""
+        _, p_blk, bs, _, x = self.kbuf.shape
+        k, v = (buf[slot, :, :, kh, :] for buf in self.bufs[:2])  # [P, block_size, X]
         if len(self.bufs) == 4:
-            ks, vs = (buf[slot, :, :, kh, :].reshape(length, 1).astype(jnp.float32)
-                      for buf in self.bufs[2:])
+            if k.dtype == jnp.uint8:  # int4: X = H / 2
+                k, v = unpack_codes(k), unpack_codes(v)
+            ks, vs = (buf[slot, :, :, kh, :].astype(jnp.float32) for buf in self.bufs[2:])
             k, v = k.astype(jnp.float32) * ks, v.astype(jnp.float32) * vs
-        return k.astype(dtype), v.astype(dtype)
+        h = k.shape[-1]
+        return k.reshape(p_blk * bs, h).astype(dtype), v.reshape(p_blk * bs, h).astype(dtype)
 
     def start(self, blk, slot):
         self._each(blk, slot, "start")
@@ -106,7 +111,8 @@ def _flash_over_pages(blocks, kv_len, q_heads, key_ok, *, num_kv_heads, scale):
     of block b (L = P * block_size) each row may see (only keys < kv_len). Returns per-head
     [R, H] float32 outputs.
     """
-    _, p_blk, bs, _, h = blocks.kbuf.shape
+    _, p_blk, bs, _, _ = blocks.kbuf.shape
+    h = q_heads[0].shape[1]
     length = p_blk * bs
     n_blk = _cdiv(kv_len, length)
 

@@ -1,4 +1,4 @@
-"""Quantized KV pages (``--kv-cache-dtype fp8_e4m3 | fp8_e5m2 | int8``): the storage formats, and
+"""Quantized KV pages (``--kv-cache-dtype fp8_e4m3 | fp8_e5m2 | int8 | int4``): the storage formats, and
 quantize / dequantize exactly as the KV write and the attention kernels apply them.
 
 Format, per cache dtype:
@@ -45,6 +45,51 @@ kernels do no work for the scale, and decode is faster than with per-token scale
 (benchmarks/KERNEL_NOTES.md). The
 price is accuracy: KL 5.0e-3 against 3.3e-3 with per-token scales, within the 1% perplexity bar.
 int8 keeps its per-token scales.
+
+int4 (``--kv-cache-dtype int4``), KIVI's grouping with symmetric codes:
+
+- codes (K and V): ``QuantizedPages(data, scale)`` with ``data`` [num_blocks, block_size, K, H / 2]
+  uint8, two codes a byte: byte ``j`` of a head's row holds channel ``j`` in its low nibble and
+  channel ``j + H / 2`` in its high nibble, each stored as ``code + 8`` with code in [-7, 7].
+  Halves, not adjacent pairs: a kernel turns a [rows, H / 2] byte tile into the two halves of
+  the head dim with a mask and a shift, and multiplies each half by its half of q (or adds it
+  into its half of the output), with no interleave of columns, which Triton cannot do cheaply.
+- V's scale: one per token and KV head, [num_blocks, block_size, K, 1] bfloat16, as int8's.
+- K's scale: one per *channel* and KV head within a block, [num_blocks, 1, K, H] bfloat16 (KIVI:
+  keys have outlier channels, so a per-token scale spends the 15 levels on them). 0 for a
+  channel that holds only zeros. The trailing shapes keep both scales 4-D with the block first
+  and the KV head third, so block copies, swaps and the KV-head sharding treat them as pages.
+- ``QuantizedPages.shape`` is the logical ``[num_blocks, block_size, K, H]``; the stored dtype,
+  uint8, marks the packing (``is_int4``).
+
+Symmetric (no zero point), scales in bf16: at H = 128 and block size 16 a token and KV head takes
+64 + 16 bytes of K (the block's 128 channel scales over its 16 tokens) and 64 + 2 of V, 146
+against bf16's 512: the pool holds 3.51x the tokens. A zero point per channel (KIVI's
+asymmetric codes) would cost 16 more bytes of K and bring it to 3.1x.
+
+A partly filled block: K's channel scales need the block's keys, which decode writes one token at
+a time. The write keeps each channel's scale at the block's running absmax / 7 (rounded up to
+bf16), and when a new token raises it, re-quantizes the block's earlier codes to the new scale
+(``code * old / new``, rounded); writing slot 0 starts the block from scale 0. A scale that does
+not grow leaves the codes bit-identical, so a code is re-rounded only when its channel's maximum
+grows (about ln(16) ~ 3 times in a block of random keys). Rows written together are applied in
+slot order, so the stored bits are those of token-by-token writes whatever the chunking
+(``reference.write_channel_scaled``). What attention sees does depend on the chunking: a query
+of a prefill chunk reads its block's keys quantized with the chunk's later tokens already in the
+scale, a decode step only with the tokens before it; so int4's greedy tokens equal a
+token-at-a-time reference, not a one-shot prefill's (tests/engine/test_kv_cache_dtype.py), and a
+recompute after preemption may differ from the run it replaces by that noise. Measured (tests/kernels/test_int4_kv.py ``partial_block_errors``; K of
+16-token blocks written a token at a time; error relative to the keys' norm):
+
+| keys | whole block at once (floor) | running max (chosen) | first token's scale, clamped | per token |
+| --- | --- | --- | --- | --- |
+| random, channel magnitudes 0.1-10 | 8.6e-2 | 9.7e-2 | 5.9e-1 | 1.5e-1 |
+| SmolLM2-135M, paragraph.txt, 300 blocks of all layers | 6.2e-2 | 7.5e-2 | 4.0e-1 | 2.0e-1 |
+
+A scale fixed by the block's first token clips every channel that later grows past that token's
+value (5x the error); the running maximum costs 13-21% over quantizing each full block at once,
+which decode cannot do without holding the block's keys elsewhere (KIVI keeps a full-precision
+residual), and needs no state but the scales. Per-token K scales (V's layout) are 2-3x worse.
 """
 from __future__ import annotations
 
@@ -54,20 +99,26 @@ import jax
 import jax.numpy as jnp
 
 # --kv-cache-dtype name -> storage dtype of the quantized values
-QUANTIZED_DTYPES = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2, "int8": jnp.int8}
-# Cache dtypes stored as QuantizedPages (values + a scale per token and KV head). The fp8 ones
-# are stored as plain 1-byte pages instead: their scale is static, one power of two per layer and
-# KV head, applied by the model to q, k, v and the attention output (models/kv_scales.py).
-PER_TOKEN_SCALED = ("int8",)
+# (int4: two codes packed in each uint8)
+QUANTIZED_DTYPES = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2, "int8": jnp.int8,
+                    "int4": jnp.uint8}
+# Cache dtypes stored as QuantizedPages (values + scales). The fp8 ones are stored as plain
+# 1-byte pages instead: their scale is static, one power of two per layer and KV head, applied by
+# the model to q, k, v and the attention output (models/kv_scales.py).
+PER_TOKEN_SCALED = ("int8", "int4")
 SCALE_DTYPE = jnp.bfloat16
-SCALE_BYTES = 2  # per token and KV head
+SCALE_BYTES = 2  # per scale: a token and KV head (int8, int4's V), or a channel of a block (int4's K)
+INT4_QMAX = 7.0
 
 
 class QuantizedPages(NamedTuple):
-    """One layer's K or V pages in a 1-byte dtype with a scale per token and KV head.
+    """One layer's K or V pages in a 1-byte dtype with a scale per token and KV head, or int4.
 
-    data: [num_blocks, block_size, K, H] (float8_e4m3fn, float8_e5m2 or int8);
-    scale: [num_blocks, block_size, K, 1] bfloat16. value = data * scale.
+    data: [num_blocks, block_size, K, H] (float8_e4m3fn, float8_e5m2 or int8), or
+    [num_blocks, block_size, K, H / 2] uint8 (int4, two codes a byte);
+    scale: [num_blocks, block_size, K, 1] bfloat16 (per token), or [num_blocks, 1, K, H]
+    (int4 keys: per channel within a block). value = codes * scale, broadcast.
+    ``shape`` is the logical [num_blocks, block_size, K, H].
     """
 
     data: jax.Array
@@ -75,6 +126,8 @@ class QuantizedPages(NamedTuple):
 
     @property
     def shape(self):
+        if self.data.dtype == jnp.uint8:
+            return (*self.data.shape[:3], 2 * self.data.shape[3])
         return self.data.shape
 
     @property
@@ -86,6 +139,8 @@ def qmax(dtype) -> float:
     dtype = jnp.dtype(dtype)
     if dtype == jnp.int8:
         return 127.0
+    if dtype == jnp.uint8:  # the storage of packed int4 codes
+        return INT4_QMAX
     return float(jnp.finfo(dtype).max)
 
 
@@ -94,8 +149,19 @@ def is_quantized(pages) -> bool:
 
 
 def has_token_scales(name: str) -> bool:
-    """Whether cache dtype ``name`` stores a scale per token and KV head (QuantizedPages)."""
+    """Whether cache dtype ``name`` is stored as QuantizedPages (int8, int4: scales beside the
+    values) rather than raw pages."""
     return name in PER_TOKEN_SCALED
+
+
+def is_int4(pages) -> bool:
+    """QuantizedPages of packed int4 codes."""
+    return is_quantized(pages) and pages.data.dtype == jnp.uint8
+
+
+def has_channel_scales(pages) -> bool:
+    """int4 keys: a scale per channel within a block ([num_blocks, 1, K, H]), not per token."""
+    return is_quantized(pages) and pages.scale.shape[-1] != 1
 
 
 def is_raw_fp8(pages) -> bool:
@@ -120,12 +186,18 @@ def storage_dtype(name: str):
     return jnp.dtype(QUANTIZED_DTYPES.get(name, name))
 
 
-def row_scale(absmax, dtype):
-    """Scale (float32 values of the stored bfloat16) for rows of this absmax: absmax / qmax,
-    rounded up to bfloat16 (x (1 + 2^-8) before round-to-nearest: never below absmax / qmax), and
-    1 for all-zero rows. Multiplications only, so a kernel computes the same bits as XLA."""
+def scale_up(absmax, dtype):
+    """absmax / qmax rounded up to bfloat16 (x (1 + 2^-8) before round-to-nearest: never below
+    absmax / qmax), as float32; 0 for 0. Multiplications only, so a kernel computes the same bits
+    as XLA."""
     s = absmax.astype(jnp.float32) * (1.0 / qmax(dtype))
-    s = (s * (1.0 + 2.0 ** -8)).astype(SCALE_DTYPE).astype(jnp.float32)
+    return (s * (1.0 + 2.0 ** -8)).astype(SCALE_DTYPE).astype(jnp.float32)
+
+
+def row_scale(absmax, dtype):
+    """Scale (float32 values of the stored bfloat16) for rows of this absmax: ``scale_up``, and 1
+    for all-zero rows."""
+    s = scale_up(absmax, dtype)
     return jnp.where(s == 0, 1.0, s)
 
 
@@ -135,24 +207,64 @@ def quantize_values(x, scale, dtype):
     int8 rounds by adding +-0.5 and truncating because the Triton lowering has no ``round``."""
     m = qmax(dtype)
     y = jnp.clip(x.astype(jnp.float32) / scale, -m, m)
-    if jnp.dtype(dtype) == jnp.int8:
-        return (y + jnp.where(y >= 0, 0.5, -0.5)).astype(dtype)
+    if jnp.dtype(dtype) in (jnp.int8, jnp.uint8):  # uint8: int4 codes, still unpacked, as int8
+        return (y + jnp.where(y >= 0, 0.5, -0.5)).astype(jnp.int8)
     return y.astype(dtype)
 
 
+def pack_int4(codes):
+    """int4 codes [..., H] (integers in [-8, 7]) -> [..., H / 2] uint8: byte j holds channel j
+    in its low nibble and channel j + H / 2 in its high one, each as code + 8."""
+    h = codes.shape[-1] // 2
+    c = codes.astype(jnp.int32) + 8
+    return (c[..., :h] | (c[..., h:] << 4)).astype(jnp.uint8)
+
+
+def unpack_int4(data):
+    """[..., H / 2] uint8 -> (low, high) int32 codes [..., H / 2] each: channels 0 .. H/2 - 1 and
+    H/2 .. H - 1. Integer ops only, so the kernels unpack a byte tile in registers with it."""
+    x = data.astype(jnp.int32)
+    return (x & 15) - 8, (x >> 4) - 8
+
+
+def unpack_codes(data):
+    """[..., H / 2] uint8 -> int32 codes [..., H]."""
+    return jnp.concatenate(unpack_int4(data), axis=-1)
+
+
 def quantize(x, dtype) -> tuple[jax.Array, jax.Array]:
-    """x [..., H] -> (values [..., H] in ``dtype``, scale [..., 1] bfloat16), one scale per row."""
+    """x [..., H] -> (values [..., H] in ``dtype``, scale [..., 1] bfloat16), one scale per row
+    (uint8: int4 codes packed to [..., H / 2])."""
     scale = row_scale(jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True), dtype)
-    return quantize_values(x, scale, dtype), scale.astype(SCALE_DTYPE)
+    values = quantize_values(x, scale, dtype)
+    if jnp.dtype(dtype) == jnp.uint8:
+        values = pack_int4(values)
+    return values, scale.astype(SCALE_DTYPE)
+
+
+def quantize_channels(x):
+    """int4 keys of whole blocks: x [num_blocks, block_size, K, H] -> (packed codes
+    [num_blocks, block_size, K, H / 2], scale [num_blocks, 1, K, H] bfloat16), one scale per
+    channel of each block and KV head (0 for an all-zero channel)."""
+    scale = scale_up(jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1, keepdims=True), jnp.uint8)
+    codes = quantize_values(x, jnp.where(scale == 0, 1.0, scale), jnp.uint8)
+    return pack_int4(codes), scale.astype(SCALE_DTYPE)
 
 
 def dequantize(data, scale, dtype=jnp.float32):
-    """values [..., H] x scale [..., 1] -> [..., H] in ``dtype`` (products formed in float32)."""
+    """values [..., H] (or int4's packed [..., H / 2]) x scale (broadcast: [..., 1] per token,
+    [..., 1, K, H] per channel of a block) -> [..., H] in ``dtype`` (products in float32)."""
+    if data.dtype == jnp.uint8:
+        data = unpack_codes(data)
     return (data.astype(jnp.float32) * scale.astype(jnp.float32)).astype(dtype)
 
 
-def quantize_pages(pages: jax.Array, name: str) -> QuantizedPages:
-    """Plain pages [num_blocks, block_size, K, H] -> QuantizedPages of cache dtype ``name``."""
+def quantize_pages(pages: jax.Array, name: str, *, keys: bool = False) -> QuantizedPages:
+    """Plain pages [num_blocks, block_size, K, H] -> QuantizedPages of cache dtype ``name``.
+    ``keys``: int4 keys take a scale per channel within each block (the other formats ignore
+    it)."""
+    if name == "int4" and keys:
+        return QuantizedPages(*quantize_channels(pages))
     data, scale = quantize(pages, QUANTIZED_DTYPES[name])
     return QuantizedPages(data, scale)
 

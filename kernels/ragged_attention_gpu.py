@@ -19,7 +19,8 @@ long causal tiles do not form a tail.
 1-byte KV as in the decode kernel: raw fp8 pages (the fp8 cache, its static scale applied by the
 model) are converted to q's dtype in registers, masked lanes reading an fp8 zero (``load_kv``);
 ``QuantizedPages`` (int8) also apply K's per-token scales to the score columns, V's to the
-probabilities.
+probabilities. int4 pages are unpacked in registers as in the decode kernel (``load_int4``): two
+matmuls over the halves of the head dim, two output accumulators.
 """
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .decode_attention_gpu import (LOG2E, NEG, cdiv, flat_pages, flat_scales, load_kv,
+from .decode_attention_gpu import (LOG2E, NEG, cdiv, flat_pages, flat_scales, load_int4, load_kv,
                                    split_refs)
-from .quantization import is_quantized, to_compute
+from .quantization import is_int4, is_quantized, to_compute
 
 
 def tile_table(query_start_loc, num_tokens: int, block_q: int, num_tiles: int):
@@ -52,9 +53,10 @@ def tile_table(query_start_loc, num_tokens: int, block_q: int, num_tiles: int):
 
 def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs,
                    num_seqs, num_tokens, num_tiles, num_heads, group, block_q, block_m, block_n,
-                   head_dim, block_size, scale_log2, quantized):
+                   head_dim, block_size, scale_log2, quantized, packed):
     # q_ref, o_ref [T*N, H]; k_ref, v_ref [num_blocks*block_size, K*H]; bt_ref [S, W];
-    # quantized: ks_ref, vs_ref [num_blocks*block_size, K] bf16 before o_ref.
+    # quantized: ks_ref, vs_ref [num_blocks*block_size, K] bf16 before o_ref; packed (int4):
+    # k_ref, v_ref [num_blocks*block_size, K*H/2] uint8 and ks_ref [num_blocks, K*H].
     ks_ref, vs_ref, (o_ref,) = split_refs(refs, quantized)
     tile, kh = num_tiles - 1 - pl.program_id(0), pl.program_id(1)
     seq, t0 = tseq_ref[tile], tstart_ref[tile]
@@ -72,8 +74,12 @@ def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qs
     pos = first_pos + t  # [block_m]
     dims = jnp.arange(head_dim, dtype=jnp.int32)
     q_rows = t * num_heads + kh * group + jax.lax.rem(r, group)
-    row_mask = jnp.broadcast_to(row_ok[:, None], (block_m, head_dim))
-    q = plgpu.load(q_ref.at[q_rows[:, None], dims[None, :]], mask=row_mask, other=0)
+    # The head dim in parts: one, or int4's low and high halves.
+    out_cols = [dims[:head_dim // 2], dims[head_dim // 2:]] if packed else [dims]
+    q_parts = [plgpu.load(q_ref.at[q_rows[:, None], c[None, :]], other=0,
+                          mask=jnp.broadcast_to(row_ok[:, None], (block_m, c.shape[0])))
+               for c in out_cols]
+    dt = q_parts[0].dtype
 
     pos_lo = first_pos + t0
     pos_hi = first_pos + jnp.minimum(t0 + block_q, seq_end) - 1
@@ -86,7 +92,16 @@ def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qs
     def block(b, carry, masked):
         acc, m, l = carry
         j = b * block_n + jnp.arange(block_n, dtype=jnp.int32)  # key positions
-        if masked:
+        vs = None
+        if packed:
+            live = j < kv_hi if masked else None
+            page = bt_ref[sc, jax.lax.div(j, block_size)] if live is None else plgpu.load(
+                bt_ref.at[sc, jax.lax.div(j, block_size)], mask=live, other=0)
+            rows = page * block_size + jax.lax.rem(j, block_size)
+            k_parts, v_parts = load_int4(k_ref, v_ref, ks_ref, rows, page, kh, head_dim, live, dt)
+            vs = vs_ref[rows, kh] if live is None else plgpu.load(vs_ref.at[rows, kh], mask=live,
+                                                                  other=0)
+        elif masked:
             live = j < kv_hi
             page = plgpu.load(bt_ref.at[sc, jax.lax.div(j, block_size)], mask=live, other=0)
             kv_mask = jnp.broadcast_to(live[:, None], (block_n, head_dim))
@@ -102,9 +117,12 @@ def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qs
             k, v = k_ref[rows[:, None], cols], v_ref[rows[:, None], cols]
             if quantized:
                 ks, vs = ks_ref[rows, kh], vs_ref[rows, kh]
-        s = jax.lax.dot_general(q, to_compute(k, q.dtype), (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32) * scale_log2
-        if quantized:
+        if not packed:
+            k_parts, v_parts = [to_compute(k, dt)], [to_compute(v, dt)]
+        s = sum(jax.lax.dot_general(qp, kp, (((1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+                for qp, kp in zip(q_parts, k_parts)) * scale_log2
+        if quantized and not packed:
             s = s * ks.astype(jnp.float32)[None, :]
         if masked:
             s = jnp.where(j[None, :] <= pos[:, None], s, NEG)
@@ -113,16 +131,19 @@ def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qs
         p = jnp.exp2(s - m_new[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
         pv = p * vs.astype(jnp.float32)[None, :] if quantized else p
-        acc = acc * alpha[:, None] + jnp.dot(pv.astype(q.dtype), to_compute(v, q.dtype),
-                                             preferred_element_type=jnp.float32)
+        acc = tuple(a * alpha[:, None] + jnp.dot(pv.astype(dt), vp,
+                                                 preferred_element_type=jnp.float32)
+                    for a, vp in zip(acc, v_parts))
         return acc, m_new, l
 
-    carry = (jnp.zeros((block_m, head_dim), jnp.float32), jnp.full((block_m,), NEG, jnp.float32),
-             jnp.zeros((block_m,), jnp.float32))
+    carry = (tuple(jnp.zeros((block_m, c.shape[0]), jnp.float32) for c in out_cols),
+             jnp.full((block_m,), NEG, jnp.float32), jnp.zeros((block_m,), jnp.float32))
     carry = jax.lax.fori_loop(0, n_full, functools.partial(block, masked=False), carry)
     acc, _, l = jax.lax.fori_loop(n_full, n_all, functools.partial(block, masked=True), carry)
-    out = acc / jnp.where(l == 0, 1.0, l)[:, None]
-    plgpu.store(o_ref.at[q_rows[:, None], dims[None, :]], out.astype(o_ref.dtype), mask=row_mask)
+    for a, c in zip(acc, out_cols):
+        out = a / jnp.where(l == 0, 1.0, l)[:, None]
+        plgpu.store(o_ref.at[q_rows[:, None], c[None, :]], out.astype(o_ref.dtype),
+                    mask=jnp.broadcast_to(row_ok[:, None], (block_m, c.shape[0])))
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -149,7 +170,7 @@ def ragged_paged_attention_gpu(q, k_pages, v_pages, block_tables, context_lens, 
     kernel = functools.partial(
         _ragged_kernel, num_seqs=s, num_tokens=t, num_tiles=num_tiles, num_heads=n, group=group,
         block_q=block_q, block_m=block_m, block_n=block_n, head_dim=h, block_size=bs,
-        scale_log2=scale * LOG2E, quantized=is_quantized(k_pages))
+        scale_log2=scale * LOG2E, quantized=is_quantized(k_pages), packed=is_int4(k_pages))
     out = pl.pallas_call(
         kernel, grid=(num_tiles, kh), out_shape=jax.ShapeDtypeStruct((t * n, h), q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),

@@ -6,7 +6,9 @@ Layout (owned by ``pagedjax.worker.kv_pool``): one layer's pages are ``k_pages, 
 model applies the static scale outside the kernels): the write saturates to +-qmax, attention
 upcasts to float32. An int8 cache passes ``QuantizedPages(data, scale)`` in place of each pages
 array (``kernels/quantization.py``): the write quantizes each token's K/V per KV head, attention
-dequantizes in float32.
+dequantizes in float32. An int4 cache is QuantizedPages of packed codes, V scaled per token, K per
+channel within a block: the write keeps K's block scales at the running maximum
+(``write_channel_scaled``).
 
 A step's batch is packed ragged: sequence ``s`` owns query rows ``q[qsl[s]:qsl[s+1]]`` (1 token when
 decoding, a chunk when prefilling); ``context_lens[s]`` counts its tokens in the cache *including*
@@ -20,7 +22,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .quantization import QuantizedPages, dequantize, is_quantized, is_raw_fp8, quantize, saturate
+from .quantization import (QuantizedPages, dequantize, has_channel_scales, is_quantized,
+                           is_raw_fp8, pack_int4, quantize, quantize_values, saturate, scale_up,
+                           unpack_codes)
 
 
 def write_kv_ref(k_pages, v_pages, k_new, v_new, slot_mapping):
@@ -43,11 +47,54 @@ def write_kv_ref(k_pages, v_pages, k_new, v_new, slot_mapping):
         return flat.at[idx].set(saturate(rows, pages.dtype), mode="drop").reshape(pages.shape)
 
     def write(pages, new):
+        if has_channel_scales(pages):
+            return write_channel_scaled(pages, new, slot_mapping)
         if is_quantized(pages):
             return QuantizedPages(*(put(p, x) for p, x in zip(pages, quantize(new, pages.dtype))))
         return put(pages, new)
 
     return write(k_pages, k_new), write(v_pages, v_new)
+
+
+def write_channel_scaled(pages: QuantizedPages, new, slot_mapping) -> QuantizedPages:
+    """Write rows into int4 pages scaled per channel within a block (int4's K).
+
+    pages: data [num_blocks, block_size, K, H / 2] uint8, scale [num_blocks, 1, K, H];
+    new: [T, K, H]; slot_mapping: [T] int32 (negative: padding).
+
+    Each row, in slot order within its block, sets the block's scale to max(its scale, the row's
+    absmax / 7 rounded up), per channel, re-quantizes the block's codes to that scale (unchanged
+    where it did not grow) and stores its own codes. Writing slot 0 starts a new block from
+    scale 0 (the old codes are stale and become 0). The rows of a step are applied one rank at a
+    time (rank: a row's place among the step's rows of its block), so the stored bits are those of
+    writing the tokens one by one, whatever the chunking: a prefill, a chunked prefill and decode
+    steps store the same cache, and recompute after preemption restores it exactly. A decode
+    step (one row per block) is one pass over its T blocks; a prefill up to block_size passes.
+    """
+    nb, bs, kh, h = pages.shape
+    live = slot_mapping >= 0
+    blk = jnp.where(live, slot_mapping // bs, nb)  # nb: padding, dropped by the scatters
+    off = jnp.where(live, slot_mapping % bs, 0)
+    first = jnp.full((nb + 1,), bs, jnp.int32).at[blk].min(off)
+    rank = jnp.where(live, off - first[blk], bs)
+    x = new.astype(jnp.float32)
+    at = jnp.minimum(blk, nb - 1)
+
+    def one_rank(r, pages):  # the rows of rank r: at most one per block
+        mine = rank == r
+        dst = jnp.where(mine, blk, nb)
+        old = pages.scale[at, 0].astype(jnp.float32)  # [T, K, H]
+        old = jnp.where((off == 0)[:, None, None], 0.0, old)
+        scale = jnp.maximum(old, scale_up(jnp.abs(x), jnp.uint8))
+        div = jnp.where(scale == 0, 1.0, scale)
+        codes = unpack_codes(pages.data[at]).astype(jnp.float32) * old[:, None]  # [T,bs,K,H]
+        codes = quantize_values(codes, div[:, None], jnp.uint8)
+        codes = codes.at[jnp.arange(codes.shape[0]), off].set(quantize_values(x, div, jnp.uint8))
+        return QuantizedPages(pages.data.at[dst].set(pack_int4(codes), mode="drop"),
+                              pages.scale.at[dst, 0].set(scale.astype(pages.scale.dtype),
+                                                         mode="drop"))
+
+    return jax.lax.fori_loop(0, jnp.max(jnp.where(live, rank, -1)) + 1, one_rank, pages)
 
 
 def token_positions(query_start_loc, context_lens, num_tokens):

@@ -16,9 +16,10 @@ if TYPE_CHECKING:
     from pagedjax.models import ModelConfig
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-# auto: the model's dtype. The others store 1-byte values with a bf16 scale per token and KV head
+# auto: the model's dtype. fp8: 1-byte values with static scales; int8: with a bf16 scale per token
+# and KV head; int4: two values a byte, K scaled per channel within a block, V per token
 # (pagedjax/kernels/quantization.py says why); "fp8" is vLLM's name for fp8_e4m3.
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "int8")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "int8", "int4")
 LOAD_FORMATS = ("auto", "hf", "gguf", "dummy", "orbax")
 ATTENTION_BACKENDS = ("auto", "reference", "pallas-gpu", "pallas-tpu")
 PREEMPTION_MODES = ("recompute", "swap")
@@ -67,7 +68,8 @@ class EngineArgs:
              f"--load-format {self.load_format!r} is not one of {LOAD_FORMATS}")
         need(self.kv_cache_dtype in KV_CACHE_DTYPES,
              f"--kv-cache-dtype {self.kv_cache_dtype!r} is not one of {KV_CACHE_DTYPES} (auto "
-             "keeps the model's dtype; fp8_e4m3, fp8_e5m2 and int8 hold ~2x the tokens)")
+             "keeps the model's dtype; fp8_e4m3, fp8_e5m2 and int8 hold ~2x the tokens, int4 "
+             "~3.5x)")
         need(self.attention_backend in ATTENTION_BACKENDS,
              f"--attention-backend {self.attention_backend!r} is not one of {ATTENTION_BACKENDS}")
         need(self.preemption_mode in PREEMPTION_MODES,
@@ -136,6 +138,9 @@ class EngineConfig:
                 f"{max_model_len} with chunked prefill off: a long prompt could never be "
                 "scheduled; raise it or enable chunked prefill")
         kv_dtype = {"auto": dtype, "fp8": "fp8_e4m3"}.get(args.kv_cache_dtype, args.kv_cache_dtype)
+        if kv_dtype == "int4" and model.head_dim % 2:
+            raise ValueError(f"--kv-cache-dtype int4 packs two values a byte and needs an even "
+                             f"head_dim; this model's is {model.head_dim}: use int8 or fp8")
         return cls(args, model, dtype, kv_dtype, max_model_len, tokens)
 
     @property
@@ -167,7 +172,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="KV cache storage: auto (the model's dtype) or 1 byte per value: fp8 "
                         "(= fp8_e4m3) / fp8_e5m2 with static per-layer, per-KV-head scales "
                         "derived from the weights (2x the tokens), int8 with a bf16 scale per "
-                        "token and KV head")
+                        "token and KV head; or int4, two values a byte, K scaled per channel "
+                        "within a block and V per token (3.5x the tokens)")
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--preemption-mode", default=d.preemption_mode, choices=PREEMPTION_MODES)

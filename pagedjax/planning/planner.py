@@ -287,7 +287,12 @@ def plan(args: argparse.Namespace) -> dict:
         notes.append(f"--tensor-parallel-size {tp} > {cfg.num_key_value_heads} KV heads: each KV "
                      f"head is replicated on {tp // cfg.num_key_value_heads} devices, so each "
                      "device stores 1 KV head and the KV cache does not shrink further")
-    if shape.token_scales:
+    if shape.int4:
+        notes.append(f"KV cache int4: half a byte per value, a bf16 scale per token and KV head "
+                     f"for V and per channel of each {bs}-token block for K "
+                     f"({shape.bytes_per_block // (bs * shape.num_layers * shape.num_kv_heads)} "
+                     f"B of K and V per token and KV head against {4 * cfg.head_dim} in bf16)")
+    elif shape.token_scales:
         notes.append(f"KV cache {kv_dtype}: 1 byte per value plus a bf16 scale per token and KV "
                      f"head ({shape.row_bytes} B per {cfg.head_dim} "
                      f"values; {2 * cfg.head_dim} in bf16)")

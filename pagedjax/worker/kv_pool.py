@@ -14,6 +14,10 @@ with static power-of-two scales per layer and KV head that the model applies
 token and KV head: each of a layer's K and V is a ``QuantizedPages(data, scale)`` pytree, ``data``
 [num_blocks, block_size, K, H] int8 and ``scale`` [num_blocks, block_size, K, 1] bfloat16 (why per
 token for int8: ``pagedjax/kernels/quantization.py``), ``H + 2`` bytes per token and KV head.
+int4 packs two codes a byte, ``data`` [num_blocks, block_size, K, H / 2] uint8; V's scale is per
+token as int8's, K's per channel within a block, ``[num_blocks, 1, K, H]``: a block of one KV
+head takes ``block_size * (H + 2) + 2 * H`` bytes of K and V (3.51x bf16's tokens at H = 128,
+block size 16).
 Block moves (copy-on-write, swap) treat the scale as one more page array: same block index,
 same bits.
 """
@@ -71,8 +75,13 @@ class KVPoolSpec:
 
     @property
     def token_scales(self) -> bool:
-        """int8: pages are QuantizedPages with a scale per token and KV head."""
+        """int8, int4: pages are QuantizedPages (scales per token and KV head; int4's K per
+        channel within a block)."""
         return has_token_scales(self.dtype)
+
+    @property
+    def int4(self) -> bool:
+        return self.dtype == "int4"
 
     @property
     def static_scales(self) -> bool:
@@ -90,17 +99,28 @@ class KVPoolSpec:
     @property
     def row_bytes(self) -> int:
         """Bytes one token's K (or V) takes per KV head and layer: the values, plus the scale
-        (int8)."""
+        (int8). int4: the packed values alone (its scales are counted per block)."""
+        if self.int4:
+            return self.head_dim // 2
         return self.head_dim * dtype_bytes(self.dtype) + (SCALE_BYTES if self.token_scales else 0)
 
     @property
-    def bytes_per_token(self) -> int:
-        """K and V bytes one token takes across all layers (scales included)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.row_bytes
+    def bytes_per_token(self) -> int | float:
+        """K and V bytes one token takes across all layers (scales included). int4's K scales
+        are per block, so this is the block's bytes / block_size: fractional only where
+        2 H < block_size."""
+        per_block = self.bytes_per_block
+        return per_block // self.block_size if per_block % self.block_size == 0 else \
+            per_block / self.block_size
 
     @property
     def bytes_per_block(self) -> int:
-        return self.block_size * self.bytes_per_token
+        """K and V bytes of one block across all layers: int4 adds, per KV head and layer, a bf16
+        scale per token for V and one per channel for K."""
+        per_head = 2 * self.block_size * self.row_bytes
+        if self.int4:
+            per_head += SCALE_BYTES * (self.block_size + self.head_dim)
+        return self.num_layers * self.num_kv_heads * per_head
 
     @property
     def total_bytes(self) -> int:
@@ -130,17 +150,24 @@ def dtype_bytes(dtype: str) -> int:
 
 def allocate(spec: KVPoolSpec, sharding=None) -> list:
     """Zero-filled pages, one (k, v) pair per layer; for an int8 cache each of k and v is a
-    ``QuantizedPages`` (values and a [.., K, 1] scale, both split by KV head like the pages)."""
+    ``QuantizedPages`` (values and a [.., K, 1] scale, both split by KV head like the pages);
+    int4 as in the module docstring."""
     def zeros(shape, dtype):
         return jnp.zeros(shape, dtype=dtype, device=sharding)
 
-    def pages():
+    nb, bs, kh, h = spec.page_shape
+
+    def pages(keys: bool):
+        if spec.int4:
+            scale = (nb, 1, kh, h) if keys else (nb, bs, kh, 1)
+            return QuantizedPages(zeros((nb, bs, kh, h // 2), jnp.uint8),
+                                  zeros(scale, jnp.bfloat16))
         if spec.token_scales:
             return QuantizedPages(zeros(spec.page_shape, storage_dtype(spec.dtype)),
                                   zeros((*spec.page_shape[:3], 1), jnp.bfloat16))
         return zeros(spec.page_shape, storage_dtype(spec.dtype))
 
-    return [(pages(), pages()) for _ in range(spec.num_layers)]
+    return [(pages(True), pages(False)) for _ in range(spec.num_layers)]
 
 
 def params_for_pool(spec: KVPoolSpec, cfg: ModelConfig, params):
@@ -166,6 +193,7 @@ def check_fits(spec: KVPoolSpec, max_model_len: int) -> None:
 def log_capacity(spec: KVPoolSpec, max_model_len: int) -> None:
     logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s%s)", spec.num_blocks,
                 spec.block_size, spec.num_tokens, spec.total_bytes / GiB, spec.dtype,
+                ", bf16 scales: V per token, K per channel of a block" if spec.int4 else
                 ", bf16 scale per token and KV head" if spec.token_scales else
                 ", static scale per layer and KV head" if spec.static_scales else "")
     where = "GPU " if jax.local_devices()[0].platform == "gpu" else ""  # vLLM's line, on a GPU
@@ -203,14 +231,19 @@ def gather_blocks(pool, ids: jax.Array):
     """Blocks ``ids`` [P] of every layer, stacked: [2L, P, block_size, K, H] (K and V of layer l
     at 2l and 2l + 1): one staging array for one host transfer (swap-out). Bit-exact. For an
     int8 pool a ``QuantizedPages`` of two staging arrays: values [2L, P, block_size, K, H]
-    and scales [2L, P, block_size, K, 1]."""
+    and scales [2L, P, block_size, K, 1]; for int4, whose K and V scales differ in shape, the
+    scales are a pair (K's [L, P, 1, K, H], V's [L, P, block_size, K, 1])."""
     def stack(arrays):
         staging = jnp.stack([_bits(pages)[ids] for pages in arrays])
         return jax.lax.bitcast_convert_type(staging, arrays[0].dtype)
 
     pages = [pages for kv in pool for pages in kv]
     if isinstance(pages[0], QuantizedPages):
-        return QuantizedPages(stack([p.data for p in pages]), stack([p.scale for p in pages]))
+        scales = [p.scale for p in pages]
+        if scales[0].shape != scales[1].shape:
+            return QuantizedPages(stack([p.data for p in pages]),
+                                  (stack(scales[0::2]), stack(scales[1::2])))
+        return QuantizedPages(stack([p.data for p in pages]), stack(scales))
     return stack(pages)
 
 
@@ -225,8 +258,10 @@ def scatter_blocks(pool, staging, ids: jax.Array):
 
     def layer(i, pages, which):
         if isinstance(pages, QuantizedPages):
+            scale = (staging.scale[which][i] if isinstance(staging.scale, tuple)
+                     else staging.scale[2 * i + which])
             return QuantizedPages(put(pages.data, staging.data[2 * i + which]),
-                                  put(pages.scale, staging.scale[2 * i + which]))
+                                  put(pages.scale, scale))
         return put(pages, staging[2 * i + which])
 
     return [(layer(i, k, 0), layer(i, v, 1)) for i, (k, v) in enumerate(pool)]

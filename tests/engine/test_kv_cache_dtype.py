@@ -2,10 +2,12 @@
 equals a one-shot recompute with the same quantization (through chunked prefill, decode steps,
 preemption and the Pallas kernels in interpret mode); block copies (n > 1) and swaps move
 quantized blocks bit-exact; the pool and the planner count the quantized bytes (fp8: 1 byte per
-value, static scales in the model; int8: plus a scale per token and KV head).
+value, static scales in the model; int8: plus a scale per token and KV head; int4: half a byte per
+value, V's scale per token, K's per channel of a block).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 
@@ -26,7 +28,8 @@ from pagedjax.worker.swap import HostKVPool
 from pagedjax.core.swap_space import SwapSpace
 from tests.conftest import assert_no_leak
 
-QUANTIZED = ["fp8_e4m3", "fp8_e5m2", "int8"]
+QUANTIZED = ["fp8_e4m3", "fp8_e5m2", "int8", "int4"]
+PER_TOKEN = ["fp8_e4m3", "fp8_e5m2", "int8"]  # a token's stored K/V depend on that token alone
 ENGINE = dict(num_gpu_blocks_override=9, max_model_len=128, max_num_batched_tokens=32,
               max_num_seqs=4)  # 9 blocks cannot hold all four prompts: preemption happens
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -67,14 +70,14 @@ def greedy_recompute(model, prompt, max_tokens, kv_dtype):
     return toks[len(prompt):]
 
 
-@pytest.mark.parametrize("kv_dtype", QUANTIZED)
+@pytest.mark.parametrize("kv_dtype", PER_TOKEN)
 @pytest.mark.parametrize("model", ["tiny_qwen", "tiny_llama"])
 def test_greedy_equals_quantized_recompute(model, kv_dtype, request):
     model = request.getfixturevalue(model)
     llm = LLM(loaded=model, kv_cache_dtype=kv_dtype, attention_backend="reference", **ENGINE)
     k = llm.engine.runner.pool[0][0]
     assert k.dtype == kv_pool.storage_dtype(kv_dtype)
-    assert isinstance(k, QuantizedPages) == (kv_dtype == "int8")  # fp8: plain pages
+    assert isinstance(k, QuantizedPages) == (kv_dtype in ("int8", "int4"))  # fp8: plain pages
     attn = llm.engine.runner.params["model"]["layers"][0]["self_attn"]
     assert ("k_scale" in attn) == kv_dtype.startswith("fp8")
     got = [o.outputs[0].token_ids for o in llm.generate(_prompts(), GREEDY, use_tqdm=False)]
@@ -84,9 +87,61 @@ def test_greedy_equals_quantized_recompute(model, kv_dtype, request):
     assert_no_leak(llm)
 
 
+@functools.lru_cache(maxsize=None)
+def _one_token_step(cfg, spec):
+    def step(params, pool, token, pos):
+        meta = StepMeta(slot_mapping=pos[None], block_tables=jnp.arange(spec.num_blocks,
+                                                                         dtype=jnp.int32)[None],
+                        context_lens=(pos + 1)[None], query_start_loc=jnp.stack([0 * pos, 1 + 0 * pos]))
+        logits, pool = forward_paged(params, cfg, token[None], pos[None], pool, meta,
+                                     make_attend("reference"), jnp.zeros((1,), jnp.int32))
+        return logits[0], pool
+
+    return jax.jit(step, donate_argnums=1)
+
+
+def greedy_token_by_token(model, prompt, max_tokens, kv_dtype):
+    """Greedy tokens with every token written into a fresh ``kv_dtype`` pool and attended in its
+    own step, the prompt's too: the cache a token sees holds exactly the tokens before it."""
+    spec = kv_pool.KVPoolSpec.for_model(model.cfg, WIDTH // 16, 16, kv_dtype)
+    step, pool = _one_token_step(model.cfg, spec), kv_pool.allocate(spec)
+    toks = list(prompt)
+    for pos in range(len(prompt) + max_tokens - 1):
+        logits, pool = step(model.params, pool, jnp.int32(toks[pos]), jnp.int32(pos))
+        if pos >= len(prompt) - 1:
+            toks.append(int(jnp.argmax(logits)))
+    return toks[len(prompt):]
+
+
+@pytest.mark.parametrize("model", ["tiny_qwen", "tiny_llama"])
+def test_int4_greedy_equals_token_by_token_reference(model, request):
+    """int4 scales K per channel over a block, so a key's stored codes depend on the later keys of
+    its block: a query of a prefill chunk sees its block's keys quantized with the chunk's later
+    tokens in the scale, a decode step's only with the tokens before. The engine's tokens equal a
+    reference that writes and attends one token at a time when the engine does too (a budget of
+    one token a step, the prompts' included); the bits of the write itself are
+    the same whatever the chunking (tests/kernels/test_int4_kv.py)."""
+    model = request.getfixturevalue(model)
+    llm = LLM(loaded=model, kv_cache_dtype="int4", attention_backend="reference",
+              **{**ENGINE, "max_num_batched_tokens": 1})
+    k = llm.engine.runner.pool[0][0]
+    assert isinstance(k, QuantizedPages) and k.data.dtype == jnp.uint8
+    assert k.scale.shape == (9, 1, model.cfg.num_key_value_heads, model.cfg.head_dim)
+    got = [o.outputs[0].token_ids for o in llm.generate(_prompts(), GREEDY, use_tqdm=False)]
+    want = [greedy_token_by_token(model, p, GREEDY.max_tokens, "int4") for p in _prompts()]
+    assert got == want
+    assert_no_leak(llm)
+
+
 @pytest.mark.parametrize("backend,kv_dtype", [("pallas-gpu", "fp8_e4m3"), ("pallas-gpu", "int8"),
-                                              ("pallas-tpu", "fp8_e5m2")])
+                                              ("pallas-tpu", "fp8_e5m2"), ("pallas-gpu", "int4"),
+                                              ("pallas-tpu", "int4")])
 def test_pallas_backends_match_the_reference(tiny_llama, backend, kv_dtype):
+    if kv_dtype == "int4" and backend == "pallas-gpu":  # the GPU kernels' int4 needs H >= 32
+        from tests.conftest import TinyModel, random_params
+
+        cfg = dataclasses.replace(tiny_llama.cfg, head_dim=32)
+        tiny_llama = TinyModel(cfg, random_params(cfg, seed=1))
     ref = LLM(loaded=tiny_llama, kv_cache_dtype=kv_dtype, attention_backend="reference", **ENGINE)
     pal = LLM(loaded=tiny_llama, kv_cache_dtype=kv_dtype, attention_backend=backend, **ENGINE)
     want = [o.outputs[0].token_ids for o in ref.generate(_prompts(), GREEDY, use_tqdm=False)]
@@ -110,7 +165,7 @@ def test_quantization_changes_the_cache_not_the_engine(tiny_qwen):
     assert np.abs(np.asarray(k.data)).max() == 127, "some row's absmax maps to 127"
 
 
-@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "int8", "int4"])
 def test_n_samples_copy_quantized_blocks_bit_exact(tiny_qwen, kv_dtype):
     """n = 3 children of a 100-token prompt fork inside its last, partial block: copy-on-write
     copies that block (values and scales). Each child equals a lone run with its seed only if
@@ -138,18 +193,16 @@ def test_n_samples_copy_quantized_blocks_bit_exact(tiny_qwen, kv_dtype):
 
 
 def _random_quantized_pool(spec, seed=0):
-    """Every bit pattern, NaN payloads included, in values and (int8) scales."""
-    keys = iter(jax.random.split(jax.random.key(seed), 4 * spec.num_layers))
+    """Every bit pattern, NaN payloads included, in values and (int8, int4) scales."""
+    pool = kv_pool.allocate(spec)
+    leaves, tree = jax.tree.flatten(pool)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
 
-    def pages():
-        data = jax.random.bits(next(keys), spec.page_shape, jnp.uint8)
-        data = jax.lax.bitcast_convert_type(data, kv_pool.storage_dtype(spec.dtype))
-        if not spec.token_scales:
-            return data
-        scale = jax.random.bits(next(keys), (*spec.page_shape[:3], 1), jnp.uint16)
-        return QuantizedPages(data, jax.lax.bitcast_convert_type(scale, jnp.bfloat16))
+    def bits(key, x):
+        raw = jax.random.bits(key, x.shape, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+        return jax.lax.bitcast_convert_type(raw, x.dtype)
 
-    return [(pages(), pages()) for _ in range(spec.num_layers)]
+    return jax.tree.unflatten(tree, [bits(k, x) for k, x in zip(keys, leaves)])
 
 
 def _bits(pool):
@@ -200,7 +253,9 @@ def test_swapped_quantized_blocks_round_trip_bit_exact(kv_dtype):
 
 
 def test_swap_preemption_with_a_quantized_pool(tiny_qwen):
-    """Swap-preempted sequences resume with exactly the tokens of an unpreempted run."""
+    """Swap-preempted sequences resume with exactly the tokens of an unpreempted run. Not int4:
+    the two runs chunk the prompts differently, which int4's block scales see
+    (test_int4_greedy_equals_token_by_token_reference); its swaps are bit-exact below."""
     kw = dict(kv_cache_dtype="int8", block_size=16, max_model_len=256, max_num_batched_tokens=64,
               max_num_seqs=6, attention_backend="reference")
     rng = np.random.default_rng(0)
@@ -227,8 +282,9 @@ def test_pool_bytes_are_what_is_allocated(tiny_qwen, kv_dtype):
     allocated = sum(x.nbytes for x in jax.tree.leaves(llm.engine.runner.pool))
     assert allocated == spec.total_bytes <= 1 << 20
     auto = LLM(loaded=tiny_qwen, kv_cache_memory_bytes=1 << 20, max_model_len=256).engine.spec
-    # float32 tiny model, head_dim 16: 64 bytes per token and head vs 16 (fp8) or 16 + 2 (int8)
-    per_token = 16 + (2 if kv_dtype == "int8" else 0)
+    # float32 tiny model, head_dim 16: 64 bytes per token and head vs 16 (fp8) or 16 + 2 (int8);
+    # int4 (K and V averaged): 8 values + 1 (V's scale) + 1 (K's 16 channel scales per 16 tokens)
+    per_token = {"int8": 18, "int4": 10}.get(kv_dtype, 16)
     assert spec.num_tokens / auto.num_tokens == pytest.approx(64 / per_token, rel=0.02)
 
 
@@ -260,6 +316,52 @@ def test_planner_bytes_per_token_fp8_is_half_of_bf16_int8_adds_scales():
     assert config("auto", "float16").kv_dtype == "float16"
 
 
+def test_int4_pool_holds_3_5x_bf16_tokens():
+    """Issue 22's line, on the KVPoolSpec arithmetic (scales included) at block size 16, for
+    Qwen2.5-7B (28 layers, 4 KV heads, head_dim 128) and Llama-2-7B (32 layers, 32 KV heads,
+    head_dim 128) shapes; the engine, the planner and memory_report all size the pool by it."""
+    budget = 20 << 30
+    for layers, kv_heads in ((28, 4), (32, 32)):
+        def spec(dtype):
+            return kv_pool.KVPoolSpec(layers, 0, 16, kv_heads, 128, dtype)
+
+        int4, bf16 = spec("int4"), spec("bfloat16")
+        # per KV head and layer, a block: 16 x (64 + 64) bytes of codes, 16 V scales, 128 K scales
+        assert int4.bytes_per_block == layers * kv_heads * (16 * 128 + 2 * 16 + 2 * 128)
+        assert int4.bytes_per_token == layers * kv_heads * 146
+        ratio = (budget // int4.bytes_per_block) / (budget // bf16.bytes_per_block)
+        assert ratio >= 3.5, (layers, kv_heads, ratio)
+
+
+def test_planner_and_memory_report_know_int4(capsys):
+    import json
+
+    from pagedjax.entrypoints import cli
+    from pagedjax.planning.planner import resolve_model
+
+    cfg = resolve_model("Qwen2.5-7B-Instruct").cfg
+
+    def config(kv_dtype):
+        return EngineConfig.resolve(EngineArgs(kv_cache_dtype=kv_dtype, max_model_len=4096,
+                                               kv_cache_memory_bytes=10 << 30), cfg, "bfloat16")
+
+    rep, base = mr.memory_report(config("int4")), mr.memory_report(config("auto"))
+    assert rep["kv_dtype"] == "int4" and rep["kv_bytes_per_token"] == 28 * 4 * 146 == 16_352
+    assert rep["block_bytes"] == 16 * 16_352
+    assert rep["num_tokens"] / base["num_tokens"] == pytest.approx(57_344 / 16_352, abs=2e-3)
+    assert rep["max_concurrency"] >= 3 * base["max_concurrency"]
+    assert cli.main(["plan", "--model", "Qwen2.5-7B-Instruct", "--kv-cache-dtype", "int4",
+                     "--gpu-memory", "80GiB", "--json"]) is None
+    r = json.loads(capsys.readouterr().out)
+    assert r["kv_cache_dtype"] == "int4" and r["kv_bytes_per_token"] == 16_352
+    assert r["block_bytes"] == 16 * 16_352
+    assert r["memory"]["num_tokens"] == r["memory"]["num_blocks"] * 16 > 0
+    assert any("KV cache int4" in n and "146 B" in n for n in r["notes"]), r["notes"]
+    with pytest.raises(ValueError, match="even head_dim"):
+        EngineConfig.resolve(EngineArgs(kv_cache_dtype="int4"),
+                             dataclasses.replace(cfg, head_dim=127), "bfloat16")
+
+
 def test_bad_kv_cache_dtype_names_the_choices():
     with pytest.raises(ValueError, match=r"--kv-cache-dtype 'fp4'.*'fp8_e4m3', 'fp8_e5m2', 'int8'"):
         EngineArgs(kv_cache_dtype="fp4")
@@ -278,7 +380,7 @@ def test_cli_flag_reaches_the_engine_args():
         p.parse_args(["--kv-cache-dtype", "fp4"])
 
 
-@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3", "int4"])
 def test_tensor_parallel_splits_values_and_scales_by_kv_head(kv_dtype):
     """tp 2 on fake CPU devices: the 1-byte values and int8's per-token scales are split by KV
     head like bf16 pages, fp8's static scales by KV head like k_proj, and the tokens equal tp 1's."""
@@ -288,7 +390,7 @@ def test_tensor_parallel_splits_values_and_scales_by_kv_head(kv_dtype):
     llm, two = generate_tp(tiny("tiny_qwen"), 2, kv_cache_dtype=kv_dtype)
     assert [o["token_ids"] for o in two] == [o["token_ids"] for o in one]
     k = llm.engine.runner.pool[0][0]
-    arrays = [k.data, k.scale] if kv_dtype == "int8" else [
+    arrays = [k.data, k.scale] if kv_dtype in ("int8", "int4") else [
         k, llm.engine.runner.params["model"]["layers"][0]["self_attn"]["k_scale"]]
     for x in arrays:
         assert x.sharding.spec[2 if x.ndim == 4 else 0] == "tp"
