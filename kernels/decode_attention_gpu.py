@@ -151,7 +151,9 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
         return jnp.sum(x, axis=1)
 
     # The head dim in parts: one, or int4's low and high halves ([G_pad, H / 2] each).
-    out_cols = [dims] if not packed else [dims[:head_dim // 2], dims[head_dim // 2:]]
+    # (two iotas, not slices of one: Triton's lowering has no slice)
+    halves = [jnp.arange(h, h + head_dim // 2, dtype=jnp.int32) for h in (0, head_dim // 2)]
+    out_cols = halves if packed else [dims]
     q_parts = []
     for c in (out_cols if packed else [qcols]):
         q_mask = jnp.broadcast_to((head_ok & decodes)[:, None], (group_pad, c.shape[0]))

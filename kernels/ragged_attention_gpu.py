@@ -75,7 +75,9 @@ def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qs
     dims = jnp.arange(head_dim, dtype=jnp.int32)
     q_rows = t * num_heads + kh * group + jax.lax.rem(r, group)
     # The head dim in parts: one, or int4's low and high halves.
-    out_cols = [dims[:head_dim // 2], dims[head_dim // 2:]] if packed else [dims]
+    # (two iotas, not slices of one: Triton's lowering has no slice)
+    halves = [jnp.arange(h, h + head_dim // 2, dtype=jnp.int32) for h in (0, head_dim // 2)]
+    out_cols = halves if packed else [dims]
     q_parts = [plgpu.load(q_ref.at[q_rows[:, None], c[None, :]], other=0,
                           mask=jnp.broadcast_to(row_ok[:, None], (block_m, c.shape[0])))
                for c in out_cols]
