@@ -1,7 +1,7 @@
 """The kernels lower for the hardware they are written for, checked on the CPU: Pallas -> Triton IR
 for CUDA, Pallas -> Mosaic for TPU, at the Qwen2.5-7B shapes the engine runs (28 q / 4 kv heads,
-head_dim 128, bf16, block 16), with every cache dtype's pages: bf16, raw fp8, int8 and int4 QuantizedPages
-(and fp8 QuantizedPages, still accepted). This catches a kernel that runs in interpret mode but uses
+head_dim 128, bf16, block 16), with every cache dtype's pages: bf16, raw fp8, int8 and int4
+QuantizedPages (and fp8 QuantizedPages, still accepted). This catches a kernel that runs in interpret mode but uses
 an op the real lowering lacks; the Triton / Mosaic compilers themselves run only on the device."""
 from __future__ import annotations
 
