@@ -25,7 +25,7 @@ from pagedjax.worker.sampler import MAX_LOGPROBS
 from pagedjax.sampling_params import SamplingParams
 from pagedjax.core.scheduler import Scheduler
 from pagedjax.core.sequence import Sequence
-from pagedjax.stats import EngineSnapshot
+from pagedjax.stats import EngineSnapshot, EngineStats
 
 logger = logging.getLogger(__name__)
 
@@ -36,19 +36,6 @@ class InFlight(NamedTuple):
     batch: ScheduledBatch
     result: StepResult
     want_top: bool  # some row wants its top logprobs (the sampler computed them): fetch them
-
-
-@dataclasses.dataclass
-class EngineStats:
-    prompt_tokens: int = 0  # prompt tokens of admitted requests
-    generation_tokens: int = 0
-    computed_tokens: int = 0  # tokens run through the model, recompute included
-    steps: int = 0
-    host_seconds: float = 0.0  # schedule + prepare + update (and the step's bookkeeping)
-    device_seconds: float = 0.0  # dispatch until the sampled tokens are on the host
-    schedule_seconds: float = 0.0  # Scheduler.schedule: the batch and its host arrays
-    prepare_seconds: float = 0.0  # ModelRunner.prepare: padding into a bucket
-    update_seconds: float = 0.0  # Scheduler.update_from_output
 
 
 class LLMEngine:
@@ -323,16 +310,13 @@ class LLMEngine:
     # ---- introspection -----------------------------------------------------------------------
     def make_stats(self) -> EngineSnapshot:
         """Every counter and gauge of the engine's parts, in one snapshot (pagedjax.stats)."""
-        s, sched, bm = self.stats, self.scheduler, self.block_manager
+        sched, bm = self.scheduler, self.block_manager
         swapped = self.host_pool.landed.blocks if self.host_pool is not None else {}
         return EngineSnapshot(
             num_running=len(sched.running), num_waiting=len(sched.waiting),
             num_swapped=len(sched.swapped), kv_cache_usage=bm.usage,
             cpu_cache_usage=self.swap_space.usage if self.swap_space is not None else 0.0,
-            prompt_tokens=s.prompt_tokens, generation_tokens=s.generation_tokens,
-            computed_tokens=s.computed_tokens, steps=s.steps, host_seconds=s.host_seconds,
-            device_seconds=s.device_seconds, schedule_seconds=s.schedule_seconds,
-            prepare_seconds=s.prepare_seconds, update_seconds=s.update_seconds, num_preemptions=sched.num_preemptions,
+            **dataclasses.asdict(self.stats), num_preemptions=sched.num_preemptions,
             num_preemptions_swap=sched.num_preemptions_swap,
             num_preemptions_recompute=sched.num_preemptions_recompute,
             prefix_cache_queries=bm.queries, prefix_cache_hits=bm.hits,

@@ -1,6 +1,6 @@
 """One snapshot of the engine's counters and gauges (vLLM v1's ``make_stats``).
 
-The counters live where they are counted (the engine's ``EngineStats``, the scheduler's
+The counters live where they are counted (the engine's ``EngineStats`` below, the scheduler's
 preemptions, the block manager's prefix-cache lookups, the runner's compilations, the host pool's
 swap traffic); ``LLMEngine.make_stats()`` gathers them into one frozen ``EngineSnapshot`` that the
 server's metrics and log line, and the benchmarks, read. Counters are cumulative since the engine
@@ -11,6 +11,21 @@ from __future__ import annotations
 import dataclasses
 
 
+@dataclasses.dataclass
+class EngineStats:
+    """The engine's own counters, written as it steps (every one is a field of the snapshot)."""
+
+    prompt_tokens: int = 0  # prompt tokens of admitted requests
+    generation_tokens: int = 0
+    computed_tokens: int = 0  # tokens run through the model, recompute included
+    steps: int = 0
+    host_seconds: float = 0.0  # schedule + prepare + update (and the step's bookkeeping)
+    device_seconds: float = 0.0  # dispatch until the sampled tokens are on the host
+    schedule_seconds: float = 0.0  # Scheduler.schedule: the batch and its host arrays
+    prepare_seconds: float = 0.0  # ModelRunner.prepare: padding into a bucket
+    update_seconds: float = 0.0  # Scheduler.update_from_output
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineSnapshot:
     # gauges
@@ -19,14 +34,14 @@ class EngineSnapshot:
     num_swapped: int = 0  # sequences whose blocks are in host memory
     kv_cache_usage: float = 0.0  # share of the device pool's blocks in use
     cpu_cache_usage: float = 0.0  # share of the host swap pool in use
-    # counters
-    prompt_tokens: int = 0  # prompt tokens of admitted requests
+    # counters: EngineStats's (meanings there), then the other parts'
+    prompt_tokens: int = 0
     generation_tokens: int = 0
-    computed_tokens: int = 0  # tokens run through the model, recompute included
+    computed_tokens: int = 0
     steps: int = 0
-    host_seconds: float = 0.0  # schedule + prepare + update (and the step's bookkeeping)
-    device_seconds: float = 0.0  # dispatch until the sampled tokens are on the host
-    schedule_seconds: float = 0.0  # the host phases inside host_seconds
+    host_seconds: float = 0.0
+    device_seconds: float = 0.0
+    schedule_seconds: float = 0.0
     prepare_seconds: float = 0.0
     update_seconds: float = 0.0
     num_preemptions: int = 0
