@@ -21,12 +21,15 @@ _MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "mistral": "llama"}
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3.1 style frequency scaling ("llama3" rope type)."""
+    """Rope frequency scaling: Llama-3.1's "llama3" (low frequencies divided by ``factor``, high
+    ones kept, a smooth blend between) or "linear" position interpolation (every frequency
+    divided by ``factor``: LLaMA-2-7B-32K and other long-context fine-tunes)."""
 
     factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+    rope_type: str = "llama3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +103,11 @@ class ModelConfig:
                 high_freq_factor=float(scaling["high_freq_factor"]),
                 original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
             )
+        elif rope_type == "linear":
+            rope_scaling = RopeScaling(factor=float(scaling["factor"]), rope_type="linear")
         else:
             raise ValueError(f"{source}: unsupported rope scaling type {rope_type!r}; pagedjax "
-                             "supports the default rope and 'llama3' scaling")
+                             "supports the default rope, 'linear' and 'llama3' scaling")
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         return cls(

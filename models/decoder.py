@@ -35,11 +35,13 @@ def rms_norm(x, weight, eps):
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [H/2], with Llama-3.1 scaling when the config asks for it."""
+    """Inverse frequencies [H/2], scaled when the config asks for it (``RopeScaling``)."""
     h = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
     s = cfg.rope_scaling
-    if s is not None:
+    if s is not None and s.rope_type == "linear":
+        inv = inv / s.factor
+    elif s is not None:
         low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
         high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
         wavelen = 2 * np.pi / inv
