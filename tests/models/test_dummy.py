@@ -42,7 +42,7 @@ def test_qwen25_7b_abstract_shapes_allocate_nothing():
 PUBLISHED = {"Qwen2.5-7B-Instruct": 7.61e9, "Qwen2.5-0.5B-Instruct": 0.49e9,
              "Qwen2.5-0.5B": 0.49e9, "Meta-Llama-3-8B": 8.03e9,
              "Meta-Llama-3-8B-Instruct": 8.03e9, "Llama-3.1-8B-Instruct": 8.03e9,
-             "Llama-2-70b-hf": 69e9}
+             "Llama-2-70b-hf": 69e9, "LLaMA-2-7B-32K": 6.74e9}
 
 
 def test_shipped_configs_have_published_sizes():
