@@ -31,7 +31,9 @@ def _status(e: BaseException) -> str:
 
 
 def _case(llm, prompts, params, res: dict, name: str, save, warmup_tokens: int | None = None):
-    """Warm up (the identical workload, or its first ``warmup_tokens`` new tokens), then measure."""
+    """Warm up (the identical workload, or its first ``warmup_tokens`` new tokens), then measure.
+    A single request also gets its time to first token (a run of ``max_tokens=1``) and its decode
+    rate after it."""
     row = {"requests": len(prompts), "prompt_len": max(len(p) for p in prompts),
            "new_tokens_requested": params.max_tokens}
     try:
@@ -39,11 +41,16 @@ def _case(llm, prompts, params, res: dict, name: str, save, warmup_tokens: int |
                        if warmup_tokens else params)
         warm = harness.generate(llm, prompts, warm_params)
         row["warmup_s"], row["warmup_compilations"] = warm.elapsed_s, warm.compilations
+        if len(prompts) == 1:
+            row["ttft_s"] = harness.generate(
+                llm, prompts, dataclasses.replace(params, max_tokens=1)).elapsed_s
         r = harness.generate(llm, prompts, params)
         done = all(o.outputs[0].finish_reason == "length"
                    and len(o.outputs[0].token_ids) == params.max_tokens for o in r.outputs)
         row.update(r.figures(), status="completed" if done else "incomplete",
                    timeline=harness.thin(r.timeline))
+        if "ttft_s" in row and r.elapsed_s > row["ttft_s"]:
+            row["decode_tok_s"] = (params.max_tokens - 1) / (r.elapsed_s - row["ttft_s"])
     except Exception as e:  # noqa: BLE001 - an OOM is a result; the next case still runs
         row.update(status=_status(e), error=f"{type(e).__name__}: {str(e)[:300]}")
     mem = harness.device_memory()
@@ -115,24 +122,31 @@ def main(spec_path: str, result_path: str) -> None:
 
     vocab, seed, cases = cfg.vocab_size, spec["load"]["seed"], spec["cases"]
     greedy = dict(temperature=0.0, ignore_eos=True)
-    a = cases["a"]
-    # One sequence: its decode steps share one shape while its block-table width bucket (a power
-    # of two of blocks) does not change, which holds for 10,001..12,000 tokens; a short warm-up
-    # then compiles everything, and the measured run's count says if it did not.
-    _case(llm, harness.random_prompts([a["prompt_len"]], vocab, seed),
-          SamplingParams(max_tokens=a["new_tokens"], **greedy), res, "a", save, warmup_tokens=16)
-    b = cases["b"]
-    n_b = pool.max_concurrency(b["context"])
-    res["paged_seqs_8k_arithmetic"] = n_b
-    if n_b >= 1:
-        _case(llm, harness.random_prompts([b["context"] - b["new_tokens"]] * n_b, vocab, seed),
-              SamplingParams(max_tokens=b["new_tokens"], **greedy), res, "b", save)
-    c = cases["c"]
-    _case(llm, harness.random_prompts([c["prompt_len"]] * c["batch"], vocab, seed),
-          SamplingParams(max_tokens=c["new_tokens"], **greedy), res, "c", save)
+    if "a" in cases:
+        a = cases["a"]
+        # One sequence: its decode steps share one shape while its block-table width bucket (a
+        # power of two of blocks) does not change, which holds for 10,001..12,000 tokens; a short
+        # warm-up then compiles everything, and the measured run's count says if it did not.
+        _case(llm, harness.random_prompts([a["prompt_len"]], vocab, seed),
+              SamplingParams(max_tokens=a["new_tokens"], **greedy), res, "a", save,
+              warmup_tokens=16)
+    n_b = 0
+    if "b" in cases:
+        b = cases["b"]
+        n_b = pool.max_concurrency(b["context"])
+        res["paged_seqs_8k_arithmetic"] = n_b
+        if n_b >= 1:
+            _case(llm, harness.random_prompts([b["context"] - b["new_tokens"]] * n_b, vocab, seed),
+                  SamplingParams(max_tokens=b["new_tokens"], **greedy), res, "b", save)
+    if "c" in cases:
+        c = cases["c"]
+        _case(llm, harness.random_prompts([c["prompt_len"]] * c["batch"], vocab, seed),
+              SamplingParams(max_tokens=c["new_tokens"], **greedy), res, "c", save)
 
     harness.release(llm)
     del llm, e
+    if "b" not in cases:
+        return
     contiguous = _contiguous(cfg, loaded.dtype, reserve_len, pool.total_bytes,
                              cap=4 * max(n_b, 1) + 8)
     res["contiguous"] = contiguous
@@ -140,7 +154,6 @@ def main(spec_path: str, result_path: str) -> None:
     print(f"[pagedjax] contiguous {reserve_len}-token caches: {contiguous['seqs_in_same_budget']} "
           f"in the same KV budget, {contiguous['seqs_allocatable']} allocatable; paged 8K "
           f"requests: {n_b}", flush=True)
-
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:

@@ -134,3 +134,14 @@ def test_report_renders_results_and_placeholders(tmp_path):
     assert "python -m benchmarks capacity" in text  # the command that produced the table
     assert "![capacity](cpu-test/capacity.png)" in text
     assert "### throughput\n\n_Not yet measured._" in text
+
+
+def test_small_memory_quick(tmp_path):
+    summary, record = _run(tmp_path, "small-memory", "--quick", "--configs", "bf16,int8",
+                           "--skip-hf")
+    assert summary["seed002_fits"] == ["bf16", "int8"]
+    rows = {r["config"]: r for r in record["figures"]["table"]["rows"]}
+    assert rows["bf16"]["ttft_s"] > 0 and rows["bf16"]["decode_tok_s"] > 0
+    # the same KV bytes hold more tokens at one byte a value (+ a scale a token); the "bf16"
+    # configuration is the model's own dtype, float32 for the tiny CPU model: 3.5x here
+    assert 3 < rows["int8"]["pool_tokens"] / rows["bf16"]["pool_tokens"] <= 4
