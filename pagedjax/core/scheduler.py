@@ -180,6 +180,9 @@ class Scheduler:
                 self.bm.free(s.seq_id)
                 s.num_computed_tokens = 0
             return None
+        metrics = self.requests[seq.request_id].metrics
+        if metrics.first_scheduled_time is None:
+            metrics.first_scheduled_time = time.time()
         for s in gang:
             self.waiting.remove(s)
             self.insert_running(s)
@@ -293,8 +296,6 @@ class Scheduler:
             if seq.finished:
                 continue
             req = self.requests[seq.request_id]
-            if req.metrics.first_scheduled_time is None:
-                req.metrics.first_scheduled_time = now
             self.stats.computed_tokens += n
             if i not in batch.samples:  # a prefill chunk that is not the last
                 self.bm.commit_full_blocks(seq.seq_id, seq.tokens,

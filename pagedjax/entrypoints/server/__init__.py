@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--log-stats-interval", type=float, default=5.0,
                    help="seconds between throughput log lines while busy")
     g.add_argument("--disable-log-stats", action="store_true")
+    g.add_argument("--metrics-prefix", default="pagedjax",
+                   help="the prefix of the /metrics names; 'vllm' serves vLLM's exact names, so "
+                        "its Grafana dashboards and alerts work unchanged")
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     add_engine_arguments(parser)
@@ -85,7 +88,7 @@ def build_server(args: argparse.Namespace, loaded=None):
 
     from pagedjax.entrypoints.server.app import build_app
     from pagedjax.entrypoints.server.engine_loop import AsyncEngine
-    from pagedjax.entrypoints.server.metrics import EngineMetrics
+    from pagedjax.entrypoints.server.metrics import EngineMetrics, check_prefix
     from pagedjax.entrypoints.server.shutdown import DrainingServer
     from pagedjax.entrypoints.server.timeouts import uvicorn_config
 
@@ -101,9 +104,12 @@ def build_server(args: argparse.Namespace, loaded=None):
     if not 0 <= args.max_logprobs <= MAX_LOGPROBS:
         raise ValueError(f"--max-logprobs {args.max_logprobs} must be in [0, {MAX_LOGPROBS}]: "
                          f"the engine step returns the top {MAX_LOGPROBS}")
+    check_prefix(args.metrics_prefix)
     engine = LLMEngine(EngineArgs.from_namespace(args), loaded=loaded)
     name = served_name(args)
-    aengine = AsyncEngine(engine, EngineMetrics(name), log_interval=args.log_stats_interval,
+    metrics = EngineMetrics(name, prefix=args.metrics_prefix,
+                            max_model_len=engine.config.max_model_len)
+    aengine = AsyncEngine(engine, metrics, log_interval=args.log_stats_interval,
                           log_stats=not args.disable_log_stats).start()
     app = build_app(aengine, name, args.api_key, max_request_bytes=args.max_request_bytes,
                     max_waiting_requests=args.max_waiting_requests,

@@ -46,6 +46,16 @@ class EngineDeadError(RequestFailedError):
         super().__init__(message, 500, "engine_dead")
 
 
+@dataclasses.dataclass
+class _Seen:
+    """What the histograms need of a request between its outputs."""
+
+    last: float  # the time of its last token (its arrival before the first)
+    n: int
+    max_tokens: int
+    tokens: int = 0
+
+
 @dataclasses.dataclass(frozen=True)
 class Submission:
     request_id: str
@@ -124,7 +134,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         # engine-thread state
         self._streams: dict[str, RequestStream] = {}
-        self._seen: dict[str, tuple[int, float]] = {}  # request -> (tokens so far, last token time)
+        self._seen: dict[str, _Seen] = {}  # request -> its tokens so far, for the histograms
         self._last_log = time.monotonic()
         self._logged = EngineSnapshot()  # the snapshot of the last log line
         self._thread = threading.Thread(target=self._run, name="pagedjax-engine", daemon=True)
@@ -251,7 +261,9 @@ class AsyncEngine:
             else:
                 for rid in added:
                     self._streams[rid] = stream
-                    self._seen[rid] = (0, arrival)
+                    self._seen[rid] = _Seen(last=arrival, n=s.params.n if isinstance(
+                        s.params, SamplingParams) else s.params.beam_width,
+                        max_tokens=s.params.max_tokens)
         with self._lock:
             self._added_seqs += seqs
         self._call(stream.loop, _settle, fut, error)
@@ -291,20 +303,34 @@ class AsyncEngine:
             self._call(loop, _deliver_all, items)
 
     def _observe(self, out: RequestOutput, now: float) -> None:
-        m, metrics = self.metrics, out.metrics
-        n = sum(len(o.token_ids) for o in out.outputs)
-        seen, last = self._seen[out.request_id]
-        if n > seen:
-            if seen == 0:
-                m.ttft.observe((metrics.first_token_time or now) - metrics.arrival_time)
+        m, t, seen = self.metrics, out.metrics, self._seen[out.request_id]
+        lengths = [len(o.token_ids) for o in out.outputs]
+        n = sum(lengths)
+        if n > seen.tokens:
+            if seen.tokens == 0:
+                m.ttft.observe((t.first_token_time or now) - t.arrival_time)
             else:
-                m.itl.observe(now - last)
-            self._seen[out.request_id] = (n, now)
-        if out.finished:
-            reason = "error" if out.error is not None else (
-                out.outputs[0].finish_reason if out.outputs else "stop")
-            m.finished.get(reason, m.finished["stop"]).inc()
-            m.e2e.observe((metrics.finished_time or now) - metrics.arrival_time)
+                m.itl.observe(now - seen.last)
+                m.tpot.observe(now - seen.last)
+            seen.tokens, seen.last = n, now
+        if not out.finished:
+            return
+        reason = "error" if out.error is not None else (
+            out.outputs[0].finish_reason if out.outputs else "stop")
+        m.finished.get(reason, m.finished["stop"]).inc()
+        end = t.finished_time or now
+        m.e2e.observe(end - t.arrival_time)
+        if t.first_scheduled_time is not None:
+            m.queue.observe(t.first_scheduled_time - t.arrival_time)
+            m.inference.observe(end - t.first_scheduled_time)
+            if t.first_token_time is not None:
+                m.prefill.observe(t.first_token_time - t.first_scheduled_time)
+                m.decode.observe(end - t.first_token_time)
+        m.request_prompt_tokens.observe(len(out.prompt_token_ids))
+        m.request_generation_tokens.observe(n)
+        m.request_max_generation_tokens.observe(max(lengths, default=0))
+        m.request_n.observe(seen.n)
+        m.request_max_tokens.observe(seen.max_tokens)
 
     def _publish(self) -> None:
         """The engine's snapshot into the metrics (counters by their change since the last one)
@@ -315,6 +341,7 @@ class AsyncEngine:
         m.waiting.set(snap.num_waiting)
         m.swapped.set(snap.num_swapped)
         m.kv_usage.set(snap.kv_cache_usage)
+        m.gpu_usage.set(snap.kv_cache_usage)
         m.cpu_usage.set(snap.cpu_cache_usage)
         delta = snap.delta(before)
         for counter, name in ((m.prompt_tokens, "prompt_tokens"),
