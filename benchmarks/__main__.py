@@ -22,6 +22,7 @@ SCENARIOS = {
     "serve": "benchmarks.serve",
     "prefix": "benchmarks.prefix",
     "small-memory": "benchmarks.small_memory",
+    "startup": "benchmarks.startup",
 }
 
 

@@ -54,6 +54,10 @@ class EngineArgs:
     # at start the same way). None: on where the step buckets are coarse (the Pallas backends)
     # and the kernels are compiled for real (not interpreted on the CPU), off elsewhere.
     precompile: bool | None = None
+    # keep compiled programs on disk between runs (pagedjax.worker.compile_cache); None: on with
+    # a GPU or TPU, off on the CPU. The directory: None is ~/.cache/pagedjax/jax.
+    compilation_cache: bool | None = None
+    compilation_cache_dir: str | None = None
 
     def __post_init__(self):
         self.validate()
@@ -192,6 +196,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="compile every step shape at start-up, so that no request waits for a "
                         "compile (default: on with the Pallas kernels on a GPU or TPU, off on "
                         "the CPU and with --attention-backend reference)")
+    g.add_argument("--compilation-cache", action=argparse.BooleanOptionalAction,
+                   default=d.compilation_cache,
+                   help="keep compiled step programs on disk, so the next start loads them "
+                        "instead of compiling (default: on with a GPU or TPU, off on the CPU)")
+    g.add_argument("--compilation-cache-dir", default=None,
+                   help="where (default $PAGEDJAX_CACHE_DIR, else ~/.cache/pagedjax/jax)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
     from pagedjax.worker.distributed import add_distributed_arguments

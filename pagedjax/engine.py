@@ -10,7 +10,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from pagedjax.worker import device_memory, faults, kv_pool, sharding, swap
+from pagedjax.worker import compile_cache, device_memory, faults, kv_pool, sharding, swap
 from pagedjax.core.batch import ScheduledBatch
 from pagedjax.core.beam_search import BeamSearchParams, BeamState
 from pagedjax.core.block_manager import BlockManager
@@ -49,6 +49,8 @@ class LLMEngine:
         does for real (benchmarks/host_overhead.py, tests/reliability/fake_device.py)."""
         self.args = args
         device_memory.configure_allocator(args.gpu_memory_utilization)  # before JAX starts
+        self.compilation_cache = compile_cache.setup(args.compilation_cache,
+                                                     args.compilation_cache_dir)
         owned = loaded is None  # the engine loads the weights itself: it may consume them
         if owned:
             from pagedjax.models.loader import load_model
@@ -113,10 +115,16 @@ class LLMEngine:
     def _precompile(self) -> None:
         r = self.runner
         c0, t0 = r.num_compilations, time.perf_counter()
+        (hits0, misses0) = compile_cache.counts()
         with faults.explain_oom_at_start("precompiling the step", self.spec, self.max_model_len):
             r.warmup()  # logs what it compiled
         self.precompile_s = time.perf_counter() - t0
         self.precompile_compilations = r.num_compilations - c0
+        if self.compilation_cache is not None:
+            hits, misses = compile_cache.counts()
+            logger.info("Compilation cache %s: %d programs loaded, %d compiled and stored, in "
+                        "%.1f s", self.compilation_cache, hits - hits0, misses - misses0,
+                        self.precompile_s)
 
     def _size_pool(self) -> kv_pool.KVPoolSpec:
         """The planner's arithmetic (pagedjax.planning.memory_report), fed with this device's

@@ -88,6 +88,12 @@ def profile_peak_bytes_estimate(cfg: ModelConfig, max_num_batched_tokens: int, d
                                                       sorted, softmax, cumsum, Gumbel noise
       + 512 MiB                                       XLA's workspaces and fragmentation
       + attention scratch                             the reference attention's per-chunk bound
+      + the largest weight matrix                     XLA's GPU autotuner: while it compiles a
+                                                      step it times each GEMM's candidates on
+                                                      fresh buffers the size of its operands
+                                                      (the lm_head's weight, 1 GiB for Qwen2.5-7B:
+                                                      without room for it the first compile
+                                                      after the pool is allocated fails)
 
     It must not fall short: JAX's allocator is capped at ``--gpu-memory-utilization`` of the
     device (:mod:`pagedjax.worker.device_memory`), so what the estimate misses the step cannot get.
@@ -101,8 +107,9 @@ def profile_peak_bytes_estimate(cfg: ModelConfig, max_num_batched_tokens: int, d
     d, f, n, k, h = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
                      cfg.num_key_value_heads, cfg.head_dim)
     layer = t * (2 * d + (n + 2 * k) * h + 3 * f) * dtype_bytes(dtype)
+    largest_matrix = max(cfg.vocab_size * d, d * 2 * f, d * (n + 2 * k) * h) * dtype_bytes(dtype)
     return (layer + SAMPLER_ROW_ARRAYS * s * cfg.vocab_size * 4 + XLA_WORKSPACE_BYTES
-            + reference.SCRATCH_BYTES)
+            + reference.SCRATCH_BYTES + largest_matrix)
 
 
 def kv_budget_bytes(total_bytes: int, gpu_memory_utilization: float, weights: int,
