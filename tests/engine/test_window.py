@@ -186,3 +186,47 @@ def test_sliding_window_model_equals_transformers_mask(tiny_qwen):
     got = [o.outputs[0].token_ids for o in llm.generate(_prompts(), GREEDY, use_tqdm=False)]
     assert got == [greedy_reference(model, p, GREEDY.max_tokens) for p in _prompts()]
     assert_no_leak(llm)
+
+
+def test_planner_and_memory_report_bound_a_windowed_sequence(capsys):
+    """With a window, a sequence's blocks stop growing: at a max_model_len far past the window
+    the pool holds many more sequences than with full attention (int4 as well)."""
+    import json
+
+    from pagedjax.entrypoints import cli
+    from pagedjax.planning import memory_report as mr
+    from pagedjax.planning.planner import resolve_model
+
+    cfg = resolve_model("Qwen2.5-7B-Instruct").cfg
+
+    def report(**kw):
+        return mr.memory_report(EngineConfig.resolve(
+            EngineArgs(max_model_len=32768, kv_cache_memory_bytes=10 << 30, **kw), cfg,
+            "bfloat16"))
+
+    full, win = report(), report(kv_sink_tokens=16, kv_window=4096)
+    assert win["num_blocks"] == full["num_blocks"]  # same pool, fewer blocks a sequence
+    assert win["blocks_per_seq"] == 1 + 4096 // 16 + 1 < full["blocks_per_seq"] == 2048
+    assert win["max_concurrency"] == win["num_blocks"] // 258
+    assert win["max_concurrency"] >= 7 * full["max_concurrency"]
+    assert report(kv_cache_dtype="int4", kv_window=4096)["max_concurrency"] > \
+        3 * win["max_concurrency"]
+    assert cli.main(["plan", "--model", "Qwen2.5-7B-Instruct", "--kv-window", "4096",
+                     "--kv-sink-tokens", "16", "--max-model-len", "32768", "--gpu-memory",
+                     "80GiB", "--json"]) is None
+    r = json.loads(capsys.readouterr().out)
+    assert (r["kv_sink_tokens"], r["kv_window"]) == (16, 4096)
+    row = next(c for c in r["concurrency"] if c["max_model_len"] == 32768)
+    assert row["blocks_per_seq"] == 258 and row["kv_bytes_per_seq"] == 258 * r["block_bytes"]
+    assert row["max_concurrency"] == r["memory"]["num_blocks"] // 258
+    assert any("KV window" in n for n in r["notes"]), r["notes"]
+
+
+def test_engine_refuses_a_pool_smaller_than_one_window():
+    """The start-up check counts the sinks, the window and a step's chunk."""
+    from pagedjax.worker import kv_pool as kp
+
+    spec = kp.KVPoolSpec.for_model(TINY_QWEN, 5, BS, "float32", SINK, WINDOW)
+    kp.check_fits(spec, 1 << 20)  # 1 + 2 + 1 blocks: a million-token sequence fits
+    with pytest.raises(ValueError, match="lower --max-num-batched-tokens"):
+        kp.check_fits(spec, 1 << 20, chunk=24)
