@@ -73,6 +73,18 @@ def slot_row(slot, qsl_ref, num_seqs):
     return s, row, decodes
 
 
+def window_span(ctx, sink_tokens: int, window: int):
+    """The keys a decode query at position ``ctx - 1`` sees (``reference.visible``), as a count
+    ``n`` and a map from their index ``v`` in [0, n) to the position: the first ``sinks`` keys,
+    then the window from ``start``. Returns (n, to_position); window 0: all ``ctx`` keys."""
+    if not window:
+        return ctx, lambda v: v
+    sinks = jnp.minimum(ctx, sink_tokens)
+    start = jnp.maximum(ctx - window, sink_tokens)
+    n = sinks + jnp.maximum(ctx - start, 0)
+    return n, lambda v: jnp.where(v < sinks, v, v - sinks + start)
+
+
 def load_kv(ref, idx, mask):
     """Masked gather of K/V values; masked lanes read 0 (as a constant of the pool's dtype: the
     Triton lowering cannot cast an int 0 to fp8)."""
@@ -110,7 +122,8 @@ def split_refs(refs, quantized: bool):
 
 def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs, num_rows,
                    num_heads, group, group_pad, head_dim, block_size, block_kv, split_tokens,
-                   num_splits, scale_log2, quantized, packed, kv_per_prog, interpret):
+                   num_splits, scale_log2, quantized, packed, kv_per_prog, interpret,
+                   sink_tokens, window):
     # q_ref [T*N, H]; k_ref, v_ref [num_blocks*block_size, K*H]; bt_ref [S, W]; cl_ref [S];
     # qsl_ref [S+1]; quantized: ks_ref, vs_ref [num_blocks*block_size, K] bf16;
     # packed (int4): k_ref, v_ref [num_blocks*block_size, K*H/2] uint8, ks_ref [num_blocks, K*H];
@@ -162,8 +175,11 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
                                   other=0))  # [G_pad, width], zero outside the row's KV head
     dt = q_parts[0].dtype
 
+    # Splits divide the keys the query sees (with a window: its sinks and its window, no
+    # position between them is ever read), indexed 0 .. n_keys - 1.
+    n_keys, position = window_span(ctx, sink_tokens, window)
     lo = split * split_tokens
-    hi = jnp.minimum(ctx, lo + split_tokens)
+    hi = jnp.minimum(n_keys, lo + split_tokens)
     n_iter = cdiv(jnp.maximum(hi - lo, 0), block_kv)
     cols = (kh0 * head_dim + wide)[None, :]
 
@@ -178,8 +194,9 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
 
     def body(i, carry):
         acc, m, l = carry
-        j = lo + i * block_kv + jnp.arange(block_kv, dtype=jnp.int32)  # token positions
-        valid = j < hi
+        key = lo + i * block_kv + jnp.arange(block_kv, dtype=jnp.int32)  # visible key indices
+        valid = key < hi
+        j = position(key)  # token positions
         page = plgpu.load(bt_ref.at[s, jax.lax.div(j, block_size)], mask=valid, other=0)
         rows = page * block_size + jax.lax.rem(j, block_size)
         if packed:
@@ -232,7 +249,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
 
 
 def _combine_kernel(o_part_ref, m_ref, l_ref, cl_ref, qsl_ref, o_ref, *, num_seqs, num_rows,
-                    num_heads, head_dim, split_tokens, num_splits, chunk):
+                    num_heads, head_dim, split_tokens, num_splits, chunk, sink_tokens, window):
     # o_part_ref [S*N*P, H] f32; m_ref, l_ref [S*N*P]; o_ref [T*N, H]. One program per (slot, head).
     # chunk >= P (rounded up to a power of two; the default up to 64 splits): the partials are
     # loaded before the row's context is known (masked by the static split count only, so the
@@ -256,7 +273,7 @@ def _combine_kernel(o_part_ref, m_ref, l_ref, cl_ref, qsl_ref, o_ref, *, num_seq
         l = plgpu.load(l_ref.at[base + idx], mask=exists, other=0.0)
     _, row, decodes = slot_row(slot, qsl_ref, num_seqs)
     ctx = jnp.where(decodes, cl_ref[s], 0)
-    n_act = cdiv(ctx, split_tokens)  # splits that saw tokens (and wrote)
+    n_act = cdiv(window_span(ctx, sink_tokens, window)[0], split_tokens)  # splits that wrote
     live = idx < n_act
     if chunk >= _pow2(num_splits):
         m = jnp.where(live, m, NEG)  # a dead split's partials were never written
@@ -307,11 +324,12 @@ def split_tokens_of(max_tokens: int, num_splits: int, block_kv: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "block_kv", "num_warps", "num_stages", "kv_heads_per_program",
-    "merge_chunk", "interpret"))
+    "merge_chunk", "interpret", "sink_tokens", "window"))
 def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc, *,
                            scale: float, num_splits: int | None = None, block_kv: int | None = None,
                            num_warps: int = 4, num_stages: int = 3, kv_heads_per_program: int = 1,
-                           merge_chunk: int = 64, interpret: bool = False):
+                           merge_chunk: int = 64, interpret: bool = False, sink_tokens: int = 0,
+                           window: int = 0):
     """Decode attention (every q_len is 0 or 1) over a paged KV cache.
 
     q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H] in q's dtype or raw fp8
@@ -329,6 +347,9 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     slower on the H100: benchmarks/KERNEL_NOTES.md, session 3); merge_chunk, a power of two: the
     merge reads up to that many splits' partials at once (all of them in one round trip when the
     split count, rounded up to a power of two, fits).
+    sink_tokens, window (static): attend only to the first sink_tokens keys and the last window
+    (``reference.visible``; window 0: all). Splits then divide those keys only: the positions
+    between are never read, whatever their block-table entries hold.
     Shapes are checked by ``pagedjax.kernels.dispatch.ragged_paged_attention``.
     """
     t, n, h = q.shape
@@ -343,7 +364,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     if packed and kvp != 1:
         raise ValueError(f"int4 pages take kv_heads_per_program 1, got {kv_heads_per_program}")
     group_pad = max(16, _pow2(kvp * group))
-    max_tokens = w * bs
+    max_tokens = min(w * bs, sink_tokens + window) if window else w * bs  # keys a query sees
     if block_kv is None:
         block_kv = min(64, max(16, _pow2(max_tokens)))
     if num_splits is None:
@@ -354,7 +375,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     rows = max(s, t)
     kh_progs = kh // kvp
     params = dict(num_seqs=s, num_rows=t, num_heads=n, head_dim=h, split_tokens=split_tokens,
-                  num_splits=num_splits)
+                  num_splits=num_splits, sink_tokens=sink_tokens, window=window)
     quantized = is_quantized(k_pages)
     inputs = (q.reshape(t * n, h), *flat_pages(k_pages, v_pages), block_tables, context_lens,
               query_start_loc, *flat_scales(k_pages, v_pages))

@@ -80,7 +80,8 @@ def check_shapes(q, k_pages, v_pages, block_tables, context_lens, query_start_lo
 
 def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc, *,
                            scale: float | None = None, backend: str = "pallas-gpu",
-                           interpret: bool = False, decode_only: bool = False, **tuning):
+                           interpret: bool = False, decode_only: bool = False,
+                           sink_tokens: int = 0, window: int = 0, **tuning):
     """Attention of a packed ragged batch over its paged KV cache (this step's K/V already written).
 
     Letters: T token rows, S sequence rows, W block-table width, N query heads, K KV heads,
@@ -106,6 +107,11 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
         ``pltpu.InterpretParams()``; an InterpretParams object is passed through.
     decode_only: static promise that every q_len is 0 or 1 (a pure decode step); picks the
         split-K flash-decoding kernel. Breaking the promise gives wrong rows, not an error.
+    sink_tokens, window: static ints, StreamingLLM's bounded attention: a query at position i
+        sees key j iff ``j <= i and (j < sink_tokens or j > i - window)``
+        (``reference.visible``); window 0 (the default) is plain causal attention. Blocks wholly
+        outside every query's view are never read, so their block-table entries may be
+        anything (the engine frees them: pagedjax.core.block_manager).
     tuning: kernel knobs, all static. pallas-gpu decode: num_splits (positive int), block_kv,
         num_warps, num_stages, kv_heads_per_program (power of two dividing K, default 2 on raw
         fp8 pages when K is even, else 1; see ``paged_decode_attention``), merge_chunk;
@@ -124,11 +130,15 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     if unknown:
         raise ValueError(f"unknown tuning knobs for {backend} (decode_only={decode_only}): "
                          f"{sorted(unknown)}; known: {sorted(known)}")
+    if sink_tokens < 0 or window < 0 or (sink_tokens and not window):
+        raise ValueError(f"sink_tokens {sink_tokens} and window {window} must be >= 0, and sink "
+                         "tokens need a window (window 0: full causal attention)")
+    mask = {"sink_tokens": int(sink_tokens), "window": int(window)}
     h = q.shape[2]
     scale = float(h ** -0.5 if scale is None else scale)
     if backend == "reference":
         return paged_attention_ref(q, k_pages, v_pages, block_tables, context_lens,
-                                   query_start_loc, scale=scale)
+                                   query_start_loc, scale=scale, **mask)
     if is_raw_fp8(k_pages):
         if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
             raise ValueError(f"q dtype {q.dtype} over {k_pages.dtype} pages must be bfloat16, "
@@ -143,17 +153,22 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
         _check_gpu(q, k_pages, decode_only, tuning)
         if decode_only:
             from .decode_attention_gpu import paged_decode_attention
-            return paged_decode_attention(*args, scale=scale, interpret=interpret, **tuning)
-        if not tuning and _mosaic_prefill_applies(q, k_pages, block_tables, interpret):
-            from .ragged_prefill_mgpu import ragged_prefill_mgpu
+            return paged_decode_attention(*args, scale=scale, interpret=interpret, **mask,
+                                          **tuning)
+        if not tuning and not window and _mosaic_prefill_applies(q, k_pages, block_tables,
+                                                                 interpret):
+            from .ragged_prefill_mgpu import ragged_prefill_mgpu  # causal only
             return ragged_prefill_mgpu(*args, scale=scale)
         from .ragged_attention_gpu import ragged_paged_attention_gpu
-        return ragged_paged_attention_gpu(*args, scale=scale, interpret=interpret, **tuning)
+        return ragged_paged_attention_gpu(*args, scale=scale, interpret=interpret, **mask,
+                                          **tuning)
     from . import paged_attention_tpu as tpu
     tpu.check_shapes(q, k_pages, tuning)
     if decode_only:
-        return tpu.paged_decode_attention_tpu(*args, scale=scale, interpret=interpret, **tuning)
-    return tpu.ragged_paged_attention_tpu(*args, scale=scale, interpret=interpret, **tuning)
+        return tpu.paged_decode_attention_tpu(*args, scale=scale, interpret=interpret, **mask,
+                                              **tuning)
+    return tpu.ragged_paged_attention_tpu(*args, scale=scale, interpret=interpret, **mask,
+                                          **tuning)
 
 
 def decode_defaults(k_pages) -> dict:

@@ -35,6 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from .quantization import is_quantized, unpack_codes
+from .reference import visible
 
 NEG = -1e30
 
@@ -64,10 +65,13 @@ class _PageBlocks:
     hbm, bufs: the (K, V) page arrays in HBM and their [2, P, block_size, K, X] VMEM buffers; for
     a quantized pool also the (K, V) scale arrays and buffers after them (4 of each)."""
 
-    def __init__(self, hbm, bufs, sems, bt_ref, seq, n_pages):
+    def __init__(self, hbm, bufs, sems, bt_ref, seq, n_pages, page_at=None):
         self.hbm, self.bufs, self.sems = hbm, bufs, sems
         self.kbuf = bufs[0]
         self.bt_ref, self.seq, self.n_pages = bt_ref, seq, n_pages
+        # the sequence's page (block-table column) of the i-th page visited: pages the window
+        # skips are never copied
+        self.page_at = page_at or (lambda i: i)
         self.per_block = bufs[0].shape[1]
         self.width = bt_ref.shape[1]
 
@@ -77,7 +81,7 @@ class _PageBlocks:
 
             @pl.when(i < self.n_pages)
             def _():
-                page = self.bt_ref[self.seq, jnp.minimum(i, self.width - 1)]
+                page = self.bt_ref[self.seq, jnp.minimum(self.page_at(i), self.width - 1)]
                 for j, (src, dst) in enumerate(zip(self.hbm, self.bufs)):
                     copy = pltpu.make_async_copy(src.at[page], dst.at[slot, p],
                                                  self.sems.at[j, slot])
@@ -104,17 +108,37 @@ class _PageBlocks:
         self._each(blk, slot, "wait")
 
 
-def _flash_over_pages(blocks, kv_len, q_heads, key_ok, *, num_kv_heads, scale):
-    """Online-softmax attention of each KV head's query rows over keys [0, kv_len) of a sequence.
+def _visits(n_pages, first_pos, bs: int, sink_tokens: int, window: int):
+    """(pages to visit, page_at) of ``_PageBlocks`` for queries at positions >= first_pos over a
+    sequence's first ``n_pages`` pages: every page, or with a window its sink pages and then the
+    pages from the first one a query's window reaches (``reference.visible``); page_at maps the
+    i-th visited page to its block-table column."""
+    if not window:
+        return n_pages, None
+    sinks = jnp.minimum(_cdiv(sink_tokens, bs), n_pages)
+    start = jnp.maximum(sinks, jax.lax.div(jnp.maximum(first_pos - window + 1, 0), bs))
+    return (sinks + jnp.maximum(n_pages - start, 0),
+            lambda i: jnp.where(i < sinks, i, i - sinks + start))
 
-    q_heads[kh]: [R, H] query rows of KV head kh; key_ok(b, shape) -> bool mask [R, L] of the keys
-    of block b (L = P * block_size) each row may see (only keys < kv_len). Returns per-head
-    [R, H] float32 outputs.
+
+def _flash_over_pages(blocks, kv_len, q_heads, key_ok, *, num_kv_heads, scale):
+    """Online-softmax attention of each KV head's query rows over the pages ``blocks`` visits
+    (keys below kv_len).
+
+    q_heads[kh]: [R, H] query rows of KV head kh; key_ok(key, shape) -> bool mask [R, L] of the
+    keys (positions ``key`` [1, L], L = P * block_size, of one block of pages) each row may see
+    (only keys < kv_len). Returns per-head [R, H] float32 outputs.
     """
     _, p_blk, bs, _, _ = blocks.kbuf.shape
     h = q_heads[0].shape[1]
     length = p_blk * bs
-    n_blk = _cdiv(kv_len, length)
+    n_blk = _cdiv(blocks.n_pages, p_blk)
+
+    def positions(b, shape, axis):  # key positions of block b's pages, along ``axis``
+        lane = jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+        visit = b * p_blk + jax.lax.div(lane, bs)
+        key = blocks.page_at(visit) * bs + jax.lax.rem(lane, bs)
+        return key, visit < blocks.n_pages
 
     @pl.when(n_blk > 0)
     def _():
@@ -132,9 +156,11 @@ def _flash_over_pages(blocks, kv_len, q_heads, key_ok, *, num_kv_heads, scale):
         for kh in range(num_kv_heads):
             m, l, acc = carry[kh]
             qh = q_heads[kh]
-            ok = key_ok(b, (qh.shape[0], length))
+            key, visited = positions(b, (qh.shape[0], length), 1)
+            ok = key_ok(key, (qh.shape[0], length)) & visited & (key < kv_len)
             k, v = blocks.tiles(slot, kh, qh.dtype)
-            live = b * length + jax.lax.broadcasted_iota(jnp.int32, (length, 1), 0) < kv_len
+            key, visited = positions(b, (length, 1), 0)
+            live = visited & (key < kv_len)
             v = jnp.where(live, v, 0)  # stale rows past the context: never NaN * 0
             s = jax.lax.dot_general(qh, k, (((1,), (1,)), ((), ())),
                                     preferred_element_type=jnp.float32) * scale
@@ -162,19 +188,19 @@ def _split(refs, n_arrays):
 
 
 def _decode_kernel(row_seq_ref, bt_ref, cl_ref, q_ref, *refs, group, num_kv_heads, scale,
-                   n_arrays):
+                   n_arrays, sink_tokens, window):
     # q_ref, o_ref: [N, H] (this row); page arrays in HBM: k, v [num_blocks, block_size, K, H]
     # (+ k, v scales [num_blocks, block_size, K, 1] when quantized); their VMEM buffers.
     hbm, o_ref, bufs, sems = _split(refs, n_arrays)
     s = row_seq_ref[pl.program_id(0)]
     seq = jnp.maximum(s, 0)
     ctx = jnp.where(s >= 0, cl_ref[seq], 0)
-    bs, p_blk = bufs[0].shape[2], bufs[0].shape[1]
-    n_pages = _cdiv(ctx, bs)
-    blocks = _PageBlocks(hbm, bufs, sems, bt_ref, seq, n_pages)
+    bs = bufs[0].shape[2]
+    blocks = _PageBlocks(hbm, bufs, sems, bt_ref, seq,
+                         *_visits(_cdiv(ctx, bs), ctx - 1, bs, sink_tokens, window))
 
-    def key_ok(b, shape):
-        return b * p_blk * bs + jax.lax.broadcasted_iota(jnp.int32, shape, 1) < ctx
+    def key_ok(key, shape):
+        return visible(key, ctx - 1, sink_tokens, window) & (key < ctx)
 
     q = q_ref[...]
     q_heads = [q[kh * group:(kh + 1) * group] for kh in range(num_kv_heads)]
@@ -183,13 +209,16 @@ def _decode_kernel(row_seq_ref, bt_ref, cl_ref, q_ref, *refs, group, num_kv_head
     o_ref[...] = jnp.concatenate(outs, axis=0).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "pages_per_block", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "pages_per_block", "interpret",
+                                             "sink_tokens", "window"))
 def paged_decode_attention_tpu(q, k_pages, v_pages, block_tables, context_lens, query_start_loc,
-                               *, scale: float, pages_per_block: int = 8, interpret=False):
+                               *, scale: float, pages_per_block: int = 8, interpret=False,
+                               sink_tokens: int = 0, window: int = 0):
     """Decode attention (every q_len 0 or 1) on a TPU. Shapes as in ``ragged_paged_attention``:
     q [T, N, H]; k_pages, v_pages [num_blocks, block_size, K, H] in q's dtype, raw fp8 or
     QuantizedPages; block_tables [S, W]; context_lens [S]; query_start_loc [S + 1].
-    Returns [T, N, H]."""
+    sink_tokens, window (static): the mask of ``reference.visible``; pages wholly outside it are
+    not copied. Returns [T, N, H]."""
     t, n, h = q.shape
     _, bs, kh, _ = k_pages.shape
     s, w = block_tables.shape
@@ -199,7 +228,7 @@ def paged_decode_attention_tpu(q, k_pages, v_pages, block_tables, context_lens, 
     row_seq = jnp.where(rows < query_start_loc[s], jnp.minimum(row_seq, s - 1), -1)
     arrays, scratch = _page_operands(k_pages, v_pages, p_blk)
     kernel = functools.partial(_decode_kernel, group=n // kh, num_kv_heads=kh, scale=scale,
-                               n_arrays=len(arrays))
+                               n_arrays=len(arrays), sink_tokens=sink_tokens, window=window)
     row_spec = pl.BlockSpec((None, n, h), lambda i, *_: (i, 0, 0))
     return pl.pallas_call(
         kernel,
@@ -223,13 +252,13 @@ def _page_operands(k_pages, v_pages, p_blk):
 
 
 def _ragged_kernel(blk_lo_ref, blk_hi_ref, bt_ref, cl_ref, qsl_ref, q_ref, *refs, group,
-                   num_kv_heads, scale, n_arrays):
+                   num_kv_heads, scale, n_arrays, sink_tokens, window):
     # q_ref, o_ref: [N, block_q, H] (head-major rows t0 .. t0 + block_q); pages in HBM as in
     # _decode_kernel.
     hbm, o_ref, bufs, sems = _split(refs, n_arrays)
     b = pl.program_id(0)
     _, block_q, h = q_ref.shape
-    bs, p_blk = bufs[0].shape[2], bufs[0].shape[1]
+    bs = bufs[0].shape[2]
     t0 = b * block_q
     o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
 
@@ -240,14 +269,14 @@ def _ragged_kernel(blk_lo_ref, blk_hi_ref, bt_ref, cl_ref, qsl_ref, q_ref, *refs
         @pl.when(r1 > r0)
         def _():
             first_pos = cl_ref[seq] - (qe - qs) - qs  # position of token row t: first_pos + t
-            n_pages = _cdiv(first_pos + r1, bs)
-            blocks = _PageBlocks(hbm, bufs, sems, bt_ref, seq, n_pages)
+            blocks = _PageBlocks(hbm, bufs, sems, bt_ref, seq,
+                                 *_visits(_cdiv(first_pos + r1, bs), first_pos + r0, bs,
+                                          sink_tokens, window))
 
-            def key_ok(kb, shape):  # rows are (head, token) pairs: token = row % block_q
+            def key_ok(key, shape):  # rows are (head, token) pairs: token = row % block_q
                 row_pos = first_pos + t0 + jax.lax.rem(
                     jax.lax.broadcasted_iota(jnp.int32, shape, 0), block_q)
-                key = kb * p_blk * bs + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-                return key <= row_pos
+                return visible(key, row_pos, sink_tokens, window)
 
             q_heads = [q_ref[kh * group:(kh + 1) * group].reshape(group * block_q, h)
                        for kh in range(num_kv_heads)]
@@ -264,12 +293,14 @@ def _ragged_kernel(blk_lo_ref, blk_hi_ref, bt_ref, cl_ref, qsl_ref, q_ref, *refs
     jax.lax.fori_loop(blk_lo_ref[b], blk_hi_ref[b] + 1, per_seq, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_q", "pages_per_block", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "block_q", "pages_per_block", "interpret",
+                                             "sink_tokens", "window"))
 def ragged_paged_attention_tpu(q, k_pages, v_pages, block_tables, context_lens, query_start_loc,
                                *, scale: float, block_q: int = 16, pages_per_block: int = 8,
-                               interpret=False):
+                               interpret=False, sink_tokens: int = 0, window: int = 0):
     """Ragged (chunked-prefill / mixed) attention on a TPU; shapes as in
-    ``ragged_paged_attention``. Returns [T, N, H] with padding rows zero."""
+    ``ragged_paged_attention``; sink_tokens, window as in the decode kernel. Returns [T, N, H]
+    with padding rows zero."""
     t, n, h = q.shape
     _, bs, kh, _ = k_pages.shape
     s, w = block_tables.shape
@@ -286,7 +317,7 @@ def ragged_paged_attention_tpu(q, k_pages, v_pages, block_tables, context_lens, 
     q_nth = jnp.pad(q.transpose(1, 0, 2), ((0, 0), (0, tp - t), (0, 0)))  # [N, Tp, H]
     arrays, scratch = _page_operands(k_pages, v_pages, p_blk)
     kernel = functools.partial(_ragged_kernel, group=n // kh, num_kv_heads=kh, scale=scale,
-                               n_arrays=len(arrays))
+                               n_arrays=len(arrays), sink_tokens=sink_tokens, window=window)
     blk_spec = pl.BlockSpec((n, block_q, h), lambda i, *_: (0, i, 0))
     out = pl.pallas_call(
         kernel,

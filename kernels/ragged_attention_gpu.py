@@ -34,6 +34,7 @@ from jax.experimental.pallas import triton as plgpu
 from .decode_attention_gpu import (LOG2E, NEG, cdiv, flat_pages, flat_scales, load_int4, load_kv,
                                    split_refs)
 from .quantization import is_int4, is_quantized, to_compute
+from .reference import visible
 
 
 def tile_table(query_start_loc, num_tokens: int, block_q: int, num_tiles: int):
@@ -53,7 +54,7 @@ def tile_table(query_start_loc, num_tokens: int, block_q: int, num_tiles: int):
 
 def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs,
                    num_seqs, num_tokens, num_tiles, num_heads, group, block_q, block_m, block_n,
-                   head_dim, block_size, scale_log2, quantized, packed):
+                   head_dim, block_size, scale_log2, quantized, packed, sink_tokens, window):
     # q_ref, o_ref [T*N, H]; k_ref, v_ref [num_blocks*block_size, K*H]; bt_ref [S, W];
     # quantized: ks_ref, vs_ref [num_blocks*block_size, K] bf16 before o_ref; packed (int4):
     # k_ref, v_ref [num_blocks*block_size, K*H/2] uint8 and ks_ref [num_blocks, K*H].
@@ -91,12 +92,19 @@ def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qs
     n_all = cdiv(kv_hi, block_n)
     cols = (kh * head_dim + dims)[None, :]
 
+    if window:  # first key of the tile's windows; keys before it and past the sinks: never read
+        w_lo = jnp.maximum(pos_lo - window + 1, 0)
+
     def block(b, carry, masked):
         acc, m, l = carry
         j = b * block_n + jnp.arange(block_n, dtype=jnp.int32)  # key positions
         vs = None
+        live = None
+        if masked:  # keys some row of the tile sees
+            live = j < kv_hi
+            if window:
+                live = live & ((j < sink_tokens) | (j >= w_lo))
         if packed:
-            live = j < kv_hi if masked else None
             page = bt_ref[sc, jax.lax.div(j, block_size)] if live is None else plgpu.load(
                 bt_ref.at[sc, jax.lax.div(j, block_size)], mask=live, other=0)
             rows = page * block_size + jax.lax.rem(j, block_size)
@@ -104,7 +112,6 @@ def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qs
             vs = vs_ref[rows, kh] if live is None else plgpu.load(vs_ref.at[rows, kh], mask=live,
                                                                   other=0)
         elif masked:
-            live = j < kv_hi
             page = plgpu.load(bt_ref.at[sc, jax.lax.div(j, block_size)], mask=live, other=0)
             kv_mask = jnp.broadcast_to(live[:, None], (block_n, head_dim))
             rows = page * block_size + jax.lax.rem(j, block_size)
@@ -127,7 +134,7 @@ def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qs
         if quantized and not packed:
             s = s * ks.astype(jnp.float32)[None, :]
         if masked:
-            s = jnp.where(j[None, :] <= pos[:, None], s, NEG)
+            s = jnp.where(visible(j[None, :], pos[:, None], sink_tokens, window), s, NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
@@ -140,8 +147,21 @@ def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qs
 
     carry = (tuple(jnp.zeros((block_m, c.shape[0]), jnp.float32) for c in out_cols),
              jnp.full((block_m,), NEG, jnp.float32), jnp.zeros((block_m,), jnp.float32))
-    carry = jax.lax.fori_loop(0, n_full, functools.partial(block, masked=False), carry)
-    acc, _, l = jax.lax.fori_loop(n_full, n_all, functools.partial(block, masked=True), carry)
+    full, part = functools.partial(block, masked=False), functools.partial(block, masked=True)
+    if window:
+        # sink blocks (masked), then the windows: blocks only some rows' windows reach
+        # (masked), blocks in every row's window and before every row (not), the diagonal
+        n_sink = cdiv(jnp.minimum(sink_tokens, kv_hi), block_n)
+        w_first = jnp.maximum(n_sink, jax.lax.div(w_lo, block_n))
+        w_full = jnp.minimum(jnp.maximum(w_first, cdiv(jnp.maximum(pos_hi - window + 1, 0),
+                                                       block_n)), n_all)
+        n_full = jnp.maximum(w_full, n_full)
+        carry = jax.lax.fori_loop(0, n_sink, part, carry)
+        carry = jax.lax.fori_loop(w_first, w_full, part, carry)
+        carry = jax.lax.fori_loop(w_full, n_full, full, carry)
+    else:
+        carry = jax.lax.fori_loop(0, n_full, full, carry)
+    acc, _, l = jax.lax.fori_loop(n_full, n_all, part, carry)
     for a, c in zip(acc, out_cols):
         out = a / jnp.where(l == 0, 1.0, l)[:, None]
         plgpu.store(o_ref.at[q_rows[:, None], c[None, :]], out.astype(o_ref.dtype),
@@ -149,10 +169,12 @@ def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qs
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "block_m", "block_n", "num_warps", "num_stages", "interpret"))
+    "scale", "block_m", "block_n", "num_warps", "num_stages", "interpret", "sink_tokens",
+    "window"))
 def ragged_paged_attention_gpu(q, k_pages, v_pages, block_tables, context_lens, query_start_loc,
                                *, scale: float, block_m: int = 128, block_n: int = 128,
-                               num_warps: int = 8, num_stages: int = 3, interpret: bool = False):
+                               num_warps: int = 8, num_stages: int = 3, interpret: bool = False,
+                               sink_tokens: int = 0, window: int = 0):
     """Ragged (chunked-prefill / mixed) attention over a paged KV cache.
 
     q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H] in q's dtype or raw fp8, or
@@ -160,6 +182,8 @@ def ragged_paged_attention_gpu(q, k_pages, v_pages, block_tables, context_lens, 
     int32; query_start_loc: [S + 1] int32. Returns [T, N, H] in q's dtype with padding rows
     zero. H, block_m (>= N / K) and block_n must be powers of two. Default tile: the best sum
     over causal 8K and 2K-over-6K chunked prefill on an H100 (KERNEL_NOTES.md).
+    sink_tokens, window (static): the mask of ``reference.visible`` (window 0: causal); a tile
+    reads its sink blocks and its rows' windows only.
     Shapes are checked by ``pagedjax.kernels.dispatch.ragged_paged_attention``.
     """
     t, n, h = q.shape
@@ -172,7 +196,8 @@ def ragged_paged_attention_gpu(q, k_pages, v_pages, block_tables, context_lens, 
     kernel = functools.partial(
         _ragged_kernel, num_seqs=s, num_tokens=t, num_tiles=num_tiles, num_heads=n, group=group,
         block_q=block_q, block_m=block_m, block_n=block_n, head_dim=h, block_size=bs,
-        scale_log2=scale * LOG2E, quantized=is_quantized(k_pages), packed=is_int4(k_pages))
+        scale_log2=scale * LOG2E, quantized=is_quantized(k_pages), packed=is_int4(k_pages),
+        sink_tokens=sink_tokens, window=window)
     out = pl.pallas_call(
         kernel, grid=(num_tiles, kh), out_shape=jax.ShapeDtypeStruct((t * n, h), q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),

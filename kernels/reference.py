@@ -139,8 +139,19 @@ def scratch_bytes(t: int, s: int, n: int, kh: int, h: int, block_size: int,
     return per_key * chunk_blocks * block_size
 
 
+def visible(key_pos, q_pos, sink_tokens: int = 0, window: int = 0):
+    """Which keys a query sees (broadcasting int arrays): causal, and with a window (StreamingLLM,
+    arXiv 2309.17453) only the first ``sink_tokens`` keys and the last ``window`` up to the query:
+    ``j <= i and (j < sink_tokens or j > i - window)``. window 0: plain causal."""
+    causal = key_pos <= q_pos
+    if not window:
+        return causal
+    return causal & ((key_pos < sink_tokens) | (key_pos > q_pos - window))
+
+
 def paged_attention_ref(q, k_pages, v_pages, block_tables, context_lens, query_start_loc, *,
-                        scale: float | None = None, chunk_blocks: int | None = None):
+                        scale: float | None = None, chunk_blocks: int | None = None,
+                        sink_tokens: int = 0, window: int = 0):
     """Attention of a ragged batch over its paged KV cache (K/V of this step already written).
 
     q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H], or QuantizedPages (then the
@@ -149,6 +160,9 @@ def paged_attention_ref(q, k_pages, v_pages, block_tables, context_lens, query_s
     block_tables: [S, W] int32 (entries past a sequence's blocks are ignored);
     context_lens: [S] int32; query_start_loc: [S + 1] int32, non-decreasing.
     chunk_blocks: KV blocks per chunk; default the most whose scratch fits SCRATCH_BYTES.
+    sink_tokens, window (static): the mask of ``visible``; window 0 is plain causal. With a
+    window each tile visits its sink chunks and then only the chunks of its rows' windows; keys
+    no row of a tile sees (blocks a sequence released: any table entry) are zeroed, never used.
     Returns [T, N, H] in q's dtype; padding rows are zero.
 
     Blockwise (online softmax), so memory is bounded at any context length: the rows are cut
@@ -197,14 +211,37 @@ def paged_attention_ref(q, k_pages, v_pages, block_tables, context_lens, query_s
             return pages[blocks].astype(jnp.float32).reshape(m, c, kh, h)
         return pages[blocks].reshape(m, c, kh, h)
 
+    if window:  # per tile: its sink chunks, then the chunks of its rows' windows
+        sink_chunks = -(-sink_tokens // c)
+        last = jnp.max(jnp.where(ok, pos, -1), axis=1)  # [M]
+        first_pos = jnp.min(jnp.where(ok, pos, jnp.iinfo(jnp.int32).max), axis=1)
+        own_sinks = jnp.minimum(sink_chunks, last // c + 1)
+        win_chunk = jnp.maximum(sink_chunks, jnp.maximum(first_pos - window + 1, 0) // c)
+        tile_chunks = jnp.where(last >= 0, own_sinks + jnp.maximum(last // c + 1 - win_chunk, 0),
+                                0)
+        num_steps = jnp.max(tile_chunks)
+    else:
+        num_steps = jnp.minimum((jnp.max(jnp.where(ok, pos, -1)) + 1 + c - 1) // c, num_chunks)
+
     def body(j, carry):
         run_max, run_sum, acc = carry
-        blocks = jax.lax.dynamic_slice_in_dim(tile_tables, j * cb, cb, axis=1)
+        if window:
+            at = jnp.where(j < own_sinks, j, win_chunk + j - own_sinks)  # [M]
+            at = jnp.clip(at, 0, num_chunks - 1)
+            blocks = jnp.take_along_axis(tile_tables, at[:, None] * cb + jnp.arange(cb), axis=1)
+            key_pos = at[:, None] * c + jnp.arange(c, dtype=jnp.int32)  # [M, C]
+            live = (j < tile_chunks)[:, None, None]
+        else:
+            blocks = jax.lax.dynamic_slice_in_dim(tile_tables, j * cb, cb, axis=1)
+            key_pos = jnp.broadcast_to(j * c + jnp.arange(c, dtype=jnp.int32), (m, c))
+            live = True
         k, v = chunk(k_pages, blocks), chunk(v_pages, blocks)
         scores = jnp.einsum("mtkgh,mckh->mtkgc", qt, k,
                             preferred_element_type=jnp.float32) * scale
-        key_pos = j * c + jnp.arange(c, dtype=jnp.int32)
-        mask = (key_pos[None, None, :] <= pos[:, :, None]) & ok[:, :, None]  # [M, Tq, C]
+        mask = visible(key_pos[:, None, :], pos[:, :, None], sink_tokens, window)
+        mask = mask & ok[:, :, None] & live  # [M, Tq, C]
+        if window:  # a released block may hold anything: 0 x NaN must not reach the output
+            v = jnp.where(jnp.any(mask, axis=1)[:, :, None, None], v, 0)
         scores = jnp.where(mask[:, :, None, None, :], scores, -jnp.inf)
         new_max = jnp.maximum(run_max, jnp.max(scores, axis=-1))
         safe = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
@@ -215,11 +252,9 @@ def paged_attention_ref(q, k_pages, v_pages, block_tables, context_lens, query_s
                                                   preferred_element_type=jnp.float32)
         return new_max, run_sum, acc
 
-    longest = jnp.max(jnp.where(ok, pos, -1)) + 1  # keys the step reads
     stats = jnp.full((m, tq, kh, g), -jnp.inf, jnp.float32)
     carry = (stats, jnp.zeros_like(stats), jnp.zeros((m, tq, kh, g, h), jnp.float32))
-    _, run_sum, acc = jax.lax.fori_loop(0, jnp.minimum((longest + c - 1) // c, num_chunks),
-                                        body, carry)
+    _, run_sum, acc = jax.lax.fori_loop(0, num_steps, body, carry)
     o = acc / jnp.where(run_sum == 0, 1.0, run_sum)[..., None]
     out = jnp.zeros((t, n, h), q.dtype)
     return out.at[jnp.where(ok, rows, t).reshape(-1)].set(

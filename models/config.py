@@ -19,6 +19,36 @@ SUPPORTED_ARCHITECTURES = {
 _MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "mistral": "llama"}
 
 
+def _sliding_window(cfg: dict[str, Any], source: str) -> int | None:
+    """The window every layer slides over, as transformers reads the config: Mistral's
+    ``sliding_window`` (4096 when absent); Qwen2's only with ``use_sliding_window``, and then on
+    the layers from ``max_window_layers`` on (or those ``layer_types`` names)."""
+    model_type = cfg.get("model_type", "")
+    n = cfg["num_hidden_layers"]
+    if model_type == "mistral" or "MistralForCausalLM" in (cfg.get("architectures") or []):
+        first = 0
+    elif model_type == "qwen2" and cfg.get("use_sliding_window"):
+        first = cfg.get("max_window_layers", 28)
+    else:
+        return None
+    window = cfg.get("sliding_window", 4096)
+    if window is None:
+        return None
+    kinds = cfg.get("layer_types") or [
+        "sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    sliding = sum(k == "sliding_attention" for k in kinds)
+    if sliding == 0:
+        return None
+    if sliding != n:
+        raise ValueError(f"{source}: {sliding} of {n} layers use a sliding window of {window} "
+                         "tokens and the rest full attention; pagedjax supports one window for "
+                         "every layer or none (set max_window_layers to 0 or >= the number of "
+                         "layers)")
+    if int(window) < 1:
+        raise ValueError(f"{source}: sliding_window {window} must be a positive number of tokens")
+    return int(window)
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Rope frequency scaling: Llama-3.1's "llama3" (low frequencies divided by ``factor``, high
@@ -51,6 +81,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""
+    # every layer attends to the last ``sliding_window`` positions only (Mistral; Qwen2 with
+    # use_sliding_window); None: full causal attention
+    sliding_window: int | None = None
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -108,6 +141,7 @@ class ModelConfig:
         else:
             raise ValueError(f"{source}: unsupported rope scaling type {rope_type!r}; pagedjax "
                              "supports the default rope, 'linear' and 'llama3' scaling")
+        sliding_window = _sliding_window(cfg, source)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         return cls(
@@ -128,6 +162,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             name=cfg.get("_name_or_path", ""),
+            sliding_window=sliding_window,
         )
 
     @classmethod

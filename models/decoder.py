@@ -107,28 +107,34 @@ def lm_head(params: Params, cfg: ModelConfig, x):
     return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
 
 
-def causal_attention(q, k, v):
-    """Full causal attention over whole sequences. q [B, T, N, H]; k, v [B, T, K, H]."""
+def causal_attention(q, k, v, sink_tokens: int = 0, window: int = 0):
+    """Full causal attention over whole sequences. q [B, T, N, H]; k, v [B, T, K, H]. With a
+    window: only the first ``sink_tokens`` keys and the last ``window`` up to each query
+    (pagedjax.kernels.reference.visible)."""
     b, t, n, h = q.shape
     kh = k.shape[2]
     qg = q.reshape(b, t, kh, n // kh, h)
     s = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) / np.sqrt(h)
-    mask = jnp.tril(jnp.ones((t, t), dtype=bool))
+    i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+    mask = (j <= i) & ((j < sink_tokens) | (j > i - window)) if window else j <= i
     s = jnp.where(mask, s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     o = jnp.einsum("bkgts,bskh->btkgh", p, v, preferred_element_type=jnp.float32)
     return o.reshape(b, t, n, h).astype(q.dtype)
 
 
-def forward_dense(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
-    """Logits [B, T, V] (float32) for whole sequences tokens [B, T], no cache."""
+def forward_dense(params: Params, cfg: ModelConfig, tokens: jax.Array, *, sink_tokens: int = 0,
+                  window: int | None = None) -> jax.Array:
+    """Logits [B, T, V] (float32) for whole sequences tokens [B, T], no cache. window None: the
+    model's own sliding window (if its config declares one); 0: full causal attention."""
+    window = cfg.sliding_window or 0 if window is None else window
     inv_freq = rope_inv_freq(cfg)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = jnp.take(params["model"]["embed_tokens"]["weight"], tokens, axis=0)
     for layer in params["model"]["layers"]:
         h = rms_norm(x, layer["input_layernorm"]["weight"], cfg.rms_norm_eps)
         q, k, v = _qkv(h, layer["self_attn"], cfg, positions, inv_freq)
-        o = causal_attention(q, k, v)
+        o = causal_attention(q, k, v, sink_tokens, window)
         x = x + _linear(o.reshape(*o.shape[:-2], -1), layer["self_attn"]["o_proj"])
         h = rms_norm(x, layer["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
         x = x + _mlp(h, layer["mlp"])

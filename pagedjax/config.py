@@ -47,6 +47,11 @@ class EngineArgs:
     seed: int = 0
     tensor_parallel_size: int = 1
     enable_prefix_caching: bool = False
+    # StreamingLLM's bounded KV (arXiv 2309.17453): a query at position i sees key j iff j <= i and
+    # (j < kv_sink_tokens or j > i - kv_window); whole blocks that no later query sees are freed.
+    # 0, 0: off (full causal attention), unless the model's config declares a sliding window.
+    kv_sink_tokens: int = 0
+    kv_window: int = 0
     # schedule and dispatch step k+1 while step k runs (its sampled tokens stay on the device)
     async_scheduling: bool = True
     # compile every step shape, sampler variant and copy program when the engine is built, so
@@ -97,6 +102,16 @@ class EngineArgs:
         need(self.preemption_mode != "swap" or self.swap_space > 0 or self.num_cpu_blocks_override,
              "--preemption-mode swap needs host memory to swap into: set --swap-space (GiB), "
              "e.g. --swap-space 4")
+        need(self.kv_sink_tokens >= 0 and self.kv_window >= 0,
+             f"--kv-sink-tokens {self.kv_sink_tokens} and --kv-window {self.kv_window} must be "
+             ">= 0 (0: off)")
+        need(not self.kv_sink_tokens or self.kv_window,
+             f"--kv-sink-tokens {self.kv_sink_tokens} needs a window to go with the sinks: set "
+             "--kv-window W (the last W tokens are attended besides the sinks)")
+        need(not self.kv_window or self.kv_window >= self.block_size,
+             f"--kv-window {self.kv_window} must be at least --block-size {self.block_size} "
+             "tokens (memory is released in whole blocks): raise --kv-window or lower "
+             "--block-size")
         need(self.tensor_parallel_size >= 1,
              f"--tensor-parallel-size {self.tensor_parallel_size} must be >= 1")
 
@@ -125,6 +140,9 @@ class EngineConfig:
     kv_dtype: str  # the cache's: the model's dtype for "auto"; "fp8" is fp8_e4m3
     max_model_len: int
     max_num_batched_tokens: int  # the step's token budget
+    # bounded KV (StreamingLLM's sinks + window, or the model's sliding window): 0, 0 is off
+    sink_tokens: int = 0
+    window: int = 0
 
     @classmethod
     def resolve(cls, args: EngineArgs, model: "ModelConfig", dtype: str) -> "EngineConfig":
@@ -145,7 +163,8 @@ class EngineConfig:
         if kv_dtype == "int4" and model.head_dim % 2:
             raise ValueError(f"--kv-cache-dtype int4 packs two values a byte and needs an even "
                              f"head_dim; this model's is {model.head_dim}: use int8 or fp8")
-        return cls(args, model, dtype, kv_dtype, max_model_len, tokens)
+        sink_tokens, window = resolve_window(args, model)
+        return cls(args, model, dtype, kv_dtype, max_model_len, tokens, sink_tokens, window)
 
     @property
     def block_size(self) -> int:
@@ -154,6 +173,23 @@ class EngineConfig:
     @property
     def tp(self) -> int:
         return self.args.tensor_parallel_size
+
+
+def resolve_window(args: EngineArgs, model: "ModelConfig") -> tuple[int, int]:
+    """(sink tokens, window) the engine attends with: the flags, or the model's own sliding
+    window (no sinks: the model was trained without them) when the flags leave it unset."""
+    declared = model.sliding_window or 0
+    if not declared:
+        return args.kv_sink_tokens, args.kv_window
+    if args.kv_sink_tokens or args.kv_window not in (0, declared):
+        raise ValueError(
+            f"this model attends over a sliding window of {declared} tokens (its config.json); "
+            f"--kv-window {args.kv_window} / --kv-sink-tokens {args.kv_sink_tokens} would attend "
+            "differently from how it was trained: drop both flags")
+    if declared < args.block_size:
+        raise ValueError(f"the model's sliding window ({declared} tokens) is smaller than "
+                         f"--block-size {args.block_size}: lower --block-size")
+    return 0, declared
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -178,6 +214,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         "derived from the weights (2x the tokens), int8 with a bf16 scale per "
                         "token and KV head; or int4, two values a byte, K scaled per channel "
                         "within a block and V per token (3.5x the tokens)")
+    g.add_argument("--kv-sink-tokens", type=int, default=d.kv_sink_tokens, metavar="S",
+                   help="with --kv-window: always attend to the first S tokens (StreamingLLM's "
+                        "attention sinks); their ceil(S / block_size) blocks stay")
+    g.add_argument("--kv-window", type=int, default=d.kv_window, metavar="W",
+                   help="attend to the sink tokens and the last W tokens only (RoPE positions "
+                        "unchanged); blocks that leave the window are freed, so a sequence holds "
+                        "at most ceil(S / block_size) + ceil(W / block_size) + 1 blocks however "
+                        "long it runs (default 0: full attention, or the model's sliding window)")
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--preemption-mode", default=d.preemption_mode, choices=PREEMPTION_MODES)

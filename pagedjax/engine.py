@@ -67,12 +67,13 @@ class LLMEngine:
         has_weights = loaded.params is not None
         del loaded  # an owned model's originals go now, before the pool is sized
         self.spec = self._size_pool()
-        kv_pool.check_fits(self.spec, self.max_model_len)
+        kv_pool.check_fits(self.spec, self.max_model_len, config.max_num_batched_tokens)
         kv_pool.log_capacity(self.spec, self.max_model_len)
         bm_cls = block_manager_cls or (PrefixCachingBlockManager if args.enable_prefix_caching
                                        else BlockManager)
         self.block_manager = bm_cls(self.spec.num_blocks, args.block_size,
                                     **({"salt": hash(cfg)} if args.enable_prefix_caching else {}))
+        self.block_manager.set_window(config.sink_tokens, config.window)
         self.swap_space = swap.make_swap_space(args, self.spec, self.max_model_len)
         interpret = jax.devices()[0].platform == "cpu"
         with faults.explain_oom_at_start("allocating the KV pool", self.spec, self.max_model_len):
@@ -81,7 +82,8 @@ class LLMEngine:
                                       max_num_seqs=args.max_num_seqs,
                                       max_num_batched_tokens=config.max_num_batched_tokens,
                                       attention_backend=args.attention_backend,
-                                      interpret=interpret, mesh=self.tp.mesh)
+                                      interpret=interpret, mesh=self.tp.mesh,
+                                      sink_tokens=config.sink_tokens, window=config.window)
             self.host_pool = (swap.HostKVPool(self.spec, self.swap_space, self.runner)
                               if self.swap_space is not None else None)
         eos = set(cfg.eos_token_ids)
@@ -135,7 +137,8 @@ class LLMEngine:
                                     weights=stats["bytes_in_use"] if stats else None)
         logger.info(format_memory_report(self.memory))
         return kv_pool.KVPoolSpec.for_model(self.tp.cfg, self.memory["num_blocks"],
-                                            self.config.block_size, self.config.kv_dtype)
+                                            self.config.block_size, self.config.kv_dtype,
+                                            self.config.sink_tokens, self.config.window)
 
     # ---- requests ----------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
@@ -231,7 +234,7 @@ class LLMEngine:
         """Refuse a request whose sequences could not all hold their KV at once: they would
         preempt one another forever (a recomputed sample shares no blocks with its siblings)."""
         longest = min(prompt_len + (max_tokens or self.max_model_len), self.max_model_len)
-        need = num_seqs * self.spec.blocks_for(longest)
+        need = num_seqs * self.spec.seq_blocks(longest, self.config.max_num_batched_tokens)
         if need > self.block_manager.num_blocks:
             raise ValueError(
                 f"{num_seqs} sequences of up to {longest} tokens may need {need} KV blocks at "

@@ -62,15 +62,17 @@ def random_params(cfg: ModelConfig, seed: int = 0, scale: float = 0.3):
 
 
 @functools.lru_cache(maxsize=None)
-def _dense(cfg: ModelConfig):
-    return jax.jit(lambda p, t: forward_dense(p, cfg, t))
+def _dense(cfg: ModelConfig, sink_tokens: int = 0, window: int | None = None):
+    return jax.jit(lambda p, t: forward_dense(p, cfg, t, sink_tokens=sink_tokens, window=window))
 
 
-def greedy_reference(model: TinyModel, prompt: list[int], max_tokens: int, pad_to: int = 512):
+def greedy_reference(model: TinyModel, prompt: list[int], max_tokens: int, pad_to: int = 512,
+                     sink_tokens: int = 0, window: int | None = None):
     """Greedy decoding by full recompute of the whole sequence each token (no cache at all).
-    Sequences are right-padded to one length: causal attention makes the padding invisible."""
+    Sequences are right-padded to one length: causal attention makes the padding invisible.
+    sink_tokens, window: attend with that mask (forward_dense; window None: the model's own)."""
     toks = list(prompt)
-    f = _dense(model.cfg)
+    f = _dense(model.cfg, sink_tokens, window)
     width = max(pad_to, len(prompt) + max_tokens)
     for _ in range(max_tokens):
         padded = jnp.zeros((1, width), jnp.int32).at[0, :len(toks)].set(jnp.array(toks))

@@ -126,6 +126,8 @@ def build_arrays(batch: ScheduledBatch, bm: BlockManager, step: int, vocab_size:
         qsl[i + 1] = at
         context_lens[i] = start + n
         sampling_row(i, seq)
+    if bm.window:  # released entries (-1) read as block 0: never attended, but in range
+        np.maximum(block_tables, 0, out=block_tables)
     logits_indices[:R] = qsl[1:] - 1
     for j, (parent, child) in enumerate(batch.forks, start=R):
         logits_indices[j] = qsl[parent + 1] - 1

@@ -11,8 +11,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+# A table entry whose block was released (bounded KV: ``release_outside_window``): the position
+# keeps its index, no block is held, and the attention never reads it.
+RELEASED = -1
+
 
 class BlockManager:
+    sink_tokens = window = 0  # bounded KV off (set_window)
+
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
@@ -91,14 +97,46 @@ class BlockManager:
             raise RuntimeError(f"fork: sequence {child_id} already has blocks")
         table = list(self.table(parent_id))
         for b in table:
-            self.ref_counts[b] += 1
+            if b != RELEASED:
+                self.ref_counts[b] += 1
         self.tables[child_id] = table
 
     def free(self, seq_id: int) -> None:
         for b in reversed(self.tables.pop(seq_id, [])):
-            self.ref_counts[b] -= 1
-            if self.ref_counts[b] == 0:
-                self._release(b)
+            if b != RELEASED:
+                self._unref(b)
+
+    def _unref(self, b: int) -> None:
+        self.ref_counts[b] -= 1
+        if self.ref_counts[b] == 0:
+            self._release(b)
+
+    # ---- bounded KV: sinks + window (StreamingLLM) -------------------------------------------
+    def set_window(self, sink_tokens: int, window: int) -> None:
+        """Queries see only the first ``sink_tokens`` positions and the last ``window``
+        (pagedjax.kernels.reference.visible); window 0: everything (nothing is released)."""
+        self.sink_tokens, self.window = sink_tokens, window
+
+    def release_outside_window(self, seq_id: int, next_pos: int) -> None:
+        """Release the sequence's blocks that no query at a position >= ``next_pos`` sees: block
+        b (positions [b * bs, (b + 1) * bs)) with b * bs >= sink_tokens and (b + 1) * bs <=
+        next_pos - window. Its table entry becomes RELEASED. The released range grows from the
+        sinks up, so the walk down from the new bound stops at the first released entry."""
+        table = self.tables.get(seq_id)
+        if not self.window or not table:
+            return
+        first = -(-self.sink_tokens // self.block_size)
+        b = min((next_pos - self.window) // self.block_size, len(table)) - 1
+        while b >= first and table[b] != RELEASED:
+            self._unref(table[b])
+            table[b] = RELEASED
+            b -= 1
+
+    def restore_released(self, seq_id: int, layout: list[int]) -> None:
+        """Put RELEASED entries back where ``layout`` (the table it had) has them, the sequence's
+        blocks filling the others in order (a sequence swapped back in)."""
+        blocks = iter(self.tables[seq_id])
+        self.tables[seq_id] = [RELEASED if b == RELEASED else next(blocks) for b in layout]
 
     # ---- prefix caching (pagedjax.core.prefix_cache overrides; without it nothing is cached) -------
     def match_prefix(self, seq_id: int, token_ids: list[int]) -> int:
@@ -123,7 +161,8 @@ class BlockManager:
         refs = [0] * self.num_blocks
         for table in self.tables.values():
             for b in table:
-                refs[b] += 1
+                if b != RELEASED:
+                    refs[b] += 1
         free = set(self.free_blocks)
         assert len(free) == len(self.free_blocks), "a block is twice in the free list"
         for b in range(self.num_blocks):

@@ -9,7 +9,7 @@ stored token ids, so a hash collision costs a miss, never wrong K/V.
 """
 from __future__ import annotations
 
-from pagedjax.core.block_manager import BlockManager
+from pagedjax.core.block_manager import RELEASED, BlockManager
 
 
 class PrefixCachingBlockManager(BlockManager):
@@ -56,7 +56,9 @@ class PrefixCachingBlockManager(BlockManager):
             tokens = tuple(token_ids(i * bs, (i + 1) * bs))
             key = hash((keys[-1] if keys else self.salt, tokens))
             keys.append(key)
-            if key not in self.cached:  # an identical block cached earlier stays the one
+            # a released block (bounded KV) is not cached: the chain through it stays broken,
+            # so no later block of it is ever matched either
+            if key not in self.cached and table[i] != RELEASED:
                 self.cached[key] = table[i]
                 self.block_key[table[i]] = (key, tokens)
 

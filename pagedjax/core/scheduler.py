@@ -267,6 +267,9 @@ class Scheduler:
                                     self.eos_token_ids)
         for i, (seq, n, req) in enumerate(zip(batch.seqs, batch.num_new_tokens, reqs)):
             seq.num_computed_tokens += n
+            # bounded KV: blocks no later query sees are freed now; this step still reads them,
+            # and runs on the device before any later step that could reuse them
+            self.bm.release_outside_window(seq.seq_id, seq.num_computed_tokens)
             num_tokens = seq.num_tokens
             if seq.num_computed_tokens < num_tokens:
                 continue  # a prefill chunk that is not the last: it samples nothing

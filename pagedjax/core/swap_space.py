@@ -10,10 +10,12 @@ Check-then-act pairs, as in the block manager: ``can_swap_out`` / ``swap_out`` a
 ``can_swap_in`` / ``swap_in``; each act returns the ``(src, dst)`` block pairs the device must move
 before the next step (device block -> host slot on the way out, host slot -> device block on the
 way in). A sequence swapped out of blocks it shared (a fork) comes back with its own copies.
+Released entries of a bounded-KV table (``RELEASED``) are neither moved nor held: the sequence
+comes back with them released.
 """
 from __future__ import annotations
 
-from pagedjax.core.block_manager import BlockManager
+from pagedjax.core.block_manager import RELEASED, BlockManager
 from pagedjax.core.sequence import Sequence
 
 
@@ -26,6 +28,7 @@ class SwapSpace:
         self.block_size = block_size
         self.bm = BlockManager(num_pieces, piece_blocks * block_size)  # one "block" = one piece
         self.num_blocks: dict[int, int] = {}  # seq_id -> device blocks it had when swapped out
+        self.layouts: dict[int, list[int]] = {}  # seq_id -> its table, RELEASED where it was
 
     @property
     def num_pieces(self) -> int:
@@ -42,13 +45,14 @@ class SwapSpace:
 
     # ---- out -----------------------------------------------------------------------------
     def can_swap_out(self, device: BlockManager, seq_id: int) -> bool:
-        n = len(device.table(seq_id))
+        n = sum(b != RELEASED for b in device.table(seq_id))
         return n > 0 and self.bm.can_append(seq_id, 0, n * self.block_size)
 
     def swap_out(self, device: BlockManager, seq_id: int) -> list[tuple[int, int]]:
         """Move the sequence's blocks to host slots; its device blocks are freed (the caller's
         gather must read them before anything writes there)."""
-        table = list(device.table(seq_id))
+        self.layouts[seq_id] = list(device.table(seq_id))
+        table = [b for b in self.layouts[seq_id] if b != RELEASED]
         if not table or seq_id in self.num_blocks:
             raise RuntimeError(f"swap_out: sequence {seq_id} has no device blocks or is swapped")
         self.bm.append_slots(seq_id, 0, len(table) * self.block_size)
@@ -60,20 +64,25 @@ class SwapSpace:
     # ---- in ------------------------------------------------------------------------------
     def can_swap_in(self, device: BlockManager, seq: Sequence, num_new_tokens: int) -> bool:
         """Room on the device for the swapped blocks plus the next ``num_new_tokens``."""
-        held = self.num_blocks[seq.seq_id] * self.block_size
-        return device.can_append(seq.seq_id, 0, max(held, seq.num_computed_tokens + num_new_tokens))
+        layout = self.layouts[seq.seq_id]
+        grow = device.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(layout)
+        return self.num_blocks[seq.seq_id] + max(grow, 0) <= device.num_free
 
     def swap_in(self, device: BlockManager, seq_id: int) -> list[tuple[int, int]]:
-        """Fresh device blocks for the sequence; its host pieces are freed (the caller's transfer
-        reads them before this step ends)."""
-        slots = self.slots(seq_id)
+        """Fresh device blocks for the sequence (released entries stay released); its host
+        pieces are freed (the caller's transfer reads them before this step ends)."""
+        slots, layout = self.slots(seq_id), self.layouts[seq_id]
         device.append_slots(seq_id, 0, len(slots) * self.block_size)
+        fresh = list(device.table(seq_id))
+        if len(layout) != len(slots):
+            device.restore_released(seq_id, layout)
         self.free(seq_id)
-        return list(zip(slots, device.table(seq_id)))
+        return list(zip(slots, fresh))
 
     def free(self, seq_id: int) -> None:
         """Drop a swapped sequence (abort): its pieces go back to the free list."""
         self.num_blocks.pop(seq_id, None)
+        self.layouts.pop(seq_id, None)
         self.bm.free(seq_id)
 
     def check_invariants(self) -> None:

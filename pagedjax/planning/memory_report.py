@@ -133,7 +133,8 @@ def plan_pool(config: EngineConfig, budget_bytes: int = 0) -> KVPoolSpec:
     """The pool one device allocates for ``budget_bytes`` (0: the shape alone, for per-token and
     per-block figures), on the per-device shapes."""
     return KVPoolSpec.for_budget(per_device_config(config.model, config.tp), budget_bytes,
-                                 config.block_size, config.kv_dtype)
+                                 config.block_size, config.kv_dtype, config.sink_tokens,
+                                 config.window)
 
 
 def memory_report(config: EngineConfig, *, total_bytes: int | None = None,
@@ -158,7 +159,7 @@ def memory_report(config: EngineConfig, *, total_bytes: int | None = None,
         profile_peak = profile_peak_bytes_estimate(dev, tokens, dtype, args.max_num_seqs)
     if args.num_gpu_blocks_override:
         spec = KVPoolSpec.for_model(dev, args.num_gpu_blocks_override, config.block_size,
-                                    config.kv_dtype)
+                                    config.kv_dtype, config.sink_tokens, config.window)
         source = "--num-gpu-blocks-override"
     else:
         if args.kv_cache_memory_bytes:
@@ -189,6 +190,9 @@ def memory_report(config: EngineConfig, *, total_bytes: int | None = None,
         "num_tokens": spec.num_tokens,
         "max_model_len": config.max_model_len,
         "max_concurrency": spec.max_concurrency(config.max_model_len),
+        "kv_sink_tokens": spec.sink_tokens,
+        "kv_window": spec.window,  # 0: full attention; else blocks per sequence are bounded
+        "blocks_per_seq": spec.seq_blocks(config.max_model_len),
         "bytes": {"device": total_bytes, "weights": weights, "profile_peak": profile_peak,
                   "kv_pool": spec.total_bytes, "free": free},
     }

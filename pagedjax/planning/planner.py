@@ -299,6 +299,10 @@ def plan(args: argparse.Namespace) -> dict:
     elif shape.quantized:
         notes.append(f"KV cache {kv_dtype}: 1 byte per value, static power-of-two scales per "
                      "layer and KV head from the weights (models/kv_scales.py)")
+    if config.window:
+        notes.append(f"KV window: {config.sink_tokens} sink tokens + the last {config.window} "
+                     f"attended, so a sequence holds at most {shape.seq_blocks(model_max)} blocks "
+                     "however long it is (KV/seq and concurrency below count that bound)")
     if res.gguf_tensor_bytes is not None:
         notes.append(f"weights are the dequantised size at {dtype} (what the engine holds); the "
                      f"GGUF file stores {res.gguf_tensor_bytes / GiB:.2f} GiB of tensors")
@@ -310,6 +314,7 @@ def plan(args: argparse.Namespace) -> dict:
                   "vocab_size": cfg.vocab_size, "max_position_embeddings": model_max,
                   "params": cfg.num_params()},
         "dtype": dtype, "kv_cache_dtype": kv_dtype, "block_size": bs,
+        "kv_sink_tokens": config.sink_tokens, "kv_window": config.window,
         "tensor_parallel_size": tp, "kv_heads_per_device": dev.num_key_value_heads,
         "kv_heads_replicated": tp > cfg.num_key_value_heads,
         "weights_bytes_per_device": weights, "weights_bytes_total": cfg.num_params()
@@ -330,10 +335,10 @@ def plan(args: argparse.Namespace) -> dict:
     for n in lengths:
         report["concurrency"].append({
             "max_model_len": n, "model_max": n == model_max,
-            "blocks_per_seq": shape.blocks_for(n),
+            "blocks_per_seq": shape.seq_blocks(n),
             "kv_bytes_per_seq": shape.bytes_for(n),
             "max_concurrency": None if spec is None else spec.max_concurrency(n),
-            "concurrency_ratio": None if spec is None else spec.num_tokens / n})
+            "concurrency_ratio": None if spec is None else spec.num_blocks / shape.seq_blocks(n)})
     if spec is not None and spec.max_concurrency(max_len) == 0:
         notes.append(f"the pool ({spec.num_tokens} tokens) cannot hold one sequence of "
                      f"max_model_len {max_len}: the engine would refuse to start; lower "

@@ -51,16 +51,22 @@ class KVPoolSpec:
     num_kv_heads: int
     head_dim: int
     dtype: str = "bfloat16"  # the cache dtype: a jnp dtype name or fp8_e4m3 / fp8_e5m2 / int8
+    # bounded KV (--kv-sink-tokens / --kv-window, or the model's sliding window): a sequence
+    # holds its sink blocks and its window's, whatever its length; 0, 0: off
+    sink_tokens: int = 0
+    window: int = 0
 
     @classmethod
-    def for_model(cls, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: str):
+    def for_model(cls, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: str,
+                  sink_tokens: int = 0, window: int = 0):
         return cls(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
-                   cfg.head_dim, dtype)
+                   cfg.head_dim, dtype, sink_tokens, window)
 
     @classmethod
-    def for_budget(cls, cfg: ModelConfig, budget_bytes: int, block_size: int, dtype: str):
+    def for_budget(cls, cfg: ModelConfig, budget_bytes: int, block_size: int, dtype: str,
+                   sink_tokens: int = 0, window: int = 0):
         """As many whole blocks as ``budget_bytes`` holds (the engine's and the planner's rule)."""
-        shape = cls.for_model(cfg, 0, block_size, dtype)
+        shape = cls.for_model(cfg, 0, block_size, dtype, sink_tokens, window)
         return dataclasses.replace(shape, num_blocks=max(int(budget_bytes // shape.bytes_per_block),
                                                          0))
 
@@ -127,16 +133,27 @@ class KVPoolSpec:
         return self.num_blocks * self.bytes_per_block
 
     def blocks_for(self, num_tokens: int) -> int:
-        """Blocks a sequence of ``num_tokens`` tokens holds (the last one partly filled)."""
+        """Blocks of ``num_tokens`` positions (the last one partly filled): a block table's
+        length, released entries included."""
         return -(-num_tokens // self.block_size)
 
+    def seq_blocks(self, num_tokens: int, chunk: int = 1) -> int:
+        """Blocks a sequence of up to ``num_tokens`` tokens holds at once, computing ``chunk``
+        tokens a step: all of them, or with a window at most its sink blocks, the window's and
+        the chunk's (core.block_manager.release_outside_window frees the rest)."""
+        n = self.blocks_for(num_tokens)
+        if not self.window:
+            return n
+        bs = self.block_size
+        return min(n, -(-self.sink_tokens // bs) + -(-(self.window + chunk - 1) // bs) + 1)
+
     def bytes_for(self, num_tokens: int) -> int:
-        """KV bytes a sequence of ``num_tokens`` tokens holds, in whole blocks."""
-        return self.blocks_for(num_tokens) * self.bytes_per_block
+        """KV bytes a sequence of ``num_tokens`` tokens holds at most, in whole blocks."""
+        return self.seq_blocks(num_tokens) * self.bytes_per_block
 
     def max_concurrency(self, max_model_len: int) -> int:
         """Sequences of ``max_model_len`` tokens that fit in the pool at once (whole blocks)."""
-        return self.num_blocks // self.blocks_for(max_model_len)
+        return self.num_blocks // self.seq_blocks(max_model_len)
 
 
 def is_quantized_dtype(dtype: str) -> bool:
@@ -178,8 +195,18 @@ def params_for_pool(spec: KVPoolSpec, cfg: ModelConfig, params):
     return params
 
 
-def check_fits(spec: KVPoolSpec, max_model_len: int) -> None:
-    """vLLM's start-up check, with what to change."""
+def check_fits(spec: KVPoolSpec, max_model_len: int, chunk: int = 1) -> None:
+    """vLLM's start-up check, with what to change. With a window a sequence holds a bounded
+    number of blocks, its step's ``chunk`` of tokens (max_num_batched_tokens) included."""
+    if spec.window:
+        need = spec.seq_blocks(max_model_len, chunk)
+        if spec.num_blocks < need:
+            raise ValueError(
+                f"one sequence with --kv-sink-tokens {spec.sink_tokens} --kv-window "
+                f"{spec.window} holds up to {need} blocks of {spec.block_size} tokens (its sinks, "
+                f"its window and a step's {chunk} tokens) and the pool has {spec.num_blocks}: "
+                "lower --max-num-batched-tokens or --kv-window, or give the KV cache more memory")
+        return
     if spec.num_tokens < max_model_len:
         need = spec.bytes_for(max_model_len)
         raise ValueError(
@@ -198,8 +225,12 @@ def log_capacity(spec: KVPoolSpec, max_model_len: int) -> None:
                 ", static scale per layer and KV head" if spec.static_scales else "")
     where = "GPU " if jax.local_devices()[0].platform == "gpu" else ""  # vLLM's line, on a GPU
     logger.info("%sKV cache size: %d tokens", where, spec.num_tokens)
+    if spec.window:
+        logger.info("KV window: %d sink tokens + the last %d, at most %d blocks per sequence",
+                    spec.sink_tokens, spec.window, spec.seq_blocks(max_model_len))
     logger.info("Maximum concurrency for %d tokens per request: %.2fx", max_model_len,
-                spec.num_tokens / max_model_len)
+                spec.num_blocks / spec.seq_blocks(max_model_len) if spec.window
+                else spec.num_tokens / max_model_len)
 
 
 def _num_blocks(pool) -> int:

@@ -129,7 +129,7 @@ def _pow2_at_least(n: int, lo: int) -> int:
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, params, spec: kv_pool.KVPoolSpec, *, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, attention_backend: str = "auto",
-                 interpret: bool = False, mesh=None):
+                 interpret: bool = False, mesh=None, sink_tokens: int = 0, window: int = 0):
         self.cfg = cfg
         self.mesh = mesh  # tensor parallelism (pagedjax.worker.sharding); None on one device
         params = kv_pool.params_for_pool(spec, cfg, params)  # fp8: static KV scales
@@ -154,7 +154,8 @@ class ModelRunner:
         # leaves ~16 step shapes to compile instead of hundreds. The reference attention's cost
         # grows with W and S, so on it both stay bucketed.
         self.coarse_buckets = resolve_backend(attention_backend) != "reference"
-        attend = make_attend(attention_backend, interpret=interpret, mesh=mesh)
+        attend = make_attend(attention_backend, interpret=interpret, mesh=mesh,
+                             sink_tokens=sink_tokens, window=window)
         # Under tp the results come back replicated (every process reads them) and the pool
         # keeps its KV-head sharding from step to step.
         out = {} if mesh is None else {"out_shardings": (

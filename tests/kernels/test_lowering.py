@@ -61,3 +61,22 @@ def test_lowers_for_device(kv_dtype, platform, backend, kwargs, marker):
                 SD((S,), jnp.int32), SD((S + 1,), jnp.int32))
     text = fn.trace(*args).lower(lowering_platforms=(platform,)).as_text()
     assert marker in text
+
+
+WINDOW = {"sink_tokens": 4, "window": 128}  # bounded KV: the sink and window loops lower too
+
+
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "int8", "int4"])
+@pytest.mark.parametrize("platform,backend,kwargs,marker", [
+    ("cuda", "pallas-gpu", {"decode_only": True, "num_splits": 1}, "paged_decode"),
+    ("cuda", "pallas-gpu", {"decode_only": True, "num_splits": 4}, "paged_decode_combine"),
+    ("cuda", "pallas-gpu", {}, "ragged_paged_attention"),
+    ("tpu", "pallas-tpu", {"decode_only": True}, "paged_decode_tpu"),
+    ("tpu", "pallas-tpu", {}, "ragged_paged_attention_tpu"),
+])
+def test_windowed_kernels_lower_for_device(kv_dtype, platform, backend, kwargs, marker):
+    k, v = pages(kv_dtype)
+    fn = jax.jit(functools.partial(ragged_paged_attention, backend=backend, **kwargs, **WINDOW))
+    args = (SD((T, 28, 128), jnp.bfloat16), k, v, SD((S, W), jnp.int32), SD((S,), jnp.int32),
+            SD((S + 1,), jnp.int32))
+    assert marker in fn.trace(*args).lower(lowering_platforms=(platform,)).as_text()
