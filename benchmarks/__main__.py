@@ -21,6 +21,7 @@ SCENARIOS = {
     "swap": "benchmarks.swap",
     "serve": "benchmarks.serve",
     "prefix": "benchmarks.prefix",
+    "kv-offload": "benchmarks.kv_offload",
 }
 
 

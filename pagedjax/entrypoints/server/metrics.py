@@ -5,7 +5,10 @@ not collide). Gauges are set by the engine thread after every step; histograms a
 from the engine's per-request timestamps. ``prefix_cache_queries`` and ``prefix_cache_hits`` count
 tokens looked up and found with --enable-prefix-caching (0 without it). ``step_compilations``
 counts the step shapes the engine compiled, so a benchmark can tell that nothing compiled while it
-measured (there is no vLLM counterpart).
+measured (there is no vLLM counterpart). The host KV tier (--kv-offloading-size): its lookups and
+hits in tokens under vLLM's names for a KV connector's (``external_prefix_cache_*``), and per
+direction (``store`` to the host, ``load`` back) the blocks, bytes and transfer seconds it moved:
+``rate(kv_offload_bytes) / rate(kv_offload_seconds)`` is its GB/s.
 """
 from __future__ import annotations
 
@@ -53,6 +56,20 @@ class EngineMetrics:
         self.itl = histogram("inter_token_latency_seconds", "Time between a request's tokens.",
                              ITL_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", E2E_BUCKETS)
+        self.offload_usage = gauge("kv_offload_usage_perc", "Share of the host KV tier holding "
+                                   "cached prefix blocks; 1 means 100 percent.")
+        self.offload_queries = counter("external_prefix_cache_queries",
+                                       "Host KV tier lookups (GPU prefix-cache misses), in tokens.")
+        self.offload_hits = counter("external_prefix_cache_hits",
+                                    "Host KV tier hits (loaded, not recomputed), in tokens.")
+        self.offload = {what: {d: c.labels(model_name, d) for d in ("store", "load")}
+                        for what, c in (
+            ("blocks", Counter("pagedjax:kv_offload_blocks", "Blocks the host KV tier moved.",
+                               ["model_name", "direction"], registry=r)),
+            ("payload_bytes", Counter("pagedjax:kv_offload_bytes", "Bytes the host KV tier "
+                                      "moved.", ["model_name", "direction"], registry=r)),
+            ("seconds", Counter("pagedjax:kv_offload_seconds", "Seconds the host KV tier's "
+                                "transfers took.", ["model_name", "direction"], registry=r)))}
         success = Counter("pagedjax:request_success", "Finished requests by finish reason.",
                           ["model_name", "finished_reason"], registry=r)
         self.finished = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
