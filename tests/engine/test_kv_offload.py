@@ -1,6 +1,7 @@
 """The host tier of the prefix cache (``--kv-offloading-size``): blocks evicted from a small GPU
 pool come back from host memory bit-exact (greedy outputs identical with the tier on and off,
-fewer tokens computed), through swap preemption sharing the tier; the block manager and the host
+fewer tokens computed), through swap preemption sharing the tier and under tensor parallelism
+(each device moves its shard); the block manager and the host
 tier keep every block's contents right under random admissions, frees and swap-outs."""
 from __future__ import annotations
 
@@ -31,16 +32,19 @@ def _bf16(model):
     return dataclasses.replace(model, params=params, dtype="bfloat16")
 
 
-# both models, both KV dtypes and both preemption modes in two runs (each run builds two engines)
-@pytest.mark.parametrize("model,kv,mode", [("tiny_qwen", "bf16", "recompute"),
-                                           ("tiny_llama", "fp8", "swap")])
-def test_greedy_identical_with_the_tier_on_and_off(model, kv, mode, request):
+# both models, both KV dtypes, both preemption modes and tp 1 and 2 in two runs (each run
+# builds two engines)
+@pytest.mark.parametrize("model,kv,mode,tp", [("tiny_qwen", "bf16", "recompute", 1),
+                                              ("tiny_llama", "fp8", "swap", 2)])
+def test_greedy_identical_with_the_tier_on_and_off(model, kv, mode, tp, request):
     model = request.getfixturevalue(model)
     model = _bf16(model) if kv == "bf16" else model
     kw = dict(ENGINE, kv_cache_dtype="auto" if kv == "bf16" else "fp8", preemption_mode=mode)
     off = LLM(loaded=model, **kw, **({"swap_space": 1.0} if mode == "swap" else {}))
-    on = LLM(loaded=model, **kw, **TIER)
+    on = LLM(loaded=model, **kw, **TIER, tensor_parallel_size=tp)
     e = on.engine
+    shards = {x.sharding.memory_kind for x in jax.tree.leaves(e.host_pool.pieces[0])}
+    assert shards == {"pinned_host"} and len(jax.tree.leaves(e.runner.pool)[0].devices()) == tp
     compiled = e.host_pool.num_compilations
     assert multi_turn(on, turns=3, chats=5) == multi_turn(off, turns=3, chats=5)
     snap = (e.host_pool.wait(), e.make_stats())[1]
