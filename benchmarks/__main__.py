@@ -23,6 +23,7 @@ SCENARIOS = {
     "prefix": "benchmarks.prefix",
     "small-memory": "benchmarks.small_memory",
     "startup": "benchmarks.startup",
+    "kv-offload": "benchmarks.kv_offload",
 }
 
 

@@ -175,7 +175,7 @@ def _cycle(args, spec, pool, seq_blocks: int):
     from pagedjax.worker.swap import HostKVPool, make_swap_space
 
     ns = types.SimpleNamespace(preemption_mode="swap", swap_space=args.swap_space,
-                               num_cpu_blocks_override=None)
+                               num_cpu_blocks_override=None, kv_offloading_size=0.0)
     space = make_swap_space(ns, spec, args.max_model_len)
     runner = types.SimpleNamespace(pool=pool)
     t0 = time.perf_counter()
@@ -193,10 +193,12 @@ def _cycle(args, spec, pool, seq_blocks: int):
     for _ in range(args.rounds):
         for s in victims:
             out = space.swap_out(bm, s)
-            host.execute(types.SimpleNamespace(swap_out=out, swap_in=[]), runner)
+            host.execute(types.SimpleNamespace(swap_out=out, swap_in=[], offload_out=[],
+                                               offload_in=[]), runner)
             host.wait()  # one event at a time: each is timed alone
             back = space.swap_in(bm, s)
-            host.execute(types.SimpleNamespace(swap_out=[], swap_in=back), runner)
+            host.execute(types.SimpleNamespace(swap_out=[], swap_in=back, offload_out=[],
+                                               offload_in=[]), runner)
             host.wait()
     exact = bool(jnp.array_equal(before, _bits_of(runner.pool, bm.table(0))))
     events, pool = list(host.stats.events), runner.pool

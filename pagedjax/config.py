@@ -43,6 +43,9 @@ class EngineArgs:
     preemption_mode: str = "recompute"
     swap_space: float = 0.0  # GiB of host memory for swapped-out blocks
     num_cpu_blocks_override: int | None = None  # host swap pool in blocks (tests), over swap_space
+    # GiB of host memory for prefix blocks evicted from the GPU (0: off); one host tier with the
+    # swap space (pagedjax.core.host_cache)
+    kv_offloading_size: float = 0.0
     attention_backend: str = "auto"
     seed: int = 0
     tensor_parallel_size: int = 1
@@ -99,6 +102,11 @@ class EngineArgs:
         need(self.swap_space >= 0, f"--swap-space {self.swap_space} GiB must be >= 0")
         need(self.num_cpu_blocks_override is None or self.num_cpu_blocks_override >= 1,
              f"--num-cpu-blocks-override {self.num_cpu_blocks_override} must be >= 1")
+        need(self.kv_offloading_size >= 0,
+             f"--kv-offloading-size {self.kv_offloading_size} GiB must be >= 0 (0 turns it off)")
+        need(not self.kv_offloading_size or self.enable_prefix_caching,
+             "--kv-offloading-size keeps evicted prefix-cache blocks in host memory: it needs "
+             "--enable-prefix-caching")
         need(self.preemption_mode != "swap" or self.swap_space > 0 or self.num_cpu_blocks_override,
              "--preemption-mode swap needs host memory to swap into: set --swap-space (GiB), "
              "e.g. --swap-space 4")
@@ -228,7 +236,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--swap-space", type=float, default=d.swap_space,
                    help="GiB of host memory for KV blocks swapped out (--preemption-mode swap)")
     g.add_argument("--num-cpu-blocks-override", type=int, default=None,
-                   help="host swap pool size in KV blocks (overrides --swap-space)")
+                   help="host KV tier size in KV blocks (overrides --swap-space and "
+                        "--kv-offloading-size)")
+    g.add_argument("--kv-offloading-size", type=float, default=d.kv_offloading_size,
+                   help="GiB of host memory that keeps the prefix-cache blocks evicted from the "
+                        "GPU, found again by their hash and copied back instead of recomputed "
+                        "(needs --enable-prefix-caching; 0: off). One host tier with "
+                        "--swap-space: the tier holds both, and a swapped-out sequence may take "
+                        "the room of cached blocks, least recently used first")
     g.add_argument("--attention-backend", default=d.attention_backend, choices=ATTENTION_BACKENDS)
     g.add_argument("--enable-prefix-caching", action="store_true",
                    help="reuse the KV blocks of prompt prefixes seen before")

@@ -16,6 +16,7 @@ from pagedjax.core.beam_search import BeamSearchParams, BeamState
 from pagedjax.core.block_manager import BlockManager
 from pagedjax.config import EngineArgs, EngineConfig
 from pagedjax.core.detokenizer import IncrementalDetokenizer
+from pagedjax.core.host_cache import HostPrefixCache
 from pagedjax.core.prefix_cache import PrefixCachingBlockManager
 from pagedjax.planning.memory_report import format_memory_report, memory_report
 from pagedjax.outputs import RequestMetrics, RequestOutput
@@ -69,12 +70,15 @@ class LLMEngine:
         self.spec = self._size_pool()
         kv_pool.check_fits(self.spec, self.max_model_len, config.max_num_batched_tokens)
         kv_pool.log_capacity(self.spec, self.max_model_len)
+        # the host tier: swapped sequences and the prefix cache's host copies share one pool
+        self.swap_space = swap.make_swap_space(args, self.spec, self.max_model_len)
+        self.host_cache = (HostPrefixCache(self.swap_space) if args.kv_offloading_size else None)
         bm_cls = block_manager_cls or (PrefixCachingBlockManager if args.enable_prefix_caching
                                        else BlockManager)
         self.block_manager = bm_cls(self.spec.num_blocks, args.block_size,
-                                    **({"salt": hash(cfg)} if args.enable_prefix_caching else {}))
+                                    **({"salt": hash(cfg), "host": self.host_cache}
+                                       if args.enable_prefix_caching else {}))
         self.block_manager.set_window(config.sink_tokens, config.window)
-        self.swap_space = swap.make_swap_space(args, self.spec, self.max_model_len)
         interpret = jax.devices()[0].platform == "cpu"
         with faults.explain_oom_at_start("allocating the KV pool", self.spec, self.max_model_len):
             self.runner = ModelRunner(self.tp.cfg, self.tp.params, self.spec,
@@ -86,6 +90,14 @@ class LLMEngine:
                                       sink_tokens=config.sink_tokens, window=config.window)
             self.host_pool = (swap.HostKVPool(self.spec, self.swap_space, self.runner)
                               if self.swap_space is not None else None)
+        if self.host_cache is not None:
+            s = self.swap_space
+            blocks = s.num_pieces * s.piece_blocks
+            logger.info("KV offloading: host tier of %d blocks x %d tokens = %d tokens (%.2f GiB, "
+                        "pieces of %d blocks), shared with the swap space: a swapped-out "
+                        "sequence takes the room of cached blocks", blocks, args.block_size,
+                        blocks * args.block_size, blocks * self.spec.bytes_per_block / kv_pool.GiB,
+                        s.piece_blocks)
         eos = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -94,7 +106,9 @@ class LLMEngine:
         self._fake_execute = execute
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs,
                                    config.max_num_batched_tokens, args.enable_chunked_prefill,
-                                   swap_space=self.swap_space, max_model_len=self.max_model_len,
+                                   swap_space=(self.swap_space if args.preemption_mode == "swap"
+                                               else None),
+                                   max_model_len=self.max_model_len,
                                    eos_token_ids=self.eos_token_ids, vocab_size=cfg.vocab_size,
                                    decode=self._decode, stats=self.stats)
         self._on_device: list[InFlight] = []  # dispatched, not yet completed (at most 2)
@@ -265,10 +279,13 @@ class LLMEngine:
             batch = self.scheduler.schedule()
             t1 = time.perf_counter()
             self.stats.schedule_seconds += t1 - t0
-            if batch.swap_out or batch.swap_in:  # before the step writes into the freed blocks
-                self.stats.device_seconds += self.host_pool.execute(batch, self.runner)
-            if batch:
+            if batch:  # a failed transfer fails it too: its PLACEHOLDERs are set
                 self._dispatching = batch
+            # before the step writes into the freed blocks
+            if batch.swap_out or batch.swap_in or batch.offload_out or batch.offload_in:
+                before = self._on_device[-1].result.tokens if self._on_device else None
+                self.stats.device_seconds += self.host_pool.execute(batch, self.runner, before)
+            if batch:
                 t1 = time.perf_counter()
                 inputs = self.runner.prepare(batch)
                 self.stats.prepare_seconds += time.perf_counter() - t1
@@ -322,7 +339,8 @@ class LLMEngine:
     def make_stats(self) -> EngineSnapshot:
         """Every counter and gauge of the engine's parts, in one snapshot (pagedjax.stats)."""
         sched, bm = self.scheduler, self.block_manager
-        swapped = self.host_pool.landed.blocks if self.host_pool is not None else {}
+        moved = self.host_pool.landed if self.host_pool is not None else swap.SwapStats()
+        host = self.host_cache
         return EngineSnapshot(
             num_running=len(sched.running), num_waiting=len(sched.waiting),
             num_swapped=len(sched.swapped), kv_cache_usage=bm.usage,
@@ -332,4 +350,10 @@ class LLMEngine:
             num_preemptions_recompute=sched.num_preemptions_recompute,
             prefix_cache_queries=bm.queries, prefix_cache_hits=bm.hits,
             num_compilations=self.runner.num_compilations,
-            swap_out_blocks=swapped.get("out", 0), swap_in_blocks=swapped.get("in", 0))
+            swap_out_blocks=moved.blocks["out"], swap_in_blocks=moved.blocks["in"],
+            kv_offload_usage=host.usage if host is not None else 0.0,
+            kv_offload_blocks=host.num_blocks if host is not None else 0,
+            kv_offload_queries=host.queries if host is not None else 0,
+            kv_offload_hits=host.hits if host is not None else 0,
+            **{f"kv_offload_{d}_{what}": getattr(moved, what)[d] for d in ("store", "load")
+               for what in ("blocks", "payload_bytes", "seconds")})

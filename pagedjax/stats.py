@@ -33,7 +33,9 @@ class EngineSnapshot:
     num_waiting: int = 0
     num_swapped: int = 0  # sequences whose blocks are in host memory
     kv_cache_usage: float = 0.0  # share of the device pool's blocks in use
-    cpu_cache_usage: float = 0.0  # share of the host swap pool in use
+    cpu_cache_usage: float = 0.0  # share of the host tier in use (swapped and cached blocks)
+    kv_offload_usage: float = 0.0  # share of the host tier the host prefix cache holds
+    kv_offload_blocks: int = 0  # blocks in the host prefix cache (--kv-offloading-size)
     # counters: EngineStats's (meanings there), then the other parts'
     prompt_tokens: int = 0
     generation_tokens: int = 0
@@ -52,9 +54,18 @@ class EngineSnapshot:
     num_compilations: int = 0  # step programs compiled, --precompile's included
     swap_out_blocks: int = 0  # swap traffic recorded so far (a swap in flight counts on landing)
     swap_in_blocks: int = 0
+    kv_offload_queries: int = 0  # tokens looked up on the host tier (GPU prefix-cache misses)
+    kv_offload_hits: int = 0  # tokens found there (loaded instead of recomputed)
+    kv_offload_store_blocks: int = 0  # blocks copied to the host tier (recorded on landing)
+    kv_offload_store_payload_bytes: int = 0
+    kv_offload_store_seconds: float = 0.0  # the copies' time: bytes / seconds is their GB/s
+    kv_offload_load_blocks: int = 0  # blocks copied back to the device
+    kv_offload_load_payload_bytes: int = 0
+    kv_offload_load_seconds: float = 0.0
 
     def delta(self, before: "EngineSnapshot") -> dict:
         """Each counter's change since ``before`` (the gauges as they are now)."""
-        gauges = {"num_running", "num_waiting", "num_swapped", "kv_cache_usage", "cpu_cache_usage"}
+        gauges = {"num_running", "num_waiting", "num_swapped", "kv_cache_usage", "cpu_cache_usage",
+                  "kv_offload_usage", "kv_offload_blocks"}
         return {f.name: getattr(self, f.name) - (0 if f.name in gauges else getattr(before, f.name))
                 for f in dataclasses.fields(self)}

@@ -486,3 +486,19 @@ def test_readme_requests_example_with_token_counts(capsys, tmp_path):
     out = run_plan(capsys, "--model", "Qwen2.5-7B-Instruct", "--gpu-memory", "24GiB",
                    "--requests", log, "--max-tokens", 512)
     assert "recommended --max-model-len 624" in out
+
+
+def test_host_kv_tier_is_planned_as_the_engine_sizes_it(capsys, qwen_dir):
+    """--swap-space (swap mode) + --kv-offloading-size are one host pool, in one device's blocks
+    (the engine's make_swap_space arithmetic), reported beside the GPU pool."""
+    r = json.loads(run_plan(capsys, "--model", qwen_dir, "--gpu-memory", "80GiB", "--json",
+                            "--enable-prefix-caching", "--kv-offloading-size", 48,
+                            "--preemption-mode", "swap", "--swap-space", 16))
+    h, block = r["host_tier"], r["block_bytes"]
+    assert h["blocks"] == 64 * GiB // block and h["tokens"] == h["blocks"] * 16
+    assert h["gpu_pool_ratio"] == h["blocks"] / r["memory"]["num_blocks"]
+    out = run_plan(capsys, "--model", qwen_dir, "--gpu-memory", "80GiB",
+                   "--enable-prefix-caching", "--kv-offloading-size", 48)
+    assert f"host KV tier: {48 * GiB // block:,} blocks" in out
+    r = json.loads(run_plan(capsys, "--model", qwen_dir, "--json", "--swap-space", 16))
+    assert r["host_tier"] is None, "recompute mode uses no swap space"

@@ -49,6 +49,9 @@ class ScheduledBatch:
     # block moves to make before the step: (device block, host slot) out, (host slot, device) in
     swap_out: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     swap_in: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    # the host prefix tier's copies, the same way round (pagedjax.core.host_cache)
+    offload_out: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    offload_in: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     # Set by the scheduler once the batch is complete:
     arrays: BatchArrays | None = None
     # per sequence row that samples: the index of its PLACEHOLDER in output_token_ids, or None

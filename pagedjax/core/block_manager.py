@@ -148,6 +148,11 @@ class BlockManager:
     def drop_cache(self) -> None:
         """Forget every cached block's contents (the device pool was lost: pagedjax.worker.faults)."""
 
+    def take_transfers(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The host tier's copies for the next step: (block, host slot) out, (host slot, block)
+        in (pagedjax.core.host_cache; none without it)."""
+        return [], []
+
     def _release(self, b: int) -> None:
         self.free_blocks[b] = None
 

@@ -137,6 +137,7 @@ class Scheduler:
                 if admitted is None:
                     break
                 budget, seats = budget - admitted[0], seats + admitted[1]
+        batch.offload_out, batch.offload_in = self.bm.take_transfers()
         if batch:
             self._close(batch)
         return batch

@@ -12,11 +12,19 @@ before the next step (device block -> host slot on the way out, host slot -> dev
 way in). A sequence swapped out of blocks it shared (a fork) comes back with its own copies.
 Released entries of a bounded-KV table (``RELEASED``) are neither moved nor held: the sequence
 comes back with them released.
+
+The pool is the whole host tier: with ``--kv-offloading-size`` the host prefix cache
+(``pagedjax.core.host_cache``) borrows pieces too (``take_piece`` / ``release_piece``, each under
+its own owner ``(CACHED, piece)`` in the host block manager's tables), and a swap-out that finds
+no free piece evicts cached ones, least recently used first: a swapped sequence is live state,
+a cached block only saves a recompute.
 """
 from __future__ import annotations
 
 from pagedjax.core.block_manager import RELEASED, BlockManager
 from pagedjax.core.sequence import Sequence
+
+CACHED = "host prefix cache"  # owner tag of the pieces the host prefix cache holds
 
 
 class SwapSpace:
@@ -29,6 +37,7 @@ class SwapSpace:
         self.bm = BlockManager(num_pieces, piece_blocks * block_size)  # one "block" = one piece
         self.num_blocks: dict[int, int] = {}  # seq_id -> device blocks it had when swapped out
         self.layouts: dict[int, list[int]] = {}  # seq_id -> its table, RELEASED where it was
+        self.cache = None  # the HostPrefixCache sharing the pool, which sets itself here
 
     @property
     def num_pieces(self) -> int:
@@ -43,10 +52,27 @@ class SwapSpace:
         p, pieces = self.piece_blocks, self.bm.table(seq_id)
         return [pieces[i // p] * p + i % p for i in range(self.num_blocks.get(seq_id, 0))]
 
+    @staticmethod
+    def is_cache_owner(owner) -> bool:
+        return isinstance(owner, tuple) and owner[0] == CACHED
+
+    def _pieces_for(self, num_blocks: int) -> int:
+        return -(-num_blocks // self.piece_blocks)
+
+    # ---- the host prefix cache's pieces ----------------------------------------------------------
+    def take_piece(self) -> int:
+        piece = next(iter(self.bm.free_blocks))  # the one append_slots takes (least recently freed)
+        self.bm.append_slots((CACHED, piece), 0, self.bm.block_size)
+        return piece
+
+    def release_piece(self, piece: int) -> None:
+        self.bm.free((CACHED, piece))
+
     # ---- out -----------------------------------------------------------------------------
     def can_swap_out(self, device: BlockManager, seq_id: int) -> bool:
         n = sum(b != RELEASED for b in device.table(seq_id))
-        return n > 0 and self.bm.can_append(seq_id, 0, n * self.block_size)
+        evictable = self.cache.num_pieces if self.cache is not None else 0
+        return n > 0 and self._pieces_for(n) <= self.bm.num_free + evictable
 
     def swap_out(self, device: BlockManager, seq_id: int) -> list[tuple[int, int]]:
         """Move the sequence's blocks to host slots; its device blocks are freed (the caller's
@@ -55,6 +81,9 @@ class SwapSpace:
         table = [b for b in self.layouts[seq_id] if b != RELEASED]
         if not table or seq_id in self.num_blocks:
             raise RuntimeError(f"swap_out: sequence {seq_id} has no device blocks or is swapped")
+        while (self.bm.num_free < self._pieces_for(len(table)) and self.cache is not None
+               and self.cache.evict()):
+            pass
         self.bm.append_slots(seq_id, 0, len(table) * self.block_size)
         self.num_blocks[seq_id] = len(table)
         pairs = list(zip(table, self.slots(seq_id)))
@@ -87,6 +116,9 @@ class SwapSpace:
 
     def check_invariants(self) -> None:
         self.bm.check_invariants()
-        assert set(self.num_blocks) == set(self.bm.tables), "swapped seqs != host tables"
+        swapped = {o for o in self.bm.tables if not self.is_cache_owner(o)}
+        assert set(self.num_blocks) == swapped, "swapped seqs != host tables"
+        if self.cache is not None:
+            self.cache.check_invariants()
         for seq_id, n in self.num_blocks.items():
             assert len(self.bm.table(seq_id)) == -(-n // self.piece_blocks), f"seq {seq_id}: pieces"

@@ -322,7 +322,7 @@ def plan(args: argparse.Namespace) -> dict:
         "profile_peak_bytes_estimate": peak, "max_num_batched_tokens": tokens,
         "kv_bytes_per_token": shape.bytes_per_token,
         "block_bytes": shape.bytes_per_block, "memory": None, "concurrency": [], "target": None,
-        "requests": None, "notes": notes,
+        "requests": None, "notes": notes, "host_tier": host_tier(eargs, shape, tp),
     }
     spec = None
     if total is not None or eargs.kv_cache_memory_bytes or eargs.num_gpu_blocks_override:
@@ -351,7 +351,23 @@ def plan(args: argparse.Namespace) -> dict:
                             "gpu_memory_utilization": eargs.gpu_memory_utilization}
     if args.requests:
         report["requests"] = _requests(args, res, shape, model_max, spec)
+    if report["host_tier"] is not None and spec is not None:
+        report["host_tier"]["gpu_pool_ratio"] = report["host_tier"]["blocks"] / spec.num_blocks
     return report
+
+
+def host_tier(eargs: EngineArgs, shape: KVPoolSpec, tp: int) -> dict | None:
+    """The host KV tier (pagedjax.worker.swap.make_swap_space's arithmetic): one pool of
+    --swap-space (with --preemption-mode swap) + --kv-offloading-size GiB counted in one device's
+    blocks; each device's shard of a block is kept, so the host holds tp times that."""
+    swap = eargs.swap_space if eargs.preemption_mode == "swap" else 0.0
+    gib = swap + eargs.kv_offloading_size
+    if not gib:
+        return None
+    blocks = eargs.num_cpu_blocks_override or int(gib * GiB // shape.bytes_per_block)
+    return {"swap_space_gib": swap, "kv_offloading_size_gib": eargs.kv_offloading_size,
+            "blocks": blocks, "tokens": blocks * shape.block_size,
+            "host_bytes": blocks * shape.bytes_per_block * tp, "gpu_pool_ratio": None}
 
 
 class _LazyTokenizer:
@@ -453,6 +469,14 @@ def render(r: dict) -> str:
         out += ["", f"smallest device memory for {t['concurrency']} x {t['max_model_len']:,}-token "
                     f"sequences: {t['min_device_memory_gib']:.2f} GiB per device "
                     f"(at --gpu-memory-utilization {t['gpu_memory_utilization']})"]
+    h = r.get("host_tier")
+    if h:
+        ratio = "" if h["gpu_pool_ratio"] is None else f", {h['gpu_pool_ratio']:.1f}x the KV pool"
+        out += ["", f"host KV tier: {h['blocks']:,} blocks x {r['block_size']} = {h['tokens']:,} "
+                    f"tokens{ratio} ({_gib(h['host_bytes'])} GiB of host memory; --swap-space "
+                    f"{h['swap_space_gib']:g} + --kv-offloading-size "
+                    f"{h['kv_offloading_size_gib']:g} GiB, one pool: prefix blocks evicted from "
+                    "the GPU come back from it)"]
     if r["requests"]:
         out += ["", *_render_requests(r["requests"])]
     out += ["", *(f"note: {n}" for n in r["notes"])]

@@ -42,6 +42,15 @@ bytes move. Order, reasoned on the runtime's data dependencies:
   arrays it was handed (taken before this step's swap-out replaces any). Reading a piece whose
   swap-out has not finished waits for it (its definition event).
 
+The host prefix tier (``--kv-offloading-size``, ``pagedjax.core.host_cache``) moves its blocks
+through the same programs and pieces: a step's copies of evicted blocks to the host ("store")
+are dispatched after its swap-out and before any scatter, and its loads of cached blocks
+("load") after its swap-in. The same order argument holds: a stored block was freed by the
+scheduler and is read before anything (this step's loads, the step) writes there; a loaded block
+is in place before the step that reads it. Unlike a swap, these run on most steps under load, so
+``execute`` does not wait for the pool before them: the step before may still run (async
+scheduling), and their event's clock starts when it has finished (``after``).
+
 Timing: each step's swap-out and swap-in is one ``SwapEvent``; a short-lived thread waits for its
 outputs (the host pieces; for swap-in a scalar output of the scatter programs, defined when the
 program completes) and records the time from dispatch to data in place. The device is idle at
@@ -76,33 +85,43 @@ logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
 PIECE_TARGET_BYTES = 32 * MiB
+# With the host prefix tier a step's stores fill fresh pieces and a load moves whole pieces for
+# the blocks it needs: smaller pieces waste less of both
+OFFLOAD_PIECE_TARGET_BYTES = 8 * MiB
 MAX_GROUP = 16  # pieces per swap program; programs for 16, 8, 4, 2 and 1 pieces
 
 
-def piece_blocks_for(bytes_per_block: int, num_cpu_blocks: int, max_blocks_per_seq: int) -> int:
-    """Blocks per host piece: a power of two of about PIECE_TARGET_BYTES, at most an eighth of
+def piece_blocks_for(bytes_per_block: int, num_cpu_blocks: int, max_blocks_per_seq: int,
+                     target_bytes: int = PIECE_TARGET_BYTES) -> int:
+    """Blocks per host piece: a power of two of about ``target_bytes``, at most an eighth of
     the longest sequence (bounding the last piece's padding) and at most the whole host pool."""
     def floor_pow2(n: int) -> int:
         return 1 << (max(int(n), 1).bit_length() - 1)
 
-    return min(floor_pow2(PIECE_TARGET_BYTES // bytes_per_block),
+    return min(floor_pow2(target_bytes // bytes_per_block),
                floor_pow2(max_blocks_per_seq // 8), floor_pow2(num_cpu_blocks))
 
 
 def make_swap_space(args, spec: kv_pool.KVPoolSpec, max_model_len: int) -> SwapSpace | None:
-    """The host-side swap bookkeeping for ``--preemption-mode swap``; None for recompute."""
-    if args.preemption_mode != "swap":
+    """The host tier's bookkeeping: one pool of ``--swap-space`` (with ``--preemption-mode swap``)
+    + ``--kv-offloading-size`` GiB that swapped sequences and the host prefix cache share; None
+    when neither is on."""
+    swap = args.preemption_mode == "swap"
+    if not swap and not args.kv_offloading_size:
         return None
-    num_cpu_blocks = args.num_cpu_blocks_override or int(args.swap_space * kv_pool.GiB
+    gib = (args.swap_space if swap else 0.0) + args.kv_offloading_size
+    num_cpu_blocks = args.num_cpu_blocks_override or int(gib * kv_pool.GiB
                                                          // spec.bytes_per_block)
     if num_cpu_blocks < 1:
+        flags = "--swap-space" if not args.kv_offloading_size else "--kv-offloading-size"
         raise ValueError(
-            f"--swap-space {args.swap_space} GiB holds no KV block "
-            f"({spec.bytes_per_block / MiB:.2f} MiB each): raise --swap-space or use "
-            "--preemption-mode recompute")
+            f"{flags} ({gib} GiB of host tier) holds no KV block "
+            f"({spec.bytes_per_block / MiB:.2f} MiB each): raise {flags}"
+            + (" or use --preemption-mode recompute" if not args.kv_offloading_size else ""))
     _check_host_memory(num_cpu_blocks * spec.bytes_per_block)
-    piece = piece_blocks_for(spec.bytes_per_block, num_cpu_blocks,
-                             spec.blocks_for(max_model_len))
+    piece = piece_blocks_for(spec.bytes_per_block, num_cpu_blocks, spec.blocks_for(max_model_len),
+                             OFFLOAD_PIECE_TARGET_BYTES if args.kv_offloading_size
+                             else PIECE_TARGET_BYTES)
     return SwapSpace(num_cpu_blocks // piece, piece, spec.block_size)
 
 
@@ -112,22 +131,26 @@ def _check_host_memory(nbytes: int) -> None:
     except (ValueError, OSError, AttributeError):
         return
     if nbytes > 0.7 * total:
-        raise ValueError(f"--swap-space asks for {nbytes / kv_pool.GiB:.1f} GiB of host memory, "
-                         f"more than 70% of this machine's {total / kv_pool.GiB:.1f} GiB: lower it")
+        raise ValueError(f"--swap-space + --kv-offloading-size ask for {nbytes / kv_pool.GiB:.1f} "
+                         f"GiB of host memory, more than 70% of this machine's "
+                         f"{total / kv_pool.GiB:.1f} GiB: lower them")
     if nbytes > 0.4 * total:
-        logger.warning("--swap-space takes %.1f GiB, %.0f%% of host memory",
+        logger.warning("the host KV tier (--swap-space + --kv-offloading-size) takes %.1f GiB, %.0f%% of host memory",
                        nbytes / kv_pool.GiB, 100 * nbytes / total)
+
+
+DIRECTIONS = ("out", "in", "store", "load")
 
 
 @dataclasses.dataclass
 class SwapEvent:
     time: float  # time.perf_counter() at dispatch
-    direction: str  # "out" | "in"
+    direction: str  # "out" | "in" (swap), "store" | "load" (host prefix tier)
     blocks: int  # device blocks moved (payload)
     pieces: int  # host pieces moved (what crossed the link, padding included)
     payload_bytes: int
     link_bytes: int
-    seconds: float  # dispatch -> data in place
+    seconds: float  # dispatch (or the step before it done) -> data in place
     programs: int = 1  # swap programs (groups of pieces) dispatched
 
 
@@ -135,10 +158,10 @@ class SwapEvent:
 class SwapStats:
     events: collections.deque = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=100_000))
-    blocks: dict = dataclasses.field(default_factory=lambda: {"out": 0, "in": 0})
-    payload_bytes: dict = dataclasses.field(default_factory=lambda: {"out": 0, "in": 0})
-    link_bytes: dict = dataclasses.field(default_factory=lambda: {"out": 0, "in": 0})
-    seconds: dict = dataclasses.field(default_factory=lambda: {"out": 0.0, "in": 0.0})
+    blocks: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0))
+    payload_bytes: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0))
+    link_bytes: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0))
+    seconds: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0.0))
 
     def add(self, e: SwapEvent) -> None:
         self.events.append(e)
@@ -314,21 +337,35 @@ class HostKVPool:
         jax.block_until_ready(runner.pool)
 
     # ---- one step ------------------------------------------------------------------------------
-    def execute(self, batch, runner) -> float:
-        """Dispatch this step's swap-out, then its swap-in, on ``runner.pool``; returns the
-        seconds the host waited on the device (for the pool; on a platform without pinned host
-        memory also for the transfers), which the engine keeps out of its host time."""
+    def execute(self, batch, runner, after=None) -> float:
+        """Dispatch this step's copies to the host (swap-out, then the prefix tier's stores),
+        then back (swap-in, then its loads), on ``runner.pool``; returns the seconds the host
+        waited on the device (for the pool; on a platform without pinned host memory also for
+        the transfers), which the engine keeps out of its host time. ``after``: an output of the
+        step dispatched before (its sampled tokens), from which a store or load is timed."""
         t0 = time.perf_counter()
-        jax.block_until_ready(runner.pool)  # the step before: its time is not the swap's
+        if batch.swap_out or batch.swap_in:
+            jax.block_until_ready(runner.pool)  # the step before: its time is not the swap's
+            after = None
         waited = time.perf_counter() - t0
-        # Host arrays are taken before the swap-out can refill a piece freed by this step's swap-in.
-        incoming = [(self.pieces[piece], dst)
-                    for piece, dst in self._by_piece(batch.swap_in, pad=-1)]
+        # Host arrays are taken before the copies out can refill a piece freed (or evicted) by
+        # this step's schedule.
+        incoming, loads = ([(self.pieces[piece], dst)
+                            for piece, dst in self._by_piece(moves, pad=-1)]
+                           for moves in (batch.swap_in, batch.offload_in))
         if batch.swap_out:
             self._swap_out(runner.pool, self._by_piece([(s, d) for d, s in batch.swap_out], pad=0),
-                           blocks=len(batch.swap_out))
+                           "out", len(batch.swap_out))
+        stored = None
+        if batch.offload_out:
+            stored = self._swap_out(
+                runner.pool, self._by_piece([(s, d) for d, s in batch.offload_out], pad=0),
+                "store", len(batch.offload_out), after=after)
         if incoming:
-            runner.pool = self._swap_in(runner.pool, incoming, len(batch.swap_in))
+            runner.pool = self._swap_in(runner.pool, incoming, "in", len(batch.swap_in))
+        if loads:  # timed from the stores before it, which the device runs first
+            runner.pool = self._swap_in(runner.pool, loads, "load", len(batch.offload_in),
+                                        after=stored or after)
         return time.perf_counter() - t0 if self.memory_kind is None else waited
 
     def _by_piece(self, slot_block: list[tuple[int, int]], pad: int):
@@ -341,7 +378,8 @@ class HostKVPool:
             rows[piece][row] = block
         return list(rows.items())
 
-    def _swap_out(self, pool, groups, blocks: int = 0, watch: bool = True) -> None:
+    def _swap_out(self, pool, groups, direction: str = "out", blocks: int = 0,
+                  watch: bool = True, after=None) -> list:
         t0 = time.perf_counter()
         for piece, _ in groups:  # release the old chunks before taking new ones of their size
             self.pieces[piece] = None
@@ -349,7 +387,8 @@ class HostKVPool:
         for (piece, _), host in zip(groups, new):
             self.pieces[piece] = host
         if watch:
-            self._watch("out", t0, blocks, len(groups), new)
+            self._watch(direction, t0, blocks, len(groups), new, after)
+        return new
 
     def _dispatch_out(self, pool, groups) -> list:
         """The swap-out programs for ``groups`` [(piece, device ids [P])]: the new host pieces."""
@@ -366,10 +405,10 @@ class HostKVPool:
         host = jax.tree.leaves([self._host] * len(new))
         return jax.tree.unflatten(tree, jax.device_put(leaves, host))  # one batched call
 
-    def _swap_in(self, pool, incoming, blocks: int):
+    def _swap_in(self, pool, incoming, direction: str, blocks: int, after=None):
         t0 = time.perf_counter()
         pool, marks = self._dispatch_in(pool, incoming)
-        self._watch("in", t0, blocks, len(incoming), marks)
+        self._watch(direction, t0, blocks, len(incoming), marks, after)
         return pool
 
     def _dispatch_in(self, pool, incoming):
@@ -388,15 +427,23 @@ class HostKVPool:
         return pool, marks
 
     # ---- timing --------------------------------------------------------------------------------
-    def _watch(self, direction: str, t0: float, blocks: int, pieces: int, ready) -> None:
+    def _watch(self, direction: str, t0: float, blocks: int, pieces: int, ready,
+               after=None) -> None:
+        """Record the event once ``ready`` is; its clock starts at ``t0``, or when ``after`` (work
+        the device runs first) is ready if it was not yet at dispatch."""
         programs = len(group_sizes(pieces, self.sizes))
+        if after is not None and all(x.is_ready() for x in jax.tree.leaves(after)):
+            after = None
         t = threading.Thread(target=self._finish, name=f"pagedjax-swap-{direction}", daemon=True,
-                             args=(direction, t0, blocks, pieces, programs, ready))
+                             args=(direction, t0, blocks, pieces, programs, ready, after))
         t.start()
         self._watchers = [w for w in self._watchers if w.is_alive()] + [t]
 
-    def _finish(self, direction, t0, blocks, pieces, programs, ready) -> None:
+    def _finish(self, direction, t0, blocks, pieces, programs, ready, after) -> None:
         try:
+            if after is not None:
+                jax.block_until_ready(after)
+                t0 = max(t0, time.perf_counter())
             jax.block_until_ready(ready)
         except Exception:  # noqa: BLE001 - the step that uses the pool reports the failure
             logger.exception("swap-%s of %d blocks failed", direction, blocks)
@@ -406,6 +453,10 @@ class HostKVPool:
                       pieces * self.piece_bytes, seconds, programs)
         with self._lock:
             self._stats.add(e)
-        logger.info("Swapping %s %d blocks (%.1f MiB) in %.1f ms (%.1f GB/s)", direction, blocks,
-                    e.payload_bytes / MiB, seconds * 1e3,
-                    e.payload_bytes / max(seconds, 1e-9) / 1e9)
+        what = (f"Swapping {direction}" if direction in ("out", "in") else
+                "Host prefix tier: " + {"store": "storing", "load": "loading"}[direction])
+        # the tier moves blocks on most steps under load: its lines are debug
+        logger.log(logging.INFO if direction in ("out", "in") else logging.DEBUG,
+                   "%s %d blocks (%.1f MiB) in %.1f ms (%.1f GB/s)", what, blocks,
+                   e.payload_bytes / MiB, seconds * 1e3,
+                   e.payload_bytes / max(seconds, 1e-9) / 1e9)

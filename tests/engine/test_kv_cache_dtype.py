@@ -236,14 +236,16 @@ def test_swapped_quantized_blocks_round_trip_bit_exact(kv_dtype):
     assert host.piece_bytes == 2 * spec.bytes_per_block
     bm.append_slots(0, 0, 4 * 5)
     table0 = list(bm.table(0))
-    host.execute(types.SimpleNamespace(swap_out=space.swap_out(bm, 0), swap_in=[]), runner)
+    host.execute(types.SimpleNamespace(swap_out=space.swap_out(bm, 0), swap_in=[], offload_out=[],
+                                       offload_in=[]), runner)
     bm.append_slots(2, 0, 4 * 11)  # every other block taken and overwritten
     runner.pool = jax.jit(lambda pool: jax.tree.map(jnp.zeros_like, pool), donate_argnums=0,
                           out_shardings=jax.tree.map(lambda x: x.sharding, runner.pool))(
         runner.pool)
     bm.free(2)
     bm.append_slots(3, 0, 4 * 3)
-    host.execute(types.SimpleNamespace(swap_out=[], swap_in=space.swap_in(bm, 0)), runner)
+    host.execute(types.SimpleNamespace(swap_out=[], swap_in=space.swap_in(bm, 0), offload_out=[],
+                                       offload_in=[]), runner)
     host.wait()
     assert sorted(bm.table(0)) != sorted(table0)
     after = _bits(runner.pool)

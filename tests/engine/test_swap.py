@@ -173,7 +173,8 @@ def test_swapped_blocks_round_trip_bit_exact(dtype, transfers, monkeypatch, capl
     bm.append_slots(1, 0, 4 * 2)
     table0 = list(bm.table(0))
     out = space.swap_out(bm, 0) + space.swap_out(bm, 1)
-    host.execute(types.SimpleNamespace(swap_out=out, swap_in=[]), runner)
+    host.execute(types.SimpleNamespace(swap_out=out, swap_in=[], offload_out=[],
+                                       offload_in=[]), runner)
     # At once, as the engine's step does: every device block taken by someone else and
     # overwritten in place by a program that donates the pool the swap-out is still reading.
     bm.append_slots(2, 0, 4 * 16)
@@ -184,13 +185,14 @@ def test_swapped_blocks_round_trip_bit_exact(dtype, transfers, monkeypatch, capl
     bm.free(2)
     bm.append_slots(3, 0, 4 * 3)  # seq 0 comes back into different blocks
     back = space.swap_in(bm, 0)
-    host.execute(types.SimpleNamespace(swap_out=[], swap_in=back), runner)
+    host.execute(types.SimpleNamespace(swap_out=[], swap_in=back, offload_out=[],
+                                       offload_in=[]), runner)
     assert sorted(bm.table(0)) != sorted(table0)
     after = [np.asarray(jax.lax.bitcast_convert_type(x, bits)) for kv in runner.pool for x in kv]
     for b_old, b_new in zip(table0, bm.table(0)):
         for x, y in zip(before, after):
             np.testing.assert_array_equal(x[b_old], y[b_new])
-    assert host.stats.blocks == {"out": 7, "in": 5}
+    assert host.stats.blocks == {"out": 7, "in": 5, "store": 0, "load": 0}
     assert host.stats.link_bytes["out"] == 4 * host.piece_bytes  # 3 + 1 pieces: one program
     assert [(e.direction, e.pieces, e.programs) for e in host.stats.events] == [
         ("out", 4, 1), ("in", 3, 2)]  # 3 pieces = programs of 2 and 1

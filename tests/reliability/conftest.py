@@ -38,16 +38,27 @@ def rel_ref(rel_model):
     return LLM(loaded=rel_model, **ENGINE_ARGS)
 
 
-@pytest.fixture(scope="session")
-def rel_server(rel_model):
+def _serve(model, *flags: str):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     argv = server_argv(num_gpu_blocks_override=SOAK_BLOCKS, max_waiting_requests=MAX_WAITING)
-    uv, aengine = build_server(parser.parse_args(argv), loaded=rel_model)
+    uv, aengine = build_server(parser.parse_args(argv + list(flags)), loaded=model)
     running = start_uvicorn(uv)
     yield Server(running.url, aengine, uv.config.app)
     running.stop()
     aengine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def rel_server(rel_model):
+    yield from _serve(rel_model)
+
+
+@pytest.fixture(scope="session")
+def rel_tier_server(rel_model):
+    """The same server with prefix caching and its host tier (16 host blocks)."""
+    yield from _serve(rel_model, "--enable-prefix-caching", "--kv-offloading-size", "1",
+                      "--num-cpu-blocks-override", "16")
 
 
 def on_engine_thread(aengine, fn, timeout: float = 10.0):

@@ -39,12 +39,23 @@ class FakeResult(NamedTuple):
 
 
 class FakeHostPool:
-    """Swap transfers that move nothing: the SwapSpace bookkeeping stays the real one."""
+    """Swap and host-tier transfers that move nothing: the SwapSpace and HostPrefixCache
+    bookkeeping stays the real one. ``fail`` makes the next call fail as a transfer on the
+    device would: the pool is lost (the step's requests fail, the rest are recomputed)."""
 
     def __init__(self, spec, space, runner):
-        pass
+        self.fail = False
+        self.failures = self.stored = self.loaded = 0
 
-    def execute(self, batch, runner) -> float:
+    def execute(self, batch, runner, after=None) -> float:
+        self.stored += len(batch.offload_out)
+        self.loaded += len(batch.offload_in)
+        if self.fail:
+            self.fail = False
+            self.failures += 1
+            for x in jax.tree.leaves(runner.pool):
+                x.delete()
+            raise RuntimeError("injected device fault in a transfer")
         return 0.0
 
 

@@ -1,6 +1,7 @@
 """Property tests: random add / step / abort / device-fault sequences (n > 1 and beam forks,
-recompute and swap preemption, prefix caching) through the real LLMEngine on a fake device keep
-the block manager and scheduler consistent, and lose or duplicate no request."""
+recompute and swap preemption, prefix caching and its host tier, faults in the step or in its
+transfers) through the real LLMEngine on a fake device keep the block manager, the host tier and
+the scheduler consistent, and lose or duplicate no request."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +23,7 @@ ADD = st.tuples(st.just("add"), PROMPT_LEN, MAX_TOKENS, st.sampled_from([1, 1, 1
 BEAM = st.tuples(st.just("beam"), st.integers(1, 20), st.integers(1, 3), st.integers(1, 8))
 STEP = st.tuples(st.just("step"), st.integers(1, 12))
 ABORT = st.tuples(st.just("abort"), st.integers(0, 1000))
-FAIL = st.tuples(st.just("fail"))
+FAIL = st.tuples(st.sampled_from(["fail", "fail", "fail_transfer"]))
 # weighted by a percentile (one_of would weigh the kinds alike): faults are rare, as they kill
 # every request of their step
 OP = st.integers(0, 99).flatmap(lambda p: ADD if p < 40 else BEAM if p < 48 else STEP if p < 88
@@ -34,6 +35,7 @@ CONFIG = st.fixed_dictionaries({
     "max_num_batched_tokens": st.sampled_from([8, 16, 40]),
     "enable_prefix_caching": st.booleans(),
     "preemption_mode": st.sampled_from(["recompute", "swap", "swap"]),  # swap preempts less
+    "kv_offloading_size": st.sampled_from([0.0, 1.0]),  # with prefix caching only
 })
 
 
@@ -66,8 +68,9 @@ def check_invariants(engine, tracked: dict[str, Tracked]) -> None:
     for s in sched.waiting:
         assert not s.finished and s.request_id in engine.requests
         assert s.num_computed_tokens == 0 and not bm.table(s.seq_id)
+    if engine.swap_space is not None:  # the swap space and the host tier's cache
+        engine.swap_space.check_invariants()
     if sched.swap is not None:
-        sched.swap.check_invariants()
         assert set(sched.swap.num_blocks) == {s.seq_id for s in sched.swapped}
         for s in sched.swapped:
             assert not s.finished and s.request_id in engine.requests
@@ -119,6 +122,8 @@ def admitted(add) -> bool:
 
 
 def run_ops(config: dict, ops: list, seed: int = 0):
+    if not config.get("enable_prefix_caching"):
+        config = {**config, "kv_offloading_size": 0.0}
     engine, device = fake_engine(seed, **config, num_cpu_blocks_override=6)
     tracked: dict[str, Tracked] = {}
     seats = config["max_num_seqs"]
@@ -153,6 +158,8 @@ def run_ops(config: dict, ops: list, seed: int = 0):
             tracked[victim].aborted = True
         elif op[0] == "fail":
             device.fail = True
+        elif op[0] == "fail_transfer" and engine.host_pool is not None:
+            engine.host_pool.fail = True
         check_invariants(engine, tracked)
     for _ in range(3000):  # drain: everything left finishes
         if not engine.has_unfinished():
@@ -163,8 +170,9 @@ def run_ops(config: dict, ops: list, seed: int = 0):
     bm = engine.block_manager
     assert bm.num_free == bm.num_blocks, f"{bm.num_blocks - bm.num_free} blocks leaked"
     assert not engine.requests and not bm.tables
-    if engine.swap_space is not None:
-        assert engine.swap_space.bm.num_free == engine.swap_space.num_pieces
+    if engine.swap_space is not None:  # what the host tier holds is its cache's alone
+        cached = engine.host_cache.num_pieces if engine.host_cache is not None else 0
+        assert engine.swap_space.bm.num_free + cached == engine.swap_space.num_pieces
     for rid, t in tracked.items():  # nothing lost, nothing twice
         assert t.finished == (0 if t.aborted else 1), f"{rid}: {t}"
     return engine, device, tracked
@@ -178,7 +186,11 @@ def test_random_workloads_keep_the_invariants(config, ops, seed):
     sched = engine.scheduler
     event(f"{config['preemption_mode']} mode: preempted by swap {sched.num_preemptions_swap > 0}"
           f", by recompute {sched.num_preemptions_recompute > 0}")
-    event(f"failed steps: {min(device.failures, 2)}")
+    event(f"failed steps: {min(device.failures, 2)}, failed transfers: "
+          f"{min(getattr(engine.host_pool, 'failures', 0), 2)}")
+    if engine.host_cache is not None:
+        event(f"host tier: stored {engine.host_pool.stored > 0}, loaded "
+              f"{engine.host_pool.loaded > 0}")
     event(f"forks: n > 1 {any(t.n > 1 and not t.beam for t in tracked.values())}, beams "
           f"{any(t.beam for t in tracked.values())}")
 
@@ -214,3 +226,20 @@ def test_a_beam_sibling_is_admitted_ahead_of_what_its_blocks_hold_back(mode):
            ("add", 16, 10, 1, 0, False, 0)]
     engine, _, tracked = run_ops(config, ops, 0)
     assert engine.scheduler.num_preemptions > 0 and any(t.beam for t in tracked.values())
+
+
+def test_the_host_tier_workload_stores_loads_and_survives_a_failed_transfer():
+    """The property test's host-tier runs are not vacuous: a fixed workload whose shared prefix
+    is evicted from a 6-block pool stores it, loads it back for a later prompt, and survives a
+    fault injected in a step's transfers (its requests fail, the rest finish, nothing leaks)."""
+    ops = [("add", 20, 4, 1, 0, True, 0), ("step", 8), ("add", 24, 4, 1, 0, True, 1),
+           ("add", 24, 4, 1, 0, True, 2), ("step", 12), ("add", 20, 4, 1, 0, True, 0),
+           ("step", 4), ("fail_transfer",), ("add", 24, 4, 1, 0, True, 1), ("step", 12),
+           ("add", 24, 4, 1, 0, True, 2), ("add", 20, 4, 1, 0, True, 0)]
+    engine, _, tracked = run_ops(
+        {"num_gpu_blocks_override": 6, "max_num_seqs": 4, "max_num_batched_tokens": 16,
+         "enable_prefix_caching": True, "preemption_mode": "recompute",
+         "kv_offloading_size": 1.0}, ops)
+    pool, host = engine.host_pool, engine.host_cache
+    assert pool.stored > 0 and pool.loaded > 0 and host.hits > 0
+    assert pool.failures == 1 and any(t.failed for t in tracked.values())

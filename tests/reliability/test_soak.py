@@ -3,7 +3,8 @@ streams, disconnects mid-stream, client timeouts and bad requests, under a KV po
 all of them (preemption), a short waiting queue (503s) and a device fault injected inside every
 FAULT_EVERY-th step (its requests fail with a 500 or an error event; the rest are recomputed).
 Afterwards: no unexpected error, no leaked block, and every completed greedy request equals its
-sequential LLM.generate result.
+sequential LLM.generate result. Twice: as it is, and with prefix caching and its host tier
+(--kv-offloading-size), the prompts then opening with one of a few shared prefixes.
 
 Bounded: at most REQUESTS requests and DEADLINE seconds of load."""
 from __future__ import annotations
@@ -17,6 +18,7 @@ import string
 import time
 
 import httpx
+import pytest
 
 from pagedjax import SamplingParams
 from tests.reliability.conftest import FIGURES, on_engine_thread
@@ -31,6 +33,7 @@ RETRIES = 4
 KV, RUNNING = "pagedjax:kv_cache_usage_perc", "pagedjax:num_requests_running"
 FAULT_EVERY = 120  # engine steps between injected device faults
 FAILED_STEP = "the device step failed"  # how a request of a failed step is answered
+SHARED = ("You are a helpful bot. ", "Answer in one word: ", "Translate to French: ")  # 1 block+
 
 
 @dataclasses.dataclass
@@ -46,8 +49,10 @@ class Outcome:
     retries: int = 0  # 503s before this outcome
 
 
-def plan(rng: random.Random, i: int) -> tuple[str, dict]:
+def plan(rng: random.Random, i: int, shared: bool = False) -> tuple[str, dict]:
     prompt = "".join(rng.choice(string.ascii_letters + " .,") for _ in range(rng.randint(1, 40)))
+    if shared:
+        prompt = (rng.choice(SHARED) + prompt)[:40]
     max_tokens = rng.randint(1, min(24, 63 - len(prompt)))
     body = dict(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
                 ignore_eos=rng.random() < 0.7, stream=rng.random() < 0.5)
@@ -118,9 +123,9 @@ async def one(client: httpx.AsyncClient, rng: random.Random, kind: str, body: di
         return out
 
 
-async def soak(url: str) -> tuple[list[Outcome], float]:
+async def soak(url: str, shared: bool = False) -> tuple[list[Outcome], float]:
     rng = random.Random(12)
-    plans = [plan(rng, i) for i in range(REQUESTS)]
+    plans = [plan(rng, i, shared) for i in range(REQUESTS)]
     todo: asyncio.Queue = asyncio.Queue()
     for p in plans:
         todo.put_nowait(p)
@@ -146,7 +151,15 @@ async def soak(url: str) -> tuple[list[Outcome], float]:
     return outcomes, time.monotonic() - t0
 
 
-def test_soak(rel_server, rel_ref, monkeypatch):
+@pytest.fixture(params=["plain", "host-tier"])
+def soak_server(request):
+    return request.param, request.getfixturevalue(
+        "rel_server" if request.param == "plain" else "rel_tier_server")
+
+
+def test_soak(soak_server, rel_ref, monkeypatch):
+    variant, rel_server = soak_server
+    tier = variant == "host-tier"
     engine = rel_server.aengine.engine
     step, steps = engine.step, itertools.count(1)
 
@@ -158,13 +171,13 @@ def test_soak(rel_server, rel_ref, monkeypatch):
 
     monkeypatch.setattr(engine, "step", model_paced_step)
     metrics_before = rel_server.metrics()
-    outcomes, elapsed = asyncio.run(soak(rel_server.url))
+    outcomes, elapsed = asyncio.run(soak(rel_server.url, shared=tier))
     # afterwards the server is idle, with every block back
     rel_server.wait_metric(RUNNING, lambda v: v == 0, timeout=15)
     rel_server.wait_metric(KV, lambda v: v == 0.0, timeout=15)
     bm_free, bm_total, requests_left = on_engine_thread(rel_server.aengine, lambda e: (
-        e.block_manager.check_invariants(), e.block_manager.num_free, e.block_manager.num_blocks,
-        len(e.requests))[1:])
+        e.block_manager.check_invariants(), e.swap_space and e.swap_space.check_invariants(),
+        e.block_manager.num_free, e.block_manager.num_blocks, len(e.requests))[2:])
     leaked = bm_total - bm_free
     with httpx.Client(base_url=rel_server.url) as http:
         assert http.get("/health").status_code == 200
@@ -195,8 +208,10 @@ def test_soak(rel_server, rel_ref, monkeypatch):
                    - metrics_before[("pagedjax:num_preemptions_total", "")])
     aborts = (metrics[("pagedjax:request_success_total", "abort")]
               - metrics_before[("pagedjax:request_success_total", "abort")])
+    offload_hits = (metrics.get(("pagedjax:external_prefix_cache_hits_total", ""), 0)
+                    - metrics_before.get(("pagedjax:external_prefix_cache_hits_total", ""), 0))
     FIGURES.append(
-        f"soak: {len(outcomes)} requests in {elapsed:.1f} s from {CLIENTS} clients: "
+        f"soak ({variant}): {len(outcomes)} requests in {elapsed:.1f} s from {CLIENTS} clients: "
         f"{len(served)} served ({len(greedy)} greedy compared), {len(aborted)} aborted by the "
         f"client ({aborts:.0f} aborts counted by the server), {len(faulted)} failed by "
         f"{next(steps) // FAULT_EVERY} injected device faults, {len(rejected)} rejected "
@@ -204,10 +219,12 @@ def test_soak(rel_server, rel_ref, monkeypatch):
         f"{sum(o.status == 400 for o in rejected)} x 400; {sum(o.retries for o in outcomes)} "
         f"503s retried), {len(unexpected)} unexpected errors, "
         f"blocks leaked {leaked}, outputs mismatched {len(mismatched)}, "
-        f"{preemptions:.0f} preemptions")
+        f"{preemptions:.0f} preemptions" + (f", {offload_hits:.0f} host-tier hit tokens"
+                                             if tier else ""))
     assert not unexpected, unexpected[:5]
     assert leaked == 0 and requests_left == 0
     assert not mismatched, mismatched[:3]
     assert len(outcomes) >= REQUESTS // 2, "the soak made too little progress"
     assert greedy and aborted and faulted and preemptions > 0, \
         "the soak did not exercise what it claims"
+    assert not tier or offload_hits > 0, "the host tier was never hit"

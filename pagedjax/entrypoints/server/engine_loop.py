@@ -343,13 +343,18 @@ class AsyncEngine:
         m.kv_usage.set(snap.kv_cache_usage)
         m.gpu_usage.set(snap.kv_cache_usage)
         m.cpu_usage.set(snap.cpu_cache_usage)
+        m.offload_usage.set(snap.kv_offload_usage)
         delta = snap.delta(before)
         for counter, name in ((m.prompt_tokens, "prompt_tokens"),
                               (m.generation_tokens, "generation_tokens"),
                               (m.preemptions, "num_preemptions"),
                               (m.prefix_queries, "prefix_cache_queries"),
                               (m.prefix_hits, "prefix_cache_hits"),
-                              (m.compilations, "num_compilations")):
+                              (m.compilations, "num_compilations"),
+                              (m.offload_queries, "kv_offload_queries"),
+                              (m.offload_hits, "kv_offload_hits"),
+                              *((m.offload[what][d], f"kv_offload_{d}_{what}")
+                                for what in m.offload for d in ("store", "load"))):
             if delta[name] > 0:
                 counter.inc(delta[name])
         self._maybe_log(snap)

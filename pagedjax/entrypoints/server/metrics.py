@@ -10,7 +10,10 @@ from the engine's per-request timestamps (arrival, first scheduled, first token,
 ones because dashboards still query them: ``gpu_cache_usage_perc`` (= ``kv_cache_usage_perc``)
 and ``time_per_output_token_seconds`` (= ``inter_token_latency_seconds``). ``step_compilations``
 counts the step shapes the engine compiled, so a benchmark can tell that nothing compiled while it
-measured (there is no vLLM counterpart).
+measured (there is no vLLM counterpart). The host KV tier (--kv-offloading-size): its lookups and
+hits in tokens under vLLM's names for a KV connector's (``external_prefix_cache_*``), and per
+direction (``store`` to the host, ``load`` back) the blocks, bytes and transfer seconds it moved:
+``rate(kv_offload_bytes) / rate(kv_offload_seconds)`` is its GB/s.
 """
 from __future__ import annotations
 
@@ -104,6 +107,20 @@ class EngineMetrics:
                                    (1, 2, 5, 10, 20))
         self.request_max_tokens = histogram("request_params_max_tokens",
                                             "The max_tokens of a finished request.", tokens)
+        self.offload_usage = gauge("kv_offload_usage_perc", "Share of the host KV tier holding "
+                                   "cached prefix blocks; 1 means 100 percent.")
+        self.offload_queries = counter("external_prefix_cache_queries",
+                                       "Host KV tier lookups (GPU prefix-cache misses), in tokens.")
+        self.offload_hits = counter("external_prefix_cache_hits",
+                                    "Host KV tier hits (loaded, not recomputed), in tokens.")
+        self.offload = {what: {d: c.labels(model_name, d) for d in ("store", "load")}
+                        for what, c in (
+            ("blocks", Counter(f"{prefix}:kv_offload_blocks", "Blocks the host KV tier moved.",
+                               ["model_name", "direction"], registry=r)),
+            ("payload_bytes", Counter(f"{prefix}:kv_offload_bytes", "Bytes the host KV tier "
+                                      "moved.", ["model_name", "direction"], registry=r)),
+            ("seconds", Counter(f"{prefix}:kv_offload_seconds", "Seconds the host KV tier's "
+                                "transfers took.", ["model_name", "direction"], registry=r)))}
         success = Counter(f"{prefix}:request_success", "Finished requests by finish reason.",
                           ["model_name", "finished_reason"], registry=r)
         self.finished = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
