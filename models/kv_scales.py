@@ -29,16 +29,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig
+from .fp8 import dequantize_weight
 from .fused import qkv_parts
 
 # Slack for bf16 rounding of the activations: the bound holds for exact arithmetic.
 ROUNDING_SLACK = 1.0 + 2.0 ** -6
+# With fp8 weights the projection reads h rounded to float8_e4m3fn, each value within a relative
+# 2^-4 of its own (3 mantissa bits, round to nearest), so its norm grows by at most that much.
+FP8_INPUT_SLACK = 1.0 + 2.0 ** -4
 
 
 def _row_bounds(proj, gain, d: int) -> jnp.ndarray:
     """Largest |output| per output row of ``proj`` for any RMS-normalised input of width d."""
-    w = proj["weight"].astype(jnp.float32) * gain.astype(jnp.float32)[None, :]
+    w = dequantize_weight(proj) * gain.astype(jnp.float32)[None, :]
     bound = np.sqrt(d) * jnp.linalg.norm(w, axis=1)
+    if "weight_scale" in proj:  # fp8 weights: the step rounds h to e4m3 first (models/fp8.py)
+        bound = bound * FP8_INPUT_SLACK
     if "bias" in proj:
         bound = bound + jnp.abs(proj["bias"].astype(jnp.float32))
     return bound
