@@ -79,9 +79,10 @@ def test_zero_rows_and_large_values_stay_finite():
     np.testing.assert_allclose(y[2, 1:], -3e4, rtol=1e-6)
 
 
-def _torch_fake_quant_reference(model):
+def torch_fake_quant_reference(model, weights: dict | None = None):
     """transformers' model with every linear but lm_head computing in the fp8 arithmetic:
-    weights replaced by their e4m3 round trip, inputs rounded per token by a pre-hook."""
+    weights replaced by their e4m3 round trip (or by ``weights[module name]``, dequantised
+    fp8), inputs rounded per token by a pre-hook."""
     import torch
 
     def round_trip(x):  # per-row amax / 448, as models/fp8.py
@@ -92,7 +93,7 @@ def _torch_fake_quant_reference(model):
     with torch.no_grad():
         for name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear) and name != "lm_head":
-                mod.weight.copy_(round_trip(mod.weight))
+                mod.weight.copy_(round_trip(mod.weight) if weights is None else weights[name])
                 mod.register_forward_pre_hook(lambda m, args: (round_trip(args[0]),))
     return model
 
@@ -123,7 +124,7 @@ def test_engine_greedy_matches_transformers_with_the_same_quantisation(family, t
     assert layer["mlp"]["gate_up_proj"]["weight"].dtype == jnp.float8_e4m3fn
     assert layer["self_attn"]["qkv_proj"]["weight_scale"].dtype == jnp.float32
     outs = llm.generate(prompts, SamplingParams(max_tokens=8, **GREEDY), use_tqdm=False)
-    ref = _torch_fake_quant_reference(model)
+    ref = torch_fake_quant_reference(model)
     plain = load_model(str(tmp_path), dtype="float32")
     differs = False
     for p, o in zip(prompts, outs):
