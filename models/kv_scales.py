@@ -34,8 +34,9 @@ from .fused import qkv_parts
 
 # Slack for bf16 rounding of the activations: the bound holds for exact arithmetic.
 ROUNDING_SLACK = 1.0 + 2.0 ** -6
-# With fp8 weights the projection reads h rounded to float8_e4m3fn, each value within a relative
-# 2^-4 of its own (3 mantissa bits, round to nearest), so its norm grows by at most that much.
+# With fp8 weights the projection reads h rounded to float8_e4m3fn per token: normal values move
+# by at most a relative 2^-4 (3 mantissa bits, round to nearest), so the norm by about that much
+# (subnormals, below 2^-6 of the token's largest value, move by less than its 2^-10).
 FP8_INPUT_SLACK = 1.0 + 2.0 ** -4
 
 

@@ -206,3 +206,29 @@ def test_quantization_flag_is_validated():
     assert EngineArgs.from_namespace(parser.parse_args([])).quantization is None
     with pytest.raises(SystemExit):
         parser.parse_args(["--quantization", "gptq"])
+
+
+def test_tensor_parallel_fp8_same_tokens_and_scales_split_with_their_rows():
+    """tp 2 (fake CPU devices) runs the fp8 model as tp 1 does; each device holds its own rows'
+    scales, and the report's weight bytes are what device 0 holds."""
+    from jax.sharding import PartitionSpec as P
+    from tests.scaleout.common import generate_tp, tiny
+
+    model = tiny("tiny_qwen")
+    _, base = generate_tp(model, 1, quantization="fp8")
+    llm, outs = generate_tp(model, 2, quantization="fp8")
+    for b, o in zip(base, outs):
+        assert o["token_ids"] == b["token_ids"]
+        for lb, lo in zip(b["logprobs"], o["logprobs"]):
+            np.testing.assert_allclose([lo[t] for t in lb], list(lb.values()), rtol=1e-4,
+                                       atol=1e-4)
+    layer = llm.engine.runner.params["model"]["layers"][0]
+    qkv = layer["self_attn"]["qkv_proj"]
+    assert qkv["weight"].dtype == jnp.float8_e4m3fn
+    assert qkv["weight_scale"].sharding.spec == P("tp", None)
+    assert layer["mlp"]["down_proj"]["weight_scale"].sharding.spec == P(None)
+    dev = jax.devices()[0]
+    held = sum(s.data.nbytes for x in jax.tree.leaves(llm.engine.runner.params)
+               for s in x.addressable_shards if s.device == dev)
+    assert llm.engine.memory["bytes"]["weights"] == weights_bytes(model.cfg, "float32", 2,
+                                                                  "fp8") == held
