@@ -232,3 +232,23 @@ def test_tensor_parallel_fp8_same_tokens_and_scales_split_with_their_rows():
                for s in x.addressable_shards if s.device == dev)
     assert llm.engine.memory["bytes"]["weights"] == weights_bytes(model.cfg, "float32", 2,
                                                                   "fp8") == held
+
+
+def test_fp8_weights_with_quantized_kv_caches(tiny_qwen):
+    """fp8 weights under every 1-byte (and half-byte) KV dtype: the fp8 cache's static scales are
+    bounded from the dequantised weights, and the 1-byte caches stay close to the fp8-weights
+    model with a float cache (the first greedy token of every prompt agrees; int4, coarser,
+    changes one on this random model, as it does with float weights)."""
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 128, size=n).tolist() for n in (3, 17, 30)]
+    q = TinyModel(tiny_qwen.cfg, fp8.quantize_params(tiny_qwen.params))
+    first = [greedy_reference(q, p, 1)[0] for p in prompts]
+    for kv in ("fp8", "int8", "int4"):
+        llm = LLM(loaded=tiny_qwen, quantization="fp8", kv_cache_dtype=kv,
+                  num_gpu_blocks_override=16, max_model_len=64)
+        outs = llm.generate(prompts, SamplingParams(max_tokens=4, logprobs=1, **GREEDY),
+                            use_tqdm=False)
+        if kv != "int4":
+            assert [o.outputs[0].token_ids[0] for o in outs] == first, kv
+        assert all(np.isfinite(list(lp.values())).all() for o in outs
+                   for lp in o.outputs[0].logprobs), kv
