@@ -3,6 +3,8 @@
 Tensors are read one at a time with safetensors' Flax backend (bf16 stays bf16; numpy has no
 bf16) and cast to the target dtype on the default device, so peak memory is the params plus one
 tensor. No torch at run time. A hub id is resolved to a local snapshot with huggingface_hub.
+With ``--quantization fp8`` each linear is quantised as it is read (models/fp8.py); a checkpoint
+whose linears are already FP8 is read as it is (models/fp8_checkpoint.py).
 """
 from __future__ import annotations
 
