@@ -147,8 +147,9 @@ def test_loaded_params_are_quantised_in_the_engine_and_match_the_dense_path(tiny
         assert o.outputs[0].token_ids == greedy_reference(q, p, 8)
 
 
-def test_fusing_quantised_projections_is_exact():
-    """Per-channel scales fuse with their rows: the fused fp8 model is the unfused one."""
+def test_fusing_quantised_projections_keeps_the_model():
+    """Per-channel scales fuse with their rows: the fused fp8 model is the unfused one (up to
+    float32 summation order: the fused and unfused programs compile differently)."""
     params = fp8.quantize_params(random_params(TINY_QWEN, seed=2))
     fused = fuse_projections(TINY_QWEN, params, 1)
     assert fused["model"]["layers"][0]["self_attn"]["qkv_proj"]["weight_scale"].shape == (1, 128)
@@ -156,7 +157,8 @@ def test_fusing_quantised_projections_is_exact():
 
     dense = jax.jit(forward_dense, static_argnums=1)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, (1, 20)), jnp.int32)
-    np.testing.assert_array_equal(dense(params, TINY_QWEN, tokens), dense(fused, TINY_QWEN, tokens))
+    np.testing.assert_allclose(dense(params, TINY_QWEN, tokens), dense(fused, TINY_QWEN, tokens),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_dummy_fp8_weights_and_abstract_params_agree():
