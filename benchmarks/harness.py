@@ -87,9 +87,10 @@ def load(args: argparse.Namespace):
     if args.tiny:
         cfg = ModelConfig.from_hf(TINY_HF_CONFIG, source="--tiny")
         dtype = resolve_dtype(args.dtype)
-        return LoadedModel(cfg, dummy_params(cfg, dtype, args.seed), None, dtype, "tiny")
+        return LoadedModel(cfg, dummy_params(cfg, dtype, args.seed, args.quantization), None,
+                           dtype, "tiny", args.quantization)
     loaded = load_model(args.model, load_format=args.load_format, dtype=args.dtype,
-                        tokenizer=args.tokenizer, seed=args.seed)
+                        tokenizer=args.tokenizer, seed=args.seed, quantization=args.quantization)
     # Fused once for the process's engines (they take a fused tree as it is): an engine given
     # unfused weights fuses a copy of its own, and a scenario's engines would each hold one.
     params = fuse_projections(loaded.cfg, loaded.params, args.tensor_parallel_size, consume=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import ModelConfig, RopeScaling
 from .dummy import abstract_params
+from .fp8 import is_fp8
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ def save_checkpoint(path: str | Path, cfg: ModelConfig, params, dtype: str,
     """Write params (+ config, + tokenizer) to ``path``, which must not exist yet."""
     import orbax.checkpoint as ocp  # imported here: it adds 0.25 s to every pagedjax import
 
+    if is_fp8(params):
+        raise ValueError("fp8-quantised params cannot be saved as a pagedjax checkpoint: save "
+                         "the model in its own dtype and load it with --quantization fp8")
     path = Path(path).absolute()  # orbax refuses relative paths
     if path.exists():
         raise FileExistsError(f"{path}: already exists; choose a new checkpoint folder")

@@ -8,7 +8,8 @@ Parameters are a plain pytree with Hugging Face names (``params["model"]["layers
 ["self_attn"]["q_proj"]["weight"]`` is ``model.layers.{i}.self_attn.q_proj.weight``), weights kept
 in Hugging Face's ``[out, in]`` orientation. The engine runs q/k/v and gate/up fused instead
 (``self_attn.qkv_proj`` and ``mlp.gate_up_proj``, weights [R, O, D]: models/fused.py); both
-layouts run here. The attention call is a seam: ``forward_dense`` runs full causal attention over
+layouts run here. A linear with a ``weight_scale`` beside its weight is fp8 (``--quantization fp8``,
+models/fp8.py) and runs as an FP8 GEMM. The attention call is a seam: ``forward_dense`` runs full causal attention over
 whole sequences (the parity and reference path); ``forward_paged`` hands q/k/v to an attention
 function that writes the new K/V into the paged pool and attends over it (the engine path).
 """
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from . import fused
+from . import fp8, fused
 from .config import ModelConfig
 from .kv_scales import scale_for_cache, unscale_output
 
@@ -64,8 +65,15 @@ def apply_rope(x, positions, inv_freq):
     return out.astype(x.dtype)
 
 
+def _matmul(x, p, spec: str, out_dtype=None):
+    """x [..., D] by a linear's weight: an FP8 GEMM when it is quantised (models/fp8.py)."""
+    if "weight_scale" in p:
+        return fp8.fp8_linear(x, p["weight"], p["weight_scale"], out_dtype)
+    return jnp.einsum(spec, x, p["weight"], preferred_element_type=out_dtype)
+
+
 def _linear(x, p):
-    y = jnp.einsum("...d,od->...o", x, p["weight"])
+    y = _matmul(x, p, "...d,od->...o")
     if "bias" in p:
         y = y + p["bias"]
     return y
@@ -73,7 +81,7 @@ def _linear(x, p):
 
 def _fused_linear(x, p, sizes):
     """One matmul for a fused projection (weight [R, O, D]), split into its parts [..., R * o]."""
-    y = jnp.einsum("...d,rod->...ro", x, p["weight"])
+    y = _matmul(x, p, "...d,rod->...ro")
     if "bias" in p:
         y = y + p["bias"]
     return fused.unblock(y, sizes, axis=-1)
@@ -102,9 +110,8 @@ def _qkv(x, p, cfg: ModelConfig, positions, inv_freq):
 
 
 def lm_head(params: Params, cfg: ModelConfig, x):
-    w = (params["model"]["embed_tokens"]["weight"] if cfg.tie_word_embeddings
-         else params["lm_head"]["weight"])
-    return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
+    p = params["model"]["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]
+    return _matmul(x, p, "...d,vd->...v", jnp.float32)
 
 
 def causal_attention(q, k, v, sink_tokens: int = 0, window: int = 0):

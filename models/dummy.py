@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from . import fp8
 from .config import ModelConfig
 from .params import DTYPE_NAMES, is_norm, param_shapes, unflatten
 
@@ -69,27 +70,49 @@ def _normal(key, index, shape, dtype):
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "dtype"))
+def _normal_fp8(key, index, shape, dtype):
+    # one program: the full-precision draw lives only inside it, one tensor at a time
+    return fp8.quantize_weight(_normal(key, index, shape, dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
 def _ones(shape, dtype):
     return jnp.ones(shape, dtype)
 
 
-def abstract_params(cfg: ModelConfig, dtype: str = "bfloat16"):
-    """The params pytree as ``jax.ShapeDtypeStruct`` leaves; allocates nothing."""
+def abstract_params(cfg: ModelConfig, dtype: str = "bfloat16", quantization: str | None = None):
+    """The params pytree as ``jax.ShapeDtypeStruct`` leaves; allocates nothing. ``quantization``
+    "fp8": the linears as float8 with [out] float32 scales (models/fp8.py)."""
     dt = DTYPE_NAMES[dtype]
-    return unflatten({n: jax.ShapeDtypeStruct(s, dt) for n, s in param_shapes(cfg).items()})
+    flat = {}
+    for name, shape in param_shapes(cfg).items():
+        if quantization and fp8.is_quantized_linear(name):
+            flat[name] = jax.ShapeDtypeStruct(shape, fp8.FP8)
+            flat[fp8.scale_name(name)] = jax.ShapeDtypeStruct(shape[:1], jnp.float32)
+        else:
+            flat[name] = jax.ShapeDtypeStruct(shape, dt)
+    return unflatten(flat)
 
 
-def dummy_params(cfg: ModelConfig, dtype: str = "bfloat16", seed: int = 0):
+def dummy_params(cfg: ModelConfig, dtype: str = "bfloat16", seed: int = 0,
+                 quantization: str | None = None):
     """Random normal * 0.02 weights (ones for norms), generated on the default device.
 
     One small jitted generator per distinct shape (about ten per model), called per tensor: a
     single jitted init of the whole model would unroll hundreds of RNG ops and compile for
-    minutes, and peak memory stays at the params themselves.
+    minutes, and peak memory stays at the params themselves. ``quantization`` "fp8": each
+    linear is quantised inside its own generator, so only fp8 weights are ever held.
     """
-    logger.info("dummy weights for %s: %.2fB params in %s", cfg.name or "model",
-                cfg.num_params() / 1e9, dtype)
+    logger.info("dummy weights for %s: %.2fB params in %s%s", cfg.name or "model",
+                cfg.num_params() / 1e9, dtype, ", fp8 linears" if quantization else "")
     dt = DTYPE_NAMES[dtype]
     key = jax.random.key(seed, impl="unsafe_rbg")  # fast; statistical quality is moot here
-    flat = {name: _ones(shape, dt) if is_norm(name) else _normal(key, i, shape, dt)
-            for i, (name, shape) in enumerate(param_shapes(cfg).items())}
+    flat = {}
+    for i, (name, shape) in enumerate(param_shapes(cfg).items()):
+        if is_norm(name):
+            flat[name] = _ones(shape, dt)
+        elif quantization and fp8.is_quantized_linear(name):
+            flat[name], flat[fp8.scale_name(name)] = _normal_fp8(key, i, shape, dt)
+        else:
+            flat[name] = _normal(key, i, shape, dt)
     return unflatten(flat)

@@ -3,6 +3,8 @@
 Tensors are read one at a time with safetensors' Flax backend (bf16 stays bf16; numpy has no
 bf16) and cast to the target dtype on the default device, so peak memory is the params plus one
 tensor. No torch at run time. A hub id is resolved to a local snapshot with huggingface_hub.
+With ``--quantization fp8`` each linear is quantised as it is read (models/fp8.py); a checkpoint
+whose linears are already FP8 is read as it is (models/fp8_checkpoint.py).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import jax.numpy as jnp
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from . import fp8, fp8_checkpoint
 from .config import ModelConfig
 from .params import DTYPE_NAMES, check_shape, param_shapes, unflatten
 
@@ -61,8 +64,14 @@ def shard_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def load_params(folder: str | Path, cfg: ModelConfig, dtype: str) -> dict:
-    """Read every tensor ``cfg`` needs from the folder's safetensors, cast to ``dtype``."""
+def load_params(folder: str | Path, cfg: ModelConfig, dtype: str,
+                quantization: str | None = None, stored: str | None = None) -> dict:
+    """Read every tensor ``cfg`` needs from the folder's safetensors, cast to ``dtype``.
+
+    ``stored`` "fp8": the checkpoint's linears are already FP8 (models/fp8_checkpoint.py) and are
+    kept so, with their scales as [out] float32. Else ``quantization`` "fp8" quantises each
+    linear as it is read (models/fp8.py), so the full-precision weights never all exist at once.
+    """
     folder = Path(folder)
     files = shard_files(folder)
     want = param_shapes(cfg)
@@ -71,30 +80,61 @@ def load_params(folder: str | Path, cfg: ModelConfig, dtype: str) -> dict:
         raise ValueError(
             f"{folder}: tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} are missing "
             f"from the safetensors files ({sorted({p.name for p in files.values()})})")
-    extra = sorted(set(files) - set(want))
-    if extra:  # e.g. lm_head.weight of a tied model, rotary inv_freq buffers
-        logger.info("%s: ignoring %d tensor(s) the decoder does not use: %s", folder,
-                    len(extra), extra[:5])
     by_file: dict[Path, list[str]] = {}
     for name in want:
         by_file.setdefault(files[name], []).append(name)
     flat = {}
     target = DTYPE_NAMES[dtype]
+    quantize = quantization == "fp8" and stored is None
     with tqdm(total=len(want), desc=f"Loading {folder.name}", unit="tensor", leave=False) as bar:
         for path, names in by_file.items():
             with safe_open(path, framework="flax") as f:
                 for name in names:
-                    x = f.get_tensor(name)
-                    check_shape(name, x.shape, want[name], str(path))
-                    flat[name] = jnp.asarray(x, dtype=target)
+                    if stored and f.get_slice(name).get_dtype().startswith("F8"):
+                        flat.update(_read_fp8_linear(files, name, want[name], path))
+                    else:
+                        x = f.get_tensor(name)
+                        check_shape(name, x.shape, want[name], str(path))
+                        x = jnp.asarray(x, dtype=target)
+                        flat.update(fp8.quantize_tensor(name, x) if quantize else {name: x})
                     bar.update()
+    scales = set(fp8_checkpoint.SCALE_NAMES) if stored else set()
+    extra = sorted(n for n in set(files) - set(want) if n.rsplit(".", 1)[-1] not in scales)
+    if extra:  # e.g. lm_head.weight of a tied model, rotary inv_freq buffers, input_scale
+        logger.info("%s: ignoring %d tensor(s) the decoder does not use: %s", folder,
+                    len(extra), extra[:5])
     return unflatten(flat)
 
 
-def load_hf_folder(folder: str | Path, dtype: str) -> tuple[ModelConfig, dict]:
+def _read_fp8_linear(files: dict[str, Path], name: str, shape, path: Path) -> dict:
+    """{name: float8 weight, name_scale: [out] float32} of one linear of an FP8 checkpoint."""
+    if not fp8.is_quantized_linear(name) and name != "lm_head.weight":
+        raise ValueError(f"{path}: tensor {name!r} is stored in FP8; pagedjax reads FP8 only "
+                         f"for the linear layers ({', '.join(fp8.LINEARS[:7])}, lm_head)")
+    w = fp8_checkpoint.read_fp8(path, name)
+    check_shape(name, w.shape, shape, str(path))
+    base = name.removesuffix("weight")
+    scale = next((base + s for s in fp8_checkpoint.SCALE_NAMES if base + s in files), None)
+    if scale is None:
+        raise ValueError(f"{path}: FP8 weight {name!r} has no {base}weight_scale (or "
+                         "weight_scale_inv) in the checkpoint")
+    with safe_open(files[scale], framework="flax") as f:
+        s = fp8_checkpoint.channel_scales(scale, f.get_tensor(scale), shape[0], str(files[scale]))
+    return {name: jnp.asarray(w), fp8.scale_name(name): s}
+
+
+def load_hf_folder(folder: str | Path, dtype: str,
+                   quantization: str | None = None) -> tuple[ModelConfig, dict, str | None]:
+    """(cfg, params, quantization): the latter "fp8" when the linears are fp8, because the
+    checkpoint stores them so or ``quantization`` asked for it."""
     folder = Path(folder)
     cfg = ModelConfig.from_json(folder / "config.json")
-    return cfg, load_params(folder, cfg, dtype)
+    hf_config = json.loads((folder / "config.json").read_text())
+    stored = fp8_checkpoint.checkpoint_quantization(hf_config, str(folder / "config.json"))
+    if stored and quantization is None:
+        logger.info("%s: an %s checkpoint; its linears run in fp8", folder, stored)
+    params = load_params(folder, cfg, dtype, quantization, stored)
+    return cfg, params, stored or quantization
 
 
 def load_tokenizer(source: str | Path):

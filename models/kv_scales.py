@@ -29,16 +29,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig
+from .fp8 import dequantize_weight
 from .fused import qkv_parts
 
 # Slack for bf16 rounding of the activations: the bound holds for exact arithmetic.
 ROUNDING_SLACK = 1.0 + 2.0 ** -6
+# With fp8 weights the projection reads h rounded to float8_e4m3fn per token: normal values move
+# by at most a relative 2^-4 (3 mantissa bits, round to nearest), so the norm by about that much
+# (subnormals, below 2^-6 of the token's largest value, move by less than its 2^-10).
+FP8_INPUT_SLACK = 1.0 + 2.0 ** -4
 
 
 def _row_bounds(proj, gain, d: int) -> jnp.ndarray:
     """Largest |output| per output row of ``proj`` for any RMS-normalised input of width d."""
-    w = proj["weight"].astype(jnp.float32) * gain.astype(jnp.float32)[None, :]
+    w = dequantize_weight(proj) * gain.astype(jnp.float32)[None, :]
     bound = np.sqrt(d) * jnp.linalg.norm(w, axis=1)
+    if "weight_scale" in proj:  # fp8 weights: the step rounds h to e4m3 first (models/fp8.py)
+        bound = bound * FP8_INPUT_SLACK
     if "bias" in proj:
         bound = bound + jnp.abs(proj["bias"].astype(jnp.float32))
     return bound

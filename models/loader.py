@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 
-from . import checkpoint, dummy, embedded, hf
+from . import checkpoint, dummy, embedded, fp8, hf
 from .config import ModelConfig
 from .params import dtype_name
 
@@ -35,6 +35,7 @@ class LoadedModel:
     tokenizer: Any  # a transformers tokenizer, or None (dummy weights, folders without one)
     dtype: str  # "float32" | "bfloat16" | "float16"
     source: str = ""  # the file or folder the weights came from
+    quantization: str | None = None  # "fp8": the linears are float8 with scales (models/fp8.py)
 
 
 def resolve_dtype(dtype: str, platform: str | None = None) -> str:
@@ -61,15 +62,19 @@ def detect_format(model: str) -> str:
 
 
 def load_model(model: str | Path | None = None, load_format: str = "auto", dtype: str = "auto",
-               tokenizer: Any = None, seed: int = 0) -> LoadedModel:
+               tokenizer: Any = None, seed: int = 0,
+               quantization: str | None = None) -> LoadedModel:
     """Load config, params (jax arrays on the default device) and tokenizer.
 
     tokenizer: None loads the model's own (none for dummy weights); a string loads that folder or
     hub id with transformers; any other object is used as is.
     seed: only used by dummy weights.
+    quantization: "fp8" quantises the linears to float8 as they are loaded (models/fp8.py); an
+    FP8 checkpoint (models/fp8_checkpoint.py) is fp8 whatever this says.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is not one of {LOAD_FORMATS}")
+    fp8.check_quantization(quantization)
     dtype = resolve_dtype(dtype)
     if model is None:
         if load_format not in ("auto", "gguf"):
@@ -83,7 +88,7 @@ def load_model(model: str | Path | None = None, load_format: str = "auto", dtype
     own_tokenizer = None
     if fmt == "dummy":
         cfg = dummy.dummy_config(model)
-        params = dummy.dummy_params(cfg, dtype, seed)
+        params = dummy.dummy_params(cfg, dtype, seed, quantization)
     elif fmt == "gguf":
         from . import gguf_loader  # the gguf package only when a GGUF file is read
 
@@ -98,12 +103,19 @@ def load_model(model: str | Path | None = None, load_format: str = "auto", dtype
     else:  # "hf" or "hub"
         folder = Path(model) if fmt == "hf" else hf.resolve_hub_id(model)
         source = str(folder)
-        cfg, params = hf.load_hf_folder(folder, dtype)
+        cfg, params, quantization = hf.load_hf_folder(folder, dtype, quantization)
         if tokenizer is None:
             own_tokenizer = hf.load_tokenizer(folder)
+    if fmt in ("gguf", "orbax") and quantization:
+        # these formats hold the whole model in ``dtype`` first (GGUF dequantises anyway); the
+        # peak is that plus one tensor, as each original goes once its fp8 copy exists
+        params = fp8.quantize_params(params, consume=True)
     if isinstance(tokenizer, (str, Path)):
         tokenizer = hf.load_tokenizer(tokenizer)
-    logger.info("loaded %s (%s, %.2fB params, %s) in %.1f s", cfg.name or source, fmt,
-                cfg.num_params() / 1e9, dtype, time.perf_counter() - t0)
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    logger.info("loaded %s (%s, %.2fB params, %s%s, %.2f GiB of weights) in %.1f s",
+                cfg.name or source, fmt, cfg.num_params() / 1e9, dtype,
+                ", fp8 linears" if quantization else "", nbytes / 2**30,
+                time.perf_counter() - t0)
     return LoadedModel(cfg, params, tokenizer if tokenizer is not None else own_tokenizer,
-                       dtype, source)
+                       dtype, source, quantization)

@@ -23,6 +23,7 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "int8", "int4")
 LOAD_FORMATS = ("auto", "hf", "gguf", "dummy", "orbax")
 ATTENTION_BACKENDS = ("auto", "reference", "pallas-gpu", "pallas-tpu")
 PREEMPTION_MODES = ("recompute", "swap")
+QUANTIZATIONS = ("fp8",)  # vLLM's --quantization; None: the checkpoint's own weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,8 @@ class EngineArgs:
     tokenizer: str | None = None
     dtype: str = "auto"
     load_format: str = "auto"
+    # "fp8": float8 linear weights with per-channel scales, activations per token (models/fp8.py)
+    quantization: str | None = None
     max_model_len: int | None = None
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
@@ -76,6 +79,9 @@ class EngineArgs:
                 raise ValueError(msg)
 
         need(self.dtype in DTYPES, f"--dtype {self.dtype!r} is not one of {DTYPES}")
+        need(self.quantization is None or self.quantization in QUANTIZATIONS,
+             f"--quantization {self.quantization!r} is not supported; use one of "
+             f"{QUANTIZATIONS} or leave it unset")
         need(self.load_format in LOAD_FORMATS,
              f"--load-format {self.load_format!r} is not one of {LOAD_FORMATS}")
         need(self.kv_cache_dtype in KV_CACHE_DTYPES,
@@ -145,6 +151,7 @@ class EngineConfig:
     args: EngineArgs
     model: "ModelConfig"  # the whole model (per-device shapes: memory_report.per_device_config)
     dtype: str  # the weights' dtype, resolved (models.loader.resolve_dtype)
+    quantization: str | None  # "fp8": the linears are float8 (asked for, or the checkpoint's)
     kv_dtype: str  # the cache's: the model's dtype for "auto"; "fp8" is fp8_e4m3
     max_model_len: int
     max_num_batched_tokens: int  # the step's token budget
@@ -153,7 +160,10 @@ class EngineConfig:
     window: int = 0
 
     @classmethod
-    def resolve(cls, args: EngineArgs, model: "ModelConfig", dtype: str) -> "EngineConfig":
+    def resolve(cls, args: EngineArgs, model: "ModelConfig", dtype: str,
+                quantization: str | None = None) -> "EngineConfig":
+        """``quantization``: the loaded weights' (an FP8 checkpoint is fp8 unasked); None
+        takes ``args.quantization``."""
         max_model_len = args.max_model_len or model.max_position_embeddings
         if max_model_len > model.max_position_embeddings:
             raise ValueError(
@@ -172,7 +182,8 @@ class EngineConfig:
             raise ValueError(f"--kv-cache-dtype int4 packs two values a byte and needs an even "
                              f"head_dim; this model's is {model.head_dim}: use int8 or fp8")
         sink_tokens, window = resolve_window(args, model)
-        return cls(args, model, dtype, kv_dtype, max_model_len, tokens, sink_tokens, window)
+        return cls(args, model, dtype, quantization or args.quantization, kv_dtype,
+                   max_model_len, tokens, sink_tokens, window)
 
     @property
     def block_size(self) -> int:
@@ -210,6 +221,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None)
     g.add_argument("--dtype", default=d.dtype, choices=DTYPES)
     g.add_argument("--load-format", default=d.load_format, choices=LOAD_FORMATS)
+    g.add_argument("--quantization", "-q", default=d.quantization, choices=QUANTIZATIONS,
+                   help="fp8: linear weights quantised to float8_e4m3 at load with a scale per "
+                        "output channel, activations per token: half the weight bytes, FP8 "
+                        "matmuls on Hopper (default: the checkpoint's own weights; an FP8 "
+                        "checkpoint is read as fp8 either way)")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--block-size", type=int, default=d.block_size)
     g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)

@@ -57,16 +57,22 @@ class LLMEngine:
             from pagedjax.models.loader import load_model
 
             loaded = load_model(args.model, load_format=args.load_format, dtype=args.dtype,
-                                tokenizer=args.tokenizer, seed=args.seed)
+                                tokenizer=args.tokenizer, seed=args.seed,
+                                quantization=args.quantization)
+        params, quantization = loaded.params, getattr(loaded, "quantization", None)
+        if args.quantization and not quantization and params is not None:
+            from pagedjax.models.fp8 import quantize_params
+
+            params, quantization = quantize_params(params), args.quantization  # a copy
         self.cfg, self.tokenizer = loaded.cfg, loaded.tokenizer
-        self.config = config = EngineConfig.resolve(args, loaded.cfg, loaded.dtype)
+        self.config = config = EngineConfig.resolve(args, loaded.cfg, loaded.dtype, quantization)
         self.max_model_len = config.max_model_len
         cfg = self.cfg
         # q/k/v and gate/up fused; tp > 1: params sharded (KV heads replicated when tp > K)
         # before memory is measured
-        self.tp = sharding.TensorParallel.build(cfg, loaded.params, config.tp, consume=owned)
-        has_weights = loaded.params is not None
-        del loaded  # an owned model's originals go now, before the pool is sized
+        self.tp = sharding.TensorParallel.build(cfg, params, config.tp, consume=owned)
+        has_weights = params is not None
+        del loaded, params  # an owned model's originals go now, before the pool is sized
         self.spec = self._size_pool()
         kv_pool.check_fits(self.spec, self.max_model_len, config.max_num_batched_tokens)
         kv_pool.log_capacity(self.spec, self.max_model_len)

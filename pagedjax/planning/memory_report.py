@@ -23,7 +23,7 @@ import re
 from pagedjax.config import EngineConfig
 from pagedjax.kernels import reference
 from pagedjax.worker.kv_pool import GiB, KVPoolSpec, dtype_bytes
-from pagedjax.models import ModelConfig
+from pagedjax.models import ModelConfig, fp8
 
 CPU_DEFAULT_KV_BYTES = 1 << 30  # without an accelerator to measure, the pool gets 1 GiB
 
@@ -65,10 +65,17 @@ def per_device_config(cfg: ModelConfig, tp: int = 1) -> ModelConfig:
         name=f"{cfg.name} (1/{tp} per device)")
 
 
-def weights_bytes(cfg: ModelConfig, dtype: str, tp: int = 1) -> int:
+def weights_bytes(cfg: ModelConfig, dtype: str, tp: int = 1,
+                  quantization: str | None = None) -> int:
     """Weights one device holds, computed from the config at ``dtype`` (for a GGUF file: the
-    dequantised size the engine holds, not the file's quantised size)."""
-    return per_device_config(cfg, tp).num_params() * dtype_bytes(dtype)
+    dequantised size the engine holds, not the file's quantised size). ``quantization`` "fp8":
+    the linears at 1 byte a weight plus a float32 scale per output row (models/fp8.py)."""
+    dev = per_device_config(cfg, tp)
+    total = dev.num_params() * dtype_bytes(dtype)
+    if quantization:
+        weights, rows = fp8.linear_sizes(dev)
+        total += weights * (1 - dtype_bytes(dtype)) + rows * 4
+    return total
 
 
 SAMPLER_ROW_ARRAYS = 6  # [S, V] float32 arrays live in the sampler's top-p/top-k/min-p path
@@ -154,7 +161,8 @@ def memory_report(config: EngineConfig, *, total_bytes: int | None = None,
     dev = per_device_config(config.model, config.tp)
     tokens = config.max_num_batched_tokens
     peak_measured = profile_peak is not None
-    weights = weights_bytes(config.model, dtype, config.tp) if weights is None else weights
+    if weights is None:
+        weights = weights_bytes(config.model, dtype, config.tp, config.quantization)
     if profile_peak is None:
         profile_peak = profile_peak_bytes_estimate(dev, tokens, dtype, args.max_num_seqs)
     if args.num_gpu_blocks_override:

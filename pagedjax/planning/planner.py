@@ -36,6 +36,7 @@ class ResolvedModel:
     tokenizer: tuple[str, str | None] | None = None  # (folder or hub id, gguf file name)
     gguf_tensor_bytes: int | None = None  # tensors as stored in the file (quantised)
     note: str | None = None  # how the name was resolved, when it is not the obvious way
+    quantization: str | None = None  # "fp8": an FP8 checkpoint (models/fp8_checkpoint.py)
 
 
 _VARIANT_WORDS = {"chat", "instruct", "it", "hf"}
@@ -57,9 +58,12 @@ def same_shape_config(model: str) -> Path | None:
 
 
 def _from_json(path: Path, kind: str, name: str, tokenizer=None) -> ResolvedModel:
+    from pagedjax.models.fp8_checkpoint import checkpoint_quantization
+
     cfg = ModelConfig.from_json(path)
+    quantization = checkpoint_quantization(json.loads(path.read_text()), str(path))
     return ResolvedModel(dataclasses.replace(cfg, name=cfg.name or name), kind, str(path),
-                         tokenizer)
+                         tokenizer, quantization=quantization)
 
 
 def _from_gguf(path: Path) -> ResolvedModel:
@@ -264,7 +268,8 @@ def plan(args: argparse.Namespace) -> dict:
         if v is not None and v < 1:
             raise ValueError(f"{flag} {v} must be >= 1")
     # the planner plans for an accelerator: "auto" is what the loader picks on one
-    config = EngineConfig.resolve(eargs, cfg, resolve_dtype(args.dtype, platform="gpu"))
+    config = EngineConfig.resolve(eargs, cfg, resolve_dtype(args.dtype, platform="gpu"),
+                                  res.quantization)
     dtype, kv_dtype, tp, max_len = config.dtype, config.kv_dtype, config.tp, config.max_model_len
     dev = mr.per_device_config(cfg, tp)
     model_max = cfg.max_position_embeddings
@@ -277,7 +282,7 @@ def plan(args: argparse.Namespace) -> dict:
     elif total is not None:
         total, note = reported_total(total)
         notes.append(note)
-    weights = mr.weights_bytes(cfg, dtype, tp)
+    weights = mr.weights_bytes(cfg, dtype, tp, config.quantization)
     tokens = config.max_num_batched_tokens
     peak = mr.profile_peak_bytes_estimate(dev, tokens, dtype, eargs.max_num_seqs)
     bs, shape = config.block_size, mr.plan_pool(config)
@@ -313,12 +318,13 @@ def plan(args: argparse.Namespace) -> dict:
                   "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
                   "vocab_size": cfg.vocab_size, "max_position_embeddings": model_max,
                   "params": cfg.num_params()},
-        "dtype": dtype, "kv_cache_dtype": kv_dtype, "block_size": bs,
-        "kv_sink_tokens": config.sink_tokens, "kv_window": config.window,
+        "dtype": dtype, "quantization": config.quantization, "kv_cache_dtype": kv_dtype,
+        "block_size": bs, "kv_sink_tokens": config.sink_tokens, "kv_window": config.window,
         "tensor_parallel_size": tp, "kv_heads_per_device": dev.num_key_value_heads,
         "kv_heads_replicated": tp > cfg.num_key_value_heads,
-        "weights_bytes_per_device": weights, "weights_bytes_total": cfg.num_params()
-        * mr.dtype_bytes(dtype), "gguf_stored_tensor_bytes": res.gguf_tensor_bytes,
+        "weights_bytes_per_device": weights,
+        "weights_bytes_total": mr.weights_bytes(cfg, dtype, 1, config.quantization),
+        "gguf_stored_tensor_bytes": res.gguf_tensor_bytes,
         "profile_peak_bytes_estimate": peak, "max_num_batched_tokens": tokens,
         "kv_bytes_per_token": shape.bytes_per_token,
         "block_bytes": shape.bytes_per_block, "memory": None, "concurrency": [], "target": None,
@@ -431,7 +437,8 @@ def render(r: dict) -> str:
            f"  {m['family']}, {m['params'] / 1e9:.2f} B params, {m['layers']} layers, "
            f"{m['attention_heads']} query / {m['kv_heads']} KV heads x {m['head_dim']}, vocab "
            f"{m['vocab_size']:,}, max {m['max_position_embeddings']:,} positions",
-           f"  dtype {r['dtype']}, KV cache {r['kv_cache_dtype']}, block size {r['block_size']}, "
+           f"  dtype {r['dtype']}{', fp8 linears' if r['quantization'] else ''}, KV cache "
+           f"{r['kv_cache_dtype']}, block size {r['block_size']}, "
            f"tensor parallel {r['tensor_parallel_size']} ({r['kv_heads_per_device']} KV heads "
            f"per device{', replicated' if r['kv_heads_replicated'] else ''})", ""]
     mem = r["memory"]
