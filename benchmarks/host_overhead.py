@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=200)
 
 
-def _fake_engine(num_seqs: int, prompt_len: int, steps: int):
+def _fake_engine(num_seqs: int, prompt_len: int, steps: int, **engine_kw):
     import jax.numpy as jnp
 
     from pagedjax import SamplingParams
@@ -55,7 +55,7 @@ def _fake_engine(num_seqs: int, prompt_len: int, steps: int):
 
     args = EngineArgs.from_kwargs(num_gpu_blocks_override=blocks, max_num_seqs=num_seqs,
                                   max_num_batched_tokens=max(2048, num_seqs),
-                                  max_model_len=cfg.max_position_embeddings)
+                                  max_model_len=cfg.max_position_embeddings, **engine_kw)
     engine = LLMEngine(args, loaded=Loaded(cfg), execute=fake_execute)
     sp = SamplingParams(max_tokens=steps + 10, ignore_eos=True, temperature=0.7)
     for i in range(num_seqs):

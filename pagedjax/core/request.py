@@ -36,6 +36,7 @@ class Request:
     stream: bool = True  # False: an output only when the request finishes
     # n > 1: the samples not yet forked from seqs[0] (they are forked when its prompt is done)
     unforked: list[Sequence] = dataclasses.field(default_factory=list)
+    num_preemptions: int = 0  # its sequences' preemptions (pagedjax top shows them)
 
     @property
     def finished(self) -> bool:

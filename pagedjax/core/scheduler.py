@@ -214,6 +214,7 @@ class Scheduler:
     def _preempt_one(self, seq: Sequence, batch: ScheduledBatch, swap: bool) -> None:
         self.running.remove(seq)
         self.num_preemptions += 1
+        self.requests[seq.request_id].num_preemptions += 1
         if self.swap is not None and swap and seq.num_uncomputed > 0:
             if self.swap.can_swap_out(self.bm, seq.seq_id):
                 batch.swap_out += self.swap.swap_out(self.bm, seq.seq_id)

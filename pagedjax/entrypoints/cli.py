@@ -1,4 +1,4 @@
-"""``pagedjax <command>``: generate, serve, plan. Each command module exposes
+"""``pagedjax <command>``: generate, serve, plan, top. Each command module exposes
 ``add_arguments(parser)`` and ``run(args)``; a module may also expose ``check(args)``, which
 validates the flags before anything heavy is imported or loaded (a bad value fails at once).
 
@@ -16,6 +16,7 @@ COMMANDS = {
     "generate": ("pagedjax.entrypoints.generate", "generate text from a prompt (the main job)"),
     "serve": ("pagedjax.entrypoints.server", "OpenAI-compatible HTTP server"),
     "plan": ("pagedjax.planning.planner", "capacity planner and memory report"),
+    "top": ("pagedjax.entrypoints.top", "live terminal view of a running server's KV memory"),
 }
 QUIET = ("generate",)  # commands whose output is the answer: no INFO lines without -v
 RUNS_ENGINE = ("generate", "serve")  # commands that size a KV pool on this device

@@ -3,7 +3,8 @@
     pagedjax serve --model Qwen/Qwen2.5-7B-Instruct --max-model-len 8192 --port 8000
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream as SSE), GET /v1/models,
-GET /health, GET /metrics (Prometheus, ``pagedjax:`` names). Binds 127.0.0.1 unless told
+GET /v1/kv (who holds which KV block: ``pagedjax top``'s data), GET /health, GET /metrics
+(Prometheus, ``pagedjax:`` names). Binds 127.0.0.1 unless told
 otherwise. SIGTERM drains in-flight requests before exiting (server/shutdown.py).
 
 Prompts: a /v1/completions string prompt is tokenised with special-token text parsed, as vLLM

@@ -13,7 +13,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from pagedjax.entrypoints.server import protocol as P
-from pagedjax.entrypoints.server.engine_loop import AsyncEngine
+from pagedjax.entrypoints.server.engine_loop import AsyncEngine, EngineDeadError
+from pagedjax.entrypoints.server.kv_status import kv_status
 from pagedjax.entrypoints.server.responses import APIError
 from pagedjax.entrypoints.server.serving import OpenAIServing
 
@@ -180,6 +181,15 @@ def build_app(aengine: AsyncEngine, served_model_name: str, api_key: str | None 
     @app.get("/metrics")
     async def metrics():
         return Response(generate_latest(aengine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/kv")
+    async def kv():
+        """Who holds which KV block (pagedjax.kv_view); what ``pagedjax top`` shows."""
+        try:
+            body = await kv_status(aengine)
+        except EngineDeadError as e:
+            raise APIError(503, str(e), type="server_error", code="engine_dead") from None
+        return Response(body, media_type="application/json")
 
     @app.get("/v1/models")
     async def models():

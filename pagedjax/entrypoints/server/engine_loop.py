@@ -26,6 +26,7 @@ from pagedjax.outputs import RequestOutput
 from pagedjax.sampling_params import SamplingParams
 from pagedjax.stats import EngineSnapshot
 
+from pagedjax.entrypoints.server.kv_status import KVBoard
 from pagedjax.entrypoints.server.metrics import EngineMetrics
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class AsyncEngine:
         self.log_interval = log_interval
         self.log_stats = log_stats
         self.snapshot = EngineSnapshot()  # the engine thread's latest (pagedjax.stats)
+        self.kv = KVBoard()  # GET /v1/kv's view, built by the engine thread while watched
         self.dead: BaseException | None = None
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._stopping = False
@@ -185,6 +187,25 @@ class AsyncEngine:
             self.abort(stream.request_ids)
             raise
         return stream
+
+    async def on_engine_thread(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` on the engine thread between two steps (it may read the engine there);
+        its exception is raised here."""
+        if not self.is_alive:
+            raise EngineDeadError(f"the engine is not running ({self.dead or 'stopped'})")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def call():
+            error = None
+            try:
+                fn()
+            except Exception as e:  # raised in the handler, not in the engine thread
+                error = e
+            self._call(loop, _settle, fut, error)
+
+        self._commands.put(call)
+        await fut
 
     def abort(self, request_ids: list[str]) -> None:
         """Abort requests (finished or unknown ones are ignored); returns at once."""
@@ -357,6 +378,7 @@ class AsyncEngine:
                                 for what in m.offload for d in ("store", "load"))):
             if delta[name] > 0:
                 counter.inc(delta[name])
+        self.kv.after_step(self.engine, snap)
         self._maybe_log(snap)
 
     def _maybe_log(self, snap: EngineSnapshot) -> None:
