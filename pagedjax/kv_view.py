@@ -9,7 +9,7 @@ space (read only) and returns plain JSON-ready data:
   beams, a cached prefix in use by two requests), or free but still holding a cached prefix
   (reusable by the next request with that prefix, evicted last-freed-last).
 - ``host``: the host swap pool the same way (``HOST_STATES``), or None without ``--swap-space``.
-  The host tier (prefix blocks offloaded to host memory) will mark its blocks "c" here.
+  Prefix blocks of the host tier (``--kv-offloading-size``) are "c", as cached device blocks.
 - ``requests``: one row per live request, in arrival order.
 - the engine's counters that explain the pool: preemptions, prefix-cache hits, swap traffic.
 
@@ -26,7 +26,7 @@ from pagedjax.core.sequence import Status
 from pagedjax.stats import EngineSnapshot
 
 BLOCK_STATES = {".": "free", "h": "held", "s": "shared", "c": "cached"}
-HOST_STATES = {".": "free", "w": "swapped"}
+HOST_STATES = {".": "free", "w": "swapped", "c": "cached prefix (host tier)"}
 _CODES = np.frombuffer(b".hsc", np.uint8)  # index: 0 free, 1 held, 2 shared, 3 cached
 
 
@@ -42,10 +42,7 @@ def block_states(block_manager) -> np.ndarray:
 
 
 def host_block_map(engine) -> dict | None:
-    """The host swap pool: one character per host slot (``HOST_STATES``); None without one.
-    The hook for the host tier: its offloaded prefix blocks get a state of their own here
-    ("c", as cached device blocks), added to ``HOST_STATES``; ``pagedjax top`` draws any state
-    it has a cell style for."""
+    """The host pool: one character per host slot (``HOST_STATES``); None without one."""
     space = engine.swap_space
     if space is None:
         return None
@@ -55,6 +52,11 @@ def host_block_map(engine) -> dict | None:
     for seq_id in space.num_blocks:
         for slot in space.slots(seq_id):
             chars[slot] = ord("w")
+            used += 1
+    cache = getattr(engine, "host_cache", None)
+    for slots in (cache.lru.values() if cache is not None else ()):
+        for slot in slots:
+            chars[slot] = ord("c")
             used += 1
     return {"num_blocks": total, "used": used, "usage": used / total,
             "block_map": chars.decode("ascii"), "legend": HOST_STATES}
