@@ -73,7 +73,7 @@ def run(config: dict, ops: list, seed: int = 0) -> list[dict]:
     if engine.host_pool is not None:  # the fake host pool moves nothing: count what it would
         landed = engine.host_pool.landed = SwapStats()
 
-        def execute(batch, runner):
+        def execute(batch, runner, after=None):
             landed.blocks["out"] += len(batch.swap_out)
             landed.blocks["in"] += len(batch.swap_in)
             return 0.0
