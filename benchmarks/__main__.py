@@ -21,6 +21,7 @@ SCENARIOS = {
     "swap": "benchmarks.swap",
     "serve": "benchmarks.serve",
     "prefix": "benchmarks.prefix",
+    "long-context": "benchmarks.long_context",
 }
 
 
