@@ -122,6 +122,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma list of {[m.name for m in MODES]}")
     p.add_argument("--text", type=Path, default=TEXT, help="the perplexity text (UTF-8)")
     p.add_argument("--quick", action="store_true", help="contexts 256,512 (a smoke run)")
+    p.add_argument("--tag", default="", help="results as long-context-TAG.json/.png")
 
 
 def label(n: int) -> str:
@@ -328,8 +329,9 @@ def _write(summary, table, rows, modes, loaded, ids, args) -> None:
                           "attention_backend": args.attention_backend},
                "rows": rows, "table": {"columns": COLUMNS, "rows": table},
                "targets": TARGETS}
-    _plot(results_dir(args.out) / "long-context.png", rows, modes, args)
-    write_result("long-context", summary, figures, out=args.out)
+    name = "long-context" + (f"-{args.tag}" if args.tag else "")
+    _plot(results_dir(args.out) / f"{name}.png", rows, modes, args)
+    write_result("long-context", summary, figures, out=args.out, tag=args.tag)
 
 
 def _plot(path, rows: list[dict], modes: list[Mode], args) -> None:
