@@ -305,6 +305,9 @@ def run(args) -> dict:
           + (f"fails at {', '.join(fails)}: SmolLM2-135M itself cannot retrieve there, so "
              "another mode's failure there says nothing about its cache" if fails
              else "retrieves every key"))
+    if any(r["mode"] == "window" and r["passkey"] for r in rows):
+        print("window: a key is inside the last N/4 tokens only at depths past 75% (the window "
+              "drops the rest by design; the sinks hold the instruction, not the key)")
     for key, target in TARGETS.items():
         v = summary[key]
         print(f"{key}: " + ("not measured" if v is None else
@@ -336,10 +339,10 @@ def _write(summary, table, rows, modes, loaded, ids, args) -> None:
 
 def _plot(path, rows: list[dict], modes: list[Mode], args) -> None:
     names = [m.name for m in modes if any(r["mode"] == m.name for r in rows)]
-    cols = [f"{label(n)}@{round(100 * d)}%" for n in args.contexts for d in args.depths]
+    cols = [f"{label(n)}@{round(100 * d)}%" for n in args.passkey_contexts for d in args.depths]
     grid = [[float(np.mean([t["ok"] for r in rows if r["mode"] == m and r["context"] == n
                             for t in r["passkey"] if t["depth"] == d] or [np.nan]))
-             for n in args.contexts for d in args.depths] for m in names]
+             for n in args.passkey_contexts for d in args.depths] for m in names]
     plots.save(path, [
         {"kind": "lines", "title": "perplexity of alice29.txt by context", "xlabel": "context (tokens)",
          "ylabel": "perplexity", "series": {
