@@ -202,14 +202,15 @@ def _run_mode(mode: Mode, loaded, ids, keys, args, rows: list[dict], done) -> No
         for n in contexts:
             t0 = time.perf_counter()
             trials = passkey(llm, loaded.tokenizer, n, keys[n]) if n in args.passkey_contexts else []
-            passkey_s = time.perf_counter() - t0
+            passkey_s = time.perf_counter() - t0 if trials else None
             bm = llm.engine.block_manager
             rows.append({"mode": mode.name, "context": n, **ppl[n], "passkey": trials,
                          "passkey_acc": float(np.mean([t["ok"] for t in trials])) if trials else None,
                          "ppl_s": ppl_s, "passkey_s": passkey_s,
                          "kv_pool_tokens": bm.num_blocks * bm.block_size, "engine": dict(overrides)})
-            logger.info("%s at %d: passkey %d/%d (%.0f s)", mode.name, n,
-                        sum(t["ok"] for t in trials), len(trials), passkey_s)
+            if trials:
+                logger.info("%s at %d: passkey %d/%d (%.0f s)", mode.name, n,
+                            sum(t["ok"] for t in trials), len(trials), passkey_s)
             done()
         harness.release(llm)
 
