@@ -264,6 +264,9 @@ def run(args) -> dict:
         raise ValueError(f"--depths {args.depths}: each must be a fraction in [0, 1]")
     if args.passkey_contexts is None:
         args.passkey_contexts = args.contexts
+    if not set(args.passkey_contexts) <= set(args.contexts):
+        raise ValueError(f"--passkey-contexts {args.passkey_contexts} must be among --contexts "
+                         f"{args.contexts}")
     if args.max_model_len is None:
         args.max_model_len = max(args.contexts)
     names = [m for m in args.modes.split(",") if m]
@@ -283,9 +286,6 @@ def run(args) -> dict:
     rng = np.random.default_rng(args.seed)  # the same keys for every mode
     keys = {n: [(d, int(rng.integers(10_000, 100_000))) for d in args.depths
                 for _ in range(args.passkey_trials)] for n in args.contexts}
-    if not set(args.passkey_contexts) <= set(args.contexts):
-        raise ValueError(f"--passkey-contexts {args.passkey_contexts} must be among --contexts "
-                         f"{args.contexts}")
     rows = []
 
     def done():
