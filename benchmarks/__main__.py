@@ -24,6 +24,7 @@ SCENARIOS = {
     "small-memory": "benchmarks.small_memory",
     "startup": "benchmarks.startup",
     "kv-offload": "benchmarks.kv_offload",
+    "long-context": "benchmarks.long_context",
 }
 
 

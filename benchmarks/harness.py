@@ -97,6 +97,24 @@ def load(args: argparse.Namespace):
     return dataclasses.replace(loaded, params=params)
 
 
+def char_tokenizer(vocab_size: int):
+    """For ``--tiny`` runs that need text: one token per printable ASCII character, padded with
+    word tokens to the model's vocabulary so that every id the random model samples decodes."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "</s>"]
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    vocab = {t: i for i, t in enumerate(
+        special + chars + [f"w{i}" for i in range(vocab_size - len(special) - len(chars))])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(special)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+
+
 def make_llm(loaded, ea):
     from pagedjax import LLM
 

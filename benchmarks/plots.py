@@ -6,6 +6,8 @@
      "series": {label: (xs, ys)}, "hlines": {label: y}}
     {"kind": "bars", "title": ..., "ylabel": ..., "labels": [...], "values": [...],
      "hlines": {label: y}, "notes": [text over each bar]}
+    {"kind": "grid", "title": ..., "rows": [...], "cols": [...], "values": [[row of cols]],
+     "vmin": ..., "vmax": ...}  (a heat map, each cell annotated; NaN cells left blank)
 
 Missing matplotlib or a drawing error logs a warning and returns None: a plot never fails a run.
 """
@@ -32,9 +34,10 @@ def save(path: Path, panels: list[dict], title: str | None = None) -> Path | Non
     try:
         fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
         for ax, panel in zip(axes[0], panels):
-            (_lines if panel["kind"] == "lines" else _bars)(ax, panel)
+            {"lines": _lines, "bars": _bars, "grid": _grid}[panel["kind"]](ax, panel)
             ax.set_title(panel.get("title", ""), fontsize=10)
-            ax.grid(alpha=0.3)
+            if panel["kind"] != "grid":
+                ax.grid(alpha=0.3)
         if title:
             fig.suptitle(title, fontsize=11)
         fig.tight_layout()
@@ -76,6 +79,18 @@ def _bars(ax, p: dict) -> None:
     ax.set_ylabel(p.get("ylabel", ""))
     if p.get("hlines"):
         ax.legend(fontsize=8)
+
+
+def _grid(ax, p: dict) -> None:
+    import numpy as np
+
+    values = np.array(p["values"], dtype=float).reshape(len(p["rows"]), len(p["cols"]))
+    ax.imshow(values, cmap="RdYlGn", vmin=p.get("vmin"), vmax=p.get("vmax"), aspect="auto")
+    ax.set_xticks(range(len(p["cols"])), p["cols"], fontsize=7, rotation=60)
+    ax.set_yticks(range(len(p["rows"])), p["rows"], fontsize=8)
+    for (i, j), v in np.ndenumerate(values):
+        if not np.isnan(v):
+            ax.annotate(_num(v), (j, i), ha="center", va="center", fontsize=7)
 
 
 def _num(v) -> str:
