@@ -22,7 +22,10 @@ from tests.kernels.seeds import seed_of
 
 
 def released(q_len: int, ctx: int, bs: int, sink: int, window: int) -> list[int]:
-    """Blocks no query of a step (positions ctx - q_len .. ctx - 1) sees: the engine frees them."""
+    """Blocks no query of a step (positions ctx - q_len .. ctx - 1) sees: the engine frees them.
+    Window 0 is full attention: none."""
+    if window == 0:
+        return []
     first = ctx - q_len
     return [b for b in range(-(-ctx // bs)) if b * bs >= sink and (b + 1) * bs <= first - window]
 
