@@ -105,7 +105,8 @@ def run(args) -> dict:
                    "new_tokens": args.c_new_tokens}}
     engine = dataclasses.asdict(harness.engine_args(args))
     load = {k: getattr(args, k)
-            for k in ("model", "tiny", "load_format", "dtype", "tokenizer", "seed")}
+            for k in ("model", "tiny", "load_format", "dtype", "tokenizer", "seed",
+                      "quantization")}
     hf_dtype = {"auto": "bfloat16" if total else "float32"}.get(args.dtype, args.dtype)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_PYTHON_CLIENT_")}
     jax_env = dict(base_env)

@@ -73,7 +73,8 @@ def run(args) -> dict:
     budget = int(args.budget_gib * GiB) if total else None
     case = {"a": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens}}
     load = {k: getattr(args, k)
-            for k in ("model", "tiny", "load_format", "dtype", "tokenizer", "seed")}
+            for k in ("model", "tiny", "load_format", "dtype", "tokenizer", "seed",
+                      "quantization")}
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_PYTHON_CLIENT_")}
     jax_env = dict(base_env)
     if total:

@@ -137,9 +137,9 @@ def test_report_renders_results_and_placeholders(tmp_path):
 
 
 def test_small_memory_quick(tmp_path):
-    summary, record = _run(tmp_path, "small-memory", "--quick", "--configs", "bf16,int8",
+    summary, record = _run(tmp_path, "small-memory", "--quick", "--configs", "bf16,int8,window",
                            "--skip-hf")
-    assert summary["seed002_fits"] == ["bf16", "int8"]
+    assert summary["seed002_fits"] == ["bf16", "int8", "window"]
     rows = {r["config"]: r for r in record["figures"]["table"]["rows"]}
     assert rows["bf16"]["ttft_s"] > 0 and rows["bf16"]["decode_tok_s"] > 0
     # the same KV bytes hold more tokens at one byte a value (+ a scale a token); the "bf16"
