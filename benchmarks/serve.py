@@ -29,6 +29,11 @@ needs; ``compilations_after_warmup`` comes from the server's ``pagedjax:step_com
 counter (null for a server without it), and the server's token counters are read around each
 run to check the client's counts. The server process, the tokenizer and the client live in
 ``serving_client.py``.
+
+Steps: a started server writes its ``--step-trace``; each rate's row gets the figures of the steps
+its measured run took (``steps``: composition, time in ``engine.step`` per step kind, gaps between
+steps, the engine thread's busy share; ``serve_steps.py``) and the plot a panel of the step
+composition over time.
 """
 from __future__ import annotations
 
@@ -43,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import harness, plots
+from benchmarks import harness, plots, serve_steps
 from benchmarks.common import print_table, results_dir, write_result
 from benchmarks.serving_client import RequestResult, run_requests, scrape, started_server
 
@@ -84,6 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for a started server to answer /health")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra argument for the started `pagedjax serve` (repeatable)")
+    p.add_argument("--step-trace", default=None, metavar="FILE",
+                   help="the server's --step-trace file (default: a temporary one for a started "
+                        "server; an attached server's figures need its FILE here)")
     p.add_argument("--tag", default="", help="results file serve-<tag>.json")
 
 
@@ -158,20 +166,22 @@ def run(args) -> dict:
     if n_warm is None:
         n_warm = min(args.num_prompts, 2 * (args.max_concurrency or 32))
     tag = f"-{args.tag}" if args.tag else ""
-    rows, runs = [], []
+    rows, runs, panels = [], [], []
     with contextlib.ExitStack() as stack:
         url = args.base_url or stack.enter_context(started_server(args, vocab, server_env))
         card = _model_card(url, args)
         prompts = harness.random_prompts([args.input_len] * args.num_prompts, vocab, args.seed)
         for i, rate in enumerate(args.request_rate):
-            row, results = _measure(url, args, card["id"], prompts, vocab, n_warm, i, rate)
+            row, results, panel = _measure(url, args, card["id"], prompts, vocab, n_warm, i,
+                                           rate)
             rows.append(row)
+            panels.append(panel)
             runs.append(results)
             # rewritten after every rate: a run cut short by a time limit keeps what it finished
             summary, figures = _summarise(args, url, rows, runs, n_warm)
             write_result("serve", summary, figures, out=args.out, tag=args.tag)
     print_table(figures["table"]["rows"], COLUMNS)
-    _plot(results_dir(args.out) / f"serve{tag}.png", runs, args)
+    _plot(results_dir(args.out) / f"serve{tag}.png", runs, args, panels)
     return summary
 
 
@@ -202,10 +212,14 @@ def _measure(url: str, args, model: str, prompts, vocab: int, n_warm: int, i: in
     warm_s, warm_compiled = time.perf_counter() - t0, _delta(c0, before, "step_compilations")
     logger.info("rate %s: warm-up of %d requests took %.1f s (%s step shapes compiled)",
                 _label(rate), n_warm, warm_s, warm_compiled)
+    wall0 = time.time()
     results, duration, peak = asyncio.run(run_requests(url, args.api_key, model, prompts,
                                                         seed=args.seed + i, **go))
     after = scrape(url)
+    wall1 = time.time()
     m = metrics(results, duration)
+    steps = (serve_steps.window(args.step_trace, wall0, wall1, m["total_output_tokens"])
+             if args.step_trace else [])
     server = {k: _delta(before, after, k) for k in COUNTERS}
     print_vllm_table(m, rate, args.max_concurrency)
     errors = [r.error for r in results if not r.ok]
@@ -221,8 +235,9 @@ def _measure(url: str, args, model: str, prompts, vocab: int, n_warm: int, i: in
            # the server's count before this rate's warm-up: what it precompiled at start, for
            # the first rate of a fresh server (pagedjax serve --precompile)
            "compilations_before_warmup": c0.get("step_compilations"),
-           "errors": errors[:5]}
-    return row, results
+           "errors": errors[:5],
+           "steps": serve_steps.figures(steps) if args.step_trace else None}
+    return row, results, serve_steps.panel(steps, _label(rate))
 
 
 def _delta(before: dict, after: dict, key: str):
@@ -246,6 +261,10 @@ def _summarise(args, url: str, rows: list[dict], runs, n_warm: int):
                 "server_compilations_at_start": first["compilations_before_warmup"]}
     for r in rows[1:]:
         summary |= {f"rate{r['request_rate']}_{k}": r[k] for k in HEADLINE}
+    if first["steps"] is not None:  # the server's step trace (serve_steps.py)
+        summary |= {k: first["steps"][k] for k in ("step_gap_ms_mean", "engine_busy_pct",
+                                                   "decode_step_ms_p50", "steps_per_s",
+                                                   "mixed_step_share")}
     figures = {
         "model": args.model if not args.tiny else "tiny", "server_url": url,
         "server_started_here": args.base_url is None, "num_prompts": args.num_prompts,
@@ -263,7 +282,7 @@ def _summarise(args, url: str, rows: list[dict], runs, n_warm: int):
     return summary, figures
 
 
-def _plot(path: Path, runs, args) -> None:
+def _plot(path: Path, runs, args, step_panels: list) -> None:
     ttft, itl = {}, {}
     for rate, results in zip(args.request_rate, runs):
         ok = [r for r in results if r.ok]
@@ -274,5 +293,6 @@ def _plot(path: Path, runs, args) -> None:
          "ylabel": "fraction of requests", "series": ttft},
         {"kind": "lines", "title": "inter-token latency distribution (CDF)", "xlabel": "ms",
          "ylabel": "fraction of gaps", "series": itl},
+        *step_panels,
     ], title=f"serve: {args.num_prompts} x {args.input_len}/{args.output_len}, "
              f"max concurrency {args.max_concurrency}")

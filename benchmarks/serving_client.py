@@ -71,6 +71,10 @@ def started_server(args, vocab_size: int, env: dict):
             args.load_format = "dummy"
         if args.tokenizer is None:
             args.tokenizer = str(synthetic_tokenizer(vocab_size, Path(tmp) / "tokenizer"))
+        trace = []
+        if hasattr(args, "step_trace"):  # the serve scenario reads the server's step trace
+            args.step_trace = args.step_trace or str(Path(tmp) / "steps.jsonl")
+            trace = ["--step-trace", args.step_trace]
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -78,7 +82,7 @@ def started_server(args, vocab_size: int, env: dict):
                 "--port", str(port), "--served-model-name", "bench", "--uvicorn-log-level",
                 "warning", "--log-stats-interval", "10", "--drain-timeout", "5",
                 "--max-waiting-requests", str(max(1024, 2 * args.num_prompts)),
-                *_engine_flags(args, model), *args.server_arg]
+                *trace, *_engine_flags(args, model), *args.server_arg]
         logger.info("starting: %s", " ".join(argv[1:]))
         proc = subprocess.Popen(argv, env=env)
         url = f"http://127.0.0.1:{port}"

@@ -123,6 +123,7 @@ class LLMEngine:
         # called with the engine after each step: a seam for observers such as the benchmarks'
         # step timeline (benchmarks/harness.py), which must not wrap engine methods
         self.step_observers: list = []
+        self.last_batch: ScheduledBatch | None = None  # the latest step's, for observers
         self._arrivals = itertools.count()
         self._seed_rng = np.random.default_rng(args.seed)
         # Engine-level precompilation: every program a step can run, before the first request.
@@ -282,7 +283,7 @@ class LLMEngine:
         wait0 = self.stats.device_seconds
         outputs: list[RequestOutput] = []
         try:
-            batch = self.scheduler.schedule()
+            batch = self.last_batch = self.scheduler.schedule()
             t1 = time.perf_counter()
             self.stats.schedule_seconds += t1 - t0
             if batch:  # a failed transfer fails it too: its PLACEHOLDERs are set

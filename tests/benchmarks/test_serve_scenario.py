@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks import serve, serving_client
+from benchmarks import serve, serve_steps, serving_client
 from benchmarks.__main__ import main
 
 N, IN, OUT, CONC = 8, 8, 4, 4
@@ -19,7 +19,9 @@ TINY = ["--tiny", "--max-num-seqs", "4", "--max-num-batched-tokens", "16",
 
 
 def test_serve_scenario_tiny(tmp_path, capsys):
-    summary = main(["serve", "--out", str(tmp_path), *TINY, "--num-prompts", str(N),
+    trace = tmp_path / "steps.jsonl"
+    summary = main(["serve", "--out", str(tmp_path), *TINY, "--step-trace", str(trace),
+                    "--num-prompts", str(N),
                     "--input-len", str(IN), "--output-len", str(OUT), "--max-concurrency",
                     str(CONC), "--request-rate", "inf,40", "--server-timeout", "300"])
     printed = capsys.readouterr().out
@@ -43,11 +45,29 @@ def test_serve_scenario_tiny(tmp_path, capsys):
         assert 0 < row["median_ttft_ms"] <= row["p99_ttft_ms"]
         assert 0 < row["median_itl_ms"] <= row["p99_itl_ms"] and row["mean_tpot_ms"] > 0
         assert len(requests) == N
+        # the server's step trace accounts for every token of the measured run
+        steps = row["steps"]
+        assert steps["traced_generated_tokens"] == N * OUT
+        assert steps["traced_prefill_tokens"] == N * IN
+        assert steps["steps"] >= OUT and steps["steps_per_s"] > 0
+        assert steps["decode_steps"] + steps["mixed_steps"] + steps["prefill_steps"] == \
+            steps["steps"]
+        assert 0 < steps["engine_busy_pct"] <= 100 and steps["step_gap_ms_mean"] >= 0
+        assert 0 < steps["decode_step_ms_p50"] and steps["mean_decode_rows"] <= CONC
         for r in requests:
             assert r["ok"] and r["output_tokens"] == OUT and 1 <= r["chunks"] <= OUT
             assert 0 < r["ttft_ms"] <= r["latency_ms"]
     assert summary["median_ttft_ms"] == fig["rows"][0]["median_ttft_ms"]
     assert summary["rate40_output_throughput"] == fig["rows"][1]["output_throughput"]
+    assert summary["engine_busy_pct"] == fig["rows"][0]["steps"]["engine_busy_pct"]
+    # every line of the whole trace (warm-ups too) parses and adds up: each request's tokens
+    lines = [json.loads(t) for t in trace.read_text().splitlines()]
+    assert {"t", "prefill", "decode", "first", "step_ms", "gap_ms", "idle_ms", "deliver_ms",
+            "host_ms", "device_ms"} <= set(lines[0])
+    warm = 2 * min(N, 2 * CONC)  # the warm-up requests of both rates
+    assert sum(s["decode"] + s["first"] for s in lines) == (2 * N + warm) * OUT
+    assert sum(s["prefill"] for s in lines) == (2 * N + warm) * IN
+    assert all(s["step_ms"] >= 0 and s["gap_ms"] + 1e-3 >= s["idle_ms"] >= 0 for s in lines)
     assert (tmp_path / "serve.png").exists()
 
 
@@ -76,6 +96,29 @@ def test_figures_follow_vllm_definitions():
     # TPOT excludes the first token: (latency - ttft) / (n - 1)
     assert m["mean_tpot_ms"] == pytest.approx((20.0 + 40.0) / 2)
     assert m["median_itl_ms"] == pytest.approx(20.0) and m["tokens_per_chunk"] == 1.0
+
+
+def test_step_figures_by_kind():
+    def step(prefill, decode, first, ms):
+        return {"t": 0.0, "prefill": prefill, "decode": decode, "first": first, "step_ms": ms,
+                "host_ms": 1.0, "device_ms": ms - 1, "gap_ms": 2.0, "idle_ms": 0.5,
+                "deliver_ms": 0.5}
+
+    steps = [step(8, 0, 1, 10.0), step(4, 3, 1, 6.0), step(0, 4, 0, 4.0), step(0, 4, 0, 2.0),
+             step(0, 0, 0, 1.0)]
+    for i, s in enumerate(steps):
+        s["t"] = 0.075 * i / 4  # the last one begins at 75 ms, ends 25 ms later
+    steps[-1]["deliver_ms"] = 24.0
+    f = serve_steps.figures(steps)
+    assert f["wall_s"] == pytest.approx(0.1)
+    assert (f["steps"], f["empty_steps"], f["steps_per_s"]) == (4, 1, 40.0)
+    assert (f["prefill_steps"], f["mixed_steps"], f["decode_steps"]) == (1, 1, 2)
+    assert f["decode_step_ms_p50"] == 3.0 and f["mixed_step_ms_mean"] == 6.0
+    assert f["mean_prefill_tokens"] == 3.0 and f["mean_decode_rows"] == 2.75
+    assert f["mixed_step_share"] == 0.25 and f["traced_generated_tokens"] == 13
+    assert f["engine_busy_pct"] == pytest.approx(23.0)
+    assert f["step_gap_ms_mean"] == 2.0 and f["busy_gap_ms_mean"] == 1.5
+    assert f["idle_pct"] == pytest.approx(2.0) and f["deliver_ms_mean"] == 5.2
 
 
 def test_synthetic_tokenizer_streams_every_token(tmp_path):

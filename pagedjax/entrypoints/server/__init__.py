@@ -64,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--log-stats-interval", type=float, default=5.0,
                    help="seconds between throughput log lines while busy")
     g.add_argument("--disable-log-stats", action="store_true")
+    g.add_argument("--step-trace", default=None, metavar="FILE",
+                   help="append one JSON line per engine step to FILE: its prefill tokens and "
+                        "decode rows, time in the step, between steps and delivering outputs "
+                        "(benchmarks serve reads it; off by default)")
     g.add_argument("--metrics-prefix", default="pagedjax",
                    help="the prefix of the /metrics names; 'vllm' serves vLLM's exact names, so "
                         "its Grafana dashboards and alerts work unchanged")
@@ -111,7 +115,8 @@ def build_server(args: argparse.Namespace, loaded=None):
     metrics = EngineMetrics(name, prefix=args.metrics_prefix,
                             max_model_len=engine.config.max_model_len)
     aengine = AsyncEngine(engine, metrics, log_interval=args.log_stats_interval,
-                          log_stats=not args.disable_log_stats).start()
+                          log_stats=not args.disable_log_stats,
+                          step_trace=args.step_trace).start()
     app = build_app(aengine, name, args.api_key, max_request_bytes=args.max_request_bytes,
                     max_waiting_requests=args.max_waiting_requests,
                     max_logprobs=args.max_logprobs, max_n=args.max_n, root=args.model,

@@ -28,6 +28,7 @@ from pagedjax.stats import EngineSnapshot
 
 from pagedjax.entrypoints.server.kv_status import KVBoard
 from pagedjax.entrypoints.server.metrics import EngineMetrics
+from pagedjax.entrypoints.server.step_trace import StepTrace
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def _settle(fut: asyncio.Future, error: BaseException | None) -> None:
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, metrics: EngineMetrics, log_interval: float = 5.0,
-                 log_stats: bool = True):
+                 log_stats: bool = True, step_trace: str | None = None):
         self.engine = engine
         self.metrics = metrics
         self.log_interval = log_interval
@@ -139,6 +140,10 @@ class AsyncEngine:
         self._seen: dict[str, _Seen] = {}  # request -> its tokens so far, for the histograms
         self._last_log = time.monotonic()
         self._logged = EngineSnapshot()  # the snapshot of the last log line
+        self.trace = StepTrace(step_trace) if step_trace else None  # --step-trace
+        if self.trace is not None:
+            engine.step_observers.append(self.trace.observe)
+        self._idle = 0.0  # seconds slept waiting for work since the last step (for the trace)
         self._thread = threading.Thread(target=self._run, name="pagedjax-engine", daemon=True)
 
     # ---- handler side (event-loop threads) ---------------------------------------------------
@@ -224,8 +229,16 @@ class AsyncEngine:
             while not self._stopping:
                 self._run_commands(block=not self.engine.has_unfinished())
                 if self.engine.has_unfinished() and not self._stopping:
-                    self._dispatch(self.engine.step())
-                self._publish()
+                    wall, start = time.time(), time.perf_counter()
+                    outputs = self.engine.step()
+                    end = time.perf_counter()
+                    self._dispatch(outputs)
+                    self._publish()
+                    if self.trace is not None:
+                        self.trace.record(wall, start, end, time.perf_counter(), self._idle)
+                        self._idle = 0.0
+                else:
+                    self._publish()
         except Exception as e:  # a host-side error leaves the engine in an unknown state: stop
             # (a failed device step is handled inside LLMEngine.step: pagedjax.worker.faults)
             logger.exception("engine step failed; failing all requests")
@@ -237,11 +250,21 @@ class AsyncEngine:
                 self._call(stream.loop, stream._fail, err)
             self._streams.clear()
             self._run_commands(block=False)  # pending adds see self.dead and fail
+            if self.trace is not None:
+                self.trace.close()
 
     def _run_commands(self, block: bool) -> None:
         try:
-            cmd = self._commands.get(timeout=self.log_interval or 1.0) if block \
-                else self._commands.get_nowait()
+            if not block:
+                cmd = self._commands.get_nowait()
+            else:
+                if self.trace is not None:  # idle: the lines so far become readable
+                    self.trace.flush()
+                t = time.perf_counter()
+                try:
+                    cmd = self._commands.get(timeout=self.log_interval or 1.0)
+                finally:
+                    self._idle += time.perf_counter() - t
         except queue.Empty:
             return
         while True:
