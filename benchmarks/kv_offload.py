@@ -3,7 +3,9 @@ without its host tier (``--kv-offloading-size``, issue 21).
 
 Workload: the ``prefix`` scenario's (benchmarks/prefix.py: ``--num-conversations`` chats of
 ``--turns`` turns in lockstep, each turn's prompt = the history + the answer + a new user message
-of random ids, greedy answers of ``--answer-len`` tokens), with the GPU pool limited by
+of random ids, greedy answers of ``--answer-len`` tokens), sent by a client that keeps
+``--max-concurrency`` requests in flight (default: the conversations the GPU pool holds at the
+last turn; TTFT counts from when a request is sent, as vLLM's client counts it), with the GPU pool limited by
 ``--num-gpu-blocks-override`` to ``--pool-fraction`` (default a quarter) of the working set, the
 blocks of every conversation at its last turn (at least two conversations' worth). Without the
 tier the prefix cache evicts most conversations' histories between their turns and the next turn
@@ -59,6 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-turns", type=int, default=None,
                    help="turns of the warm-up workload (default 2, where --precompile compiled "
                         "every step shape at start; all of them with --tiny, which does not)")
+    p.add_argument("--max-concurrency", type=int, default=None,
+                   help="requests in flight at once, as a client with that many connections "
+                        "(default: as many conversations as the GPU pool holds at the last turn; "
+                        "0 sends each turn's requests all at once)")
     p.add_argument("--bw-mib", type=int, default=None,
                    help="raw bandwidth transfer size (default 1024; 16 with --tiny)")
 
@@ -75,7 +81,7 @@ def _conversations(llm, args, seed: int, turns: int) -> tuple[list[dict], list, 
     out, answers, t_all = [], [], time.perf_counter()
     for t in range(turns):
         s0, c0 = e.make_stats(), e.stats.computed_tokens
-        outs = llm.generate(histories, params, use_tqdm=False)
+        outs = _generate_limited(e, histories, params, args.max_concurrency, f"t{seed}-{t}")
         s1 = e.make_stats()
         d = s1.delta(s0)
         fig = _turn_figures(outs, histories, e.stats.computed_tokens - c0,
@@ -90,6 +96,27 @@ def _conversations(llm, args, seed: int, turns: int) -> tuple[list[dict], list, 
         histories = [h + o.outputs[0].token_ids + rng.integers(2, vocab, size=args.user_len)
                      .tolist() for h, o in zip(histories, outs)]
     return out, answers, time.perf_counter() - t_all
+
+
+def _generate_limited(e, prompts: list[list[int]], params, limit: int | None,
+                      tag: str) -> list:
+    """Every prompt through the engine with at most ``limit`` in flight (all at once without):
+    a client holding ``limit`` connections, as vLLM's ``--max-concurrency``. A request's TTFT
+    counts from when it is sent, so it measures the server, not the client's own queue."""
+    limit = limit or len(prompts)
+    ids = [f"{tag}-{i}" for i in range(len(prompts))]
+    done: dict[str, object] = {}
+    sent = 0
+    while len(done) < len(prompts):
+        while sent < len(prompts) and sent - len(done) < limit:
+            e.add_request(ids[sent], prompts[sent], params, stream=False)
+            sent += 1
+        for out in e.step():
+            if out.error is not None:
+                raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+            if out.finished:
+                done[out.request_id] = out
+    return [done[i] for i in ids]
 
 
 def _run_mode(loaded, args, tier: bool, pool_blocks: int, host_blocks: int) -> dict:
@@ -158,6 +185,8 @@ def run(args) -> dict:
     working_set = args.num_conversations * per_conv
     pool_blocks = args.num_gpu_blocks_override or max(int(working_set * args.pool_fraction),
                                                       2 * per_conv)
+    if args.max_concurrency is None:
+        args.max_concurrency = max(pool_blocks // per_conv, 1)
     raw = raw_large((args.bw_mib or (16 if args.tiny else 1024)) << 20)
     res = {name: _run_mode(loaded, args, tier, pool_blocks, 2 * working_set)
            for name, tier in MODES}
@@ -191,6 +220,7 @@ def run(args) -> dict:
         "output_tok_s_off": off["output_tok_s"], "output_tok_s_on": on["output_tok_s"],
         "answers_identical": sum(same) / len(same), "gpu_pool_blocks": pool_blocks,
         "working_set_blocks": working_set, "num_conversations": args.num_conversations,
+        "max_concurrency": args.max_concurrency,
         "turns": args.turns,
     }
     print_table(rows, COLUMNS)

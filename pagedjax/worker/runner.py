@@ -4,9 +4,11 @@ device. Only the sampled token ids and their logprobs come back to the host.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
+import os
 import time
 from typing import NamedTuple
 
@@ -22,6 +24,10 @@ from pagedjax.core.batch import SAMPLING_FIELDS, SAMPLING_FLOATS, ScheduledBatch
 from pagedjax.worker.sampler import prompt_logprobs, sample
 
 logger = logging.getLogger(__name__)
+# Threads that compile step programs ahead of warm-up (XLA's GPU compiler also splits each
+# module across threads; a few programs at once fill the host's cores without multiplying the
+# autotuner's scratch memory on the device by much).
+COMPILE_THREADS = 4
 
 # (name, rows of the bucket it scales with, float32 bit-cast?)
 _INT, _F32 = False, True
@@ -252,6 +258,7 @@ class ModelRunner:
         as ``execute`` makes them. Logs what it compiled; returns the number of step shapes."""
         c0, t0 = self.num_compilations, time.perf_counter()
         layouts = self.buckets(max_context)
+        self._compile_ahead(layouts)
         sampled_s = set()
         for layout in layouts:
             packed = np.zeros(layout.size, dtype=np.int32)
@@ -277,6 +284,30 @@ class ModelRunner:
                     (max_context or self.max_blocks * self.block_size),
                     self.num_compilations - c0, time.perf_counter() - t0)
         return len(layouts)
+
+    def _compile_ahead(self, layouts: list[StepLayout]) -> None:
+        """Compile the step programs on a thread pool before warm-up runs them one by one: XLA
+        compiles with the GIL released, so the programs' compiles overlap (tracing and lowering
+        still take turns), and each lands in the jit's cache that warm-up's call then hits. Best
+        effort: a program that fails here is compiled by warm-up, which reports the error."""
+        workers = min(len(layouts), os.cpu_count() or 1, COMPILE_THREADS)
+        if workers < 2:
+            return
+
+        def compile_one(layout: StepLayout) -> Exception | None:
+            packed = self._to_device(np.zeros(layout.size, dtype=np.int32))
+            try:
+                self._step.lower(self.params, self.pool, self._sampled, packed,
+                                 layout=layout).compile()
+            except Exception as e:  # noqa: BLE001 - warm-up compiles it again and raises
+                return e
+            return None
+
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for layout, error in zip(layouts, pool.map(compile_one, layouts)):
+                if error is not None:
+                    logger.debug("Compiling %s ahead failed (%s); warm-up compiles it", layout,
+                                 error)
 
     @property
     def num_compilations(self) -> int:
