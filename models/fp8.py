@@ -15,6 +15,11 @@ XLA's GPU gemm rewriter turns a dot whose operands are f8 into a cuBLASLt FP8 GE
 scales are one multiply of the [T, O] output. On the CPU XLA upcasts the operands: the same
 numbers, slower. Per-token activation scales are computed in the step (amax / 448, "dynamic"), so
 nothing is calibrated and a checkpoint's static ``input_scale`` is not needed.
+
+That is the form for prefill-sized steps. A decode-sized step is a weight read, and there the
+activations stay in the model's dtype (W8A16: ``y = (x . wq^T) * s_w``, the fp8 weight converted
+to bf16 on the way into the matmul, kernels/fp8_matmul_gpu.py on a GPU): the same weight bytes,
+no quantisation pass, no float32 output. ``choose_path`` picks by the step's rows.
 """
 from __future__ import annotations
 
@@ -103,17 +108,17 @@ def dequantize_weight(p) -> jax.Array:
 # pass, and XLA emits no FP8 GEMM that small anyway. Above it the FP8 GEMM's tensor-core rate
 # pays: "w8a8_out" lets its output be the linear's dtype (bf16: half the bytes of the float32
 # [T, O] array the scale multiply reads back). Set from benchmarks/experiments/fp8_gemm.py.
-SMALL_T_MAX = 0
+SMALL_T_MAX = 64
 SMALL_T_PATH = "pallas"  # kernels/fp8_matmul_gpu.py: fp8 -> bf16 in registers, one read
-LARGE_T_PATH = "w8a8"
+LARGE_T_PATH = "w8a8_out"
 PATHS = ("w8a8", "w8a8_out", "w8a16", "pallas")
 
 
 def choose_path(rows: int) -> str:
-    """The form of a linear of ``rows`` token rows (see SMALL_T_MAX); "pallas" only on a GPU
-    (elsewhere its XLA twin "w8a16", the same arithmetic)."""
+    """The form of a linear of ``rows`` token rows (see SMALL_T_MAX); "pallas" only on a GPU and
+    up to the kernel's MAX_ROWS (elsewhere its XLA twin "w8a16", the same arithmetic)."""
     path = SMALL_T_PATH if rows <= SMALL_T_MAX else LARGE_T_PATH
-    if path == "pallas" and jax.default_backend() != "gpu":
+    if path == "pallas" and (jax.default_backend() != "gpu" or rows > fp8_matmul_gpu.MAX_ROWS):
         return "w8a16"
     return path
 
@@ -131,9 +136,6 @@ def fp8_linear(x, weight, weight_scale, out_dtype=None, path: str | None = None)
     s_w = weight_scale.reshape(1, -1)  # [1, O']
     path = path or choose_path(x2.shape[0])
     if path == "pallas":
-        if x2.shape[0] > fp8_matmul_gpu.MAX_ROWS:
-            raise ValueError(f"the pallas fp8 path takes up to {fp8_matmul_gpu.MAX_ROWS} rows, got "
-                             f"{x2.shape[0]}: lower fp8.SMALL_T_MAX")
         y = fp8_matmul_gpu.fp8_matmul(x2, w, s_w[0]).astype(jnp.float32)
     elif path == "w8a16":
         # x [T, D] . w [O', D] over D with the weight converted to x's dtype: XLA fuses the
