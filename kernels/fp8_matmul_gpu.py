@@ -11,9 +11,10 @@ in the epilogue, so the weight's bytes are read once and nothing else of size O 
 thousand channels has too few tiles to fill the SMs), which write float32 partials that a small
 XLA sum (of T x O, not O x D, values) adds up before the scale.
 
-Rows: Triton's dot takes tiles of at least 16 rows, so x is padded to the next power of two
->= 16 rows (zeros; their outputs are dropped). Any O and D work: the last channel tile and the
-last D tile are masked.
+Rows: Triton's dot takes tiles of at least 16 rows, so x is read as a tile of the next power of
+two >= 16 rows, the rows past T masked to zero and never stored (no padded copy of x: at batch-1
+decode an extra XLA op per linear costs a launch). Any O and D work: the last channel tile and
+the last D tile are masked.
 """
 from __future__ import annotations
 
@@ -49,14 +50,16 @@ def default_split_k(out_features: int, in_features: int, block_o: int, block_d: 
     return split
 
 
-def _kernel(x_ref, w_ref, s_ref, o_ref, *, rows, out_features, in_features, block_o, block_d,
-            tiles_per_split, split_k):
-    # x_ref [rows, D] bf16; w_ref [O, D] fp8; s_ref [O] f32;
-    # o_ref [rows, O] (split_k 1: scaled, x's dtype) or [split_k * rows, O] f32 partials.
+def _kernel(x_ref, w_ref, s_ref, o_ref, *, num_rows, rows, out_features, in_features, block_o,
+            block_d, tiles_per_split, split_k):
+    # x_ref [T, D] bf16, read as a tile of ``rows`` >= T rows (the rest masked to 0);
+    # w_ref [O, D] fp8; s_ref [O] f32;
+    # o_ref [T, O] (split_k 1: scaled, x's dtype) or [split_k * T, O] f32 partials.
     ot, k = pl.program_id(0), pl.program_id(1)
     o_idx = ot * block_o + jnp.arange(block_o, dtype=jnp.int32)
     o_ok = o_idx < out_features
     r_idx = jnp.arange(rows, dtype=jnp.int32)
+    r_ok = r_idx < num_rows
     d_ragged = in_features % block_d != 0
     tiles_d = -(-in_features // block_d)
     first = k * tiles_per_split
@@ -65,28 +68,27 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, *, rows, out_features, in_features, bloc
 
     def body(i, acc):
         d_idx = i * block_d + jnp.arange(block_d, dtype=jnp.int32)
-        w_mask = o_ok[:, None]
-        x_mask = None
+        w_mask, x_mask = o_ok[:, None], r_ok[:, None]
         if d_ragged:
             d_ok = d_idx < in_features
-            w_mask = w_mask & d_ok[None, :]
-            x_mask = jnp.broadcast_to(d_ok[None, :], (rows, block_d))
+            w_mask, x_mask = w_mask & d_ok[None, :], x_mask & d_ok[None, :]
         w = plgpu.load(w_ref.at[o_idx[:, None], d_idx[None, :]],
                        mask=jnp.broadcast_to(w_mask, (block_o, block_d)), other=zero8)
-        x = plgpu.load(x_ref.at[r_idx[:, None], d_idx[None, :]], mask=x_mask,
-                       other=0 if x_mask is not None else None)
+        x = plgpu.load(x_ref.at[r_idx[:, None], d_idx[None, :]],
+                       mask=jnp.broadcast_to(x_mask, (rows, block_d)), other=0)
         w = to_compute(w, x.dtype)  # [block_o, block_d]: in registers only
         return acc + jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())),
                                          preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(first, last, body, jnp.zeros((rows, block_o), jnp.float32))
-    store_mask = jnp.broadcast_to(o_ok[None, :], (rows, block_o))
+    store_mask = r_ok[:, None] & o_ok[None, :]
     if split_k == 1:
         scale = plgpu.load(s_ref.at[o_idx], mask=o_ok, other=0.0)
         plgpu.store(o_ref.at[r_idx[:, None], o_idx[None, :]],
                     (acc * scale[None, :]).astype(o_ref.dtype), mask=store_mask)
     else:
-        plgpu.store(o_ref.at[(k * rows + r_idx)[:, None], o_idx[None, :]], acc, mask=store_mask)
+        plgpu.store(o_ref.at[(k * num_rows + r_idx)[:, None], o_idx[None, :]], acc,
+                    mask=store_mask)
 
 
 @functools.partial(jax.jit, static_argnames=("block_o", "block_d", "split_k", "num_warps",
@@ -120,20 +122,19 @@ def fp8_matmul(x, weight, scale, *, block_o: int = BLOCK_O, block_d: int = BLOCK
     if not 1 <= split_k <= tiles_d:
         raise ValueError(f"split_k must be 1 to {tiles_d} (the D tiles), got {split_k}")
     rows = max(16, _pow2(t))
-    xp = jnp.pad(x, ((0, rows - t), (0, 0))) if rows != t else x
     tiles_per_split = -(-tiles_d // split_k)
-    kernel = functools.partial(_kernel, rows=rows, out_features=o, in_features=d,
+    kernel = functools.partial(_kernel, num_rows=t, rows=rows, out_features=o, in_features=d,
                                block_o=block_o, block_d=block_d,
                                tiles_per_split=tiles_per_split, split_k=split_k)
-    out_shape = (jax.ShapeDtypeStruct((rows, o), x.dtype) if split_k == 1
-                 else jax.ShapeDtypeStruct((split_k * rows, o), jnp.float32))
+    out_shape = (jax.ShapeDtypeStruct((t, o), x.dtype) if split_k == 1
+                 else jax.ShapeDtypeStruct((split_k * t, o), jnp.float32))
     y = pl.pallas_call(
         kernel, grid=(-(-o // block_o), split_k), out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret, name="fp8_matmul")(xp, weight, scale)
+        interpret=interpret, name="fp8_matmul")(x, weight, scale)
     if split_k > 1:
-        y = (y.reshape(split_k, rows, o).sum(axis=0) * scale).astype(x.dtype)
-    return y[:t]
+        y = (y.reshape(split_k, t, o).sum(axis=0) * scale).astype(x.dtype)
+    return y
 
 
 def fp8_matmul_ref(x, weight, scale):

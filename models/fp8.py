@@ -115,10 +115,13 @@ PATHS = ("w8a8", "w8a8_out", "w8a16", "pallas")
 
 
 def choose_path(rows: int) -> str:
-    """The form of a linear of ``rows`` token rows (see SMALL_T_MAX); "pallas" only on a GPU and
-    up to the kernel's MAX_ROWS (elsewhere its XLA twin "w8a16", the same arithmetic)."""
+    """The form of a linear of ``rows`` token rows (see SMALL_T_MAX); "pallas" only on a lone GPU
+    and up to the kernel's MAX_ROWS (elsewhere its XLA twin "w8a16", the same arithmetic)."""
     path = SMALL_T_PATH if rows <= SMALL_T_MAX else LARGE_T_PATH
-    if path == "pallas" and (jax.default_backend() != "gpu" or rows > fp8_matmul_gpu.MAX_ROWS):
+    # one device only: under tensor parallelism XLA cannot split a Pallas call, it would gather
+    # the sharded weight onto every device (the runner's mesh would have to reach here first)
+    if path == "pallas" and (jax.default_backend() != "gpu" or jax.device_count() > 1
+                             or rows > fp8_matmul_gpu.MAX_ROWS):
         return "w8a16"
     return path
 
@@ -136,7 +139,7 @@ def fp8_linear(x, weight, weight_scale, out_dtype=None, path: str | None = None)
     s_w = weight_scale.reshape(1, -1)  # [1, O']
     path = path or choose_path(x2.shape[0])
     if path == "pallas":
-        y = fp8_matmul_gpu.fp8_matmul(x2, w, s_w[0]).astype(jnp.float32)
+        y = fp8_matmul_gpu.fp8_matmul(x2, w, s_w[0])  # x's dtype, scaled
     elif path == "w8a16":
         # x [T, D] . w [O', D] over D with the weight converted to x's dtype: XLA fuses the
         # convert into the dot's operand read where it can
