@@ -1,9 +1,12 @@
 """The W8A16 skinny matmul (kernels/fp8_matmul_gpu.py) in Pallas interpret mode against a numpy
-float64 reference on fresh random inputs: row counts from 1 to 64 (padded to Triton's 16 rows),
-channel and feature counts that are not tile multiples (the masked tails), one and several D
-splits, and the errors bad input gets."""
+float64 reference on fresh random inputs: row counts from 1 to 64 (read as tiles of 16 rows or
+more), channel and feature counts that are not tile multiples (the masked tails), one and several
+D splits, the errors bad input gets, and its lowering to Triton IR for CUDA."""
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -80,3 +83,14 @@ def test_bad_input_is_refused_by_name():
         fp8_matmul(x, w, s, block_d=16, split_k=3, interpret=True)
     with pytest.raises(ValueError, match=r"scale \[O\]"):
         fp8_matmul(x, w, s[:-1], interpret=True)
+
+
+@pytest.mark.parametrize("t,o,d,split", [(1, 3584, 18944, None), (64, 37888, 3584, 1),
+                                         (8, 200, 600, 2)])
+def test_lowers_to_triton_for_cuda(t, o, d, split):
+    """The real lowering (Pallas -> Triton IR), checked on the CPU at Qwen2.5-7B's shapes and a
+    ragged one: catches an op interpret mode has and the Triton lowering lacks."""
+    sd = jax.ShapeDtypeStruct
+    fn = jax.jit(functools.partial(fp8_matmul, split_k=split))
+    args = (sd((t, d), jnp.bfloat16), sd((o, d), jnp.float8_e4m3fn), sd((o,), jnp.float32))
+    assert "fp8_matmul" in fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
