@@ -1,6 +1,7 @@
-"""FP8 weights (``--quantization fp8``, models/fp8.py): the linear against a numpy reference of the
-same quantisation, the engine's greedy tokens against transformers with the same quantisation
-applied, dummy weights, the weight-bytes accounting and the flag's validation."""
+"""FP8 weights (``--quantization fp8``, models/fp8.py): the linear's every path against a numpy
+reference of the same quantisation, the path chosen by the step's rows, the engine's greedy tokens
+against transformers with the same quantisation applied (W8A8 and W8A16), dummy weights, the
+weight-bytes accounting and the flag's validation."""
 from __future__ import annotations
 
 import argparse
@@ -30,15 +31,34 @@ def quantize_ref(x: np.ndarray):
     return q, scale
 
 
-def fp8_linear_ref(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """x [T, D] by w [O, D], both quantised per row, in float64."""
-    xq, sx = quantize_ref(x)
+def fp8_linear_ref(x: np.ndarray, w: np.ndarray, activations: bool = True) -> np.ndarray:
+    """x [T, D] by w [O, D], w quantised per row and (W8A8, ``activations``) x too, in
+    float64."""
+    xq, sx = quantize_ref(x) if activations else (x.astype(np.float64), 1.0)
     wq, sw = quantize_ref(w)
     return (xq @ wq.T) * sx * sw.T
 
 
+@pytest.fixture
+def pin_paths(monkeypatch):
+    """pin_paths(n): every fp8 linear of at most n rows runs W8A16, every larger one W8A8 (0: all
+    W8A8, a huge number: all W8A16), so a reference knows what was quantised. The path is baked
+    in at trace time: compiled programs are dropped on the way in and out."""
+    def pin(small_t_max: int) -> None:
+        monkeypatch.setattr(fp8, "SMALL_T_MAX", small_t_max)
+        jax.clear_caches()
+
+    yield pin
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
+ALL_W8A8, ALL_W8A16 = 0, 1 << 30
+
+
+@pytest.mark.parametrize("path", fp8.PATHS)
 @pytest.mark.parametrize("shape", [(7, 64, 96), (1, 128, 32), (33, 48, 200)])
-def test_fp8_linear_matches_numpy_reference(shape):
+def test_fp8_linear_matches_numpy_reference(shape, path):
     t, d, o = shape
     rng = np.random.default_rng(t)
     # a spread of magnitudes across tokens and channels, as real activations have
@@ -46,8 +66,15 @@ def test_fp8_linear_matches_numpy_reference(shape):
     w = (rng.standard_normal((o, d)) * rng.lognormal(-3, 1, (o, 1))).astype(np.float32)
     wq, ws = fp8.quantize_weight(jnp.asarray(w))
     assert wq.dtype == jnp.float8_e4m3fn and ws.shape == (o,) and ws.dtype == jnp.float32
-    y = np.asarray(jax.jit(fp8.fp8_linear)(jnp.asarray(x), wq, ws))
-    ref = fp8_linear_ref(x, w)
+    if path == "pallas":  # the GPU kernel, here in interpret mode (bf16 activations only)
+        from pagedjax.kernels.fp8_matmul_gpu import fp8_matmul
+
+        y = np.asarray(fp8_matmul(jnp.asarray(x), wq, ws, block_o=16, block_d=16,
+                                  interpret=True))
+    else:
+        y = np.asarray(jax.jit(fp8.fp8_linear, static_argnames="path")(
+            jnp.asarray(x), wq, ws, path=path))
+    ref = fp8_linear_ref(x, w, activations=path.startswith("w8a8"))
     err = np.abs(y - ref).max() / np.abs(ref).max()
     assert err < 1e-3, err
     # and the quantisation is real: against the float product the error is ~1e-2
@@ -55,7 +82,37 @@ def test_fp8_linear_matches_numpy_reference(shape):
     assert np.abs(y - exact).max() / np.abs(exact).max() > 3e-3
 
 
-def test_fused_weight_and_leading_dims():
+def test_the_path_follows_the_rows_of_the_step(monkeypatch):
+    """Up to SMALL_T_MAX rows the small-step path (on the CPU the Pallas kernel's XLA twin), above
+    it the large-step one; fp8_linear without a path gives exactly the chosen path's numbers."""
+    monkeypatch.setattr(fp8, "SMALL_T_MAX", 8)
+    monkeypatch.setattr(fp8, "SMALL_T_PATH", "pallas")
+    monkeypatch.setattr(fp8, "LARGE_T_PATH", "w8a8_out")
+    assert [fp8.choose_path(t) for t in (1, 8, 9)] == ["w8a16", "w8a16", "w8a8_out"]
+    rng = np.random.default_rng(11)
+    w = jnp.asarray(rng.standard_normal((24, 32)), jnp.float32)
+    wq, ws = fp8.quantize_weight(w)
+    for t, path in ((8, "w8a16"), (9, "w8a8_out")):
+        x = jnp.asarray(rng.standard_normal((t, 32)), jnp.bfloat16)
+        np.testing.assert_array_equal(fp8.fp8_linear(x, wq, ws),
+                                      fp8.fp8_linear(x, wq, ws, path=path))
+    with pytest.raises(ValueError, match="path 'int8' is not one of"):
+        fp8.fp8_linear(x, wq, ws, path="int8")
+
+
+def test_bf16_output_of_the_gemm_costs_one_rounding():
+    """w8a8_out with bf16 activations: the dot's output is rounded to bf16 before the scales, so
+    it is within two bf16 roundings of the float32-output form."""
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(rng.standard_normal((40, 64)), jnp.bfloat16)
+    wq, ws = fp8.quantize_weight(jnp.asarray(rng.standard_normal((48, 64)) * 0.02, jnp.float32))
+    a = np.asarray(fp8.fp8_linear(x, wq, ws, path="w8a8"), np.float32)
+    b = np.asarray(fp8.fp8_linear(x, wq, ws, path="w8a8_out"), np.float32)
+    np.testing.assert_allclose(b, a, rtol=2 ** -7, atol=1e-6 * np.abs(a).max())
+
+
+@pytest.mark.parametrize("path", ["w8a8", "w8a16"])
+def test_fused_weight_and_leading_dims(path):
     """A fused [R, O, D] weight and [B, T, D] activations give the [B, T, R, O] slices of the
     same product, row by row."""
     rng = np.random.default_rng(1)
@@ -63,15 +120,17 @@ def test_fused_weight_and_leading_dims():
     w = rng.standard_normal((3, 16, 32)).astype(np.float32)
     wq, ws = fp8.quantize_weight(jnp.asarray(w))
     assert ws.shape == (3, 16)
-    y = np.asarray(fp8.fp8_linear(jnp.asarray(x), wq, ws))
-    ref = fp8_linear_ref(x.reshape(10, 32), w.reshape(48, 32)).reshape(2, 5, 3, 16)
+    y = np.asarray(fp8.fp8_linear(jnp.asarray(x), wq, ws, path=path))
+    ref = fp8_linear_ref(x.reshape(10, 32), w.reshape(48, 32), path == "w8a8")
+    ref = ref.reshape(2, 5, 3, 16)
     assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-3
 
 
-def test_zero_rows_and_large_values_stay_finite():
+@pytest.mark.parametrize("path", ["w8a8", "w8a8_out", "w8a16"])
+def test_zero_rows_and_large_values_stay_finite(path):
     x = jnp.zeros((3, 16)).at[1].set(1e6).at[2, 0].set(-3e4)
     w = jnp.ones((4, 16)).at[0].set(0.0)
-    y = fp8.fp8_linear(x, *fp8.quantize_weight(w))
+    y = fp8.fp8_linear(x, *fp8.quantize_weight(w), path=path)
     assert np.isfinite(np.asarray(y)).all()
     np.testing.assert_allclose(y[0], 0.0)
     np.testing.assert_allclose(y[:, 0], 0.0)
@@ -79,10 +138,10 @@ def test_zero_rows_and_large_values_stay_finite():
     np.testing.assert_allclose(y[2, 1:], -3e4, rtol=1e-6)
 
 
-def torch_fake_quant_reference(model, weights: dict | None = None):
+def torch_fake_quant_reference(model, weights: dict | None = None, activations: bool = True):
     """transformers' model with every linear but lm_head computing in the fp8 arithmetic:
     weights replaced by their e4m3 round trip (or by ``weights[module name]``, dequantised
-    fp8), inputs rounded per token by a pre-hook."""
+    fp8), inputs rounded per token by a pre-hook (W8A8; ``activations`` False: W8A16)."""
     import torch
 
     def round_trip(x):  # per-row amax / 448, as models/fp8.py
@@ -94,7 +153,8 @@ def torch_fake_quant_reference(model, weights: dict | None = None):
         for name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear) and name != "lm_head":
                 mod.weight.copy_(round_trip(mod.weight) if weights is None else weights[name])
-                mod.register_forward_pre_hook(lambda m, args: (round_trip(args[0]),))
+                if activations:
+                    mod.register_forward_pre_hook(lambda m, args: (round_trip(args[0]),))
     return model
 
 
@@ -109,11 +169,16 @@ def _torch_greedy(model, prompt, n):
     return ids[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_engine_greedy_matches_transformers_with_the_same_quantisation(family, tmp_path):
+@pytest.mark.parametrize("family, regime", [("qwen2", "w8a8"), ("llama", "w8a8"),
+                                             ("qwen2", "w8a16"), ("llama", "w8a16")])
+def test_engine_greedy_matches_transformers_with_the_same_quantisation(family, regime, tmp_path,
+                                                                        pin_paths):
     """A bf16-style checkpoint loaded with --quantization fp8 through the whole engine (fused
     projections, paged attention, chunked prefill) generates transformers' greedy tokens when
-    transformers applies the same weight and activation rounding."""
+    transformers applies the same rounding: of the weights and (W8A8, every step pinned to it)
+    of each linear's input per token, or of the weights only (W8A16, every step pinned to it:
+    what decode-sized steps run)."""
+    pin_paths(ALL_W8A8 if regime == "w8a8" else ALL_W8A16)
     model = make_torch_model(family, seed=3)
     model.save_pretrained(tmp_path)
     rng = np.random.default_rng(4)
@@ -124,7 +189,7 @@ def test_engine_greedy_matches_transformers_with_the_same_quantisation(family, t
     assert layer["mlp"]["gate_up_proj"]["weight"].dtype == jnp.float8_e4m3fn
     assert layer["self_attn"]["qkv_proj"]["weight_scale"].dtype == jnp.float32
     outs = llm.generate(prompts, SamplingParams(max_tokens=8, **GREEDY), use_tqdm=False)
-    ref = torch_fake_quant_reference(model)
+    ref = torch_fake_quant_reference(model, activations=regime == "w8a8")
     plain = load_model(str(tmp_path), dtype="float32")
     differs = False
     for p, o in zip(prompts, outs):
@@ -133,9 +198,12 @@ def test_engine_greedy_matches_transformers_with_the_same_quantisation(family, t
     assert differs, "fp8 generated exactly the float32 tokens: is anything quantised?"
 
 
-def test_loaded_params_are_quantised_in_the_engine_and_match_the_dense_path(tiny_qwen):
+def test_loaded_params_are_quantised_in_the_engine_and_match_the_dense_path(tiny_qwen,
+                                                                            pin_paths):
     """LLM(loaded=float params, quantization="fp8"): the engine quantises its own copy (the
-    caller's tree stays float) and its paged path gives the dense fp8 model's greedy tokens."""
+    caller's tree stays float) and its paged path gives the dense fp8 model's greedy tokens
+    (both W8A16: the reference pads to 512 rows, the engine's steps are small)."""
+    pin_paths(ALL_W8A16)
     llm = LLM(loaded=tiny_qwen, quantization="fp8", num_gpu_blocks_override=40,
               max_model_len=256, max_num_batched_tokens=32)
     assert tiny_qwen.params["model"]["layers"][0]["mlp"]["up_proj"]["weight"].dtype == jnp.float32
@@ -236,11 +304,12 @@ def test_tensor_parallel_fp8_same_tokens_and_scales_split_with_their_rows():
                                                                   "fp8") == held
 
 
-def test_fp8_weights_with_quantized_kv_caches(tiny_qwen):
+def test_fp8_weights_with_quantized_kv_caches(tiny_qwen, pin_paths):
     """fp8 weights under every 1-byte (and half-byte) KV dtype: the fp8 cache's static scales are
     bounded from the dequantised weights, and the 1-byte caches stay close to the fp8-weights
     model with a float cache (the first greedy token of every prompt agrees; int4, coarser,
     changes one on this random model, as it does with float weights)."""
+    pin_paths(ALL_W8A8)  # the engine's steps and the padded reference's alike
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, 128, size=n).tolist() for n in (3, 17, 30)]
     q = TinyModel(tiny_qwen.cfg, fp8.quantize_params(tiny_qwen.params))

@@ -11,6 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from tests.models.loader_testutil import make_torch_model
+from tests.models.test_fp8 import ALL_W8A8, pin_paths  # noqa: F401 - pin_paths: a fixture
 
 from pagedjax import LLM, SamplingParams
 from pagedjax.models import fp8, load_model
@@ -95,10 +96,11 @@ def test_compressed_tensors_per_channel(tmp_path):
             == b.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids)
 
 
-def test_vllm_fp8_per_tensor_scales(tmp_path):
+def test_vllm_fp8_per_tensor_scales(tmp_path, pin_paths):
     """quant_method fp8 with one scale per tensor (and static input scales, not read): the
     scale is broadcast to every channel; the logits are transformers' with the stored weights
     (dequantised) and the same per-token rounding of the activations."""
+    pin_paths(ALL_W8A8)  # 24 rows would run W8A16; the reference rounds the activations
     model = make_torch_model("llama", seed=6)
     written = write_fp8_checkpoint(tmp_path, model, VLLM_FP8, False, "weight_scale",
                                    input_scale=True)
