@@ -27,9 +27,10 @@ tile is materialised (the variants measured: benchmarks/KERNEL_NOTES.md).
 
 int4 KV (``QuantizedPages`` of packed codes, kernels/quantization.py): each token's [H / 2] bytes
 are gathered (a quarter of bf16's) and unpacked in registers into the low and high halves of the
-head dim (a mask and a shift, ``load_int4``); K's halves are multiplied by their block's channel
-scales (one bf16 row per page, gathered per token of the tile: the tile's 16-token pages share
-their cache lines) and V's per-token scales go on the probabilities, as int8's. Scores are two
+head dim (a mask and a shift, ``load_int4``); K's halves are dequantized with their block's
+channel scale and zero point (nibble * scale + zero: two fp8 rows per page, gathered per token of
+the tile: the tile's 16-token pages share their cache lines) and V's per-token scales go on the
+probabilities, as int8's. Scores are two
 matmuls over the halves (q's low half against the low nibbles), the output two accumulators of
 H / 2 columns each: no dequantized tile in memory, no interleave of columns.
 
@@ -47,7 +48,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .quantization import is_int4, is_quantized, to_compute, unpack_int4
+from .quantization import is_int4, is_quantized, to_compute, unpack_int4, unpack_nibbles
 
 NEG = -1e30  # finite "minus infinity": exp2(NEG - NEG) stays 1, never NaN
 LOG2E = math.log2(math.e)
@@ -95,8 +96,9 @@ def load_kv(ref, idx, mask):
 def load_int4(k_ref, v_ref, ks_ref, rows, page, kh, head_dim, live, dtype):
     """K and V of KV head ``kh`` at pool rows ``rows`` [n] of an int4 pool, unpacked in
     registers: ([k_lo, k_hi], [v_lo, v_hi]), each [n, H / 2] in ``dtype``, the low and high
-    halves of the head dim. K is dequantized by its block's channel scales (ks_ref [num_blocks,
-    K * H], row ``page`` [n] of each token); V stays bare codes (its per-token scale goes on the
+    halves of the head dim. K is dequantized by its block's channel parameters (ks_ref
+    [num_blocks * 2, K * H] float8_e4m3fn: rows 2 page and 2 page + 1, the scale and the zero
+    point, of each token's ``page`` [n]); V stays bare codes (its per-token scale goes on the
     probabilities). ``live`` [n] masks the gathers (masked lanes give 0); None: all in range."""
     half = head_dim // 2
     hd = jnp.arange(half, dtype=jnp.int32)
@@ -107,9 +109,11 @@ def load_int4(k_ref, v_ref, ks_ref, rows, page, kh, head_dim, live, dtype):
 
     byte_cols = (kh * half + hd)[None, :]
     k_parts = []
-    for codes, c0 in zip(unpack_int4(gather(k_ref, (rows[:, None], byte_cols))), (0, half)):
-        scale = gather(ks_ref, (page[:, None], (kh * head_dim + c0 + hd)[None, :]))
-        k_parts.append((codes.astype(jnp.float32) * scale.astype(jnp.float32)).astype(dtype))
+    for nibbles, c0 in zip(unpack_nibbles(gather(k_ref, (rows[:, None], byte_cols))), (0, half)):
+        scale, zero = (to_compute(gather(ks_ref, (2 * page[:, None] + i,
+                                                  (kh * head_dim + c0 + hd)[None, :])),
+                                  jnp.float32) for i in (0, 1))
+        k_parts.append((nibbles.astype(jnp.float32) * scale + zero).astype(dtype))
     v_parts = [c.astype(dtype) for c in unpack_int4(gather(v_ref, (rows[:, None], byte_cols)))]
     return k_parts, v_parts
 
@@ -126,7 +130,8 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
                    sink_tokens, window):
     # q_ref [T*N, H]; k_ref, v_ref [num_blocks*block_size, K*H]; bt_ref [S, W]; cl_ref [S];
     # qsl_ref [S+1]; quantized: ks_ref, vs_ref [num_blocks*block_size, K] bf16;
-    # packed (int4): k_ref, v_ref [num_blocks*block_size, K*H/2] uint8, ks_ref [num_blocks, K*H];
+    # packed (int4): k_ref, v_ref [num_blocks*block_size, K*H/2] uint8, ks_ref [num_blocks*2, K*H]
+    # float8_e4m3fn (each block's scale row, then its zero-point row);
     # outputs: o [T*N, H] (one split); o_part [S*N*P, H], m, l [S*N*P] (partials, merged by
     # _combine_kernel).
     # The tile's rows are the kv_per_prog * group query heads of kv_per_prog adjacent KV heads
@@ -416,7 +421,7 @@ def flat_pages(k_pages, v_pages):
 
 def flat_scales(k_pages, v_pages):
     """() for plain pages; the scales as [num_blocks * block_size, K] for QuantizedPages (int4's
-    K scales, per channel of a block: [num_blocks, K * H])."""
+    K parameters, a scale and a zero point per channel of a block: [num_blocks * 2, K * H])."""
     if not is_quantized(k_pages):
         return ()
     return tuple(p.scale.reshape(p.scale.shape[0] * p.scale.shape[1], -1)

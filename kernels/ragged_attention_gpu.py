@@ -57,7 +57,8 @@ def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qs
                    head_dim, block_size, scale_log2, quantized, packed, sink_tokens, window):
     # q_ref, o_ref [T*N, H]; k_ref, v_ref [num_blocks*block_size, K*H]; bt_ref [S, W];
     # quantized: ks_ref, vs_ref [num_blocks*block_size, K] bf16 before o_ref; packed (int4):
-    # k_ref, v_ref [num_blocks*block_size, K*H/2] uint8 and ks_ref [num_blocks, K*H].
+    # k_ref, v_ref [num_blocks*block_size, K*H/2] uint8 and ks_ref [num_blocks*2, K*H] fp8
+    # (K's scale and zero-point rows of each block).
     ks_ref, vs_ref, (o_ref,) = split_refs(refs, quantized)
     tile, kh = num_tiles - 1 - pl.program_id(0), pl.program_id(1)
     seq, t0 = tseq_ref[tile], tstart_ref[tile]
