@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .quantization import is_int4, is_quantized, is_raw_fp8
+from .quantization import KEY_PARAM_DTYPE, is_int4, is_quantized, is_raw_fp8
 from .reference import paged_attention_ref, write_kv_ref
 
 BACKENDS = ("pallas-gpu", "pallas-tpu", "reference")
@@ -25,8 +25,8 @@ def _is_pow2(n: int) -> bool:
 
 def check_pages(k_pages, v_pages) -> None:
     """Both plain [num_blocks, block_size, K, H] arrays of one dtype, or both QuantizedPages with
-    a [num_blocks, block_size, K, 1] scale each (int4: K's scale [num_blocks, 1, K, H], per
-    channel within a block). Plain 1-byte pages must be fp8 (raw values, the static scale applied
+    a [num_blocks, block_size, K, 1] bfloat16 scale each (int4: K's [num_blocks, 2, K, H]
+    float8_e4m3fn scale and zero point, per channel within a block). Plain 1-byte pages must be fp8 (raw values, the static scale applied
     by the model): int8 has no such scale, its values mean nothing without their scales."""
     if is_quantized(k_pages) != is_quantized(v_pages):
         raise ValueError("k_pages and v_pages must both be quantized (QuantizedPages) or neither")
@@ -41,16 +41,18 @@ def check_pages(k_pages, v_pages) -> None:
                          "QuantizedPages (per-token scales, kernels/quantization.py); only fp8 "
                          "pages are taken raw")
     if is_quantized(k_pages):
-        want = (*k_pages.shape[:3], 1)
+        want = (*k_pages.shape[:3], 1), "[num_blocks, block_size, K, 1]", jnp.bfloat16
         nb, _, kh, h = k_pages.shape
-        k_want, k_what = ((nb, 1, kh, h), "[num_blocks, 1, K, H] (int4 keys: per channel)") \
-            if is_int4(k_pages) else (want, "[num_blocks, block_size, K, 1]")
-        for name, pages, shape, what in (("k_pages", k_pages, k_want, k_what),
-                                         ("v_pages", v_pages, want,
-                                          "[num_blocks, block_size, K, 1]")):
+        k_want = ((nb, 2, kh, h), "[num_blocks, 2, K, H] (int4 keys: a scale and a zero point "
+                  "per channel of a block)", KEY_PARAM_DTYPE) if is_int4(k_pages) else want
+        for name, pages, (shape, what, dtype) in (("k_pages", k_pages, k_want),
+                                                  ("v_pages", v_pages, want)):
             if pages.scale.shape != shape:
                 raise ValueError(f"{name}.scale must be {what} = {shape}, "
                                  f"got {pages.scale.shape}")
+            if pages.scale.dtype != dtype:
+                raise ValueError(f"{name}.scale must be {jnp.dtype(dtype).name}, "
+                                 f"got {pages.scale.dtype}")
 
 
 def check_shapes(q, k_pages, v_pages, block_tables, context_lens, query_start_loc) -> None:
@@ -231,8 +233,8 @@ def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping, *, backend: str = "re
     slot_mapping: [T] int32, slot = block * block_size + offset, negative for padding rows.
     backend "pallas-gpu": one fused Pallas launch writing K and V in place (needs K * H a power of
     two, else falls back); anything else, and int4 pages on every backend: the XLA scatter of
-    ``write_kv_ref`` (int4 re-quantizes K's whole blocks as their channel scales grow: a gather
-    and a scatter of the touched blocks, ``reference.write_channel_scaled``). Which is faster on
+    ``write_kv_ref`` (int4 re-quantizes K's whole blocks as their channel ranges grow: a gather
+    and a scatter of the touched blocks, ``reference.write_int4_keys``). Which is faster on
     the GPU is measured by ``python -m benchmarks kernel`` (figures["kv_write_us"]).
     """
     check_pages(k_pages, v_pages)

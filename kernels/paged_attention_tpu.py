@@ -18,8 +18,9 @@ bf16 ones (half the bytes) and converted to q's dtype in VMEM per KV head; ``Qua
 (int8) DMA their ``[block_size, K, 1]`` bfloat16 scale pages beside the values (1/64 more at
 H = 128) and dequantize (values x scale in float32, then q's dtype) before the two matmuls.
 int4 pages DMA their packed ``[block_size, K, H / 2]`` bytes (a quarter of bf16's), V's per-token
-scale pages and K's ``[1, K, H]`` channel-scale row per page; the bytes are unpacked in VMEM
-(mask and shift, the halves concatenated) and dequantized the same way.
+scale pages and K's ``[2, K, H]`` float8_e4m3fn scale and zero-point rows per page; the bytes are
+unpacked in VMEM (mask and shift, the halves concatenated) and dequantized in float32 (V: codes x
+scale; K: nibbles x scale + zero).
 
 Verified here in TPU interpret mode on the CPU (``pltpu.InterpretParams``: simulated HBM/VMEM/SMEM,
 DMAs and semaphores, uninitialised memory as NaN) and by lowering to Mosaic for a TPU target; not
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .quantization import is_quantized, unpack_codes
+from .quantization import dequantize_keys, is_quantized, unpack_codes
 from .reference import visible
 
 NEG = -1e30
@@ -89,15 +90,19 @@ class _PageBlocks:
 
     def tiles(self, slot, kh, dtype):
         """K and V of KV head kh in buffer ``slot``: [P * block_size, H] each, in ``dtype``
-        (dequantized for a quantized pool: int4 bytes unpacked, times the scales [P, block_size
-        or 1, 1 or H] broadcast; converted for raw fp8 pages)."""
+        (dequantized for a quantized pool: times the scales [P, block_size, 1] broadcast; int4
+        bytes unpacked, K's with its scale and zero point [P, 2, H]; converted for raw fp8
+        pages)."""
         _, p_blk, bs, _, x = self.kbuf.shape
         k, v = (buf[slot, :, :, kh, :] for buf in self.bufs[:2])  # [P, block_size, X]
         if len(self.bufs) == 4:
-            if k.dtype == jnp.uint8:  # int4: X = H / 2
-                k, v = unpack_codes(k), unpack_codes(v)
             ks, vs = (buf[slot, :, :, kh, :].astype(jnp.float32) for buf in self.bufs[2:])
-            k, v = k.astype(jnp.float32) * ks, v.astype(jnp.float32) * vs
+            if k.dtype == jnp.uint8:  # int4: X = H / 2; K's scale and zero point [P, 2, H]
+                k = dequantize_keys(k[:, :, None], ks[:, :, None])[:, :, 0]
+                v = unpack_codes(v)
+            else:
+                k = k.astype(jnp.float32) * ks
+            v = v.astype(jnp.float32) * vs
         h = k.shape[-1]
         return k.reshape(p_blk * bs, h).astype(dtype), v.reshape(p_blk * bs, h).astype(dtype)
 

@@ -46,50 +46,53 @@ kernels do no work for the scale, and decode is faster than with per-token scale
 price is accuracy: KL 5.0e-3 against 3.3e-3 with per-token scales, within the 1% perplexity bar.
 int8 keeps its per-token scales.
 
-int4 (``--kv-cache-dtype int4``), KIVI's grouping with symmetric codes:
+int4 (``--kv-cache-dtype int4``), KIVI's grouping: K asymmetric per channel within a block, V
+symmetric per token.
 
 - codes (K and V): ``QuantizedPages(data, scale)`` with ``data`` [num_blocks, block_size, K, H / 2]
-  uint8, two codes a byte: byte ``j`` of a head's row holds channel ``j`` in its low nibble and
-  channel ``j + H / 2`` in its high nibble, each stored as ``code + 8`` with code in [-7, 7].
-  Halves, not adjacent pairs: a kernel turns a [rows, H / 2] byte tile into the two halves of
-  the head dim with a mask and a shift, and multiplies each half by its half of q (or adds it
-  into its half of the output), with no interleave of columns, which Triton cannot do cheaply.
-- V's scale: one per token and KV head, [num_blocks, block_size, K, 1] bfloat16, as int8's.
-- K's scale: one per *channel* and KV head within a block, [num_blocks, 1, K, H] bfloat16 (KIVI:
-  keys have outlier channels, so a per-token scale spends the 15 levels on them). 0 for a
-  channel that holds only zeros. The trailing shapes keep both scales 4-D with the block first
-  and the KV head third, so block copies, swaps and the KV-head sharding treat them as pages.
+  uint8, two nibbles a byte: byte ``j`` of a head's row holds channel ``j`` in its low nibble and
+  channel ``j + H / 2`` in its high nibble. Halves, not adjacent pairs: a kernel turns a
+  [rows, H / 2] byte tile into the two halves of the head dim with a mask and a shift, and
+  multiplies each half by its half of q (or adds it into its half of the output), with no
+  interleave of columns, which Triton cannot do cheaply.
+- V: nibble = code + 8 with code in [-7, 7], value = code * scale, one scale per token and KV
+  head, [num_blocks, block_size, K, 1] bfloat16 (absmax / 7 rounded up), as int8's.
+- K: value = nibble * scale + zero with nibble in [0, 15], a scale and a zero point per *channel*
+  and KV head within a block: ``scale`` [num_blocks, 2, K, H] float8_e4m3fn, row 0 the scale,
+  row 1 the zero point (``key_params``: the zero point is the block's minimum rounded down, the
+  scale (max - zero) / 15 rounded up, so no key clips; keys beyond e4m3's +-448 would).
+  Per channel because keys have outlier channels (KIVI), asymmetric because a key channel often
+  sits around an offset of one sign within a block, which leaves half of a symmetric range
+  unused. Block first and KV head third in both scale layouts, so block copies, swaps and the
+  KV-head sharding treat them as pages.
 - ``QuantizedPages.shape`` is the logical ``[num_blocks, block_size, K, H]``; the stored dtype,
   uint8, marks the packing (``is_int4``).
 
-Symmetric (no zero point), scales in bf16: at H = 128 and block size 16 a token and KV head takes
-64 + 16 bytes of K (the block's 128 channel scales over its 16 tokens) and 64 + 2 of V, 146
-against bf16's 512: the pool holds 3.51x the tokens. A zero point per channel (KIVI's
-asymmetric codes) would cost 16 more bytes of K and bring it to 3.1x.
+Bytes: at H = 128 and block size 16 a token and KV head takes 64 + 16 bytes of K (two fp8 numbers
+per channel of the block, over its 16 tokens) and 64 + 2 of V, 146 against bf16's 512: the pool
+holds 3.51x the tokens. A bf16 scale and zero point would give 3.16x.
 
-A partly filled block: K's channel scales need the block's keys, which decode writes one token at
-a time. The write keeps each channel's scale at the block's running absmax / 7 (rounded up to
-bf16), and when a new token raises it, re-quantizes the block's earlier codes to the new scale
-(``code * old / new``, rounded); writing slot 0 starts the block from scale 0. A scale that does
-not grow leaves the codes bit-identical, so a code is re-rounded only when its channel's maximum
-grows (about ln(16) ~ 3 times in a block of random keys). Rows written together are applied in
-slot order, so the stored bits are those of token-by-token writes whatever the chunking
-(``reference.write_channel_scaled``). What attention sees does depend on the chunking: a query
-of a prefill chunk reads its block's keys quantized with the chunk's later tokens already in the
-scale, a decode step only with the tokens before it; so int4's greedy tokens equal a
-token-at-a-time reference, not a one-shot prefill's (tests/engine/test_kv_cache_dtype.py), and a
-recompute after preemption may differ from the run it replaces by that noise. Measured (tests/kernels/test_int4_kv.py ``partial_block_errors``; K of
-16-token blocks written a token at a time; error relative to the keys' norm):
+Measured on SmolLM2-135M, perplexity of alice29.txt's first 4,096 tokens with K (after RoPE) and
+V fake-quantized in every layer of a dense forward (benchmarks/experiments/int4_schemes.py;
+benchmarks/KERNEL_NOTES.md has every row):
 
-| keys | whole block at once (floor) | running max (chosen) | first token's scale, clamped | per token |
-| --- | --- | --- | --- | --- |
-| random, channel magnitudes 0.1-10 | 8.6e-2 | 9.7e-2 | 5.9e-1 | 1.5e-1 |
-| SmolLM2-135M, paragraph.txt, 300 blocks of all layers | 6.2e-2 | 7.5e-2 | 4.0e-1 | 2.0e-1 |
+| K (groups of 16 tokens); V | ppl | vs bf16 |
+| --- | --- | --- |
+| bf16 KV | 18.14 | - |
+| symmetric K per channel, bf16 scale, written a token at a time; V per token | 20.70 | +14.1% |
+| symmetric K per channel, the whole block's absmax; V per token | 20.08 | +10.7% |
+| asymmetric K, whole block, bf16 scale + zero; V per token | 18.60 | +2.6% |
+| **asymmetric K, whole block, fp8 scale + zero; V per token** (this format) | 18.60 | +2.6% |
+| asymmetric K, fp8 scale + zero re-derived every token; V per token | 18.83 | +3.8% |
 
-A scale fixed by the block's first token clips every channel that later grows past that token's
-value (5x the error); the running maximum costs 13-21% over quantizing each full block at once,
-which decode cannot do without holding the block's keys elsewhere (KIVI keeps a full-precision
-residual), and needs no state but the scales. Per-token K scales (V's layout) are 2-3x worse.
+The write (``reference.write_int4_keys``) sets a block's scale and zero point from the min and
+max over its earlier keys (dequantized) and all of the step's rows for it, re-rounds the earlier
+codes once and quantizes the new rows; when every new row fits the block's current range the
+parameters and the earlier codes stay as they are. A prefill, or a chunk that starts on a block
+boundary, therefore stores each full block from its own range; decode steps re-round a block's
+codes only when a token leaves its range. The stored bits depend on the chunking: the engine's
+greedy tokens equal a reference that chunks the same way (tests/engine/test_kv_cache_dtype.py),
+and a recompute after preemption may store its last block's keys slightly differently.
 """
 from __future__ import annotations
 
@@ -107,17 +110,22 @@ QUANTIZED_DTYPES = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2, 
 # the model to q, k, v and the attention output (models/kv_scales.py).
 PER_TOKEN_SCALED = ("int8", "int4")
 SCALE_DTYPE = jnp.bfloat16
-SCALE_BYTES = 2  # per scale: a token and KV head (int8, int4's V), or a channel of a block (int4's K)
+# per scale: a token and KV head (int8, int4's V), or a channel of a block (int4's K: two fp8
+# numbers, its scale and zero point)
+SCALE_BYTES = 2
 INT4_QMAX = 7.0
+KEY_PARAM_DTYPE = jnp.float8_e4m3fn  # int4 K's scale and zero point
+KEY_PARAM_MAX = 448.0
 
 
 class QuantizedPages(NamedTuple):
     """One layer's K or V pages in a 1-byte dtype with a scale per token and KV head, or int4.
 
     data: [num_blocks, block_size, K, H] (float8_e4m3fn, float8_e5m2 or int8), or
-    [num_blocks, block_size, K, H / 2] uint8 (int4, two codes a byte);
-    scale: [num_blocks, block_size, K, 1] bfloat16 (per token), or [num_blocks, 1, K, H]
-    (int4 keys: per channel within a block). value = codes * scale, broadcast.
+    [num_blocks, block_size, K, H / 2] uint8 (int4, two nibbles a byte);
+    scale: [num_blocks, block_size, K, 1] bfloat16 (per token: value = codes * scale), or
+    [num_blocks, 2, K, H] float8_e4m3fn (int4 keys, per channel within a block: value =
+    nibble * scale[:, 0] + scale[:, 1]).
     ``shape`` is the logical [num_blocks, block_size, K, H].
     """
 
@@ -160,7 +168,8 @@ def is_int4(pages) -> bool:
 
 
 def has_channel_scales(pages) -> bool:
-    """int4 keys: a scale per channel within a block ([num_blocks, 1, K, H]), not per token."""
+    """int4 keys: a scale and zero point per channel within a block ([num_blocks, 2, K, H]),
+    not a scale per token."""
     return is_quantized(pages) and pages.scale.shape[-1] != 1
 
 
@@ -212,23 +221,35 @@ def quantize_values(x, scale, dtype):
     return y.astype(dtype)
 
 
-def pack_int4(codes):
-    """int4 codes [..., H] (integers in [-8, 7]) -> [..., H / 2] uint8: byte j holds channel j
-    in its low nibble and channel j + H / 2 in its high one, each as code + 8."""
-    h = codes.shape[-1] // 2
-    c = codes.astype(jnp.int32) + 8
+def pack_nibbles(nibbles):
+    """Nibbles [..., H] (integers in [0, 15]) -> [..., H / 2] uint8: byte j holds channel j in
+    its low nibble and channel j + H / 2 in its high one."""
+    h = nibbles.shape[-1] // 2
+    c = nibbles.astype(jnp.int32)
     return (c[..., :h] | (c[..., h:] << 4)).astype(jnp.uint8)
 
 
+def pack_int4(codes):
+    """Symmetric int4 codes [..., H] (integers in [-8, 7]) -> [..., H / 2] uint8, each stored as
+    code + 8 (``pack_nibbles``)."""
+    return pack_nibbles(codes.astype(jnp.int32) + 8)
+
+
+def unpack_nibbles(data):
+    """[..., H / 2] uint8 -> (low, high) uint8 nibbles [..., H / 2] each, in [0, 15]: channels
+    0 .. H/2 - 1 and H/2 .. H - 1. Two byte ops (a mask, a shift), so the kernels unpack a byte
+    tile in registers with it and convert each nibble straight to the matmul dtype."""
+    return data & 15, data >> 4
+
+
 def unpack_int4(data):
-    """[..., H / 2] uint8 -> (low, high) int32 codes [..., H / 2] each: channels 0 .. H/2 - 1 and
-    H/2 .. H - 1. Integer ops only, so the kernels unpack a byte tile in registers with it."""
-    x = data.astype(jnp.int32)
-    return (x & 15) - 8, (x >> 4) - 8
+    """[..., H / 2] uint8 -> (low, high) symmetric int32 codes (nibble - 8) [..., H / 2] each."""
+    lo, hi = unpack_nibbles(data)
+    return lo.astype(jnp.int32) - 8, hi.astype(jnp.int32) - 8
 
 
 def unpack_codes(data):
-    """[..., H / 2] uint8 -> int32 codes [..., H]."""
+    """[..., H / 2] uint8 -> symmetric int32 codes [..., H]."""
     return jnp.concatenate(unpack_int4(data), axis=-1)
 
 
@@ -242,18 +263,56 @@ def quantize(x, dtype) -> tuple[jax.Array, jax.Array]:
     return values, scale.astype(SCALE_DTYPE)
 
 
+def fp8_round(x, *, up: bool):
+    """x (float) -> float32 value of the nearest float8_e4m3fn at or above x (``up``) or at or
+    below it, saturating at +-448. A rounded-to-nearest value on the wrong side of x moves one
+    step (the step of x's binade, 2^-9 among the subnormals), which is exact in e4m3."""
+    x = jnp.clip(x.astype(jnp.float32), -KEY_PARAM_MAX, KEY_PARAM_MAX)
+    r = x.astype(KEY_PARAM_DTYPE).astype(jnp.float32)
+    _, e = jnp.frexp(x)
+    step = jnp.exp2(jnp.maximum(e - 4, -9).astype(jnp.float32))
+    return jnp.where(r < x, r + step, r) if up else jnp.where(r > x, r - step, r)
+
+
+def key_params(lo, hi):
+    """(scale, zero) of int4 keys whose channel spans [lo, hi], as float32 values of
+    float8_e4m3fn: zero is lo rounded down, scale (hi - zero) / 15 rounded up, so every value of
+    the span maps into nibbles 0..15 (scale 0 for a constant channel equal to its zero)."""
+    zero = fp8_round(lo, up=False)
+    return fp8_round((hi.astype(jnp.float32) - zero) * (1.0 / 15.0), up=True), zero
+
+
+def quantize_keys(x, scale, zero):
+    """x [..., H] (float) -> int4 key nibbles int32 [..., H] in [0, 15]: (x - zero) / scale
+    rounded half up and clipped; 0 where scale is 0."""
+    y = (x.astype(jnp.float32) - zero) / jnp.where(scale == 0, 1.0, scale)
+    return jnp.clip(jnp.floor(y + 0.5), 0, 15).astype(jnp.int32)
+
+
 def quantize_channels(x):
-    """int4 keys of whole blocks: x [num_blocks, block_size, K, H] -> (packed codes
-    [num_blocks, block_size, K, H / 2], scale [num_blocks, 1, K, H] bfloat16), one scale per
-    channel of each block and KV head (0 for an all-zero channel)."""
-    scale = scale_up(jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1, keepdims=True), jnp.uint8)
-    codes = quantize_values(x, jnp.where(scale == 0, 1.0, scale), jnp.uint8)
-    return pack_int4(codes), scale.astype(SCALE_DTYPE)
+    """int4 keys of whole blocks: x [num_blocks, block_size, K, H] -> (packed nibbles
+    [num_blocks, block_size, K, H / 2], params [num_blocks, 2, K, H] float8_e4m3fn: the scale and
+    zero point of each channel of each block and KV head, ``key_params`` of its min and max)."""
+    x = x.astype(jnp.float32)
+    scale, zero = key_params(jnp.min(x, axis=1, keepdims=True), jnp.max(x, axis=1, keepdims=True))
+    params = jnp.concatenate([scale, zero], axis=1).astype(KEY_PARAM_DTYPE)
+    return pack_nibbles(quantize_keys(x, scale, zero)), params
+
+
+def dequantize_keys(data, params, dtype=jnp.float32):
+    """int4 keys: nibbles [..., block_size, K, H / 2] uint8 and params [..., 2, K, H] -> values
+    nibble * scale + zero [..., block_size, K, H] in ``dtype`` (float32 arithmetic)."""
+    nibbles = jnp.concatenate(unpack_nibbles(data), axis=-1).astype(jnp.float32)
+    params = params.astype(jnp.float32)
+    return (nibbles * params[..., 0:1, :, :] + params[..., 1:2, :, :]).astype(dtype)
 
 
 def dequantize(data, scale, dtype=jnp.float32):
-    """values [..., H] (or int4's packed [..., H / 2]) x scale (broadcast: [..., 1] per token,
-    [..., 1, K, H] per channel of a block) -> [..., H] in ``dtype`` (products in float32)."""
+    """values [..., H] (or int4's packed [..., H / 2]) x scale [..., 1] (per token, broadcast)
+    -> [..., H] in ``dtype`` (products in float32). int4 keys' params ([..., 2, K, H], per
+    channel of a block): ``dequantize_keys``."""
+    if scale.shape[-1] != 1:
+        return dequantize_keys(data, scale, dtype)
     if data.dtype == jnp.uint8:
         data = unpack_codes(data)
     return (data.astype(jnp.float32) * scale.astype(jnp.float32)).astype(dtype)
@@ -261,8 +320,8 @@ def dequantize(data, scale, dtype=jnp.float32):
 
 def quantize_pages(pages: jax.Array, name: str, *, keys: bool = False) -> QuantizedPages:
     """Plain pages [num_blocks, block_size, K, H] -> QuantizedPages of cache dtype ``name``.
-    ``keys``: int4 keys take a scale per channel within each block (the other formats ignore
-    it)."""
+    ``keys``: int4 keys take a scale and zero point per channel within each block (the other
+    formats ignore it)."""
     if name == "int4" and keys:
         return QuantizedPages(*quantize_channels(pages))
     data, scale = quantize(pages, QUANTIZED_DTYPES[name])

@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .decode_attention_gpu import (LOG2E, NEG, cdiv, flat_pages, flat_scales, load_int4, load_kv,
-                                   split_refs)
+                                   pv_dot, split_refs)
 from .quantization import is_int4, is_quantized, to_compute
 from .reference import visible
 
@@ -57,7 +57,8 @@ def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qs
                    head_dim, block_size, scale_log2, quantized, packed, sink_tokens, window):
     # q_ref, o_ref [T*N, H]; k_ref, v_ref [num_blocks*block_size, K*H]; bt_ref [S, W];
     # quantized: ks_ref, vs_ref [num_blocks*block_size, K] bf16 before o_ref; packed (int4):
-    # k_ref, v_ref [num_blocks*block_size, K*H/2] uint8 and ks_ref [num_blocks, K*H].
+    # k_ref, v_ref [num_blocks*block_size, K*H/2] uint8 and ks_ref [num_blocks*2, K*H] fp8
+    # (K's scale and zero-point rows of each block).
     ks_ref, vs_ref, (o_ref,) = split_refs(refs, quantized)
     tile, kh = num_tiles - 1 - pl.program_id(0), pl.program_id(1)
     seq, t0 = tseq_ref[tile], tstart_ref[tile]
@@ -140,9 +141,8 @@ def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qs
         p = jnp.exp2(s - m_new[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
         pv = p * vs.astype(jnp.float32)[None, :] if quantized else p
-        acc = tuple(a * alpha[:, None] + jnp.dot(pv.astype(dt), vp,
-                                                 preferred_element_type=jnp.float32)
-                    for a, vp in zip(acc, v_parts))
+        acc = tuple(a * alpha[:, None] + d
+                    for a, d in zip(acc, pv_dot(pv.astype(dt), v_parts, packed)))
         return acc, m_new, l
 
     carry = (tuple(jnp.zeros((block_m, c.shape[0]), jnp.float32) for c in out_cols),

@@ -6,9 +6,9 @@ Layout (owned by ``pagedjax.worker.kv_pool``): one layer's pages are ``k_pages, 
 model applies the static scale outside the kernels): the write saturates to +-qmax, attention
 upcasts to float32. An int8 cache passes ``QuantizedPages(data, scale)`` in place of each pages
 array (``kernels/quantization.py``): the write quantizes each token's K/V per KV head, attention
-dequantizes in float32. An int4 cache is QuantizedPages of packed codes, V scaled per token, K per
-channel within a block: the write keeps K's block scales at the running maximum
-(``write_channel_scaled``).
+dequantizes in float32. An int4 cache is QuantizedPages of packed codes, V scaled per token, K
+asymmetric per channel within a block: the write re-derives a block's scale and zero point from
+its earlier keys and the step's new ones (``write_int4_keys``).
 
 A step's batch is packed ragged: sequence ``s`` owns query rows ``q[qsl[s]:qsl[s+1]]`` (1 token when
 decoding, a chunk when prefilling); ``context_lens[s]`` counts its tokens in the cache *including*
@@ -22,9 +22,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .quantization import (QuantizedPages, dequantize, has_channel_scales, is_quantized,
-                           is_raw_fp8, pack_int4, quantize, quantize_values, saturate, scale_up,
-                           unpack_codes)
+from .quantization import (QuantizedPages, dequantize, dequantize_keys, has_channel_scales,
+                           is_quantized, is_raw_fp8, key_params, pack_nibbles, quantize,
+                           quantize_keys, saturate)
 
 
 def write_kv_ref(k_pages, v_pages, k_new, v_new, slot_mapping):
@@ -48,7 +48,7 @@ def write_kv_ref(k_pages, v_pages, k_new, v_new, slot_mapping):
 
     def write(pages, new):
         if has_channel_scales(pages):
-            return write_channel_scaled(pages, new, slot_mapping)
+            return write_int4_keys(pages, new, slot_mapping)
         if is_quantized(pages):
             return QuantizedPages(*(put(p, x) for p, x in zip(pages, quantize(new, pages.dtype))))
         return put(pages, new)
@@ -56,45 +56,53 @@ def write_kv_ref(k_pages, v_pages, k_new, v_new, slot_mapping):
     return write(k_pages, k_new), write(v_pages, v_new)
 
 
-def write_channel_scaled(pages: QuantizedPages, new, slot_mapping) -> QuantizedPages:
-    """Write rows into int4 pages scaled per channel within a block (int4's K).
+def write_int4_keys(pages: QuantizedPages, new, slot_mapping) -> QuantizedPages:
+    """Write rows into int4 key pages (a scale and zero point per channel within a block).
 
-    pages: data [num_blocks, block_size, K, H / 2] uint8, scale [num_blocks, 1, K, H];
-    new: [T, K, H]; slot_mapping: [T] int32 (negative: padding).
+    pages: data [num_blocks, block_size, K, H / 2] uint8, scale [num_blocks, 2, K, H]
+    float8_e4m3fn; new: [T, K, H]; slot_mapping: [T] int32 (negative: padding).
 
-    Each row, in slot order within its block, sets the block's scale to max(its scale, the row's
-    absmax / 7 rounded up), per channel, re-quantizes the block's codes to that scale (unchanged
-    where it did not grow) and stores its own codes. Writing slot 0 starts a new block from
-    scale 0 (the old codes are stale and become 0). The rows of a step are applied one rank at a
-    time (rank: a row's place among the step's rows of its block), so the stored bits are those of
-    writing the tokens one by one, whatever the chunking: a prefill, a chunked prefill and decode
-    steps store the same cache, and recompute after preemption restores it exactly. A decode
-    step (one row per block) is one pass over its T blocks; a prefill up to block_size passes.
+    Per block the step writes to: its earlier keys are those before the step's first slot in it
+    (none when that is slot 0: a new block, whatever stale codes it holds). Per channel, unless
+    the new rows fit its current range [zero, zero + 15 scale], its parameters become
+    ``key_params`` of the min and max over the earlier keys (dequantized) and the new rows, and
+    the earlier codes are re-rounded to them, once; then the new rows are quantized. Slots past
+    the written ones are zeroed. One gather and one scatter of the touched blocks: each block's
+    first row in the step (its leader) writes the whole block.
     """
     nb, bs, kh, h = pages.shape
+    t = new.shape[0]
     live = slot_mapping >= 0
     blk = jnp.where(live, slot_mapping // bs, nb)  # nb: padding, dropped by the scatters
     off = jnp.where(live, slot_mapping % bs, 0)
-    first = jnp.full((nb + 1,), bs, jnp.int32).at[blk].min(off)
-    rank = jnp.where(live, off - first[blk], bs)
+    row = jnp.arange(t, dtype=jnp.int32)
+    first = jnp.full((nb + 1,), bs, jnp.int32).at[blk].min(off)  # first slot written, per block
+    leader = jnp.full((nb + 1,), t, jnp.int32).at[blk].min(row)[blk]  # [T]; padding: t
     x = new.astype(jnp.float32)
+    # Per leader row g (other rows: dropped): block blk[g]'s new rows' min / max [T, K, H]
+    new_lo = jax.ops.segment_min(x, leader, num_segments=t)
+    new_hi = jax.ops.segment_max(x, leader, num_segments=t)
+
     at = jnp.minimum(blk, nb - 1)
-
-    def one_rank(r, pages):  # the rows of rank r: at most one per block
-        mine = rank == r
-        dst = jnp.where(mine, blk, nb)
-        old = pages.scale[at, 0].astype(jnp.float32)  # [T, K, H]
-        old = jnp.where((off == 0)[:, None, None], 0.0, old)
-        scale = jnp.maximum(old, scale_up(jnp.abs(x), jnp.uint8))
-        div = jnp.where(scale == 0, 1.0, scale)
-        codes = unpack_codes(pages.data[at]).astype(jnp.float32) * old[:, None]  # [T,bs,K,H]
-        codes = quantize_values(codes, div[:, None], jnp.uint8)
-        codes = codes.at[jnp.arange(codes.shape[0]), off].set(quantize_values(x, div, jnp.uint8))
-        return QuantizedPages(pages.data.at[dst].set(pack_int4(codes), mode="drop"),
-                              pages.scale.at[dst, 0].set(scale.astype(pages.scale.dtype),
-                                                         mode="drop"))
-
-    return jax.lax.fori_loop(0, jnp.max(jnp.where(live, rank, -1)) + 1, one_rank, pages)
+    old = QuantizedPages(pages.data[at], pages.scale[at])  # [T, bs, K, H / 2], [T, 2, K, H]
+    scale, zero = (old.scale[:, i].astype(jnp.float32) for i in (0, 1))  # [T, K, H]
+    old_x = dequantize_keys(old.data, old.scale)  # [T, bs, K, H]
+    earlier = (jnp.arange(bs)[None, :] < first[blk][:, None])[:, :, None, None]  # [T, bs, 1, 1]
+    inf = jnp.float32(jnp.inf)
+    lo = jnp.minimum(new_lo, jnp.min(jnp.where(earlier, old_x, inf), axis=1))
+    hi = jnp.maximum(new_hi, jnp.max(jnp.where(earlier, old_x, -inf), axis=1))
+    # A channel whose new values fit keeps its parameters: re-rounding to them is exact.
+    fits = (first[blk] > 0)[:, None, None] & (new_lo >= zero) & (new_hi <= zero + 15 * scale)
+    fresh_scale, fresh_zero = key_params(lo, hi)
+    scale, zero = jnp.where(fits, scale, fresh_scale), jnp.where(fits, zero, fresh_zero)
+    codes = jnp.where(earlier, quantize_keys(old_x, scale[:, None], zero[:, None]), 0)
+    g = jnp.minimum(leader, t - 1)
+    codes = codes.at[jnp.where(live, leader, t), off].set(
+        quantize_keys(x, scale[g], zero[g]), mode="drop")
+    dst = jnp.where(live & (leader == row), blk, nb)
+    params = jnp.stack([scale, zero], axis=1).astype(pages.scale.dtype)
+    return QuantizedPages(pages.data.at[dst].set(pack_nibbles(codes), mode="drop"),
+                          pages.scale.at[dst].set(params, mode="drop"))
 
 
 def token_positions(query_start_loc, context_lens, num_tokens):

@@ -9,11 +9,13 @@ scores tokens 2 to N - 1 of an N - 1-token prompt, so its bf16 figure differs sl
     python -m benchmarks.experiments.int4_schemes --context 4096
     python -m benchmarks.experiments.int4_schemes --context 4096 --block 32 --schemes bf16,asym
 
-Schemes (K side, V side): ``none`` keeps bf16; ``running`` is the engine's K write
-(kernels/reference.write_channel_scaled: per channel within a block, the running absmax, codes
-re-rounded as it grows); ``absmax`` the block's own absmax per channel (quantize_channels);
-``token`` the engine's V (symmetric per token, codes -7..7); ``asym_*`` min/max with a zero point
-(KIVI), codes 0..15, per channel within a block (K) or per token (V).
+Schemes (K side, V side): ``none`` keeps bf16; ``engine`` is the engine's K write
+(kernels/reference.write_int4_keys: asymmetric per channel within a block, fp8 scale and zero
+point) of the whole context in one step, ``engine_by_token`` the same write a token at a time, as
+decode writes; ``running`` the previous engine's K (symmetric per channel within a block, the
+running absmax, codes re-rounded as it grows); ``absmax`` symmetric with the block's own absmax
+per channel; ``token`` the engine's V (symmetric per token, codes -7..7); ``asym_*`` min/max with
+a zero point (KIVI), codes 0..15, per channel within a block (K) or per token (V).
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pagedjax.kernels import reference
-from pagedjax.kernels.quantization import (QuantizedPages, dequantize, dequantize_pages,
-                                           quantize, quantize_channels)
+from pagedjax.kernels.quantization import (KEY_PARAM_DTYPE, QuantizedPages, dequantize,
+                                           dequantize_pages, quantize, quantize_channels)
 from pagedjax.models import decoder
 
 BLOCK = 16
@@ -38,16 +40,49 @@ def _blocks(x):  # [T, K, H] -> [T / BLOCK, BLOCK, K, H]
     return x.reshape(-1, BLOCK, *x.shape[1:])
 
 
-def k_running(x):
+def _empty_keys(t, kh, h):
+    return QuantizedPages(jnp.zeros((t // BLOCK, BLOCK, kh, h // 2), jnp.uint8),
+                          jnp.zeros((t // BLOCK, 2, kh, h), KEY_PARAM_DTYPE))
+
+
+def k_engine(x):
+    """The engine's write of all the keys in one step (whole blocks: ``quantize_channels``)."""
+    return dequantize(*quantize_channels(_blocks(x))).reshape(x.shape)
+
+
+def k_engine_by_token(x):
+    """The engine's write, one token a step (a block's parameters re-derived, and its earlier
+    codes re-rounded, only when a channel leaves its range)."""
     t, kh, h = x.shape
-    pages = QuantizedPages(jnp.zeros((t // BLOCK, BLOCK, kh, h // 2), jnp.uint8),
-                           jnp.zeros((t // BLOCK, 1, kh, h), jnp.bfloat16))
-    pages = reference.write_channel_scaled(pages, x, jnp.arange(t, dtype=jnp.int32))
+
+    def step(pages, i):
+        return reference.write_int4_keys(pages, x[i][None], i[None]), None
+
+    pages, _ = jax.lax.scan(step, _empty_keys(t, kh, h), jnp.arange(t, dtype=jnp.int32))
     return dequantize_pages(pages).reshape(x.shape)
 
 
+def _bf16_up(a):
+    return (a * (1.0 + 2.0 ** -8)).astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def _sym_params(lo, hi):  # the previous engine's K: symmetric, absmax / 7, as (zero, scale)
+    s = _bf16_up(jnp.maximum(jnp.abs(lo), jnp.abs(hi)) / 7.0)
+    s = jnp.where(s == 0, 1.0, s)
+    return -8.0 * s, s
+
+
+def k_running(x):
+    """The previous engine's K write: symmetric per channel within a block, a token at a time."""
+    return k_asym_running(x, _sym_params)
+
+
 def k_absmax(x):
-    return dequantize(*quantize_channels(_blocks(x))).reshape(x.shape)
+    """Symmetric per channel within a block, the whole block's absmax."""
+    b = _blocks(x.astype(jnp.float32))
+    s = _bf16_up(jnp.max(jnp.abs(b), axis=1, keepdims=True) / 7.0)
+    s = jnp.where(s == 0, 1.0, s)
+    return (jnp.clip(jnp.round(b / s), -7, 7) * s).reshape(x.shape)
 
 
 def v_token(x):
@@ -136,7 +171,9 @@ def v_asym(x):
 
 SCHEMES = {  # name: (K, V)
     "bf16": (None, None),
-    "current": (k_running, v_token),
+    "engine": (k_engine, v_token),
+    "engine_by_token": (k_engine_by_token, v_token),
+    "previous": (k_running, v_token),
     "k_only": (k_running, None),
     "v_only": (None, v_token),
     "k_block_absmax": (k_absmax, v_token),

@@ -294,7 +294,8 @@ def plan(args: argparse.Namespace) -> dict:
                      "device stores 1 KV head and the KV cache does not shrink further")
     if shape.int4:
         notes.append(f"KV cache int4: half a byte per value, a bf16 scale per token and KV head "
-                     f"for V and per channel of each {bs}-token block for K "
+                     f"for V, an fp8 scale and zero point per channel of each {bs}-token block "
+                     f"for K "
                      f"({shape.bytes_per_block // (bs * shape.num_layers * shape.num_kv_heads)} "
                      f"B of K and V per token and KV head against {4 * cfg.head_dim} in bf16)")
     elif shape.token_scales:

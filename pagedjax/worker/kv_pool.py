@@ -15,9 +15,9 @@ token and KV head: each of a layer's K and V is a ``QuantizedPages(data, scale)`
 [num_blocks, block_size, K, H] int8 and ``scale`` [num_blocks, block_size, K, 1] bfloat16 (why per
 token for int8: ``pagedjax/kernels/quantization.py``), ``H + 2`` bytes per token and KV head.
 int4 packs two codes a byte, ``data`` [num_blocks, block_size, K, H / 2] uint8; V's scale is per
-token as int8's, K's per channel within a block, ``[num_blocks, 1, K, H]``: a block of one KV
-head takes ``block_size * (H + 2) + 2 * H`` bytes of K and V (3.51x bf16's tokens at H = 128,
-block size 16).
+token as int8's, K has a float8_e4m3fn scale and zero point per channel within a block,
+``[num_blocks, 2, K, H]``: a block of one KV head takes ``block_size * (H + 2) + 2 * H`` bytes of
+K and V (3.51x bf16's tokens at H = 128, block size 16).
 Block moves (copy-on-write, swap) treat the scale as one more page array: same block index,
 same bits.
 """
@@ -29,8 +29,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from pagedjax.kernels.quantization import (QUANTIZED_DTYPES, SCALE_BYTES, QuantizedPages,
-                                          has_token_scales, qmax, storage_dtype)
+from pagedjax.kernels.quantization import (KEY_PARAM_DTYPE, QUANTIZED_DTYPES, SCALE_BYTES,
+                                          QuantizedPages, has_token_scales, qmax, storage_dtype)
 from pagedjax.models import ModelConfig
 from pagedjax.models.kv_scales import with_kv_scales
 
@@ -122,7 +122,8 @@ class KVPoolSpec:
     @property
     def bytes_per_block(self) -> int:
         """K and V bytes of one block across all layers: int4 adds, per KV head and layer, a bf16
-        scale per token for V and one per channel for K."""
+        scale per token for V and two fp8 numbers per channel for K (its scale and zero
+        point)."""
         per_head = 2 * self.block_size * self.row_bytes
         if self.int4:
             per_head += SCALE_BYTES * (self.block_size + self.head_dim)
@@ -176,9 +177,9 @@ def allocate(spec: KVPoolSpec, sharding=None) -> list:
 
     def pages(keys: bool):
         if spec.int4:
-            scale = (nb, 1, kh, h) if keys else (nb, bs, kh, 1)
+            scale = (nb, 2, kh, h, KEY_PARAM_DTYPE) if keys else (nb, bs, kh, 1, jnp.bfloat16)
             return QuantizedPages(zeros((nb, bs, kh, h // 2), jnp.uint8),
-                                  zeros(scale, jnp.bfloat16))
+                                  zeros(scale[:4], scale[4]))
         if spec.token_scales:
             return QuantizedPages(zeros(spec.page_shape, storage_dtype(spec.dtype)),
                                   zeros((*spec.page_shape[:3], 1), jnp.bfloat16))
@@ -220,7 +221,8 @@ def check_fits(spec: KVPoolSpec, max_model_len: int, chunk: int = 1) -> None:
 def log_capacity(spec: KVPoolSpec, max_model_len: int) -> None:
     logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s%s)", spec.num_blocks,
                 spec.block_size, spec.num_tokens, spec.total_bytes / GiB, spec.dtype,
-                ", bf16 scales: V per token, K per channel of a block" if spec.int4 else
+                ", V: a bf16 scale per token; K: an fp8 scale and zero point per channel of a "
+                "block" if spec.int4 else
                 ", bf16 scale per token and KV head" if spec.token_scales else
                 ", static scale per layer and KV head" if spec.static_scales else "")
     where = "GPU " if jax.local_devices()[0].platform == "gpu" else ""  # vLLM's line, on a GPU
@@ -263,7 +265,7 @@ def gather_blocks(pool, ids: jax.Array):
     at 2l and 2l + 1): one staging array for one host transfer (swap-out). Bit-exact. For an
     int8 pool a ``QuantizedPages`` of two staging arrays: values [2L, P, block_size, K, H]
     and scales [2L, P, block_size, K, 1]; for int4, whose K and V scales differ in shape, the
-    scales are a pair (K's [L, P, 1, K, H], V's [L, P, block_size, K, 1])."""
+    scales are a pair (K's [L, P, 2, K, H] float8_e4m3fn, V's [L, P, block_size, K, 1])."""
     def stack(arrays):
         staging = jnp.stack([_bits(pages)[ids] for pages in arrays])
         return jax.lax.bitcast_convert_type(staging, arrays[0].dtype)

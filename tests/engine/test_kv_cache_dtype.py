@@ -3,7 +3,7 @@ equals a one-shot recompute with the same quantization (through chunked prefill,
 preemption and the Pallas kernels in interpret mode); block copies (n > 1) and swaps move
 quantized blocks bit-exact; the pool and the planner count the quantized bytes (fp8: 1 byte per
 value, static scales in the model; int8: plus a scale per token and KV head; int4: half a byte per
-value, V's scale per token, K's per channel of a block).
+value, V's scale per token, K's scale and zero point per channel of a block).
 """
 from __future__ import annotations
 
@@ -88,47 +88,65 @@ def test_greedy_equals_quantized_recompute(model, kv_dtype, request):
 
 
 @functools.lru_cache(maxsize=None)
-def _one_token_step(cfg, spec):
-    def step(params, pool, token, pos):
-        meta = StepMeta(slot_mapping=pos[None], block_tables=jnp.arange(spec.num_blocks,
-                                                                         dtype=jnp.int32)[None],
-                        context_lens=(pos + 1)[None], query_start_loc=jnp.stack([0 * pos, 1 + 0 * pos]))
-        logits, pool = forward_paged(params, cfg, token[None], pos[None], pool, meta,
-                                     make_attend("reference"), jnp.zeros((1,), jnp.int32))
+def _chunk_step(cfg, spec, chunk):
+    def step(params, pool, tokens, start, n):  # tokens [chunk], the first n real
+        pos = start + jnp.arange(chunk, dtype=jnp.int32)
+        meta = StepMeta(slot_mapping=jnp.where(pos < start + n, pos, -1),
+                        block_tables=jnp.arange(spec.num_blocks, dtype=jnp.int32)[None],
+                        context_lens=(start + n)[None], query_start_loc=jnp.stack([0 * n, n]))
+        logits, pool = forward_paged(params, cfg, tokens, pos, pool, meta,
+                                     make_attend("reference"), (n - 1)[None])
         return logits[0], pool
 
     return jax.jit(step, donate_argnums=1)
 
 
-def greedy_token_by_token(model, prompt, max_tokens, kv_dtype):
-    """Greedy tokens with every token written into a fresh ``kv_dtype`` pool and attended in its
-    own step, the prompt's too: the cache a token sees holds exactly the tokens before it."""
+def greedy_chunked(model, prompt, max_tokens, kv_dtype, chunk):
+    """Greedy tokens with the prompt written into a fresh ``kv_dtype`` pool and attended
+    ``chunk`` tokens a step from position 0, then one token a step: the engine's schedule for a
+    lone sequence with a budget of ``chunk`` tokens, without the engine."""
     spec = kv_pool.KVPoolSpec.for_model(model.cfg, WIDTH // 16, 16, kv_dtype)
-    step, pool = _one_token_step(model.cfg, spec), kv_pool.allocate(spec)
-    toks = list(prompt)
-    for pos in range(len(prompt) + max_tokens - 1):
-        logits, pool = step(model.params, pool, jnp.int32(toks[pos]), jnp.int32(pos))
-        if pos >= len(prompt) - 1:
+    step, pool = _chunk_step(model.cfg, spec, chunk), kv_pool.allocate(spec)
+    toks, pos = list(prompt), 0
+    while len(toks) < len(prompt) + max_tokens:
+        n = min(chunk, len(toks) - pos)
+        padded = np.zeros(chunk, np.int32)
+        padded[:n] = toks[pos:pos + n]
+        logits, pool = step(model.params, pool, padded, jnp.int32(pos), jnp.int32(n))
+        pos += n
+        if pos == len(toks):
             toks.append(int(jnp.argmax(logits)))
     return toks[len(prompt):]
 
 
 @pytest.mark.parametrize("model", ["tiny_qwen", "tiny_llama"])
 def test_int4_greedy_equals_token_by_token_reference(model, request):
-    """int4 scales K per channel over a block, so a key's stored codes depend on the later keys of
-    its block: a query of a prefill chunk sees its block's keys quantized with the chunk's later
-    tokens in the scale, a decode step's only with the tokens before. The engine's tokens equal a
-    reference that writes and attends one token at a time when the engine does too (a budget of
-    one token a step, the prompts' included); the bits of the write itself are
-    the same whatever the chunking (tests/kernels/test_int4_kv.py)."""
+    """int4's K parameters per channel of a block depend on the keys a step writes with the
+    block's earlier ones, so the stored bits depend on the chunking. With a budget of one token
+    a step the engine's tokens equal a reference that writes and attends one token at a time."""
     model = request.getfixturevalue(model)
     llm = LLM(loaded=model, kv_cache_dtype="int4", attention_backend="reference",
               **{**ENGINE, "max_num_batched_tokens": 1})
     k = llm.engine.runner.pool[0][0]
     assert isinstance(k, QuantizedPages) and k.data.dtype == jnp.uint8
-    assert k.scale.shape == (9, 1, model.cfg.num_key_value_heads, model.cfg.head_dim)
+    assert k.scale.shape == (9, 2, model.cfg.num_key_value_heads, model.cfg.head_dim)
+    assert k.scale.dtype == jnp.float8_e4m3fn
     got = [o.outputs[0].token_ids for o in llm.generate(_prompts(), GREEDY, use_tqdm=False)]
-    want = [greedy_token_by_token(model, p, GREEDY.max_tokens, "int4") for p in _prompts()]
+    want = [greedy_chunked(model, p, GREEDY.max_tokens, "int4", 1) for p in _prompts()]
+    assert got == want
+    assert_no_leak(llm)
+
+
+@pytest.mark.parametrize("model", ["tiny_qwen", "tiny_llama"])
+def test_int4_greedy_equals_chunked_reference(model, request):
+    """Chunked prefill of 12 tokens a step (chunks that cut 16-token blocks, so blocks are
+    written in parts and re-rounded), one sequence at a time: the engine's tokens equal a
+    recompute that chunks the same way."""
+    model = request.getfixturevalue(model)
+    llm = LLM(loaded=model, kv_cache_dtype="int4", attention_backend="reference",
+              **{**ENGINE, "max_num_batched_tokens": 12, "max_num_seqs": 1})
+    got = [o.outputs[0].token_ids for o in llm.generate(_prompts(), GREEDY, use_tqdm=False)]
+    want = [greedy_chunked(model, p, GREEDY.max_tokens, "int4", 12) for p in _prompts()]
     assert got == want
     assert_no_leak(llm)
 
@@ -256,8 +274,8 @@ def test_swapped_quantized_blocks_round_trip_bit_exact(kv_dtype):
 
 def test_swap_preemption_with_a_quantized_pool(tiny_qwen):
     """Swap-preempted sequences resume with exactly the tokens of an unpreempted run. Not int4:
-    the two runs chunk the prompts differently, which int4's block scales see
-    (test_int4_greedy_equals_token_by_token_reference); its swaps are bit-exact below."""
+    the two runs chunk the prompts differently, which int4's block parameters see
+    (test_int4_greedy_equals_chunked_reference); its swaps are bit-exact above."""
     kw = dict(kv_cache_dtype="int8", block_size=16, max_model_len=256, max_num_batched_tokens=64,
               max_num_seqs=6, attention_backend="reference")
     rng = np.random.default_rng(0)

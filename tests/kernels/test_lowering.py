@@ -21,14 +21,15 @@ SD = jax.ShapeDtypeStruct
 
 def pages(kv_dtype: str):
     """One layer's (K, V) pages as the engine holds them: bf16 or raw fp8 arrays, or quantized
-    values + bf16 scales (int8; int4: two codes a byte, K scaled per channel of a block;
+    values + bf16 scales (int8; int4: two codes a byte, K with an fp8 scale and zero point per
+    channel of a block;
     ``-scaled``: fp8 in the per-token format)."""
     if kv_dtype == "bfloat16":
         return (SD((NB, 16, 4, 128), jnp.bfloat16),) * 2
     name = kv_dtype.removesuffix("-scaled")
     if name == "int4":
         codes = SD((NB, 16, 4, 64), QUANTIZED_DTYPES[name])
-        return (QuantizedPages(codes, SD((NB, 1, 4, 128), jnp.bfloat16)),
+        return (QuantizedPages(codes, SD((NB, 2, 4, 128), jnp.float8_e4m3fn)),
                 QuantizedPages(codes, SD((NB, 16, 4, 1), jnp.bfloat16)))
     values = SD((NB, 16, 4, 128), QUANTIZED_DTYPES[name])
     if name == kv_dtype and not has_token_scales(name):
