@@ -27,15 +27,12 @@ tile is materialised (the variants measured: benchmarks/KERNEL_NOTES.md).
 
 int4 KV (``QuantizedPages`` of packed codes, kernels/quantization.py): each token's [H / 2] bytes
 are gathered (a quarter of bf16's) and unpacked in registers into the low and high halves of the
-head dim (a mask and a shift on the bytes, ``load_int4``), each nibble converted once to q's
-dtype; no scale touches a K or V element. K: a tile of whole pages (no window) multiplies q's
-halves by each page's channel scales, once per page, and adds q . zero point to that page's
-score columns (``page_scores``: one dot per page and half, the other pages' columns dropped); a
-window's tiles, which start anywhere, dequantize K per element (nibble * scale + zero, the
-parameters gathered per token). V: the per-token scales go on the probabilities, as int8's, and
-V's stored +8 comes off as 8 x each row's probability sum (``pv_dot``). Scores are two matmuls
-over the halves (q's low half against the low nibbles), the output two accumulators of H / 2
-columns each: no dequantized tile in memory, no interleave of columns.
+head dim (a mask and a shift, ``load_int4``); K's halves are dequantized with their block's
+channel scale and zero point (nibble * scale + zero: two fp8 rows per page, gathered per token of
+the tile: the tile's 16-token pages share their cache lines) and V's per-token scales go on the
+probabilities, as int8's. Scores are two
+matmuls over the halves (q's low half against the low nibbles), the output two accumulators of
+H / 2 columns each: no dequantized tile in memory, no interleave of columns.
 
 Why Triton and not Mosaic GPU: the Triton lowering runs in CPU interpret mode with real grids (the
 tests run this very kernel), and decode is a bandwidth problem that Triton's pipelined gathers
@@ -51,7 +48,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .quantization import is_int4, is_quantized, to_compute, unpack_nibbles
+from .quantization import is_int4, is_quantized, to_compute, unpack_int4, unpack_nibbles
 
 NEG = -1e30  # finite "minus infinity": exp2(NEG - NEG) stays 1, never NaN
 LOG2E = math.log2(math.e)
@@ -96,15 +93,13 @@ def load_kv(ref, idx, mask):
     return plgpu.load(ref.at[idx], mask=mask, other=zero)
 
 
-def load_int4(k_ref, v_ref, ks_ref, rows, page, kh, head_dim, live, dtype, dequantize_k=True):
+def load_int4(k_ref, v_ref, ks_ref, rows, page, kh, head_dim, live, dtype):
     """K and V of KV head ``kh`` at pool rows ``rows`` [n] of an int4 pool, unpacked in
     registers: ([k_lo, k_hi], [v_lo, v_hi]), each [n, H / 2] in ``dtype``, the low and high
     halves of the head dim. K is dequantized by its block's channel parameters (ks_ref
     [num_blocks * 2, K * H] float8_e4m3fn: rows 2 page and 2 page + 1, the scale and the zero
-    point, of each token's ``page`` [n]), or with ``dequantize_k=False`` left as bare nibbles
-    (``page_scores`` applies the parameters to q instead). V is bare nibbles, code + 8 (its
-    per-token scale goes on the probabilities and the 8 comes off in ``pv_dot``). ``live`` [n]
-    masks the gathers (masked lanes give 0); None: all in range."""
+    point, of each token's ``page`` [n]); V stays bare codes (its per-token scale goes on the
+    probabilities). ``live`` [n] masks the gathers (masked lanes give 0); None: all in range."""
     half = head_dim // 2
     hd = jnp.arange(half, dtype=jnp.int32)
     mask = None if live is None else jnp.broadcast_to(live[:, None], (rows.shape[0], half))
@@ -115,56 +110,12 @@ def load_int4(k_ref, v_ref, ks_ref, rows, page, kh, head_dim, live, dtype, dequa
     byte_cols = (kh * half + hd)[None, :]
     k_parts = []
     for nibbles, c0 in zip(unpack_nibbles(gather(k_ref, (rows[:, None], byte_cols))), (0, half)):
-        if not dequantize_k:
-            k_parts.append(nibbles.astype(dtype))
-            continue
         scale, zero = (to_compute(gather(ks_ref, (2 * page[:, None] + i,
                                                   (kh * head_dim + c0 + hd)[None, :])),
                                   jnp.float32) for i in (0, 1))
         k_parts.append((nibbles.astype(jnp.float32) * scale + zero).astype(dtype))
-    v_parts = [c.astype(dtype) for c in unpack_nibbles(gather(v_ref, (rows[:, None], byte_cols)))]
+    v_parts = [c.astype(dtype) for c in unpack_int4(gather(v_ref, (rows[:, None], byte_cols)))]
     return k_parts, v_parts
-
-
-def page_scores(q_parts, k_parts, ks_ref, bt_ref, seq, first_key, num_keys, kh, head_dim,
-                block_size, block_kv):
-    """Scores [G_pad, block_kv] (float32) of q's halves against a tile of bare int4 key nibbles
-    (``load_int4(dequantize_k=False)``) at positions ``first_key`` .. + block_kv, a whole number
-    of pages: per page, q's halves are multiplied by the page's channel scales (once per page,
-    not once per key) and dotted with all the nibbles, q . zero point is added, and the columns
-    of the other pages are dropped. Pages from ``num_keys`` on are not read."""
-    half = head_dim // 2
-    hd = jnp.arange(half, dtype=jnp.int32)
-    col_page = jax.lax.div(jnp.arange(block_kv, dtype=jnp.int32), block_size)
-    out = jnp.zeros((q_parts[0].shape[0], block_kv), jnp.float32)
-    for p in range(block_kv // block_size):
-        start = first_key + p * block_size
-        live = start < num_keys
-        page = plgpu.load(bt_ref.at[seq, jax.lax.div(start, block_size)], mask=live, other=0)
-        scores, qz = 0.0, 0.0
-        for qp, kp, c0 in zip(q_parts, k_parts, (0, half)):
-            cols = kh * head_dim + c0 + hd
-            scale, zero = (to_compute(load_kv(ks_ref, (2 * page + i, cols),
-                                              jnp.broadcast_to(live, (half,))), jnp.float32)
-                           for i in (0, 1))
-            qf = qp.astype(jnp.float32)
-            scores = scores + jax.lax.dot_general(
-                (qf * scale[None, :]).astype(qp.dtype), kp, (((1,), (1,)), ((), ())),
-                preferred_element_type=jnp.float32)
-            qz = qz + jnp.sum(qf * zero[None, :], axis=1)
-        out = jnp.where((col_page == p)[None, :], scores + qz[:, None], out)
-    return out
-
-
-def pv_dot(pv, v_parts, packed: bool):
-    """The probabilities (scaled per token for a quantized pool) [rows, n] times V's parts
-    [n, X] each, in pv's dtype, float32 results. int4: the parts are nibbles, code + 8, so 8 x
-    each row's probability sum comes off (exact: the same rounded probabilities)."""
-    out = [jnp.dot(pv, vp, preferred_element_type=jnp.float32) for vp in v_parts]
-    if packed:
-        eight = 8.0 * jnp.sum(pv.astype(jnp.float32), axis=1)[:, None]
-        out = [o - eight for o in out]
-    return out
 
 
 def split_refs(refs, quantized: bool):
@@ -236,9 +187,6 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
     hi = jnp.minimum(n_keys, lo + split_tokens)
     n_iter = cdiv(jnp.maximum(hi - lo, 0), block_kv)
     cols = (kh0 * head_dim + wide)[None, :]
-    # int4 tiles of whole pages (no window: a tile starts at a multiple of block_kv): K's
-    # parameters go on q once per page (page_scores); a window's tiles start anywhere
-    fold = packed and not window and block_kv % block_size == 0
 
     def row_scales(ref, rows, valid):
         """The tile's per-(row, token) dequantization scales, broadcastable to [G_pad, block_kv]."""
@@ -258,20 +206,15 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
         rows = page * block_size + jax.lax.rem(j, block_size)
         if packed:
             k_parts, v_parts = load_int4(k_ref, v_ref, ks_ref, rows, page, kh0, head_dim,
-                                         valid, dt, dequantize_k=not fold)
+                                         valid, dt)
         else:
             kv_mask = jnp.broadcast_to(valid[:, None], (block_kv, width))
             k = load_kv(k_ref, (rows[:, None], cols), kv_mask)  # [block_kv, width]
             v = load_kv(v_ref, (rows[:, None], cols), kv_mask)
             k_parts, v_parts = [to_compute(k, dt)], [to_compute(v, dt)]
-        if fold:
-            sc = page_scores(q_parts, k_parts, ks_ref, bt_ref, s, lo + i * block_kv, hi, kh0,
-                             head_dim, block_size, block_kv)
-        else:
-            sc = sum(jax.lax.dot_general(qp, kp, (((1,), (1,)), ((), ())),
-                                         preferred_element_type=jnp.float32)
-                     for qp, kp in zip(q_parts, k_parts))
-        sc = sc * scale_log2
+        sc = sum(jax.lax.dot_general(qp, kp, (((1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+                 for qp, kp in zip(q_parts, k_parts)) * scale_log2
         if quantized and not packed:
             sc = sc * row_scales(ks_ref, rows, valid)
         sc = jnp.where(valid[None, :], sc, NEG)  # [G_pad, block_kv], log2 domain
@@ -282,8 +225,9 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
         pv = p
         if quantized:
             pv = p * row_scales(vs_ref, rows, valid)
-        acc = tuple(a * alpha[:, None] + d
-                    for a, d in zip(acc, pv_dot(pv.astype(dt), v_parts, packed)))
+        acc = tuple(a * alpha[:, None] + jnp.dot(pv.astype(dt), vp,
+                                                 preferred_element_type=jnp.float32)
+                    for a, vp in zip(acc, v_parts))
         return acc, m_new, l
 
     acc = tuple(jnp.zeros((group_pad, qp.shape[1]), jnp.float32) for qp in q_parts)

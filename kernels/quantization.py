@@ -236,16 +236,17 @@ def pack_int4(codes):
 
 
 def unpack_nibbles(data):
-    """[..., H / 2] uint8 -> (low, high) uint8 nibbles [..., H / 2] each, in [0, 15]: channels
-    0 .. H/2 - 1 and H/2 .. H - 1. Two byte ops (a mask, a shift), so the kernels unpack a byte
-    tile in registers with it and convert each nibble straight to the matmul dtype."""
-    return data & 15, data >> 4
+    """[..., H / 2] uint8 -> (low, high) int32 nibbles [..., H / 2] each, in [0, 15]: channels
+    0 .. H/2 - 1 and H/2 .. H - 1. Integer ops only, so the kernels unpack a byte tile in
+    registers with it."""
+    x = data.astype(jnp.int32)
+    return x & 15, x >> 4
 
 
 def unpack_int4(data):
     """[..., H / 2] uint8 -> (low, high) symmetric int32 codes (nibble - 8) [..., H / 2] each."""
     lo, hi = unpack_nibbles(data)
-    return lo.astype(jnp.int32) - 8, hi.astype(jnp.int32) - 8
+    return lo - 8, hi - 8
 
 
 def unpack_codes(data):

@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .decode_attention_gpu import (LOG2E, NEG, cdiv, flat_pages, flat_scales, load_int4, load_kv,
-                                   pv_dot, split_refs)
+                                   split_refs)
 from .quantization import is_int4, is_quantized, to_compute
 from .reference import visible
 
@@ -141,8 +141,9 @@ def _ragged_kernel(tseq_ref, tstart_ref, q_ref, k_ref, v_ref, bt_ref, cl_ref, qs
         p = jnp.exp2(s - m_new[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
         pv = p * vs.astype(jnp.float32)[None, :] if quantized else p
-        acc = tuple(a * alpha[:, None] + d
-                    for a, d in zip(acc, pv_dot(pv.astype(dt), v_parts, packed)))
+        acc = tuple(a * alpha[:, None] + jnp.dot(pv.astype(dt), vp,
+                                                 preferred_element_type=jnp.float32)
+                    for a, vp in zip(acc, v_parts))
         return acc, m_new, l
 
     carry = (tuple(jnp.zeros((block_m, c.shape[0]), jnp.float32) for c in out_cols),
