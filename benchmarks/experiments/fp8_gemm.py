@@ -17,8 +17,9 @@ Large T (compute; TFLOP/s = 2 T O D / time):
   ``w8a16``       bf16 GEMM of the weight converted (the convert is O x D, cheap next to T O D).
 ``custom_calls`` lists each compiled program's custom calls: on Hopper an FP8 tensor-core GEMM
 is ``__cublas$lt$matmul$f8``; the Pallas kernel shows as a Triton call; ``fusions`` the fusion
-kinds (``__triton_gemm``: XLA's own Triton GEMM). The first shape's compiled HLO texts are
-written under ``<out>/fp8-gemm-hlo/``. ``--sweep`` adds the
+kinds (``__triton_gemm``: XLA's own Triton GEMM). With ``--dump-hlo`` the first shape's compiled
+HLO texts are written under ``<out>/fp8-gemm-hlo/`` (off by default: two dozen files crowd out
+the JSONs a device run brings back). ``--sweep`` adds the
 Pallas kernel at each (block_o, block_d, split_k, num_warps) of a small grid at small T.
 
 Each variant compiles once (the compiled program is both timed and read for its custom calls);
@@ -114,6 +115,8 @@ def main(argv=None) -> None:
                    help="comma list of prefill-sized rows (2048: the default token budget)")
     p.add_argument("--shapes", default=None, help="comma list of matmul names (default all)")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--dump-hlo", action="store_true",
+                   help="write the first shape's compiled HLO texts under <out>/fp8-gemm-hlo/")
     p.add_argument("--sweep", action="store_true",
                    help="also time the Pallas kernel at each block size of a small grid")
     p.add_argument("--tiny", action="store_true", help="one small shape (a CPU smoke run)")
@@ -135,7 +138,8 @@ def main(argv=None) -> None:
     large_fns = {"bf16": _bf16, "w8a8": _w8a8, "f8_gemm": _f8_gemm,
                  "w8a8_bf16out": _w8a8_bf16out, "w8a8_prequant": _prequant, "w8a16": _w8a16}
     hlo_dir = results_dir(args.out) / "fp8-gemm-hlo"  # the first shape's compiled programs
-    hlo_dir.mkdir(exist_ok=True)
+    if args.dump_hlo:
+        hlo_dir.mkdir(exist_ok=True)
     rows = []
     key = jax.random.key(0)
     t_start = time.perf_counter()
@@ -151,7 +155,8 @@ def main(argv=None) -> None:
                 inputs = {"bf16": (x, w), "f8_gemm": (xq, wq),
                           "w8a8_prequant": (xq, xs, wq, ws)}.get(v, (x, wq, ws))
                 hlo = (hlo_dir / f"{name}-T{t}-{v}.txt"
-                       if name == shapes[0][0] and not v.startswith("pallas_") else None)
+                       if args.dump_hlo and name == shapes[0][0] and not v.startswith("pallas_")
+                       else None)
                 try:
                     m = _measure(fn, inputs, iters, hlo)
                 except Exception as e:  # noqa: BLE001 - a sweep point that fails to compile
