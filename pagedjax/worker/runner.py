@@ -286,28 +286,38 @@ class ModelRunner:
         return len(layouts)
 
     def _compile_ahead(self, layouts: list[StepLayout]) -> None:
-        """Compile the step programs on a thread pool before warm-up runs them one by one: XLA
-        compiles with the GIL released, so the programs' compiles overlap (tracing and lowering
-        still take turns), and each lands in the jit's cache that warm-up's call then hits. Best
-        effort: a program that fails here is compiled by warm-up, which reports the error."""
+        """Compile warm-up's programs on a thread pool before warm-up runs them one by one: XLA
+        compiles with the GIL released, so the compiles overlap (tracing and lowering still take
+        turns), and each lands in its jit's cache, where warm-up's call finds it. A step's
+        sampler variants follow it on the same thread (they need the step's logits shape).
+        Best effort: a program that fails here is compiled by warm-up, which reports the error."""
         workers = min(len(layouts), os.cpu_count() or 1, COMPILE_THREADS)
         if workers < 2:
             return
+        first_of_s = {}
+        for layout in layouts:  # the layouts warm-up samples in every mode
+            first_of_s.setdefault(layout.S, layout)
 
-        def compile_one(layout: StepLayout) -> Exception | None:
+        def step_and_sampler(layout: StepLayout) -> None:
             packed = self._to_device(np.zeros(layout.size, dtype=np.int32))
-            try:
-                self._step.lower(self.params, self.pool, self._sampled, packed,
-                                 layout=layout).compile()
-            except Exception as e:  # noqa: BLE001 - warm-up compiles it again and raises
-                return e
-            return None
+            step = self._step.lower(self.params, self.pool, self._sampled, packed,
+                                    layout=layout).compile()
+            logits = step.out_info[0]
+            sampling = self._to_device(np.zeros((len(SAMPLING_FIELDS), layout.S), np.int32))
+            modes = SAMPLE_MODES if first_of_s[layout.S] is layout else (SampleMode(),)
+            for mode in modes:
+                self._sample.lower(logits, sampling, mode=mode).compile()
 
+        def copy_program(C: int) -> None:
+            self._copy.lower(self.pool, self._to_device(np.zeros((2, C), np.int32))).compile()
+
+        jobs = ([functools.partial(step_and_sampler, layout) for layout in layouts]
+                + [functools.partial(copy_program, C) for C in self.copy_buckets()])
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            for layout, error in zip(layouts, pool.map(compile_one, layouts)):
+            for job, error in zip(jobs, pool.map(_error_of, jobs)):
                 if error is not None:
-                    logger.debug("Compiling %s ahead failed (%s); warm-up compiles it", layout,
-                                 error)
+                    logger.debug("Compiling %s ahead failed (%s); warm-up compiles it",
+                                 job.args, error)
 
     @property
     def num_compilations(self) -> int:
@@ -402,6 +412,15 @@ def _doublings(lo: int, hi: int) -> list[int]:
         out.append(lo)
         lo *= 2
     return out + [hi]
+
+
+def _error_of(job) -> Exception | None:
+    """Run ``job``; the exception it raised, or None."""
+    try:
+        job()
+    except Exception as e:  # noqa: BLE001 - the caller decides what a failure means
+        return e
+    return None
 
 
 def _copy_step(pool, copies):
