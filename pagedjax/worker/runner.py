@@ -4,11 +4,9 @@ device. Only the sampled token ids and their logprobs come back to the host.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import logging
-import os
 import time
 from typing import NamedTuple
 
@@ -24,10 +22,6 @@ from pagedjax.core.batch import SAMPLING_FIELDS, SAMPLING_FLOATS, ScheduledBatch
 from pagedjax.worker.sampler import prompt_logprobs, sample
 
 logger = logging.getLogger(__name__)
-# Threads that compile step programs ahead of warm-up (XLA's GPU compiler also splits each
-# module across threads; a few programs at once fill the host's cores without multiplying the
-# autotuner's scratch memory on the device by much).
-COMPILE_THREADS = 4
 
 # (name, rows of the bucket it scales with, float32 bit-cast?)
 _INT, _F32 = False, True
@@ -258,7 +252,6 @@ class ModelRunner:
         as ``execute`` makes them. Logs what it compiled; returns the number of step shapes."""
         c0, t0 = self.num_compilations, time.perf_counter()
         layouts = self.buckets(max_context)
-        self._compile_ahead(layouts)
         sampled_s = set()
         for layout in layouts:
             packed = np.zeros(layout.size, dtype=np.int32)
@@ -284,40 +277,6 @@ class ModelRunner:
                     (max_context or self.max_blocks * self.block_size),
                     self.num_compilations - c0, time.perf_counter() - t0)
         return len(layouts)
-
-    def _compile_ahead(self, layouts: list[StepLayout]) -> None:
-        """Compile warm-up's programs on a thread pool before warm-up runs them one by one: XLA
-        compiles with the GIL released, so the compiles overlap (tracing and lowering still take
-        turns), and each lands in its jit's cache, where warm-up's call finds it. A step's
-        sampler variants follow it on the same thread (they need the step's logits shape).
-        Best effort: a program that fails here is compiled by warm-up, which reports the error."""
-        workers = min(len(layouts), os.cpu_count() or 1, COMPILE_THREADS)
-        if workers < 2:
-            return
-        first_of_s = {}
-        for layout in layouts:  # the layouts warm-up samples in every mode
-            first_of_s.setdefault(layout.S, layout)
-
-        def step_and_sampler(layout: StepLayout) -> None:
-            packed = self._to_device(np.zeros(layout.size, dtype=np.int32))
-            step = self._step.lower(self.params, self.pool, self._sampled, packed,
-                                    layout=layout).compile()
-            logits = step.out_info[0]
-            sampling = self._to_device(np.zeros((len(SAMPLING_FIELDS), layout.S), np.int32))
-            modes = SAMPLE_MODES if first_of_s[layout.S] is layout else (SampleMode(),)
-            for mode in modes:
-                self._sample.lower(logits, sampling, mode=mode).compile()
-
-        def copy_program(C: int) -> None:
-            self._copy.lower(self.pool, self._to_device(np.zeros((2, C), np.int32))).compile()
-
-        jobs = ([functools.partial(step_and_sampler, layout) for layout in layouts]
-                + [functools.partial(copy_program, C) for C in self.copy_buckets()])
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            for job, error in zip(jobs, pool.map(_error_of, jobs)):
-                if error is not None:
-                    logger.debug("Compiling %s ahead failed (%s); warm-up compiles it",
-                                 job.args, error)
 
     @property
     def num_compilations(self) -> int:
@@ -412,15 +371,6 @@ def _doublings(lo: int, hi: int) -> list[int]:
         out.append(lo)
         lo *= 2
     return out + [hi]
-
-
-def _error_of(job) -> Exception | None:
-    """Run ``job``; the exception it raised, or None."""
-    try:
-        job()
-    except Exception as e:  # noqa: BLE001 - the caller decides what a failure means
-        return e
-    return None
 
 
 def _copy_step(pool, copies):

@@ -35,12 +35,10 @@ def _start(cache_dir) -> tuple[int, int]:
 
 def test_a_second_start_loads_what_the_first_compiled(tmp_path):
     hits, stored = _start(tmp_path)
-    files = len(list(tmp_path.iterdir()))
-    # Warm-up compiles on several threads: two layouts that lower to one program may both miss
-    # and store the same file, so files <= stored; a second start must compile nothing.
-    assert 0 < files <= stored
+    assert stored > 0  # (a program compiled twice in one run is a hit the second time)
+    assert len(list(tmp_path.iterdir())) >= stored
     hits2, stored2 = _start(tmp_path)
-    assert hits2 >= files and stored2 == 0
+    assert hits2 >= stored and stored2 == 0
 
 
 def test_a_directory_that_cannot_be_made_is_refused(tmp_path):

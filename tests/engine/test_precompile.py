@@ -79,41 +79,6 @@ def test_precompile_is_on_only_where_it_pays(tiny1):
         len(e.runner.buckets()) + len(sizes) * len(SAMPLE_MODES) + len(e.runner.copy_buckets()))
 
 
-def test_warm_up_runs_what_was_compiled_ahead(tiny1, monkeypatch):
-    """The programs compiled on threads (runner._compile_ahead) are the ones warm-up's calls
-    run: after it, warm-up compiles nothing (XLA's own compile events), and the jit caches hold
-    every program, as with a serial warm-up."""
-    from jax._src import monitoring
-
-    from pagedjax.worker import runner as runner_mod
-
-    monkeypatch.setattr(runner_mod, "COMPILE_THREADS", 2)
-    monkeypatch.setattr(runner_mod.os, "cpu_count", lambda: 2)
-    events, ahead = [], []
-    listening = [True]
-    monitoring.register_event_duration_secs_listener(
-        lambda name, secs, **kw: events.append(name) if listening[0] else None)
-    compile_ahead = runner_mod.ModelRunner._compile_ahead
-
-    def spy(self, layouts):
-        compile_ahead(self, layouts)
-        ahead.append(len(events))
-
-    monkeypatch.setattr(runner_mod.ModelRunner, "_compile_ahead", spy)
-    try:
-        e = LLM(loaded=tiny1, **PALLAS, num_gpu_blocks_override=16, max_model_len=64,
-                max_num_seqs=4, max_num_batched_tokens=16).engine
-    finally:
-        listening[0] = False
-    compiled_ahead = [n for n in events[:ahead[0]] if "backend_compile" in n]
-    compiled_after = [n for n in events[ahead[0]:] if "backend_compile" in n]
-    sizes = {b.S for b in e.runner.buckets()}
-    programs = (len(e.runner.buckets()) + len(sizes) * len(SAMPLE_MODES)
-                + len(e.runner.copy_buckets()))
-    assert len(compiled_ahead) >= programs and compiled_after == []
-    assert e.precompile_compilations == e.runner.num_compilations == programs
-
-
 def _wave(rng, k: int, vocab: int):
     prompts = [rng.integers(2, vocab, size=int(n)).tolist() for n in rng.integers(1, 200, size=k)]
     params = [SamplingParams(max_tokens=int(m), temperature=float(t), top_k=int(top_k),
