@@ -5,20 +5,24 @@ Two starts of the same server with one fresh persistent compilation cache direct
 stores it, the warm start (a restart, a deploy) loads them. Each start is timed from the process
 launch to its first ``/health`` 200, then one short request measures the time to its first token
 and the ``step_compilations`` counter says whether anything compiled after start-up (the target
-is none). Summary: ``cold_s``, ``warm_s``, ``cold_ttft_s``, ``warm_ttft_s``,
-``compilations_after_warmup``.
+is none). Each start also reads the server's ``startup_phase_seconds`` (load, prepare weights, size
+pool, host memory, allocate pool, precompile): ``engine_s`` is their sum, and the rest of
+``to_health_s`` is the process's own start and the HTTP server's. Summary: ``cold_s``,
+``warm_s``, ``cold_ttft_s``, ``warm_ttft_s``, ``compilations_after_warmup``, and
+``{cold,warm}_<phase>_s``.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import tempfile
 import time
 
 from benchmarks import harness, serving_client
 from benchmarks.common import print_table, write_result
 
-COLUMNS = ["start", "to_health_s", "first_token_s", "compiled_after_start"]
+COLUMNS = ["start", "to_health_s", "engine_s", "first_token_s", "compiled_after_start"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,11 +55,27 @@ def _start(args, cache_dir: str, name: str) -> dict:
     vocab = harness.hf_config_dict(args)["vocab_size"]
     with serving_client.started_server(args, vocab, dict(os.environ)) as url:
         healthy = time.perf_counter() - t0
+        phases = _phases(url)
         before = serving_client.scrape(url).get("step_compilations", 0)
         ttft = _first_token_s(url)
         after = serving_client.scrape(url).get("step_compilations", 0)
     return {"start": name, "to_health_s": healthy, "first_token_s": ttft,
-            "compiled_after_start": after - before}
+            "compiled_after_start": after - before, "engine_s": sum(phases.values()),
+            "phases_s": phases}
+
+
+def _phases(url: str) -> dict[str, float]:
+    """The server's start-up phases in seconds ({"load": ..., "precompile": ...}), from
+    ``pagedjax:startup_phase_seconds``; the rest of ``to_health_s`` is the process's own start
+    (imports, JAX's backend) and the HTTP server's."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        m = re.match(r'pagedjax:startup_phase_seconds\{.*phase="([^"]+)".*\} (\S+)$', line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
 
 
 def run(args) -> dict:
@@ -64,7 +84,9 @@ def run(args) -> dict:
     cold, warm = rows
     summary = {"cold_s": cold["to_health_s"], "warm_s": warm["to_health_s"],
                "cold_ttft_s": cold["first_token_s"], "warm_ttft_s": warm["first_token_s"],
-               "compilations_after_warmup": sum(r["compiled_after_start"] for r in rows)}
+               "compilations_after_warmup": sum(r["compiled_after_start"] for r in rows),
+               **{f"{r['start']}_{phase.replace(' ', '_')}_s": v for r in rows
+                  for phase, v in r["phases_s"].items()}}
     write_result("startup", summary, {"rows": rows, "precompile": args.precompile}, out=args.out)
     print_table(rows, COLUMNS)
     return summary

@@ -53,12 +53,16 @@ class LLMEngine:
         self.compilation_cache = compile_cache.setup(args.compilation_cache,
                                                      args.compilation_cache_dir)
         owned = loaded is None  # the engine loads the weights itself: it may consume them
+        # seconds of each start-up phase, in order (logged once built; a server's /metrics)
+        self.startup_s: dict[str, float] = {}
+        lap = _Lap(self.startup_s)
         if owned:
             from pagedjax.models.loader import load_model
 
             loaded = load_model(args.model, load_format=args.load_format, dtype=args.dtype,
                                 tokenizer=args.tokenizer, seed=args.seed,
                                 quantization=args.quantization)
+            lap("load")
         params, quantization = loaded.params, getattr(loaded, "quantization", None)
         if args.quantization and not quantization and params is not None:
             from pagedjax.models.fp8 import quantize_params
@@ -71,14 +75,17 @@ class LLMEngine:
         # q/k/v and gate/up fused; tp > 1: params sharded (KV heads replicated when tp > K)
         # before memory is measured
         self.tp = sharding.TensorParallel.build(cfg, params, config.tp, consume=owned)
+        lap("prepare weights")
         has_weights = params is not None
         del loaded, params  # an owned model's originals go now, before the pool is sized
         self.spec = self._size_pool()
         kv_pool.check_fits(self.spec, self.max_model_len, config.max_num_batched_tokens)
         kv_pool.log_capacity(self.spec, self.max_model_len)
+        lap("size pool")
         # the host tier: swapped sequences and the prefix cache's host copies share one pool
         self.swap_space = swap.make_swap_space(args, self.spec, self.max_model_len)
         self.host_cache = (HostPrefixCache(self.swap_space) if args.kv_offloading_size else None)
+        lap("host memory")
         bm_cls = block_manager_cls or (PrefixCachingBlockManager if args.enable_prefix_caching
                                        else BlockManager)
         self.block_manager = bm_cls(self.spec.num_blocks, args.block_size,
@@ -96,6 +103,7 @@ class LLMEngine:
                                       sink_tokens=config.sink_tokens, window=config.window)
             self.host_pool = (swap.HostKVPool(self.spec, self.swap_space, self.runner)
                               if self.swap_space is not None else None)
+        lap("allocate pool")
         if self.host_cache is not None:
             s = self.swap_space
             blocks = s.num_pieces * s.piece_blocks
@@ -134,6 +142,8 @@ class LLMEngine:
         self.precompile_s, self.precompile_compilations = 0.0, 0
         if self.precompile:
             self._precompile()
+            lap("precompile")
+        logger.info("Start-up: %s", ", ".join(f"{k} {v:.1f} s" for k, v in self.startup_s.items()))
 
     def _precompile(self) -> None:
         r = self.runner
@@ -364,3 +374,15 @@ class LLMEngine:
             kv_offload_hits=host.hits if host is not None else 0,
             **{f"kv_offload_{d}_{what}": getattr(moved, what)[d] for d in ("store", "load")
                for what in ("blocks", "payload_bytes", "seconds")})
+
+
+class _Lap:
+    """Records the seconds since the previous call under each phase's name."""
+
+    def __init__(self, into: dict[str, float]):
+        self.into, self.t = into, time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.into[phase] = now - self.t
+        self.t = now

@@ -61,3 +61,19 @@ def test_requests_over_http_compile_nothing_after_precompile(precompiled_server)
     assert len(texts) == 18 and all(isinstance(t, str) for t in texts)
     assert server.metrics()[(COMPILED, "")] == at_start, "a request compiled a program"
     assert engine.runner.num_compilations == engine.precompile_compilations
+
+
+def test_startup_phases_are_served(precompiled_server):
+    """/metrics carries the engine's start-up phases (what benchmarks/startup.py splits a start
+    into); with a loaded model there is no load phase, and precompile is the one that compiled."""
+    import httpx
+
+    engine = precompiled_server.aengine.engine
+    text = httpx.get(f"{precompiled_server.url}/metrics", timeout=30).text
+    served = {line.split('phase="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+              for line in text.splitlines()
+              if line.startswith("pagedjax:startup_phase_seconds{")}
+    assert served == pytest.approx(engine.startup_s)
+    assert list(served) == ["prepare weights", "size pool", "host memory", "allocate pool",
+                            "precompile"]
+    assert served["precompile"] >= engine.precompile_s > 0

@@ -121,6 +121,9 @@ class EngineMetrics:
                                       "moved.", ["model_name", "direction"], registry=r)),
             ("seconds", Counter(f"{prefix}:kv_offload_seconds", "Seconds the host KV tier's "
                                 "transfers took.", ["model_name", "direction"], registry=r)))}
+        self.startup = Gauge(f"{prefix}:startup_phase_seconds", "Seconds each start-up phase "
+                             "took (load, size pool, allocate pool, precompile, ...).",
+                             ["model_name", "phase"], registry=r)
         success = Counter(f"{prefix}:request_success", "Finished requests by finish reason.",
                           ["model_name", "finished_reason"], registry=r)
         self.finished = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
