@@ -79,17 +79,23 @@ def _child(module: str, spec: dict, env: dict, timeout: float | None, tmp: Path)
     spec_path.write_text(json.dumps(spec))
     env = {**env, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))}
+    log_path = tmp / f"{module}.stderr.log"
     t0 = time.perf_counter()
-    try:
-        rc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", str(spec_path),
-                             str(result_path)], env=env, cwd=ROOT, timeout=timeout).returncode
-    except subprocess.TimeoutExpired:
-        rc = "timeout"
+    with log_path.open("w") as log:
+        try:
+            rc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", str(spec_path),
+                                 str(result_path)], env=env, cwd=ROOT, timeout=timeout,
+                                stderr=log).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
     result = json.loads(result_path.read_text()) if result_path.exists() else {"cases": {}}
     result.update(exit=rc, wall_s=time.perf_counter() - t0)
     if rc != 0:
-        logger.warning("%s exited with %s after %.0f s; keeping what it wrote", module, rc,
-                       result["wall_s"])
+        # the child's last words go into the JSON: a device run's log may be cut
+        result["stderr_tail"] = log_path.read_text(errors="replace").splitlines()[-40:]
+        logger.warning("%s exited with %s after %.0f s; keeping what it wrote. Its stderr "
+                       "ended:\n%s", module, rc, result["wall_s"],
+                       "\n".join(result["stderr_tail"][-15:]))
     return result
 
 

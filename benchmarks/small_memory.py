@@ -107,6 +107,8 @@ def _row(name: str, res: dict) -> dict:
     if "not_available" in res:
         return {"config": name, "status": "not available", "note": res["not_available"]}
     a = res.get("cases", {}).get("a", {})
+    if not a and res.get("stderr_tail"):  # the process died before the case: its last line
+        a = {"error": res["stderr_tail"][-1]}
     peak = a.get("peak_bytes_in_use")
     return {"config": name, "status": a.get("status", f"exit {res.get('exit')}"),
             "pool_tokens": (res.get("pool") or {}).get("tokens"),
@@ -116,6 +118,9 @@ def _row(name: str, res: dict) -> dict:
 
 def _hf_row(hf: dict) -> dict | None:
     a = hf.get("cases", {}).get("a")
+    if not a and hf.get("stderr_tail"):  # transformers died before the case
+        return {"config": "transformers sdpa bf16", "status": f"exit {hf.get('exit')}",
+                "note": hf["stderr_tail"][-1][:80]}
     if not a:
         return None
     decode = None

@@ -4,6 +4,7 @@ the real CLI entry point, so the CLI cannot rot. Sizes keep every run to one or 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -145,3 +146,15 @@ def test_small_memory_quick(tmp_path):
     # the same KV bytes hold more tokens at one byte a value (+ a scale a token); the "bf16"
     # configuration is the model's own dtype, float32 for the tiny CPU model: 3.5x here
     assert 3 < rows["int8"]["pool_tokens"] / rows["bf16"]["pool_tokens"] <= 4
+
+
+def test_a_child_that_dies_leaves_its_last_words(tmp_path):
+    """native-vs-paged / small-memory children run in their own process: one that dies before
+    writing a result keeps its stderr's end in the result, and small-memory's row shows it."""
+    from benchmarks.native_vs_paged import _child
+    from benchmarks.small_memory import _row
+
+    res = _child("native_jax", {"no": "load"}, dict(os.environ), 120, tmp_path)
+    assert res["exit"] == 1 and res["cases"] == {}
+    assert "KeyError: 'load'" in res["stderr_tail"][-1]
+    assert _row("bf16", res)["note"].startswith("KeyError")
