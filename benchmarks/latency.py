@@ -159,13 +159,17 @@ def run(args) -> dict:
     if b1:  # issue 4's figures: batch-1 decode speed and model-bandwidth utilisation
         r = b1[0]
         copy_bw = copy_bandwidth()
-        weights = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(loaded.params))
+        # the engine's weights: --quantization fp8 quantises a copy of the loaded ones
+        weights = sum(x.size * x.dtype.itemsize
+                      for x in jax.tree_util.tree_leaves(llm.engine.runner.params))
         kv = llm.engine.spec.bytes_per_token * (
             r["input_len"] + args.output_len / 2)  # mean context read per decode step
         step_s = r["tpot_p50_ms"] / 1e3
         summary.update(batch1_tok_s=1.0 / step_s,
                        batch1_mbu_pct=100.0 * (weights + kv) / step_s / copy_bw,
                        copy_GBps=copy_bw / 1e9, weight_GB=weights / 1e9)
+        if args.quantization == "fp8":  # issue 23's key
+            summary["fp8w_batch1_tok_s"] = summary["batch1_tok_s"]
     for r in rows:
         key = f"b{r['batch']}_in{r['input_len']}"
         summary[f"{key}_e2e_p50_s"] = r["e2e_p50_s"]

@@ -112,7 +112,10 @@ def run(args) -> dict:
         # under tp every GPU holds every block (its share of the heads): tokens per GPU = tokens
         "tp": args.tensor_parallel_size, "pool_tokens_per_gpu": e.spec.num_tokens,
         "warmup_compilations": warm_compiled, **harness.precompile_figures(e),
+        "kv_pool_gib": e.spec.total_bytes / 2**30,
     }
+    if args.quantization == "fp8":  # issue 23's keys: FP8 weights' speed and the KV room they free
+        summary.update(fp8w_output_tok_s=r.output_tok_s, fp8w_pool_gib=summary["kv_pool_gib"])
     print_table([{k: summary[k] for k in ("dataset", "num_prompts", "mean_input_len",
                                           "mean_output_len", "requests_per_s", "total_tok_s",
                                           "output_tok_s", "compilations_after_warmup")}])
