@@ -18,7 +18,7 @@ nothing is calibrated and a checkpoint's static ``input_scale`` is not needed.
 
 That is the form for prefill-sized steps. A decode-sized step is a weight read, and there the
 activations stay in the model's dtype (W8A16: ``y = (x . wq^T) * s_w``, the fp8 weight converted
-to bf16 on the way into the matmul, kernels/fp8_matmul_gpu.py on a GPU): the same weight bytes,
+to bf16 on the way into the matmul): the same weight bytes,
 no quantisation pass, no float32 output. ``choose_path`` picks by the step's rows.
 """
 from __future__ import annotations
@@ -28,8 +28,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-
-from pagedjax.kernels import fp8_matmul_gpu
 
 logger = logging.getLogger(__name__)
 
@@ -108,24 +106,17 @@ def dequantize_weight(p) -> jax.Array:
 # pass, and XLA emits no FP8 GEMM that small anyway. Above it the FP8 GEMM's tensor-core rate
 # pays: "w8a8_out" lets its output be the linear's dtype (bf16: half the bytes of the float32
 # [T, O] array the scale multiply reads back). Set from benchmarks/experiments/fp8_gemm.py on the
-# H100: at 1, 8 and 32 rows XLA's W8A16 fusion beat the Pallas kernel ("pallas",
-# kernels/fp8_matmul_gpu.py) on o_proj and gate_up_proj; at 64 rows each won one of the two.
+# H100: at 1, 8 and 32 rows XLA's W8A16 fusion beat a Pallas kernel of the same arithmetic
+# (benchmarks/experiments/fp8_matmul_gpu.py) on o_proj and gate_up_proj.
 SMALL_T_MAX = 64
 SMALL_T_PATH = "w8a16"
 LARGE_T_PATH = "w8a8_out"
-PATHS = ("w8a8", "w8a8_out", "w8a16", "pallas")
+PATHS = ("w8a8", "w8a8_out", "w8a16")
 
 
 def choose_path(rows: int) -> str:
-    """The form of a linear of ``rows`` token rows (see SMALL_T_MAX); "pallas" only on a lone GPU
-    and up to the kernel's MAX_ROWS (elsewhere its XLA twin "w8a16", the same arithmetic)."""
-    path = SMALL_T_PATH if rows <= SMALL_T_MAX else LARGE_T_PATH
-    # one device only: under tensor parallelism XLA cannot split a Pallas call, it would gather
-    # the sharded weight onto every device (the runner's mesh would have to reach here first)
-    if path == "pallas" and (jax.default_backend() != "gpu" or jax.device_count() > 1
-                             or rows > fp8_matmul_gpu.MAX_ROWS):
-        return "w8a16"
-    return path
+    """The form of a linear of ``rows`` token rows (see SMALL_T_MAX)."""
+    return SMALL_T_PATH if rows <= SMALL_T_MAX else LARGE_T_PATH
 
 
 def fp8_linear(x, weight, weight_scale, out_dtype=None, path: str | None = None):
@@ -133,16 +124,14 @@ def fp8_linear(x, weight, weight_scale, out_dtype=None, path: str | None = None)
     returns [..., *W] in ``out_dtype`` (default x's dtype). ``path`` (default ``choose_path``
     of the rows): "w8a8" quantises x per row here, in the step, and runs an f8 x f8 dot into
     float32; "w8a8_out" the same dot emitting ``out_dtype``; "w8a16" keeps x and converts the
-    weight inside the dot; "pallas" is w8a16 as a GPU kernel (kernels/fp8_matmul_gpu.py)."""
+    weight inside the dot."""
     lead, d = x.shape[:-1], x.shape[-1]
     out_dtype = out_dtype or x.dtype
     x2 = x.reshape(-1, d)  # [T, D]
     w = weight.reshape(-1, d)  # [*W, D] -> [O', D]: contiguous, free
     s_w = weight_scale.reshape(1, -1)  # [1, O']
     path = path or choose_path(x2.shape[0])
-    if path == "pallas":
-        y = fp8_matmul_gpu.fp8_matmul(x2, w, s_w[0])  # x's dtype, scaled
-    elif path == "w8a16":
+    if path == "w8a16":
         # x [T, D] . w [O', D] over D with the weight converted to x's dtype: XLA fuses the
         # convert into the dot's operand read where it can
         y = jax.lax.dot_general(x2, w.astype(x2.dtype), (((1,), (1,)), ((), ())),

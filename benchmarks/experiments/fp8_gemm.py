@@ -7,7 +7,7 @@ Small T (a weight read; effective GB/s = the variant's weight bytes / time):
                   the scale multiply on the float32 [T, O] output
   ``w8a16``       x stays bf16, the fp8 weight converted inside the dot (XLA may fuse the convert
                   into its GEMM or reduction), the channel scale on the output
-  ``pallas``      kernels/fp8_matmul_gpu.py: the same arithmetic, the convert in registers
+  ``pallas``      benchmarks/experiments/fp8_matmul_gpu.py: the same arithmetic, the convert in registers
                   (GPU; on the CPU it runs in interpret mode, its time means nothing there)
 Large T (compute; TFLOP/s = 2 T O D / time):
   ``bf16``, ``w8a8`` as above; ``f8_gemm`` the f8 x f8 dot alone on quantised x (the GEMM's rate);
@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import print_table, results_dir, write_result
-from pagedjax.kernels import fp8_matmul_gpu
+from benchmarks.experiments import fp8_matmul_gpu
 from pagedjax.models import fp8
 
 # (name, out rows, in): Qwen2.5-7B's fused q/k/v, o, fused gate/up and down projections

@@ -1,5 +1,7 @@
 """W8A16 skinny matmul for GPUs (Pallas, Triton lowering): bf16 activations of a few tokens by a
-float8_e4m3fn weight with a float32 scale per output channel, for decode-sized steps.
+float8_e4m3fn weight with a float32 scale per output channel, for decode-sized steps. An
+experiment (benchmarks/experiments/fp8_gemm.py measures it): on the H100 XLA's own W8A16 fusion,
+which models/fp8.py uses, was faster at 1-32 rows, so the engine does not call this.
 
 Why a kernel: at a few tokens a linear is a weight read, and the W8A8 form (models/fp8.py) pays
 for an activation quantisation pass and a float32 [T, O] output pass around a dot that XLA does
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .quantization import to_compute
+from pagedjax.kernels.quantization import to_compute
 
 # Tuned on the H100 by benchmarks/experiments/fp8_gemm.py --sweep; the lead sets them from it.
 BLOCK_O = 32

@@ -1,5 +1,5 @@
-"""The W8A16 skinny matmul (kernels/fp8_matmul_gpu.py) in Pallas interpret mode against a numpy
-float64 reference on fresh random inputs: row counts from 1 to 64 (read as tiles of 16 rows or
+"""The W8A16 skinny matmul (benchmarks/experiments/fp8_matmul_gpu.py, an experiment the engine
+does not call) in Pallas interpret mode against a numpy float64 reference on fresh random inputs: row counts from 1 to 64 (read as tiles of 16 rows or
 more), channel and feature counts that are not tile multiples (the masked tails), one and several
 D splits, the errors bad input gets, and its lowering to Triton IR for CUDA."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pagedjax.kernels.fp8_matmul_gpu import default_split_k, fp8_matmul
+from benchmarks.experiments.fp8_matmul_gpu import default_split_k, fp8_matmul
 from tests.kernels.seeds import seed_of
 
 # (T, O, D, block_o, block_d, split_k)
