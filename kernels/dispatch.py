@@ -26,8 +26,9 @@ def _is_pow2(n: int) -> bool:
 def check_pages(k_pages, v_pages) -> None:
     """Both plain [num_blocks, block_size, K, H] arrays of one dtype, or both QuantizedPages with
     a [num_blocks, block_size, K, 1] bfloat16 scale each (int4: K's [num_blocks, 2, K, H]
-    float8_e4m3fn scale and zero point, per channel within a block). Plain 1-byte pages must be fp8 (raw values, the static scale applied
-    by the model): int8 has no such scale, its values mean nothing without their scales."""
+    float8_e4m3fn scale and zero point, per channel within a block). Plain 1-byte pages must be
+    fp8 (raw values, the static scale applied by the model): int8 has no such scale, its values
+    mean nothing without their scales."""
     if is_quantized(k_pages) != is_quantized(v_pages):
         raise ValueError("k_pages and v_pages must both be quantized (QuantizedPages) or neither")
     if len(k_pages.shape) != 4 or k_pages.shape != v_pages.shape:
