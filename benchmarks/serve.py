@@ -34,12 +34,26 @@ Steps: a started server writes its ``--step-trace``; each rate's row gets the fi
 its measured run took (``steps``: composition, time in ``engine.step`` per step kind, gaps between
 steps, the engine thread's busy share; ``serve_steps.py``) and the plot a panel of the step
 composition over time.
+
+vLLM's client: with ``--peer-client-dir DIR`` (or $PAGEDJAX_VLLM_BENCH_DIR) vLLM's own
+``benchmark_serving.py`` (not committed here; ``peer_client.py`` says which files and why) runs
+after each rate's measured run, against the same server with the same workload and settings; its
+figures go in that rate's row under ``peer`` and in the summary as ``peer_output_tok_s``,
+``peer_median_tpot_ms``, ``peer_median_ttft_ms`` (``..._c64`` too at ``--max-concurrency 64``;
+``rate<R>_peer_...`` for the later rates).
+
+Serving overhead: ``--compare-latency PATH`` (with ``--max-concurrency 1``) reads the latency
+scenario's JSON, run on the same device for the same lengths (``python -m benchmarks latency
+--batch-sizes 1 --input-lens L --output-len O``), and reports ``serving_overhead_pct_c1`` = (this
+run's median TPOT / the offline engine's median batch-1 TPOT - 1) x 100 for the first rate (and
+``peer_serving_overhead_pct_c1`` by vLLM's client).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
@@ -48,8 +62,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import harness, plots, serve_steps
-from benchmarks.common import print_table, results_dir, write_result
+from benchmarks import harness, peer_client, plots, serve_steps
+from benchmarks.common import device_name, print_table, results_dir, write_result
 from benchmarks.serving_client import RequestResult, run_requests, scrape, started_server
 
 logger = logging.getLogger(__name__)
@@ -93,6 +107,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the server's --step-trace file (default: a temporary one for a started "
                         "server; an attached server's figures need its FILE here)")
     p.add_argument("--tag", default="", help="results file serve-<tag>.json")
+    p.add_argument("--peer-client-dir", default=None, metavar="DIR",
+                   help="a folder with vLLM v0.7.3's benchmarks/benchmark_serving.py, "
+                        "backend_request_func.py and benchmark_utils.py: run vLLM's client too "
+                        f"(default ${peer_client.ENV}; unset: ours only)")
+    p.add_argument("--compare-latency", default=None, metavar="PATH",
+                   help="the latency scenario's JSON (same device, batch 1, same lengths): "
+                        "report serving_overhead_pct_c1 (needs --max-concurrency 1)")
 
 
 # ---- figures ---------------------------------------------------------------------------------
@@ -166,19 +187,26 @@ def run(args) -> dict:
     if n_warm is None:
         n_warm = min(args.num_prompts, 2 * (args.max_concurrency or 32))
     tag = f"-{args.tag}" if args.tag else ""
+    peer_dir = peer_client.client_dir(args.peer_client_dir)
+    offline = _offline_tpot(args.compare_latency, args) if args.compare_latency else None
     rows, runs, panels = [], [], []
     with contextlib.ExitStack() as stack:
         url = args.base_url or stack.enter_context(started_server(args, vocab, server_env))
         card = _model_card(url, args)
+        if peer_dir and not args.tokenizer:
+            raise ValueError("vLLM's client builds its prompts with the server's tokenizer: "
+                             "give --tokenizer DIR with --base-url and --peer-client-dir")
         prompts = harness.random_prompts([args.input_len] * args.num_prompts, vocab, args.seed)
         for i, rate in enumerate(args.request_rate):
             row, results, panel = _measure(url, args, card["id"], prompts, vocab, n_warm, i,
                                            rate)
+            if peer_dir:
+                row["peer"] = _peer(url, args, card["id"], peer_dir, i, rate)
             rows.append(row)
             panels.append(panel)
             runs.append(results)
             # rewritten after every rate: a run cut short by a time limit keeps what it finished
-            summary, figures = _summarise(args, url, rows, runs, n_warm)
+            summary, figures = _summarise(args, url, rows, runs, n_warm, offline)
             write_result("serve", summary, figures, out=args.out, tag=args.tag)
     print_table(figures["table"]["rows"], COLUMNS)
     _plot(results_dir(args.out) / f"serve{tag}.png", runs, args, panels)
@@ -240,13 +268,58 @@ def _measure(url: str, args, model: str, prompts, vocab: int, n_warm: int, i: in
     return row, results, serve_steps.panel(steps, _label(rate))
 
 
+def _peer(url: str, args, model: str, folder, i: int, rate: float) -> dict:
+    """vLLM's client on this rate's workload, after our measured run (so on a warm server)."""
+    before = scrape(url)
+    peer = peer_client.run(folder, url, model, args.tokenizer, api_key=args.api_key,
+                           input_len=args.input_len, output_len=args.output_len,
+                           num_prompts=args.num_prompts, rate=rate, burstiness=args.burstiness,
+                           max_concurrency=args.max_concurrency, seed=args.seed + i)
+    after = scrape(url)
+    # its one "initial test run" request is in the server's counters, not in its figures
+    peer["server"] = {k: _delta(before, after, k) for k in COUNTERS}
+    peer["compilations"] = peer["server"]["step_compilations"]
+    if "error" in peer:
+        logger.warning("vLLM's client failed at rate %s: %s", _label(rate), peer["error"][-500:])
+    return peer
+
+
+PEER_KEYS = {"output_tok_s": "output_throughput", "median_tpot_ms": "median_tpot_ms",
+             "median_ttft_ms": "median_ttft_ms"}
+
+
+def _offline_tpot(path: str, args) -> dict:
+    """The offline engine's median batch-1 TPOT for this run's lengths, from latency's JSON."""
+    if args.max_concurrency != 1:
+        raise ValueError("--compare-latency compares one request at a time with the offline "
+                         "engine at batch 1: add --max-concurrency 1")
+    rec = json.loads(Path(path).read_text())
+    match = [r for r in rec.get("figures", {}).get("rows", []) if r.get("batch") == 1 and
+             r.get("input_len") == args.input_len and r.get("output_len") == args.output_len
+             and r.get("tpot_p50_ms")]
+    if rec.get("scenario") != "latency" or not match:
+        raise ValueError(f"{path} has no latency row of batch 1 with {args.input_len} prompt "
+                         f"and {args.output_len} new tokens: run `python -m benchmarks latency "
+                         f"--batch-sizes 1 --input-lens {args.input_len} --output-len "
+                         f"{args.output_len}` with this run's engine flags first")
+    if rec["device"] != device_name():
+        raise ValueError(f"{path} was measured on {rec['device']}, this run is on "
+                         f"{device_name()}: the overhead needs both on one device")
+    return {"path": str(path), "tpot_ms": match[0]["tpot_p50_ms"], "device": rec["device"],
+            "git_commit": rec.get("git_commit"), "command": rec.get("command")}
+
+
+def _overhead_pct(tpot_ms, offline_ms: float):
+    return None if tpot_ms is None else 100.0 * (tpot_ms / offline_ms - 1.0)
+
+
 def _delta(before: dict, after: dict, key: str):
     if key not in after or key not in before:
         return None  # a server without this counter
     return int(after[key] - before[key])
 
 
-def _summarise(args, url: str, rows: list[dict], runs, n_warm: int):
+def _summarise(args, url: str, rows: list[dict], runs, n_warm: int, offline: dict | None):
     first = rows[0]
     compiled = [r["compilations"] for r in rows]
     summary = {k: first[k] for k in ("completed", "failed", "duration", "request_throughput",
@@ -261,6 +334,21 @@ def _summarise(args, url: str, rows: list[dict], runs, n_warm: int):
                 "server_compilations_at_start": first["compilations_before_warmup"]}
     for r in rows[1:]:
         summary |= {f"rate{r['request_rate']}_{k}": r[k] for k in HEADLINE}
+    if "peer" in first:  # vLLM's client (null figures where it failed)
+        for i, r in enumerate(rows):
+            prefix = "" if i == 0 else f"rate{r['request_rate']}_"
+            summary |= {f"{prefix}peer_{k}": r["peer"].get(v) for k, v in PEER_KEYS.items()}
+        summary["peer_completed"] = first["peer"].get("completed")
+        if args.max_concurrency == 64:  # issue 25's acceptance keys
+            summary |= {f"peer_{k}_c64": summary[f"peer_{k}"]
+                        for k in ("output_tok_s", "median_tpot_ms")}
+    if offline:
+        summary["offline_tpot_ms_c1"] = offline["tpot_ms"]
+        summary["serving_overhead_pct_c1"] = _overhead_pct(first["median_tpot_ms"],
+                                                           offline["tpot_ms"])
+        if "peer" in first:
+            summary["peer_serving_overhead_pct_c1"] = _overhead_pct(
+                first["peer"].get("median_tpot_ms"), offline["tpot_ms"])
     if first["steps"] is not None:  # the server's step trace (serve_steps.py)
         summary |= {k: first["steps"][k] for k in ("step_gap_ms_mean", "engine_busy_pct",
                                                    "decode_step_ms_p50", "steps_per_s",
@@ -271,6 +359,7 @@ def _summarise(args, url: str, rows: list[dict], runs, n_warm: int):
         "input_len": args.input_len, "output_len": args.output_len,
         "burstiness": args.burstiness, "num_warmup_prompts": n_warm,
         "dataset": "random token ids, fixed lengths, ignore_eos, temperature 0",
+        "offline_latency": offline,
         "rows": rows,
         "requests": [[{"start_s": r.start, "ttft_ms": r.ttft * 1e3, "latency_ms": r.latency * 1e3,
                        "output_tokens": r.output_tokens, "chunks": r.chunks, "ok": r.ok}
