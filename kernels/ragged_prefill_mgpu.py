@@ -54,8 +54,6 @@ import jax.numpy as jnp
 from jax import lax
 
 LOG2E = math.log2(math.e)
-# The tuning knobs and their measured-best defaults (dispatch can accept these names).
-DEFAULTS = dict(block_q=64, block_kv=128, num_stages=2, paged_tma=True)
 
 
 def cdiv(a, b):

@@ -92,10 +92,6 @@ class ModelConfig:
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
 
-    @property
-    def q_per_kv(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     def num_params(self) -> int:
         d, f, n, k, h = (self.hidden_size, self.intermediate_size, self.num_attention_heads,
                          self.num_key_value_heads, self.head_dim)

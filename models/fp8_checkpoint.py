@@ -73,11 +73,6 @@ def _header(path: Path) -> tuple[dict, int]:
         return json.loads(f.read(n)), 8 + n
 
 
-def tensor_dtype(path: Path, name: str) -> str:
-    """The safetensors dtype string ("BF16", "F8_E4M3", ...) of one tensor."""
-    return _header(path)[0][name]["dtype"]
-
-
 def read_fp8(path: Path, name: str) -> np.ndarray:
     """One float8 tensor of a safetensors file, memory-mapped."""
     header, start = _header(path)

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from pagedjax.entrypoints import cli
 from pagedjax.worker import kv_pool
-from pagedjax.planning import planner, memory_report as mr
+from pagedjax.planning import planner, memory_report as mr, model_source
 from pagedjax.config import EngineArgs, EngineConfig
 from pagedjax.kernels.reference import SCRATCH_BYTES
 from pagedjax.worker.kv_pool import GiB
@@ -173,16 +173,16 @@ def test_unknown_model_and_offline_hub_give_clear_errors(capsys, monkeypatch):
     def offline(repo_id):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
-    monkeypatch.setattr(planner, "_hub_config_path", offline)
+    monkeypatch.setattr(model_source, "_hub_config_path", offline)
     msg = plan_error(capsys, "--model", "nobody/NoSuchModel")
     assert "could not be fetched from the Hugging Face hub" in msg and "network" in msg
 
 
 def test_shipped_configs_resolve_offline():
-    res = planner.resolve_model("Qwen/Qwen2.5-7B-Instruct")  # a hub id whose config is shipped
+    res = model_source.resolve_model("Qwen/Qwen2.5-7B-Instruct")  # a hub id whose config is shipped
     assert res.kind == "shipped config" and res.tokenizer == ("Qwen/Qwen2.5-7B-Instruct", None)
     assert kv_bytes_per_token(res.cfg) == 57_344
-    llama = planner.resolve_model("llama-2-70b-hf").cfg
+    llama = model_source.resolve_model("llama-2-70b-hf").cfg
     assert kv_bytes_per_token(llama) == 327_680
     assert resolve_dtype("auto", platform="gpu") == "bfloat16"  # what the planner plans with
     assert resolve_dtype("auto", platform="cpu") == "float32"
@@ -213,7 +213,7 @@ def test_gguf_metadata(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    res = planner.resolve_model(str(path))
+    res = model_source.resolve_model(str(path))
     cfg = res.cfg
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
             cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size,
@@ -235,7 +235,7 @@ def write_log(path: Path) -> Path:
 def test_request_log_percentiles_and_malformed_lines(tmp_path, tokenizer_dir):
     from pagedjax.planning import request_log
 
-    tok = planner.load_tokenizer(str(tokenizer_dir))
+    tok = model_source.load_tokenizer(str(tokenizer_dir))
     prompts, errors = request_log.read_request_log(write_log(tmp_path / "log.jsonl"), tok)
     assert len(prompts) == 100
     assert [e["line"] for e in errors] == [3, 7]
@@ -441,14 +441,14 @@ def test_chat_variant_of_a_shipped_config_resolves_offline(capsys, monkeypatch):
     def no_hub(*a, **k):
         raise AssertionError("the hub must not be asked for a shipped shape")
 
-    monkeypatch.setattr(planner, "_hub_config_path", no_hub)
+    monkeypatch.setattr(model_source, "_hub_config_path", no_hub)
     r = json.loads(run_plan(capsys, "--model", "meta-llama/Llama-2-70b-chat-hf", "--gpu-memory",
                             "80GiB", "--tensor-parallel-size", 8, "--json"))
     assert r["model"]["kind"] == "shipped config" and r["kv_bytes_per_token"] == 327_680 // 8
     said = [n for n in r["notes"] if "Llama-2-70b-hf" in n]
     assert len(said) == 1 and "offline" in said[0]
-    assert planner.same_shape_config("Qwen/Qwen2.5-7B-Chat").stem == "Qwen2.5-7B-Instruct"
-    assert planner.same_shape_config("mistralai/Mistral-7B-Instruct-v0.3") is None
+    assert model_source.same_shape_config("Qwen/Qwen2.5-7B-Chat").stem == "Qwen2.5-7B-Instruct"
+    assert model_source.same_shape_config("mistralai/Mistral-7B-Instruct-v0.3") is None
 
 
 def test_unreachable_hub_fails_fast_without_retries(monkeypatch):
@@ -466,7 +466,7 @@ def test_unreachable_hub_fails_fast_without_retries(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match="could not be fetched from the Hugging Face hub"):
-        planner.resolve_model("nobody/NoSuchModel-12345")
+        model_source.resolve_model("nobody/NoSuchModel-12345")
     assert calls and time.perf_counter() - t0 < 5  # huggingface_hub retries for ~24 s
 
 

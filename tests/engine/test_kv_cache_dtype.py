@@ -309,7 +309,7 @@ def test_pool_bytes_are_what_is_allocated(tiny_qwen, kv_dtype):
 
 
 def test_planner_bytes_per_token_fp8_is_half_of_bf16_int8_adds_scales():
-    from pagedjax.planning.planner import resolve_model
+    from pagedjax.planning.model_source import resolve_model
 
     cfg = resolve_model("Qwen2.5-7B-Instruct").cfg  # 28 layers, 4 KV heads, head_dim 128
 
@@ -357,7 +357,7 @@ def test_planner_and_memory_report_know_int4(capsys):
     import json
 
     from pagedjax.entrypoints import cli
-    from pagedjax.planning.planner import resolve_model
+    from pagedjax.planning.model_source import resolve_model
 
     cfg = resolve_model("Qwen2.5-7B-Instruct").cfg
 

@@ -195,7 +195,7 @@ def test_planner_and_memory_report_bound_a_windowed_sequence(capsys):
 
     from pagedjax.entrypoints import cli
     from pagedjax.planning import memory_report as mr
-    from pagedjax.planning.planner import resolve_model
+    from pagedjax.planning.model_source import resolve_model
 
     cfg = resolve_model("Qwen2.5-7B-Instruct").cfg
 

@@ -17,7 +17,7 @@ from pagedjax import LLM, SamplingParams
 from pagedjax.models import fp8, load_model
 from pagedjax.models.params import flatten
 from pagedjax.planning.memory_report import weights_bytes
-from pagedjax.planning.planner import resolve_model
+from pagedjax.planning.model_source import resolve_model
 
 LINEAR_SUFFIXES = tuple(f"{n}.weight" for n in fp8.LINEARS)
 
