@@ -32,7 +32,7 @@ import logging
 import jax
 
 from benchmarks import harness, plots
-from benchmarks.common import print_table, results_dir, write_result
+from benchmarks.common import int_list, print_table, results_dir, write_result
 from pagedjax.worker import device_memory
 from pagedjax.planning import planner
 from pagedjax.config import EngineArgs, EngineConfig
@@ -51,13 +51,9 @@ COLUMNS = ["max_model_len", "kv_cache_tokens", "kv_cache_gib", "max_concurrency"
            "compilations"]
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     harness.add_engine_arguments(p)
-    p.add_argument("--max-model-lens", type=_ints, default=None,
+    p.add_argument("--max-model-lens", type=int_list, default=None,
                    help=f"comma list (default {FULL['max_model_lens']}; "
                         f"--quick {QUICK['max_model_lens']})")
     p.add_argument("--input-len", type=int, default=None, help="prompt tokens (default 1000)")
@@ -117,7 +113,7 @@ def _measure(llm, row: dict, args) -> None:
 def run(args) -> dict:
     from pagedjax import SamplingParams
 
-    harness.preset(args, FULL, QUICK)
+    harness.preset(args, FULL, QUICK, args.quick)
     loaded = harness.load(args)
     rows = [_probe(loaded, args, m) for m in args.max_model_lens]
     for r in rows:

@@ -77,6 +77,15 @@ def write_result(scenario: str, summary: dict, figures: dict, out: str | None = 
     return path
 
 
+def int_list(text: str) -> list[int]:
+    """A comma list flag: ``1,8,32``."""
+    return [int(x) for x in text.split(",") if x]
+
+
+def float_list(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
 def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
     if not rows:
         return

@@ -51,9 +51,10 @@ def engine_args(args: argparse.Namespace, **overrides):
     return dataclasses.replace(EngineArgs.from_namespace(args), **overrides)
 
 
-def preset(args: argparse.Namespace, full: dict, quick: dict) -> None:
-    """Fill every size flag left at None from the full-size or the ``--quick`` table."""
-    table = quick if getattr(args, "quick", False) else full
+def preset(args: argparse.Namespace, full: dict, small: dict, use_small: bool) -> None:
+    """Fill every size flag left at None from the full-size or the small (``--quick``,
+    ``--tiny``) table."""
+    table = small if use_small else full
     for name, value in full.items():
         if getattr(args, name, None) is None:
             setattr(args, name, table.get(name, value))
@@ -130,9 +131,9 @@ def precompile_figures(engine) -> dict:
 
 
 def release(llm) -> None:
-    """Drop an engine so its KV pool is freed before the next one sizes itself from free memory."""
-    llm.engine.runner.pool = None
-    del llm
+    """Free an LLM's (or an engine's) KV pool before the next engine sizes itself from free
+    memory: the caller still holds the object. (pagedjax has no ``close()`` to call yet.)"""
+    getattr(llm, "engine", llm).runner.pool = None
     gc.collect()
 
 

@@ -23,8 +23,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _fake_engine(num_seqs: int, prompt_len: int, steps: int, **engine_kw):
-    import jax.numpy as jnp
-
     from pagedjax import SamplingParams
     from pagedjax.config import EngineArgs
     from pagedjax.engine import LLMEngine
@@ -61,13 +59,13 @@ def _fake_engine(num_seqs: int, prompt_len: int, steps: int, **engine_kw):
     for i in range(num_seqs):
         engine.add_request(str(i), rng.integers(3, 32000, size=prompt_len).tolist(), sp,
                            stream=False)  # as LLM.generate does
-    return engine, jnp
+    return engine
 
 
 def run(args) -> dict:
     rows = []
     for b in map(int, args.batch_sizes.split(",")):
-        engine, _ = _fake_engine(b, args.prompt_len, args.steps)
+        engine = _fake_engine(b, args.prompt_len, args.steps)
         while any(s.num_computed_tokens < len(s.prompt_token_ids) for r in engine.requests.values()
                   for s in r.seqs):
             engine.step()  # prefill everyone first

@@ -173,9 +173,7 @@ def _run_mode(loaded, args, tier: bool, pool_blocks: int, host_blocks: int) -> d
 def run(args) -> dict:
     from benchmarks.swap_bandwidth import pct_of_raw, raw_large
 
-    for name, v in (TINY if args.tiny else FULL).items():
-        if getattr(args, name) is None:
-            setattr(args, name, v)
+    harness.preset(args, FULL, TINY, args.tiny)
     if args.max_model_len is None:
         args.max_model_len = args.turns * (args.user_len + args.answer_len)
     if args.warmup_turns is None:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness, plots
-from benchmarks.common import print_table, results_dir, write_result
+from benchmarks.common import int_list, print_table, results_dir, write_result
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +32,10 @@ COLUMNS = ["batch", "input_len", "output_len", "e2e_p50_s", "e2e_p90_s", "e2e_p9
            "output_tok_s", "compilations"]
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     harness.add_engine_arguments(p)
-    p.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32], help="comma list")
-    p.add_argument("--input-lens", type=_ints, default=[32, 1024], help="comma list")
+    p.add_argument("--batch-sizes", type=int_list, default=[1, 8, 32], help="comma list")
+    p.add_argument("--input-lens", type=int_list, default=[32, 1024], help="comma list")
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-iters-warmup", type=int, default=2)
     p.add_argument("--num-iters", type=int, default=10)

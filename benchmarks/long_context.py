@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import harness, plots
-from benchmarks.common import print_table, results_dir, write_result
+from benchmarks.common import float_list, int_list, print_table, results_dir, write_result
 
 logger = logging.getLogger(__name__)
 
@@ -93,14 +93,6 @@ COLUMNS = ["mode", "context", "ppl", "ppl_delta_pct", "passkey_10", "passkey_50"
            "passkey_acc", "kv_pool_tokens", "ppl_s", "passkey_s"]
 
 
-def _ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x]
-
-
-def _floats(s: str) -> list[float]:
-    return [float(x) for x in s.split(",") if x]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from pagedjax.config import add_engine_arguments
 
@@ -110,11 +102,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(dtype="bfloat16")
     p.add_argument("--tiny", action="store_true",
                    help="a tiny random Qwen2 with a character tokenizer (the test's plumbing run)")
-    p.add_argument("--contexts", type=_ints, default=None, help="comma list (default 2048,4096,8192)")
-    p.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9],
+    p.add_argument("--contexts", type=int_list, default=None, help="comma list (default 2048,4096,8192)")
+    p.add_argument("--depths", type=float_list, default=[0.1, 0.5, 0.9],
                    help="passkey depths, fractions of the filler before the key")
     p.add_argument("--passkey-trials", type=int, default=1, help="keys per context and depth")
-    p.add_argument("--passkey-contexts", type=_ints, default=None,
+    p.add_argument("--passkey-contexts", type=int_list, default=None,
                    help="the contexts that run passkey trials (default: all of --contexts)")
     p.add_argument("--ppl-windows", type=int, default=1,
                    help="windows of the text, one every max(contexts) tokens, scored at each context")

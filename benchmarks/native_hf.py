@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-MAX_TIMELINE = 400
+from benchmarks.harness import thin
 
 
 def _oom_message(e: BaseException) -> bool:
@@ -119,7 +119,7 @@ class Worker:
         if self.cuda:
             row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
             row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
-        row["timeline"] = _thin([{"t": t, "bytes": m} for t, m in tl.points])
+        row["timeline"] = thin([{"t": t, "bytes": m} for t, m in tl.points])
         del error, ids, tl
         gc.collect()
         if self.cuda:
@@ -156,13 +156,6 @@ class Worker:
                 "attempts": [{k: a.get(k) for k in ("batch", "status", "output_tok_s",
                                                     "peak_allocated_bytes", "elapsed_s")}
                              for a in attempts]}
-
-
-def _thin(points: list[dict]) -> list[dict]:
-    if len(points) <= MAX_TIMELINE:
-        return points
-    step = len(points) / MAX_TIMELINE
-    return [points[int(i * step)] for i in range(MAX_TIMELINE)] + [points[-1]]
 
 
 def main(spec_path: str, result_path: str) -> None:

@@ -99,35 +99,51 @@ def _child(module: str, spec: dict, env: dict, timeout: float | None, tmp: Path)
     return result
 
 
+class Children:
+    """What both sides' processes get, shared with ``small-memory``: the simulated card (JAX's
+    share of the GPU in its environment, torch's budget in its spec) and how to load the model."""
+
+    def __init__(self, args):
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the parent writes JSON
+        self.total = gpu_total_bytes()
+        self.budget = int(args.budget_gib * GiB) if self.total else None
+        self.load = {k: getattr(args, k) for k in ("model", "tiny", "load_format", "dtype",
+                                                   "tokenizer", "seed", "quantization")}
+        self.hf_dtype = {"auto": "bfloat16" if self.total else "float32"}.get(args.dtype,
+                                                                               args.dtype)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_PYTHON_CLIENT_")}
+        self.jax_env = dict(self.env)
+        if self.total:
+            self.jax_env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(self.budget / self.total, 1):.4f}"
+        self.seed, self.hf_config = args.seed, harness.hf_config_dict(args)
+
+    def paged(self, engine: dict, cases: dict, timeout, tmp: Path) -> dict:
+        return _child("native_jax", {"load": self.load, "engine": engine, "cases": cases},
+                      self.jax_env, timeout, tmp)
+
+    def hf(self, cases: dict, attn: str, max_time_a, timeout, tmp: Path) -> dict:
+        spec = {"hf_config": self.hf_config, "hf_dtype": self.hf_dtype, "hf_attn": attn,
+                "budget_bytes": self.budget, "hf_max_time_a": max_time_a, "seed": self.seed,
+                "cases": cases}
+        return _child("native_hf", spec, self.env, timeout, tmp)
+
+
 def run(args) -> dict:
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the parent only writes JSON
-    harness.preset(args, FULL, QUICK)
-    total = gpu_total_bytes()
-    budget = int(args.budget_gib * GiB) if total else None
+    harness.preset(args, FULL, QUICK, args.quick)
+    ch = Children(args)
+    budget, total, hf_dtype = ch.budget, ch.total, ch.hf_dtype
     cases = {"a": {"prompt_len": args.a_prompt_len, "new_tokens": args.a_new_tokens},
              "b": {"context": args.b_context, "new_tokens": args.b_new_tokens,
                    "max_batch": args.b_max_batch},
              "c": {"batch": args.c_batch, "prompt_len": args.c_prompt_len,
                    "new_tokens": args.c_new_tokens}}
-    engine = dataclasses.asdict(harness.engine_args(args))
-    load = {k: getattr(args, k)
-            for k in ("model", "tiny", "load_format", "dtype", "tokenizer", "seed",
-                      "quantization")}
-    hf_dtype = {"auto": "bfloat16" if total else "float32"}.get(args.dtype, args.dtype)
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_PYTHON_CLIENT_")}
-    jax_env = dict(base_env)
-    if total:
-        jax_env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(budget / total, 1.0):.4f}"
     with tempfile.TemporaryDirectory(prefix="native-vs-paged-") as tmp:
-        paged = _child("native_jax", {"load": load, "engine": engine, "cases": cases}, jax_env,
-                       args.paged_timeout, Path(tmp))
+        paged = ch.paged(dataclasses.asdict(harness.engine_args(args)), cases, args.paged_timeout,
+                         Path(tmp))
         hf = {"skipped": True, "cases": {}}
         _write(args, budget, total, cases, paged, hf, hf_dtype)
         if not args.skip_hf:
-            spec = {"hf_config": harness.hf_config_dict(args), "hf_dtype": hf_dtype,
-                    "hf_attn": args.hf_attn, "budget_bytes": budget,
-                    "hf_max_time_a": args.hf_max_time_a, "seed": args.seed, "cases": cases}
-            hf = _child("native_hf", spec, base_env, args.hf_timeout, Path(tmp))
+            hf = ch.hf(cases, args.hf_attn, args.hf_max_time_a, args.hf_timeout, Path(tmp))
     summary, rows = _write(args, budget, total, cases, paged, hf, hf_dtype)
     print_table(rows, COLUMNS)
     print("  ".join(f"{k}={v if not isinstance(v, float) else round(v, 2)}"

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import tempfile
 from pathlib import Path
 
 from benchmarks import harness, plots
 from benchmarks.common import print_table, results_dir, write_result
-from benchmarks.native_vs_paged import GiB, _child, gpu_total_bytes
-from pagedjax.config import EngineArgs
+from benchmarks.native_vs_paged import GiB, Children
 
 # name -> EngineArgs fields on top of the command line's
 CONFIGS = {"bf16": {"kv_cache_dtype": "auto"}, "fp8": {"kv_cache_dtype": "fp8"},
@@ -49,53 +47,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--child-timeout", type=float, default=None, help="seconds per process")
 
 
-def _engine(args, name: str) -> dict | None:
-    """The configuration's EngineArgs as a dict, or None when this build has no such knob."""
-    fields = {f.name for f in dataclasses.fields(EngineArgs)}
+def _engine(args, name: str) -> dict:
+    """The configuration's EngineArgs as a dict."""
     extra = dict(CONFIGS[name])
     if name == "window":
         extra.update(kv_sink_tokens=args.sink_tokens, kv_window=args.window)
-    if not set(extra) <= fields:
-        return None
     return {**dataclasses.asdict(harness.engine_args(args)), **extra,
             "max_model_len": args.prompt_len + args.new_tokens}
 
 
 def run(args) -> dict:
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the parent only writes JSON
     if args.quick:
         args.prompt_len = args.prompt_len or 48
         args.new_tokens = args.new_tokens or 8
         args.sink_tokens, args.window = min(args.sink_tokens, 16), min(args.window, 32)
     args.prompt_len = args.prompt_len or 32256
     args.new_tokens = args.new_tokens or 512
-    total = gpu_total_bytes()
-    budget = int(args.budget_gib * GiB) if total else None
+    ch = Children(args)
+    budget, total = ch.budget, ch.total
     case = {"a": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens}}
-    load = {k: getattr(args, k)
-            for k in ("model", "tiny", "load_format", "dtype", "tokenizer", "seed",
-                      "quantization")}
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_PYTHON_CLIENT_")}
-    jax_env = dict(base_env)
-    if total:
-        jax_env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(budget / total, 1.0):.4f}"
     results: dict = {}
     hf: dict = {"skipped": True, "cases": {}}
     with tempfile.TemporaryDirectory(prefix="small-memory-") as tmp:
         for name in args.configs.split(","):
-            engine = _engine(args, name)
-            if engine is None:
-                results[name] = {"not_available": "this build has no such engine option"}
-                continue
-            results[name] = _child("native_jax", {"load": load, "engine": engine, "cases": case},
-                                   jax_env, args.child_timeout, Path(tmp))
+            results[name] = ch.paged(_engine(args, name), case, args.child_timeout, Path(tmp))
             _write(args, budget, total, results, hf)
         if not args.skip_hf:
-            hf_dtype = {"auto": "bfloat16" if total else "float32"}.get(args.dtype, args.dtype)
-            spec = {"hf_config": harness.hf_config_dict(args), "hf_dtype": hf_dtype,
-                    "hf_attn": "sdpa", "budget_bytes": budget, "hf_max_time_a": None,
-                    "seed": args.seed, "cases": case}
-            hf = _child("native_hf", spec, base_env, args.child_timeout, Path(tmp))
+            hf = ch.hf(case, "sdpa", None, args.child_timeout, Path(tmp))
     summary, rows = _write(args, budget, total, results, hf)
     print_table(rows, COLUMNS)
     print("  ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
@@ -104,8 +82,6 @@ def run(args) -> dict:
 
 
 def _row(name: str, res: dict) -> dict:
-    if "not_available" in res:
-        return {"config": name, "status": "not available", "note": res["not_available"]}
     a = res.get("cases", {}).get("a", {})
     if not a and res.get("stderr_tail"):  # the process died before the case: its last line
         a = {"error": res["stderr_tail"][-1]}

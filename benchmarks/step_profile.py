@@ -4,8 +4,9 @@ For each batch size B: B random prompts of ``--input-len`` tokens are prefilled,
 steps compile and warm up, then three measurements of the same decode state follow:
 
 * ``step_ms``: wall time of ``LLMEngine.step()`` (schedule, prepare, dispatch, wait, postprocess);
-* ``device_loop_ms``: the same packed step dispatched back to back ``--steps`` times with one wait
-  at the end (the pool is donated from call to call): the device's own time per step, with host
+* ``device_loop_ms``: the last engine step's packed inputs (kept by the engine's ``execute``
+  seam) dispatched back to back ``--steps`` times with one wait at the end (the pool is donated
+  from call to call): the device's own time per step, with host
   work and the per-step wait overlapped away. ``step_ms - device_loop_ms`` is what the host and the
   round trip add;
 * a ``jax.profiler`` trace of ``--trace-steps`` engine steps, its device events summed by kernel
@@ -26,10 +27,8 @@ import re
 import tempfile
 import time
 
-import numpy as np
-
 from benchmarks import harness
-from benchmarks.common import print_table, results_dir, write_result
+from benchmarks.common import int_list, print_table, results_dir, write_result
 
 logger = logging.getLogger(__name__)
 
@@ -42,20 +41,16 @@ CATEGORIES = (  # first match wins; kernel names differ between XLA versions, so
 )
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     harness.add_engine_arguments(p)
-    p.add_argument("--batch-sizes", type=_ints, default=[1, 64, 256])
+    p.add_argument("--batch-sizes", type=int_list, default=[1, 64, 256])
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=30, help="measured steps per figure")
     p.add_argument("--trace-steps", type=int, default=5, help="engine steps in the trace (0: none)")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="1.0 as the throughput benchmark (random sampling), 0 for greedy")
     p.add_argument("--top-kernels", type=int, default=25)
-    p.add_argument("--keep-trace", type=_ints, default=[],
+    p.add_argument("--keep-trace", type=int_list, default=[],
                    help="batch sizes whose raw trace is copied next to the JSON")
 
 
@@ -131,12 +126,12 @@ def _trace(engine, steps: int, top: int, keep_to: str | None = None) -> dict:
     return out
 
 
-def measure(llm, batch: int, args) -> dict:
+def measure(e, last: dict, batch: int, args) -> dict:
+    """The three figures at one batch size; ``last["inputs"]`` is the latest step's inputs."""
     import jax
 
     from pagedjax import SamplingParams
 
-    e = llm.engine
     total = args.steps * 2 + args.trace_steps + 16
     sp = SamplingParams(temperature=args.temperature, top_p=1.0, ignore_eos=True, max_tokens=total)
     prompts = harness.random_prompts([args.input_len] * batch, e.cfg.vocab_size, batch)
@@ -166,10 +161,8 @@ def measure(llm, batch: int, args) -> dict:
                 if batch in args.keep_trace else None)
         row["trace"] = _trace(e, args.trace_steps, args.top_kernels, keep)
         row["device_busy_ms"] = row["trace"].get("device_busy_ms")
-    # the device's own time: the same decode step, dispatched back to back, one wait at the end
-    while e._on_device:  # settle the engine: nothing in flight
-        e._complete_oldest()
-    inputs = e.runner.prepare(e.scheduler.schedule())
+    # the device's own time: the last decode step again, back to back, one wait at the end
+    inputs = last["inputs"]
     row["layout"] = str(inputs.layout)
     jax.block_until_ready(e.runner.execute(inputs))
     t0, dispatch = time.perf_counter(), 0.0
@@ -179,7 +172,7 @@ def measure(llm, batch: int, args) -> dict:
         dispatch += time.perf_counter() - t1
     jax.block_until_ready(out)
     device_s = (time.perf_counter() - t0) / args.steps
-    for rid in ids:  # the scheduled step was never completed: end the requests here
+    for rid in ids:  # the loop rewrote the same slots; the requests end here
         e.abort(rid)
 
     row.update(device_loop_ms=device_s * 1e3, dispatch_ms=dispatch / args.steps * 1e3,
@@ -196,8 +189,16 @@ def run(args) -> dict:
     longest = args.input_len + args.steps * 2 + args.trace_steps + 32
     ea = harness.engine_args(args, max_model_len=args.max_model_len or longest,
                              max_num_seqs=max(max(args.batch_sizes), args.max_num_seqs or 0))
-    llm = harness.make_llm(loaded, ea)
-    rows = [measure(llm, b, args) for b in args.batch_sizes]
+    from pagedjax.engine import LLMEngine
+
+    last = {}
+
+    def execute(inputs):  # the engine's execute seam: the real step, its inputs kept
+        last["inputs"] = inputs
+        return engine.runner.execute(inputs)
+
+    engine = LLMEngine(ea, loaded=loaded, execute=execute)
+    rows = [measure(engine, last, b, args) for b in args.batch_sizes]
     print_table(rows, ["batch", "step_ms", "host_ms", "dispatch_wait_ms", "device_loop_ms",
                        "dispatch_ms",
                        "device_busy_ms", "tok_s", "tok_s_device_bound", "compilations"])
@@ -215,5 +216,5 @@ def run(args) -> dict:
     summary["compilations_after_warmup"] = sum(r["compilations"] for r in rows)
     write_result("step-profile", summary, {"model": loaded.cfg.name or args.model,
                                            "dtype": loaded.dtype, "rows": rows}, out=args.out)
-    harness.release(llm)
+    harness.release(engine)
     return summary

@@ -74,15 +74,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only the swap transfers and the raw bandwidth, no model (< 1 minute)")
 
 
-def _fill_defaults(args) -> None:
-    table = TINY if args.tiny else FULL
-    for name, value in table.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, value)
-    if args.max_model_len is None:
-        args.max_model_len = args.prompt_len + args.output_len
-
-
 # ---- one policy ------------------------------------------------------------------------------
 def _run_policy(llm, policy: str, prompts, params, ballast_blocks: int) -> dict:
     e = llm.engine
@@ -123,7 +114,9 @@ def _run_policy(llm, policy: str, prompts, params, ballast_blocks: int) -> dict:
 def run(args) -> dict:
     from pagedjax import SamplingParams
 
-    _fill_defaults(args)
+    harness.preset(args, FULL, TINY, args.tiny)
+    if args.max_model_len is None:
+        args.max_model_len = args.prompt_len + args.output_len
     if args.transfer_only:
         return transfer_only(args)
     policies = [p for p in args.policies.split(",") if p]

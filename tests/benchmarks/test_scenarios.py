@@ -81,6 +81,19 @@ def test_latency(tmp_path):
     assert [len(t) for t in parity["pallas_tokens"]] == [4, 4, 4]
 
 
+def test_step_profile(tmp_path):
+    """The device loop replays the last engine step's inputs, kept through the engine's execute
+    seam: a decode step of the whole batch, no new compilation."""
+    summary, record = _run(tmp_path, "step-profile", "--batch-sizes", "2,3", "--input-len", "8",
+                           "--steps", "3", "--trace-steps", "0")
+    rows = record["figures"]["rows"]
+    assert [r["batch"] for r in rows] == [2, 3]
+    for r in rows:
+        assert "decode=True" in r["layout"] and r["compilations"] == 0
+        assert r["step_ms"] > 0 and r["device_loop_ms"] > 0 and r["tok_s_device_bound"] > 0
+    assert summary["b3_step_ms"] == rows[1]["step_ms"]
+
+
 def test_capacity_quick(tmp_path):
     summary, record = _run(tmp_path, "capacity", "--quick", "--max-model-lens", "32,64",
                            "--input-len", "8", "--output-len", "4")

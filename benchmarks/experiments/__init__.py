@@ -1,2 +1,0 @@
-"""One-off probes behind the notes (KERNEL_NOTES.md, NOTES.md): not scenarios of
-``python -m benchmarks``; each runs as ``python -m benchmarks.experiments.<name> --out DIR``."""
