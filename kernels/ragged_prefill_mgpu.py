@@ -38,8 +38,8 @@ setmaxnreg: Mosaic GPU's sm90 path; not Blackwell). T is padded up to a multiple
 CTA per head per 128 rows: 28 CTAs at q_len 128). jax 0.10.2's Mosaic GPU interpret mode cannot
 run it (single grid block only; no ``run_state``/``layout_cast``), so the CPU tests check the
 index/mask/range logic through ``prefill_attention_twin`` (built from the same helpers) and that
-the kernel lowers to wgmma/TMA for CUDA; ``benchmarks/experiments/prefill_mgpu_probe.py`` checks the real
-kernel on the GPU.
+the kernel lowers to wgmma/TMA for CUDA; ``benchmarks/experiments/prefill_mgpu_probe.py`` (at commit
+92b5fbb) checked the real kernel on the GPU.
 
 Measured against the Triton kernel and cuDNN: ``benchmarks/KERNEL_NOTES.md`` ("Prefill with
 Mosaic GPU" and "Figures moved out of the product docstrings").

@@ -105,9 +105,9 @@ def dequantize_weight(p) -> jax.Array:
 # inside the matmul) reads the same fp8 bytes with no activation pass and no float32 output
 # pass, and XLA emits no FP8 GEMM that small anyway. Above it the FP8 GEMM's tensor-core rate
 # pays: "w8a8_out" lets its output be the linear's dtype (bf16: half the bytes of the float32
-# [T, O] array the scale multiply reads back). Set from benchmarks/experiments/fp8_gemm.py on the
+# [T, O] array the scale multiply reads back). Set from benchmarks/experiments/fp8_gemm.py (at bad3159) on the
 # H100: at 1, 8 and 32 rows XLA's W8A16 fusion beat a Pallas kernel of the same arithmetic
-# (benchmarks/experiments/fp8_matmul_gpu.py) on o_proj and gate_up_proj.
+# (fp8_matmul_gpu.py beside it) on o_proj and gate_up_proj.
 SMALL_T_MAX = 64
 SMALL_T_PATH = "w8a16"
 LARGE_T_PATH = "w8a8_out"
