@@ -107,8 +107,9 @@ class Children:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the parent writes JSON
         self.total = gpu_total_bytes()
         self.budget = int(args.budget_gib * GiB) if self.total else None
-        self.load = {k: getattr(args, k) for k in ("model", "tiny", "load_format", "dtype",
-                                                   "tokenizer", "seed", "quantization")}
+        self.load = {k: getattr(args, k) for k in (
+            "model", "tiny", "load_format", "dtype", "tokenizer", "seed", "quantization",
+            "tensor_parallel_size")}
         self.hf_dtype = {"auto": "bfloat16" if self.total else "float32"}.get(args.dtype,
                                                                                args.dtype)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_PYTHON_CLIENT_")}

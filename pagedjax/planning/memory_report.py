@@ -69,7 +69,7 @@ def weights_bytes(cfg: ModelConfig, dtype: str, tp: int = 1,
                   quantization: str | None = None) -> int:
     """Weights one device holds, computed from the config at ``dtype`` (for a GGUF file: the
     dequantised size the engine holds, not the file's quantised size). ``quantization`` "fp8":
-    the linears at 1 byte a weight plus a float32 scale per output row (models/fp8.py)."""
+    the linears at 1 byte a weight plus a float32 scale per output row (pagedjax/models/fp8.py)."""
     dev = per_device_config(cfg, tp)
     total = dev.num_params() * dtype_bytes(dtype)
     if quantization:

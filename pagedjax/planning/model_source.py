@@ -24,7 +24,7 @@ class ResolvedModel:
     tokenizer: tuple[str, str | None] | None = None  # (folder or hub id, gguf file name)
     gguf_tensor_bytes: int | None = None  # tensors as stored in the file (quantised)
     note: str | None = None  # how the name was resolved, when it is not the obvious way
-    quantization: str | None = None  # "fp8": an FP8 checkpoint (models/fp8_checkpoint.py)
+    quantization: str | None = None  # "fp8": an FP8 checkpoint (pagedjax/models/fp8_checkpoint.py)
 
 
 _VARIANT_WORDS = {"chat", "instruct", "it", "hf"}

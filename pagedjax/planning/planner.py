@@ -95,7 +95,7 @@ def _kv_dtype_note(shape: KVPoolSpec) -> str:
         return (f"KV cache {shape.dtype}: 1 byte per value plus a bf16 scale per token and KV "
                 f"head ({shape.row_bytes} B per {h} values; {2 * h} in bf16)")
     return (f"KV cache {shape.dtype}: 1 byte per value, static power-of-two scales per layer and "
-            "KV head from the weights (models/kv_scales.py)")
+            "KV head from the weights (pagedjax/models/kv_scales.py)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

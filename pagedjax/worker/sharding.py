@@ -3,7 +3,7 @@ ONE rules table from logical axes to mesh axes, and ``shard_map`` only around at
 
 Megatron's layout, written as data: q/k/v and gate/up are split by their output (heads, MLP
 columns), o_proj and down_proj by their input, embedding and LM head by vocabulary rows; norms are
-replicated. q/k/v and gate/up run fused (``qkv_proj``, ``gate_up_proj``: models/fused.py), one
+replicated. q/k/v and gate/up run fused (``qkv_proj``, ``gate_up_proj``: pagedjax/models/fused.py), one
 block of rows per device on a leading axis, which is the axis split. The KV pool is split by KV
 head, so each device's attention reads only its own pages.
 jit propagates these shardings through the step and XLA inserts the collectives (an all-reduce
@@ -58,9 +58,9 @@ PARAM_AXES: dict[tuple[str, str], tuple[str, ...]] = {
     ("k_proj", "bias"): ("kv_heads",),
     ("v_proj", "weight"): ("kv_heads", "embed"),
     ("v_proj", "bias"): ("kv_heads",),
-    ("qkv_proj", "weight"): ("shards", "fused", "embed"),  # models/fused.py
+    ("qkv_proj", "weight"): ("shards", "fused", "embed"),  # pagedjax/models/fused.py
     ("qkv_proj", "bias"): ("shards", "fused"),
-    ("self_attn", "k_scale"): ("kv_heads",),  # fp8 KV cache scales (models/kv_scales.py)
+    ("self_attn", "k_scale"): ("kv_heads",),  # fp8 KV cache scales (pagedjax/models/kv_scales.py)
     ("self_attn", "v_scale"): ("kv_heads",),
     ("o_proj", "weight"): ("embed", "heads"),
     ("o_proj", "bias"): ("embed",),
@@ -68,7 +68,7 @@ PARAM_AXES: dict[tuple[str, str], tuple[str, ...]] = {
     ("up_proj", "weight"): ("mlp", "embed"),
     ("gate_up_proj", "weight"): ("shards", "fused", "embed"),
     ("down_proj", "weight"): ("embed", "mlp"),
-    # fp8 weights' per-output-channel scales (models/fp8.py) split with their rows
+    # fp8 weights' per-output-channel scales (pagedjax/models/fp8.py) split with their rows
     ("q_proj", "weight_scale"): ("heads",),
     ("k_proj", "weight_scale"): ("kv_heads",),
     ("v_proj", "weight_scale"): ("kv_heads",),
@@ -184,7 +184,7 @@ def replicate_kv_heads(cfg: ModelConfig, params, tp: int) -> tuple[ModelConfig, 
     query heads of group j (N/K of them, now split over r devices) each find their own copy.
 
     When it expands, the tree is new down to each layer's ``self_attn``, whose q/k/v are new
-    arrays (k/v expanded, q copied; read from either layout, models/fused.py): fuse_projections
+    arrays (k/v expanded, q copied; read from either layout, pagedjax/models/fused.py): fuse_projections
     may consume them and the caller's own self_attn stays as it was. The mlp dicts are shared."""
     k, h = cfg.num_key_value_heads, cfg.head_dim
     k_new = kv_heads_per_device(cfg, tp) * tp
@@ -217,7 +217,7 @@ class TensorParallel:
     """What the engine runs under ``--tensor-parallel-size``: the mesh (None at tp 1), the model
     config and params the step sees (KV heads expanded when tp > K; params already sharded, so
     that the engine measures device memory after placement; q/k/v and gate/up fused for tp
-    devices, models/fused.py)."""
+    devices, pagedjax/models/fused.py)."""
 
     tp: int
     mesh: Mesh | None

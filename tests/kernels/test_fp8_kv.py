@@ -159,7 +159,7 @@ def test_decode_defaults_to_two_kv_heads_per_program_on_raw_fp8():
     q1, kp1, vp1, *meta1 = random_batch(0, DECODE, 7, 1, 64, 16, "bfloat16")  # K = 1: kvp 1
     raw1 = [saturate(x, jnp.float8_e4m3fn) for x in (kp1, vp1)]
     assert [g[1] for g in decode_grids((q1, *raw1, *meta1))] == [1]
-    # the measured tile for raw fp8 (kernels/dispatch.py: decode_defaults)
+    # the measured tile for raw fp8 (pagedjax/kernels/dispatch.py: decode_defaults)
     assert decode_defaults(raw[0]) == {"kv_heads_per_program": 2, "num_stages": 5}
     assert decode_defaults(kp) == decode_defaults(per_token[0]) == decode_defaults(raw1[0]) == {}
 

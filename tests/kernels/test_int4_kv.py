@@ -1,4 +1,4 @@
-"""int4 KV pages (kernels/quantization.py): packing, the two scale layouts (V per token, K per
+"""int4 KV pages (pagedjax/kernels/quantization.py): packing, the two scale layouts (V per token, K per
 channel within a block), the write's handling of partly filled blocks, and every attention kernel
 (GPU-style and TPU, interpret mode) against the reference on the *same* int4 pages.
 

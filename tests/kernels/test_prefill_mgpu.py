@@ -1,4 +1,4 @@
-"""The Mosaic GPU prefill kernel (kernels/ragged_prefill_mgpu.py), checked on the CPU.
+"""The Mosaic GPU prefill kernel (pagedjax/kernels/ragged_prefill_mgpu.py), checked on the CPU.
 
 Mosaic GPU's interpret mode cannot run this kernel on the CPU (jax 0.10.2's GPU interpreter runs
 a single grid block and lacks ``run_state`` and ``layout_cast``), so:

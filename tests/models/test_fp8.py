@@ -1,4 +1,4 @@
-"""FP8 weights (``--quantization fp8``, models/fp8.py): the linear's every path against a numpy
+"""FP8 weights (``--quantization fp8``, pagedjax/models/fp8.py): the linear's every path against a numpy
 reference of the same quantisation, the path chosen by the step's rows, the engine's greedy tokens
 against transformers with the same quantisation applied (W8A8 and W8A16), dummy weights, the
 weight-bytes accounting and the flag's validation."""
@@ -138,7 +138,7 @@ def torch_fake_quant_reference(model, weights: dict | None = None, activations: 
     fp8), inputs rounded per token by a pre-hook (W8A8; ``activations`` False: W8A16)."""
     import torch
 
-    def round_trip(x):  # per-row amax / 448, as models/fp8.py
+    def round_trip(x):  # per-row amax / 448, as pagedjax/models/fp8.py
         amax = x.abs().amax(dim=-1, keepdim=True)
         scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
         return (x / scale).clamp(-448, 448).to(torch.float8_e4m3fn).to(x.dtype) * scale

@@ -1,4 +1,4 @@
-"""The torch-free GGUF tokenizer (models/gguf_tokenizer.py) against transformers' own GGUF
+"""The torch-free GGUF tokenizer (pagedjax/models/gguf_tokenizer.py) against transformers' own GGUF
 tokenizer on the same file: identical ids, decoded text and special tokens on hundreds of strings,
 for the embedded SmolLM2 (byte-level BPE) and a SentencePiece vocabulary written like llama.cpp
 writes Llama 2's."""

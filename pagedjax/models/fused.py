@@ -17,7 +17,7 @@ The layout, for ``r`` tensor-parallel shards (r = 1 on one device), N query head
 At r = 1 this is the plain concatenation [q; k; v] (and [gate; up]). Sharding the leading axis
 over the mesh gives device i exactly its own query heads, KV heads and MLP columns, so the fused
 matmul needs no communication: Megatron's column-parallel layout, written as data. The decoder
-(models/decoder.py) reads r from the weight's shape, so both layouts run everywhere.
+(pagedjax/models/decoder.py) reads r from the weight's shape, so both layouts run everywhere.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ Format, per cache dtype:
   sharding ``P(None, None, "tp", None)``) applies to it unchanged.
 - fp8 (e4m3, e5m2): plain 1-byte pages [num_blocks, block_size, K, H] in float8_e4m3fn /
   float8_e5m2 holding raw values (``is_raw_fp8``). Each layer and KV head has one static
-  power-of-two scale derived from the weights (models/kv_scales.py), folded in by the model
+  power-of-two scale derived from the weights (pagedjax/models/kv_scales.py), folded in by the model
   outside the kernels: q multiplied by it, k and v divided by it before the write (which
   saturates beyond qmax 448 / 57344, ``saturate``), the attention output multiplied. Kernels
   attend over these pages as over bf16 ones, converting the values in registers; a power of two
@@ -107,7 +107,7 @@ QUANTIZED_DTYPES = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2, 
                     "int4": jnp.uint8}
 # Cache dtypes stored as QuantizedPages (values + scales). The fp8 ones are stored as plain
 # 1-byte pages instead: their scale is static, one power of two per layer and KV head, applied by
-# the model to q, k, v and the attention output (models/kv_scales.py).
+# the model to q, k, v and the attention output (pagedjax/models/kv_scales.py).
 PER_TOKEN_SCALED = ("int8", "int4")
 SCALE_DTYPE = jnp.bfloat16
 # per scale: a token and KV head (int8, int4's V), or a channel of a block (int4's K: two fp8

@@ -9,7 +9,7 @@ Two formats, told apart by ``config.json``'s ``quantization_config.quant_method`
                           per tensor, or ``weight_scale_inv`` (a multiplier despite the name)
 
 Either way ``w = weight * scale``; pagedjax holds one float32 scale per output channel
-(models/fp8.py), so a per-tensor scale is broadcast, exactly. Block-wise scales
+(pagedjax/models/fp8.py), so a per-tensor scale is broadcast, exactly. Block-wise scales
 (``weight_block_size``, DeepSeek-V3 / Qwen3-FP8 style, strategy "block" or "group") are refused
 by name. A checkpoint's static ``input_scale`` is not read: activations are scaled per token in
 the step, which never clips. Which linears are fp8 is read from each tensor's dtype, so an

@@ -179,7 +179,7 @@ def ragged_paged_attention_gpu(q, k_pages, v_pages, block_tables, context_lens, 
     """Ragged (chunked-prefill / mixed) attention over a paged KV cache.
 
     q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H] in q's dtype or raw fp8, or
-    QuantizedPages (kernels/quantization.py); block_tables: [S, W] int32; context_lens: [S]
+    QuantizedPages (pagedjax/kernels/quantization.py); block_tables: [S, W] int32; context_lens: [S]
     int32; query_start_loc: [S + 1] int32. Returns [T, N, H] in q's dtype with padding rows
     zero. H, block_m (>= N / K) and block_n must be powers of two. Default tile: the best sum
     over causal 8K and 2K-over-6K chunked prefill on an H100 (KERNEL_NOTES.md).

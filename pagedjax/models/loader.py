@@ -3,7 +3,7 @@
 ``load_format="auto"`` picks by what ``model`` is:
     None                              the embedded SmolLM2-135M-Instruct GGUF
     a path ending in .gguf            GGUF
-    a folder with pagedjax_config.json  orbax checkpoint (models/checkpoint.py)
+    a folder with pagedjax_config.json  orbax checkpoint (pagedjax/models/checkpoint.py)
     a folder with config.json         Hugging Face safetensors
     anything else                     a Hugging Face Hub id (downloaded with huggingface_hub)
 ``load_format="dummy"`` takes a shipped config name (``Qwen/Qwen2.5-7B-Instruct``), a config.json
@@ -31,11 +31,11 @@ LOAD_FORMATS = ("auto", "hf", "gguf", "dummy", "orbax")
 @dataclasses.dataclass
 class LoadedModel:
     cfg: ModelConfig
-    params: Any  # pytree of jax arrays, Hugging Face names (models/params.py)
+    params: Any  # pytree of jax arrays, Hugging Face names (pagedjax/models/params.py)
     tokenizer: Any  # a transformers tokenizer, or None (dummy weights, folders without one)
     dtype: str  # "float32" | "bfloat16" | "float16"
     source: str = ""  # the file or folder the weights came from
-    quantization: str | None = None  # "fp8": the linears are float8 with scales (models/fp8.py)
+    quantization: str | None = None  # "fp8": the linears are float8 with scales (pagedjax/models/fp8.py)
 
 
 def resolve_dtype(dtype: str, platform: str | None = None) -> str:
@@ -69,8 +69,8 @@ def load_model(model: str | Path | None = None, load_format: str = "auto", dtype
     tokenizer: None loads the model's own (none for dummy weights); a string loads that folder or
     hub id with transformers; any other object is used as is.
     seed: only used by dummy weights.
-    quantization: "fp8" quantises the linears to float8 as they are loaded (models/fp8.py); an
-    FP8 checkpoint (models/fp8_checkpoint.py) is fp8 whatever this says.
+    quantization: "fp8" quantises the linears to float8 as they are loaded (pagedjax/models/fp8.py); an
+    FP8 checkpoint (pagedjax/models/fp8_checkpoint.py) is fp8 whatever this says.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is not one of {LOAD_FORMATS}")

@@ -7,9 +7,9 @@ projection (O its rows per block).
 Parameters are a plain pytree with Hugging Face names (``params["model"]["layers"][i]
 ["self_attn"]["q_proj"]["weight"]`` is ``model.layers.{i}.self_attn.q_proj.weight``), weights kept
 in Hugging Face's ``[out, in]`` orientation. The engine runs q/k/v and gate/up fused instead
-(``self_attn.qkv_proj`` and ``mlp.gate_up_proj``, weights [R, O, D]: models/fused.py); both
+(``self_attn.qkv_proj`` and ``mlp.gate_up_proj``, weights [R, O, D]: pagedjax/models/fused.py); both
 layouts run here. A linear with a ``weight_scale`` beside its weight is fp8 (``--quantization fp8``,
-models/fp8.py) and runs as an FP8 GEMM. The attention call is a seam: ``forward_dense`` runs full causal attention over
+pagedjax/models/fp8.py) and runs as an FP8 GEMM. The attention call is a seam: ``forward_dense`` runs full causal attention over
 whole sequences (the parity and reference path); ``forward_paged`` hands q/k/v to an attention
 function that writes the new K/V into the paged pool and attends over it (the engine path).
 """
@@ -66,7 +66,7 @@ def apply_rope(x, positions, inv_freq):
 
 
 def _matmul(x, p, spec: str, out_dtype=None):
-    """x [..., D] by a linear's weight: an FP8 GEMM when it is quantised (models/fp8.py)."""
+    """x [..., D] by a linear's weight: an FP8 GEMM when it is quantised (pagedjax/models/fp8.py)."""
     if "weight_scale" in p:
         return fp8.fp8_linear(x, p["weight"], p["weight_scale"], out_dtype)
     return jnp.einsum(spec, x, p["weight"], preferred_element_type=out_dtype)
@@ -184,7 +184,7 @@ def forward_paged(params: Params, cfg: ModelConfig, tokens, positions, kv_pool, 
         attn = layer["self_attn"]
         q, k, v = scale_for_cache(*_qkv(h, attn, cfg, positions, inv_freq), attn)
         o, cache = attend(q, k, v, cache, meta)
-        o = unscale_output(o, attn)  # fp8 cache only: static scales, models/kv_scales.py
+        o = unscale_output(o, attn)  # fp8 cache only: static scales, pagedjax/models/kv_scales.py
         new_pool.append(cache)
         x = x + _linear(o.reshape(o.shape[0], -1), layer["self_attn"]["o_proj"])
         h = rms_norm(x, layer["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)

@@ -3,7 +3,7 @@ scale per output channel, activations quantised per token inside the step.
 
 A quantised linear keeps its Hugging Face names: ``weight`` [out, in] float8_e4m3fn and
 ``weight_scale`` [out] float32 (compressed-tensors' and vLLM's name), with
-``w ~= weight * weight_scale[:, None]``. A fused projection (weight [R, O, D], models/fused.py)
+``w ~= weight * weight_scale[:, None]``. A fused projection (weight [R, O, D], pagedjax/models/fused.py)
 carries [R, O] scales: per-channel scales fuse by the same concatenation as the rows, and shard
 with them under tensor parallelism.
 
@@ -37,7 +37,7 @@ E4M3_MAX = 448.0  # largest finite float8_e4m3fn; a larger value would convert t
 # The linear layers that run in fp8. The LM head stays in the model's dtype: it is 7% of
 # Qwen2.5-7B's weight bytes and its logits feed sampling directly (vLLM leaves it unquantised
 # too); True quantises an untied lm_head the same way (a tied one is the embedding table).
-# The fused names are the engine's (models/fused.py): q/k/v and gate/up quantise alike either way.
+# The fused names are the engine's (pagedjax/models/fused.py): q/k/v and gate/up quantise alike either way.
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
            "qkv_proj", "gate_up_proj")
 QUANTIZE_LM_HEAD = False
@@ -177,7 +177,7 @@ def _linears(params) -> list[dict]:
 def quantize_params(params, *, consume: bool = False):
     """A copy of the tree with every linear quantised (dicts copied, other leaves shared), one
     tensor at a time; ``consume`` deletes each original right after its fp8 copy exists, which
-    keeps the peak near the weights plus one tensor. Fused (models/fused.py) and unfused layouts
+    keeps the peak near the weights plus one tensor. Fused (pagedjax/models/fused.py) and unfused layouts
     both work; linears already in fp8 are kept."""
     def copy(node):
         if isinstance(node, dict):

@@ -82,7 +82,7 @@ def _ones(shape, dtype):
 
 def abstract_params(cfg: ModelConfig, dtype: str = "bfloat16", quantization: str | None = None):
     """The params pytree as ``jax.ShapeDtypeStruct`` leaves; allocates nothing. ``quantization``
-    "fp8": the linears as float8 with [out] float32 scales (models/fp8.py)."""
+    "fp8": the linears as float8 with [out] float32 scales (pagedjax/models/fp8.py)."""
     dt = DTYPE_NAMES[dtype]
     flat = {}
     for name, shape in param_shapes(cfg).items():
