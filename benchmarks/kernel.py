@@ -201,6 +201,9 @@ def decode_case(b: Bench, batch: int, ctx: int, copy_bw: float, sweep: bool, pee
                                      copy_bw))
     if sweep:
         row.update(_sweep(b, ours, q, kp, vp, tables, cl, qsl, rot))
+        if isinstance(row.get("kv_sweep"), dict):  # each quantized variant against bf16
+            row["kv_sweep_speedup"] = {var: row["us"] / us for var, us in row["kv_sweep"].items()
+                                       if isinstance(us, float)}
     if peer:
         row.update(_peer(b, q, kp, vp, tables, cl, rot, pred, out, bytes_per_call, copy_bw))
         row["speedup_vs_jax"] = row.get("jax_us", math.nan) / row["us"]
@@ -446,6 +449,8 @@ def _summary(rec: dict) -> dict:
     if rec.get("kv_cache_dtype", "auto") != "auto":
         prefix = "fp8" if rec["kv_cache_dtype"].startswith("fp8") else rec["kv_cache_dtype"]
         quantized = {f"{prefix}_decode_speedup": row(64, 4096).get("kv_speedup"),
+                     **({f"{prefix}_decode_speedup_sweep": row(64, 4096)["kv_sweep_speedup"]}
+                        if "kv_sweep_speedup" in row(64, 4096) else {}),
                      f"{prefix}_decode_b64_ctx4096_pct_copy_bw": row(64, 4096).get("kv_pct_copy"),
                      "kv_cache_dtype": rec["kv_cache_dtype"]}
     return {**quantized,
