@@ -38,11 +38,27 @@ from pagedjax.kernels.quantization import QUANTIZED_DTYPES
 from . import common, plots
 from .common import as_f32, rel_err
 from .kernel_prefill import prefill
-from .kernel_quantized import (cache_kv, check_quantized_write, kv_bytes_per_token_head,
-                               quantized_decode)
+from .kernel_quantized import (cache_kv, check_quantized_write, checked_timings,
+                               kv_bytes_per_token_head, quantized_decode, quantized_sweep)
 
 logger = logging.getLogger(__name__)
 L2_BYTES = 50 << 20
+# Tuning variants timed at the target shapes (bf16 pages; the default is the row's "us"), each
+# checked against the reference first. The earlier sweep (block_kv 32/128, 8 warps, 2/4 stages,
+# splits x2 and /2: only the split count mattered) is in KERNEL_NOTES.md; these time the knobs
+# added for the open gaps: any split count (1 x 32K: 16-48 splits, i.e. 64-192 programs of
+# 2K-704 tokens against the default 256 of 512) and kv_heads_per_program 2 (two KV heads' query
+# heads in one 16-row tile). A merge fused into the split programs was timed too and removed
+# (5-7 us slower everywhere; KERNEL_NOTES.md). Most wanted first in each list: variants left when
+# --sweep-seconds runs out are recorded as skipped.
+SWEEP_DECODE = {
+    (1, 32768): [{"num_splits": 32}, {"num_splits": 48}, {"num_splits": 24}, {"num_splits": 16},
+                 {"kv_heads_per_program": 2}, {"kv_heads_per_program": 2, "num_splits": 128}],
+    (8, 32768): [{"kv_heads_per_program": 2}, {"kv_heads_per_program": 2, "num_splits": 32}],
+    (64, 4096): [{"kv_heads_per_program": 2}, {"kv_heads_per_program": 2, "num_splits": 4}],
+    "tiny": [{"num_splits": 3, "block_kv": 16}, {"kv_heads_per_program": 2}],
+}
+KV_SWEEP_SHAPE = (64, 4096)  # the quantized variants are timed at this shape only
 PEER = [dict(k_splits=16, pages_per_compute_block=8), dict(k_splits=8, pages_per_compute_block=8),
         dict(k_splits=4, pages_per_compute_block=16), dict(k_splits=32, pages_per_compute_block=4)]
 
@@ -53,6 +69,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 4096, 32768])
     p.add_argument("--prefill-tokens", type=int, default=8192)
+    p.add_argument("--sweep", action="store_true",
+                   help="also time tuning variants of our kernels at the target shapes")
+    p.add_argument("--sweep-seconds", type=float, default=170.0,
+                   help="wall-clock budget of all --sweep variants together (the target shapes "
+                        "are swept in the order 64 x 4096, 1 x 32768, 8 x 32768)")
     p.add_argument("--no-peer", action="store_true", help="skip jax's own paged_attention")
     p.add_argument("--no-prefill", action="store_true", help="skip the prefill section")
     p.add_argument("--target-ms", type=float, default=25.0, help="device time per measurement")
@@ -77,6 +98,7 @@ class Bench:
         self.mem = _device_memory() * 0.75
         self.key = jax.random.PRNGKey(0)
         self.kv_dtype = None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
+        self.sweep_seconds, self.sweep_deadline = args.sweep_seconds, None  # set by the 1st sweep
 
     def rand(self, shape, dtype=None):
         self.key, sub = jax.random.split(self.key)
@@ -145,7 +167,7 @@ def decode_inputs(b: Bench, batch: int, ctx: int, rot: int):
     return b.rand((batch, b.n, b.h)), kp, vp, tables, cl, qsl
 
 
-def decode_case(b: Bench, batch: int, ctx: int, copy_bw: float, peer: bool) -> dict:
+def decode_case(b: Bench, batch: int, ctx: int, copy_bw: float, sweep: bool, peer: bool) -> dict:
     k, h = b.k, b.h
     kv_bytes = 2 * batch * ctx * k * h * 2
     q_kv_bytes = (int(batch * ctx * k * kv_bytes_per_token_head(b.kv_dtype, h, b.bs))
@@ -177,11 +199,55 @@ def decode_case(b: Bench, batch: int, ctx: int, copy_bw: float, peer: bool) -> d
     if b.kv_dtype:
         row.update(quantized_decode(b, ours, q, kp, vp, tables, cl, qsl, out, t, q_kv_bytes,
                                      copy_bw))
+    if sweep:
+        row.update(_sweep(b, ours, q, kp, vp, tables, cl, qsl, rot))
+        if isinstance(row.get("kv_sweep"), dict):  # each quantized variant against bf16
+            row["kv_sweep_speedup"] = {var: row["us"] / us for var, us in row["kv_sweep"].items()
+                                       if isinstance(us, float)}
     if peer:
         row.update(_peer(b, q, kp, vp, tables, cl, rot, pred, out, bytes_per_call, copy_bw))
         row["speedup_vs_jax"] = row.get("jax_us", math.nan) / row["us"]
     del kp, vp
     return row
+
+
+def _sweep(b, ours, q, kp, vp, tables, cl, qsl, rot) -> dict:
+    """SWEEP_DECODE's variants at this shape, each checked against the float32 reference on
+    the same inputs before it is timed; the quantized ones (kernel_quantized.py) at
+    KV_SWEEP_SHAPE. Also records the default split count and each variant's programs and split
+    length (the grid a variant launches, so a split count that rounds to another is visible)."""
+    from pagedjax.kernels.decode_attention_gpu import (_num_sms, default_num_splits,
+                                                       split_tokens_of)
+
+    batch, w = tables.shape[1:]
+    shape = "tiny" if b.tiny else (batch, w * b.bs)
+    max_tokens = w * b.bs
+    block_kv = min(64, max(16, 1 << max(max_tokens - 1, 0).bit_length()))
+    p = default_num_splits(batch, b.k, max_tokens, block_kv, _num_sms())
+    ref = paged_attention_ref(*as_f32(q, kp, vp), tables[0], cl, qsl)
+
+    def check(tun):
+        return rel_err(ragged_paged_attention(q, kp, vp, tables[0], cl, qsl, backend=b.backend,
+                                              interpret=b.interpret, decode_only=True, **tun), ref)
+
+    if b.sweep_deadline is None:
+        b.sweep_deadline = time.perf_counter() + b.sweep_seconds
+    variants = SWEEP_DECODE.get(shape, [])
+    us, errs = checked_timings(variants, b.k, check, ours, b.sweep_deadline)
+    grid = {}
+    for var in (v for v in variants if b.k % v.get("kv_heads_per_program", 1) == 0):
+        splits, bkv = var.get("num_splits", p), var.get("block_kv", block_kv)
+        st = split_tokens_of(max_tokens, splits, bkv)
+        grid[str(var)] = (f"{batch * b.k // var.get('kv_heads_per_program', 1) * splits} "
+                          f"programs, {-(-max_tokens // st)} of {splits} splits live x {st} tokens")
+    out = {"default_num_splits": p, "default_rel_err": check({}), "sweep": us,
+           "sweep_rel_err": errs, "sweep_grid": grid}
+    if b.kv_dtype and (b.tiny or (batch, max_tokens) == KV_SWEEP_SHAPE):
+        try:
+            out.update(quantized_sweep(b, ours, q, kp, vp, (tables, cl, qsl)))
+        except Exception as e:  # noqa: BLE001 - keep the row's main figures
+            out["kv_sweep"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+    return out
 
 
 def _peer(b, q, kp, vp, tables, cl, rot, pred, ours_out, bytes_per_call, copy_bw) -> dict:
@@ -320,13 +386,14 @@ def run(args: argparse.Namespace) -> dict:
               "dtype": "bfloat16", "kv_cache_dtype": b.kv_dtype or "auto",
               "interpret": b.interpret, "backend": b.backend, "decode": []}
     peer = not args.no_peer and b.backend == "pallas-gpu"
-    targets = [(64, 4096), (1, 32768), (8, 32768)]  # the summary's shapes, measured first
+    targets = [(64, 4096), (1, 32768), (8, 32768)]  # in this order: the sweeps' priority
     grid = [(bt, c) for bt in b.batches for c in b.contexts]
 
     def decode_rows(shapes):
         for batch, ctx in shapes:
             try:
-                row = decode_case(b, batch, ctx, record["copy_GBps"] * 1e9, peer)
+                row = decode_case(b, batch, ctx, record["copy_GBps"] * 1e9,
+                                  args.sweep and (b.tiny or (batch, ctx) in targets), peer)
             except Exception as e:  # noqa: BLE001 - record the failure, keep measuring
                 row = {"batch": batch, "ctx": ctx, "error": f"{type(e).__name__}: {str(e)[:400]}"}
             record["decode"].append(row)
@@ -334,7 +401,8 @@ def run(args: argparse.Namespace) -> dict:
             _save(record, args)
 
     def prefill_rows():
-        record["prefill"], record["prefill_best"] = prefill(b, record["matmul_TFLOPs"] * 1e12)
+        record["prefill"], record["prefill_best"] = prefill(b, record["matmul_TFLOPs"] * 1e12,
+                                                            args.sweep)
 
     # Most wanted first, each saved as it lands: a run cut short still leaves the target figures.
     sections = [
@@ -381,6 +449,8 @@ def _summary(rec: dict) -> dict:
     if rec.get("kv_cache_dtype", "auto") != "auto":
         prefix = "fp8" if rec["kv_cache_dtype"].startswith("fp8") else rec["kv_cache_dtype"]
         quantized = {f"{prefix}_decode_speedup": row(64, 4096).get("kv_speedup"),
+                     **({f"{prefix}_decode_speedup_sweep": row(64, 4096)["kv_sweep_speedup"]}
+                        if "kv_sweep_speedup" in row(64, 4096) else {}),
                      f"{prefix}_decode_b64_ctx4096_pct_copy_bw": row(64, 4096).get("kv_pct_copy"),
                      "kv_cache_dtype": rec["kv_cache_dtype"]}
     return {**quantized,

@@ -1,12 +1,13 @@
 """The quantized-KV parts of ``python -m benchmarks kernel --kv-cache-dtype D``: decode on the same
 pages in D's format as the engine stores it (raw fp8 pages for fp8, QuantizedPages with a scale per
-token and KV head for int8: pagedjax/kernels/quantization.py): time, bandwidth, speedup over bf16, error;
-and a device check of the KV write in that format. Findings:
+token and KV head for int8: kernels/quantization.py): time, bandwidth, speedup over bf16, error;
+its variant sweep; and a device check of the KV write in that format. Findings:
 benchmarks/KERNEL_NOTES.md ("Quantized KV cache") and
 benchmarks/results/gpu-nvidia_h100_80gb_hbm3/decode-probe-e24938b."""
 from __future__ import annotations
 
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +66,79 @@ def quantized_decode(b, ours, q, kp, vp, tables, cl, qsl, bf16_out, bf16_t, kv_b
         row["kv_rel_err_vs_ref"] = rel_err(out, paged_attention_ref(q.astype(jnp.float32), qk, qv,
                                                                  tables[0], cl, qsl))
     return row
+
+
+# Quantized decode variants, timed at 64 x 4096 (and at the tiny shape with --tiny) on the cache
+# dtype's format. Raw fp8: the default is kvp 2 with 5 stages (109 us in the decode probe, 115
+# with the kernel's 3); the sweep re-times the runners-up of the probe in this benchmark's loop
+# (6 stages; block_kv 32 with 8 stages) and the old default (3 stages). Per-token
+# QuantizedPages (int8): kv_heads_per_program (two KV heads' 7 + 7 query heads in one 16-row
+# tile, one 256-wide gather per token) alone and with the tile knobs it shifts. Earlier sweeps
+# (float32 scales, float16 matmuls, block_kv 32/128, 8 warps, 2/4 stages) are in
+# benchmarks/KERNEL_NOTES.md.
+SWEEP_QUANTIZED = {
+    "raw": [{"num_stages": 6}, {"block_kv": 32, "num_stages": 8}, {"num_stages": 3}],
+    "per_token": [{"kv_heads_per_program": 2}, {"kv_heads_per_program": 2, "num_splits": 4},
+                  {"kv_heads_per_program": 2, "block_kv": 32},
+                  {"kv_heads_per_program": 2, "num_warps": 8},
+                  {"kv_heads_per_program": 4, "block_kv": 32, "num_warps": 8, "num_splits": 4}],
+    "tiny": [{"kv_heads_per_program": 2}, {"num_splits": 3, "block_kv": 32}],
+    # int4 (one KV head per program: the packed halves): K's scale and zero point read once per
+    # page instead of per token (int4_params, kernels/decode_attention_gpu.py) with the tile
+    # knobs that change the pages per tile, then the tile and pipeline knobs on the default
+    "int4": [{"int4_params": "page"}, {"int4_params": "page_flat"},
+             {"int4_params": "page", "block_kv": 128},
+             {"int4_params": "page_flat", "block_kv": 128},
+             {"int4_params": "page", "block_kv": 32}, {"int4_params": "page", "num_warps": 8},
+             {"block_kv": 32}, {"block_kv": 128}, {"num_warps": 8}, {"num_stages": 4},
+             {"num_splits": 4}],
+    "tiny_int4": [{"num_splits": 3, "block_kv": 32}, {"int4_params": "page"},
+                  {"int4_params": "page_flat", "block_kv": 32}],
+}
+SWEEP_TOL = 1e-2  # bf16 output against the float32 reference: ~2e-3 when right
+
+
+def checked_timings(variants, kv_heads: int, check, timed, deadline: float) -> tuple[dict, dict]:
+    """Each variant (a dict of tuning knobs) checked first: ``check(tun)`` is its relative error
+    against the reference on the same inputs; only a variant within SWEEP_TOL is then timed
+    (``timed(tun)``, seconds per call). Variants left after ``deadline`` (perf_counter) are
+    skipped. Returns ({variant: us or why not}, {variant: rel err})."""
+    us, errs = {}, {}
+    for var in variants:
+        key = str(var)
+        kvp = var.get("kv_heads_per_program", 1)
+        if kv_heads % kvp:
+            us[key] = f"skipped: {kv_heads} KV heads"
+            continue
+        if time.perf_counter() > deadline:
+            us[key] = "skipped: --sweep-seconds spent"
+            continue
+        try:
+            errs[key] = err = check(var)
+            us[key] = timed(var) * 1e6 if err <= SWEEP_TOL else f"wrong: rel_err {err:.2e}"
+        except Exception as e:  # noqa: BLE001 - a variant that fails to build is a finding
+            us[key] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+    return us, errs
+
+
+def quantized_sweep(b, ours, q, kp, vp, meta) -> dict:
+    """Microseconds of each SWEEP_QUANTIZED variant of the cache dtype's format on the same pages
+    in that format, each checked against the reference on those pages first (rel errors under
+    ``kv_sweep_rel_err``)."""
+    tables, cl, qsl = meta
+    pages = cache_kv(kp, vp, b.kv_dtype)
+    ref = paged_attention_ref(q.astype(jnp.float32), *pages, tables[0], cl, qsl)
+
+    def check(tun):
+        return rel_err(ragged_paged_attention(q, *pages, tables[0], cl, qsl, backend=b.backend,
+                                              interpret=b.interpret, decode_only=True, **tun), ref)
+
+    variants = SWEEP_QUANTIZED["tiny_int4" if b.tiny and b.kv_dtype == "int4" else
+                               "tiny" if b.tiny else "int4" if b.kv_dtype == "int4" else
+                               "per_token" if has_token_scales(b.kv_dtype) else "raw"]
+    us, errs = checked_timings(variants, b.k, check, lambda tun: ours(tun, pages),
+                               b.sweep_deadline)
+    return {"kv_sweep": us, "kv_sweep_rel_err": errs}
 
 
 def check_quantized_write(b) -> dict:
