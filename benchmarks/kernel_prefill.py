@@ -15,11 +15,16 @@ from pagedjax.kernels.dispatch import ragged_paged_attention
 from .common import as_f32, rel_err
 
 # {}: no knobs, dispatch's choice (the Mosaic GPU kernel for one sequence on Hopper, else Triton
-# with its defaults); then the Triton kernel at Triton's default tile.
-PREFILL_TILES = [dict(), dict(block_m=128, block_n=128, num_warps=8, num_stages=3)]
+# with its defaults); the rest tune the Triton kernel.
+PREFILL_TILES = [dict(),
+                 dict(block_m=128, block_n=128, num_warps=8, num_stages=3),  # Triton's default
+                 dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
+                 dict(block_m=128, block_n=64, num_warps=4, num_stages=3),
+                 dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
+                 dict(block_m=128, block_n=32, num_warps=4, num_stages=4)]
 
 
-def prefill(b, mm_flops: float) -> tuple[list[dict], dict]:
+def prefill(b, mm_flops: float, sweep: bool) -> tuple[list[dict], dict]:
     n, k, h, bs = b.n, b.k, b.h, b.bs
     t_all = b.prefill_t
     w = t_all // bs
@@ -34,7 +39,8 @@ def prefill(b, mm_flops: float) -> tuple[list[dict], dict]:
         q = q_all[t_all - q_len:]
         cl, qsl = jnp.array([q_len + ctx0], jnp.int32), jnp.array([0, q_len], jnp.int32)
         flops = 4 * n * h * (q_len * ctx0 + q_len * (q_len + 1) / 2)
-        for tile in PREFILL_TILES:
+        tiles = PREFILL_TILES if (sweep and not b.tiny) else PREFILL_TILES[:2]
+        for tile in tiles:
             if b.tiny:
                 tile = dict(tile, block_m=32, block_n=16)
             step = functools.partial(_ragged_step, b=b, cl=cl, qsl=qsl, tile=tile)
