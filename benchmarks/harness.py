@@ -127,7 +127,8 @@ def precompile_figures(engine) -> dict:
     and copy program), so that a measured run's ``compilations`` of 0 is by construction, not
     because the warm-up pass happened to produce every shape the run needs."""
     return {"precompile": engine.precompile, "precompile_s": engine.precompile_s,
-            "precompile_compilations": engine.precompile_compilations}
+            "precompile_compilations": engine.precompile_compilations,
+            "precompile_parts_s": engine.precompile_parts}
 
 
 def release(llm) -> None:

@@ -8,8 +8,10 @@ and the ``step_compilations`` counter says whether anything compiled after start
 is none). Each start also reads the server's ``startup_phase_seconds`` (load, prepare weights, size
 pool, host memory, allocate pool, precompile): ``engine_s`` is their sum, and the rest of
 ``to_health_s`` is the process's own start and the HTTP server's. Summary: ``cold_s``,
-``warm_s``, ``cold_ttft_s``, ``warm_ttft_s``, ``compilations_after_warmup``, and
-``{cold,warm}_<phase>_s``.
+``warm_s``, ``cold_ttft_s``, ``warm_ttft_s``, ``compilations_after_warmup``,
+``{cold,warm}_<phase>_s``, and the precompile phase split by kind of program
+(``{cold,warm}_precompile_{steps,sampler,copies}_s``: compiling, or loading from the cache, and
+one run of each).
 """
 from __future__ import annotations
 
@@ -55,27 +57,29 @@ def _start(args, cache_dir: str, name: str) -> dict:
     vocab = harness.hf_config_dict(args)["vocab_size"]
     with serving_client.started_server(args, vocab, dict(os.environ)) as url:
         healthy = time.perf_counter() - t0
-        phases = _phases(url)
+        phases, parts = _phases(url)
         before = serving_client.scrape(url).get("step_compilations", 0)
         ttft = _first_token_s(url)
         after = serving_client.scrape(url).get("step_compilations", 0)
     return {"start": name, "to_health_s": healthy, "first_token_s": ttft,
             "compiled_after_start": after - before, "engine_s": sum(phases.values()),
-            "phases_s": phases}
+            "phases_s": phases, "precompile_parts_s": parts}
 
 
-def _phases(url: str) -> dict[str, float]:
+def _phases(url: str) -> tuple[dict[str, float], dict[str, float]]:
     """The server's start-up phases in seconds ({"load": ..., "precompile": ...}), from
-    ``pagedjax:startup_phase_seconds``; the rest of ``to_health_s`` is the process's own start
-    (imports, JAX's backend) and the HTTP server's."""
+    ``pagedjax:startup_phase_seconds``, and the precompile phase by kind of program ({"steps",
+    "sampler", "copies"}: ``pagedjax:precompile_seconds``); the rest of ``to_health_s`` is the
+    process's own start (imports, JAX's backend) and the HTTP server's."""
     import httpx
 
-    out = {}
+    phases, parts = {}, {}
     for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        m = re.match(r'pagedjax:startup_phase_seconds\{.*phase="([^"]+)".*\} (\S+)$', line)
+        m = re.match(r'pagedjax:(startup_phase|precompile)_seconds\{.*(?:phase|programs)="([^"]+)"'
+                     r'.*\} (\S+)$', line)
         if m:
-            out[m.group(1)] = float(m.group(2))
-    return out
+            (phases if m.group(1) == "startup_phase" else parts)[m.group(2)] = float(m.group(3))
+    return phases, parts
 
 
 def run(args) -> dict:
@@ -86,7 +90,9 @@ def run(args) -> dict:
                "cold_ttft_s": cold["first_token_s"], "warm_ttft_s": warm["first_token_s"],
                "compilations_after_warmup": sum(r["compiled_after_start"] for r in rows),
                **{f"{r['start']}_{phase.replace(' ', '_')}_s": v for r in rows
-                  for phase, v in r["phases_s"].items()}}
+                  for phase, v in r["phases_s"].items()},
+               **{f"{r['start']}_precompile_{kind}_s": v for r in rows
+                  for kind, v in r["precompile_parts_s"].items()}}
     write_result("startup", summary, {"rows": rows, "precompile": args.precompile}, out=args.out)
     print_table(rows, COLUMNS)
     return summary

@@ -76,7 +76,8 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     if args.full_warmup:
         longest = max(len(p) + sp.max_tokens for p, sp in zip(prompts, params))
-        warm_compiled = e.runner.warmup(max_context=longest)
+        e.runner.warmup(max_context=longest)
+        warm_compiled = len(e.runner.buckets(max_context=longest))
         warm = None
     else:
         n_warm = args.num_warmup_prompts or min(args.num_prompts, args.max_num_seqs)

@@ -140,6 +140,7 @@ class LLMEngine:
                            self.runner.coarse_buckets and not interpret
                            and has_weights)
         self.precompile_s, self.precompile_compilations = 0.0, 0
+        self.precompile_parts: dict[str, float] = {}  # seconds by kind of program (runner.warmup)
         if self.precompile:
             self._precompile()
             lap("precompile")
@@ -150,7 +151,7 @@ class LLMEngine:
         c0, t0 = r.num_compilations, time.perf_counter()
         (hits0, misses0) = compile_cache.counts()
         with faults.explain_oom_at_start("precompiling the step", self.spec, self.max_model_len):
-            r.warmup()  # logs what it compiled
+            self.precompile_parts = r.warmup()  # logs what it compiled
         self.precompile_s = time.perf_counter() - t0
         self.precompile_compilations = r.num_compilations - c0
         if self.compilation_cache is not None:

@@ -245,38 +245,52 @@ class ModelRunner:
         """Every copy-program size C: 4, 8, ... up to ``max_copies`` (a power of two)."""
         return _doublings(4, self.max_copies)
 
-    def warmup(self, max_context: int | None = None) -> int:
+    def warmup(self, max_context: int | None = None) -> dict[str, float]:
         """Compile every bucket by running all-padding steps (they write nothing), the sampler in
         every mode for every S (on the step's own logits: same sharding and committedness as a
         real step's), and the copy program for every copy bucket, with arguments made exactly
-        as ``execute`` makes them. Logs what it compiled; returns the number of step shapes."""
+        as ``execute`` makes them. Logs what it compiled; returns the seconds each kind of
+        program took ({"steps", "sampler", "copies"}: tracing, compiling or loading from the
+        persistent cache, and one run)."""
         c0, t0 = self.num_compilations, time.perf_counter()
         layouts = self.buckets(max_context)
+        seconds, slowest = {"steps": 0.0, "sampler": 0.0, "copies": 0.0}, (0.0, None)
         sampled_s = set()
         for layout in layouts:
             packed = np.zeros(layout.size, dtype=np.int32)
             for field in ("slot_mapping", "token_src"):
                 at, n, _ = layout.offsets[field]
                 packed[at:at + n] = -1
+            t = time.perf_counter()
             logits, self.pool = self._step(self.params, self.pool, self._sampled,
                                            self._to_device(packed), layout=layout)
+            jax.block_until_ready(logits)
+            took = time.perf_counter() - t
+            seconds["steps"] += took
+            slowest = max(slowest, (took, layout), key=lambda x: x[0])
             modes = SAMPLE_MODES if layout.S not in sampled_s else (SampleMode(),)
             sampled_s.add(layout.S)
             sampling = np.zeros((len(SAMPLING_FIELDS), layout.S), np.int32)
+            t = time.perf_counter()
             for mode in modes:
                 *out, sampled = self._sample(logits, self._to_device(sampling), mode=mode)
             self._sampled = sampled
             jax.block_until_ready((out, sampled, self.pool))
+            seconds["sampler"] += time.perf_counter() - t
+        t = time.perf_counter()
         for C in self.copy_buckets():
             copies = np.stack([np.zeros(C, np.int32), np.full(C, -1, np.int32)])
             self.pool = self._copy(self.pool, self._to_device(copies))  # dst -1: writes nothing
         jax.block_until_ready(self.pool)
-        logger.info("Warm-up: %d step shapes, %d sampler variants and %d copy programs (contexts "
-                    "up to %d tokens; %d programs compiled) in %.1f s", len(layouts),
-                    len(sampled_s) * len(SAMPLE_MODES), len(self.copy_buckets()),
+        seconds["copies"] = time.perf_counter() - t
+        logger.info("Warm-up: %d step shapes in %.1f s (slowest %s: %.1f s), %d sampler variants "
+                    "in %.1f s, %d copy programs in %.1f s (contexts up to %d tokens; %d "
+                    "programs compiled) in %.1f s", len(layouts), seconds["steps"], slowest[1],
+                    slowest[0], len(sampled_s) * len(SAMPLE_MODES), seconds["sampler"],
+                    len(self.copy_buckets()), seconds["copies"],
                     (max_context or self.max_blocks * self.block_size),
                     self.num_compilations - c0, time.perf_counter() - t0)
-        return len(layouts)
+        return seconds
 
     @property
     def num_compilations(self) -> int:

@@ -77,3 +77,9 @@ def test_startup_phases_are_served(precompiled_server):
     assert list(served) == ["prepare weights", "size pool", "host memory", "allocate pool",
                             "precompile"]
     assert served["precompile"] >= engine.precompile_s > 0
+    parts = {line.split('programs="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+             for line in text.splitlines()
+             if line.startswith("pagedjax:precompile_seconds{")}
+    assert parts == pytest.approx(engine.precompile_parts)
+    assert set(parts) == {"steps", "sampler", "copies"} and all(v > 0 for v in parts.values())
+    assert sum(parts.values()) <= served["precompile"]

@@ -116,6 +116,8 @@ def build_server(args: argparse.Namespace, loaded=None):
                             max_model_len=engine.config.max_model_len)
     for phase, seconds in engine.startup_s.items():
         metrics.startup.labels(name, phase).set(seconds)
+    for programs, seconds in engine.precompile_parts.items():
+        metrics.precompile.labels(name, programs).set(seconds)
     aengine = AsyncEngine(engine, metrics, log_interval=args.log_stats_interval,
                           log_stats=not args.disable_log_stats,
                           step_trace=args.step_trace).start()

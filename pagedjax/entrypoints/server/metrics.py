@@ -124,6 +124,9 @@ class EngineMetrics:
         self.startup = Gauge(f"{prefix}:startup_phase_seconds", "Seconds each start-up phase "
                              "took (load, size pool, allocate pool, precompile, ...).",
                              ["model_name", "phase"], registry=r)
+        self.precompile = Gauge(f"{prefix}:precompile_seconds", "Seconds the start-up precompile "
+                                "spent on each kind of program (steps, sampler, copies).",
+                                ["model_name", "programs"], registry=r)
         success = Counter(f"{prefix}:request_success", "Finished requests by finish reason.",
                           ["model_name", "finished_reason"], registry=r)
         self.finished = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
