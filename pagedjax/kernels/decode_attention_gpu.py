@@ -29,8 +29,7 @@ int4 KV (``QuantizedPages`` of packed codes, pagedjax/kernels/quantization.py): 
 are gathered (a quarter of bf16's) and unpacked in registers into the low and high halves of the
 head dim (a mask and a shift, ``load_int4``); K's halves are dequantized with their block's
 channel scale and zero point (nibble * scale + zero: two fp8 rows per page, gathered per token of
-the tile by default; ``int4_params="page"`` / ``"page_flat"`` read them once per page of the tile
-and broadcast them over its tokens, ``load_int4_pages``) and V's per-token scales go on the
+the tile: the tile's 16-token pages share their cache lines) and V's per-token scales go on the
 probabilities, as int8's. Scores are two
 matmuls over the halves (q's low half against the low nibbles), the output two accumulators of
 H / 2 columns each: no dequantized tile in memory, no interleave of columns.
@@ -51,7 +50,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from .quantization import is_int4, is_quantized, to_compute, unpack_int4, unpack_nibbles
 
-INT4_PARAMS = ("token", "page", "page_flat")  # paged_decode_attention's int4_params
 NEG = -1e30  # finite "minus infinity": exp2(NEG - NEG) stays 1, never NaN
 LOG2E = math.log2(math.e)
 
@@ -120,46 +118,6 @@ def load_int4(k_ref, v_ref, ks_ref, rows, page, kh, head_dim, live, dtype):
     return k_parts, v_parts
 
 
-def load_int4_pages(k_ref, v_ref, ks_ref, pages, rows, kh, head_dim, live, page_live, dtype,
-                    flat_codes: bool):
-    """``load_int4`` for a tile of whole pages (or of part of one page), reading K's scale and
-    zero-point rows once per page instead of once per token: pages [P] the tile's pool pages,
-    rows [P, R] their tokens' pool rows (R tokens of each page in the tile), live [P, R] and
-    page_live [P] the gathers' masks. Returns the same ([k_lo, k_hi], [v_lo, v_hi]), each
-    [P * R, H / 2] in ``dtype``, token t of the tile at row t.
-
-    flat_codes False: K's codes are gathered as [P, R, H / 2], dequantized with each page's
-    [P, 1, H / 2] parameters broadcast over its tokens, and flattened to [P * R, H / 2] after;
-    True: the codes are gathered flat as ``load_int4`` does and the parameters broadcast and
-    flattened to [P * R, H / 2] before the multiply. Which is faster is the H100's to say
-    (benchmarks/KERNEL_NOTES.md)."""
-    n_pages, per_page = rows.shape
-    n, half = n_pages * per_page, head_dim // 2
-    hd = jnp.arange(half, dtype=jnp.int32)
-    flat_rows = rows.reshape(n)
-    flat_mask = jnp.broadcast_to(live.reshape(n)[:, None], (n, half))
-    byte_cols = kh * half + hd
-    v_codes = load_kv(v_ref, (flat_rows[:, None], byte_cols[None, :]), flat_mask)
-    if flat_codes:
-        k_codes = load_kv(k_ref, (flat_rows[:, None], byte_cols[None, :]), flat_mask)
-    else:
-        k_codes = load_kv(k_ref, (rows[:, :, None], byte_cols[None, None, :]),
-                          jnp.broadcast_to(live[:, :, None], (n_pages, per_page, half)))
-    param_mask = jnp.broadcast_to(page_live[:, None, None], (n_pages, 1, half))
-    k_parts = []
-    for nibbles, c0 in zip(unpack_nibbles(k_codes), (0, half)):
-        cols = (kh * head_dim + c0 + hd)[None, None, :]
-        scale, zero = (to_compute(load_kv(ks_ref, ((2 * pages + i)[:, None, None], cols),
-                                          param_mask), jnp.float32)
-                       for i in (0, 1))  # [P, 1, H / 2]
-        if flat_codes:
-            scale, zero = (jnp.broadcast_to(x, (n_pages, per_page, half)).reshape(n, half)
-                           for x in (scale, zero))
-        k = nibbles.astype(jnp.float32) * scale + zero
-        k_parts.append(k.astype(dtype).reshape(n, half))
-    return k_parts, [c.astype(dtype) for c in unpack_int4(v_codes)]
-
-
 def split_refs(refs, quantized: bool):
     """(ks_ref, vs_ref, rest) from a kernel's trailing refs: the scale refs [num_blocks *
     block_size, K] come first when the pool is quantized."""
@@ -169,7 +127,7 @@ def split_refs(refs, quantized: bool):
 def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs, num_rows,
                    num_heads, group, group_pad, head_dim, block_size, block_kv, split_tokens,
                    num_splits, scale_log2, quantized, packed, kv_per_prog, interpret,
-                   sink_tokens, window, int4_params):
+                   sink_tokens, window):
     # q_ref [T*N, H]; k_ref, v_ref [num_blocks*block_size, K*H]; bt_ref [S, W]; cl_ref [S];
     # qsl_ref [S+1]; quantized: ks_ref, vs_ref [num_blocks*block_size, K] bf16;
     # packed (int4): k_ref, v_ref [num_blocks*block_size, K*H/2] uint8, ks_ref [num_blocks*2, K*H]
@@ -239,45 +197,21 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
             out = jnp.where((owner == c)[:, None], per_head[c][None, :], out)
         return out
 
-    # int4 K parameters once per page: the tile must hold whole pages or lie inside one, which
-    # it does without a window (splits and tiles start at multiples of block_kv).
-    page_tiles = (packed and int4_params != "token" and not window
-                  and (block_kv % block_size == 0 or block_size % block_kv == 0))
-    per_page = min(block_kv, block_size)
-    n_pages = block_kv // per_page
-
-    def int4_page_tile(first):
-        """(rows [block_kv], K parts, V parts) of the tile of keys from ``first`` (positions)."""
-        pcol = jax.lax.div(first, block_size) + jnp.arange(n_pages, dtype=jnp.int32)
-        page_live = pcol * block_size < hi
-        pages = plgpu.load(bt_ref.at[s, pcol], mask=page_live, other=0)  # [P]
-        tok = jnp.arange(per_page, dtype=jnp.int32)
-        rows = pages[:, None] * block_size + jax.lax.rem(first, block_size) + tok[None, :]
-        live = (first + jnp.arange(n_pages, dtype=jnp.int32)[:, None] * per_page
-                + tok[None, :]) < hi  # [P, R]
-        k_parts, v_parts = load_int4_pages(k_ref, v_ref, ks_ref, pages, rows, kh0, head_dim,
-                                           live, page_live, dt, int4_params == "page_flat")
-        return rows.reshape(block_kv), k_parts, v_parts
-
     def body(i, carry):
         acc, m, l = carry
-        first = lo + i * block_kv
-        key = first + jnp.arange(block_kv, dtype=jnp.int32)  # visible key indices
+        key = lo + i * block_kv + jnp.arange(block_kv, dtype=jnp.int32)  # visible key indices
         valid = key < hi
-        if page_tiles:
-            rows, k_parts, v_parts = int4_page_tile(first)
+        j = position(key)  # token positions
+        page = plgpu.load(bt_ref.at[s, jax.lax.div(j, block_size)], mask=valid, other=0)
+        rows = page * block_size + jax.lax.rem(j, block_size)
+        if packed:
+            k_parts, v_parts = load_int4(k_ref, v_ref, ks_ref, rows, page, kh0, head_dim,
+                                         valid, dt)
         else:
-            j = position(key)  # token positions
-            page = plgpu.load(bt_ref.at[s, jax.lax.div(j, block_size)], mask=valid, other=0)
-            rows = page * block_size + jax.lax.rem(j, block_size)
-            if packed:
-                k_parts, v_parts = load_int4(k_ref, v_ref, ks_ref, rows, page, kh0, head_dim,
-                                             valid, dt)
-            else:
-                kv_mask = jnp.broadcast_to(valid[:, None], (block_kv, width))
-                k = load_kv(k_ref, (rows[:, None], cols), kv_mask)  # [block_kv, width]
-                v = load_kv(v_ref, (rows[:, None], cols), kv_mask)
-                k_parts, v_parts = [to_compute(k, dt)], [to_compute(v, dt)]
+            kv_mask = jnp.broadcast_to(valid[:, None], (block_kv, width))
+            k = load_kv(k_ref, (rows[:, None], cols), kv_mask)  # [block_kv, width]
+            v = load_kv(v_ref, (rows[:, None], cols), kv_mask)
+            k_parts, v_parts = [to_compute(k, dt)], [to_compute(v, dt)]
         sc = sum(jax.lax.dot_general(qp, kp, (((1,), (1,)), ((), ())),
                                      preferred_element_type=jnp.float32)
                  for qp, kp in zip(q_parts, k_parts)) * scale_log2
@@ -395,12 +329,12 @@ def split_tokens_of(max_tokens: int, num_splits: int, block_kv: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "block_kv", "num_warps", "num_stages", "kv_heads_per_program",
-    "merge_chunk", "interpret", "sink_tokens", "window", "int4_params"))
+    "merge_chunk", "interpret", "sink_tokens", "window"))
 def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc, *,
                            scale: float, num_splits: int | None = None, block_kv: int | None = None,
                            num_warps: int = 4, num_stages: int = 3, kv_heads_per_program: int = 1,
                            merge_chunk: int = 64, interpret: bool = False, sink_tokens: int = 0,
-                           window: int = 0, int4_params: str = "token"):
+                           window: int = 0):
     """Decode attention (every q_len is 0 or 1) over a paged KV cache.
 
     q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H] in q's dtype or raw fp8
@@ -418,11 +352,6 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     slower on the H100: benchmarks/KERNEL_NOTES.md, session 3); merge_chunk, a power of two: the
     merge reads up to that many splits' partials at once (all of them in one round trip when the
     split count, rounded up to a power of two, fits).
-    int4_params, one of INT4_PARAMS: how int4 K's scale and zero point reach the tile. "token"
-    gathers them per token (2 rows of H / 2 per token and half); "page" and "page_flat" read
-    them once per page of the tile and broadcast them over its tokens in registers
-    (``load_int4_pages``). The page variants apply to tiles of whole pages or inside one page
-    (block_kv and block_size dividing one another) without a window; other tiles keep "token".
     sink_tokens, window (static): attend only to the first sink_tokens keys and the last window
     (``reference.visible``; window 0: all). Splits then divide those keys only: the positions
     between are never read, whatever their block-table entries hold.
@@ -437,8 +366,6 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
         raise ValueError(f"kv_heads_per_program must be a power of two dividing the {kh} KV "
                          f"heads, got {kv_heads_per_program}")
     packed = is_int4(k_pages)
-    if int4_params not in INT4_PARAMS:
-        raise ValueError(f"int4_params must be one of {INT4_PARAMS}, got {int4_params!r}")
     if packed and kvp != 1:
         raise ValueError(f"int4 pages take kv_heads_per_program 1, got {kv_heads_per_program}")
     group_pad = max(16, _pow2(kvp * group))
@@ -460,8 +387,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     cp = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     kernel = functools.partial(_decode_kernel, group=group, group_pad=group_pad, block_size=bs,
                                block_kv=block_kv, scale_log2=scale * LOG2E, quantized=quantized,
-                               packed=packed, kv_per_prog=kvp, interpret=interpret,
-                               int4_params=int4_params, **params)
+                               packed=packed, kv_per_prog=kvp, interpret=interpret, **params)
     if num_splits == 1:
         out = pl.pallas_call(kernel, grid=(rows, kh_progs, 1),
                              out_shape=jax.ShapeDtypeStruct((t * n, h), q.dtype),

@@ -81,26 +81,3 @@ def test_windowed_kernels_lower_for_device(kv_dtype, platform, backend, kwargs, 
     args = (SD((T, 28, 128), jnp.bfloat16), k, v, SD((S, W), jnp.int32), SD((S,), jnp.int32),
             SD((S + 1,), jnp.int32))
     assert marker in fn.trace(*args).lower(lowering_platforms=(platform,)).as_text()
-
-
-@pytest.mark.parametrize("int4_params", ["page", "page_flat"])
-@pytest.mark.parametrize("kwargs,marker", [
-    ({"num_splits": 1}, "paged_decode"),  # block_kv 64: 4 pages a tile
-    ({"num_splits": 8}, "paged_decode_combine"),
-    ({"num_splits": 8, "block_kv": 128}, "paged_decode_split"),  # 8 pages a tile
-    ({"num_splits": 8, "block_kv": 16}, "paged_decode_split"),  # 1 page a tile
-])
-def test_int4_page_params_lower_for_cuda(int4_params, kwargs, marker):
-    """int4 K parameters read once per page (a [pages, tokens, H / 2] tile and its reshape):
-    Pallas -> Triton IR for CUDA, a kernel other than the per-token one."""
-    k, v = pages("int4")
-    args = (SD((T, 28, 128), jnp.bfloat16), k, v, SD((S, W), jnp.int32), SD((S,), jnp.int32),
-            SD((S + 1,), jnp.int32))
-
-    def lowered(variant):
-        fn = jax.jit(functools.partial(ragged_paged_attention, backend="pallas-gpu",
-                                       decode_only=True, int4_params=variant, **kwargs))
-        return fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-
-    text = lowered(int4_params)
-    assert marker in text and text != lowered("token")
