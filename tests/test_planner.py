@@ -144,6 +144,10 @@ def test_profile_peak_estimate_formula():
     autotune = 152064 * 3584 * 2  # the lm_head, the largest matrix, as the autotuner copies it
     assert mr.profile_peak_bytes_estimate(cfg, t, "bfloat16", s) == (
         layer + sampler + (512 << 20) + SCRATCH_BYTES + autotune)
+    # int4 pages: the key write's copies of the blocks it re-quantizes (2048 / 16 + 2 x 256)
+    int4_write = 4 * (128 + 512) * 16 * 4 * 128 * 4
+    assert mr.profile_peak_bytes_estimate(cfg, t, "bfloat16", s, "int4", 16) == (
+        layer + sampler + (512 << 20) + SCRATCH_BYTES + autotune + int4_write)
 
 
 def test_min_device_bytes_is_the_smallest_that_fits():

@@ -27,13 +27,15 @@ from .quantization import (QuantizedPages, dequantize, dequantize_keys, has_chan
                            quantize_keys, saturate)
 
 
-def write_kv_ref(k_pages, v_pages, k_new, v_new, slot_mapping):
+def write_kv_ref(k_pages, v_pages, k_new, v_new, slot_mapping, num_seqs: int | None = None):
     """Scatter this step's K/V into their slots (quantizing them for QuantizedPages; saturating
     to +-qmax for raw fp8 pages, where a plain cast would store NaN / inf).
 
     k_pages, v_pages: [num_blocks, block_size, K, H] arrays, or QuantizedPages;
     k_new, v_new: [T, K, H]; slot_mapping: [T] int32, a negative slot marks a padding row
-    (nothing is written). Returns the updated (k_pages, v_pages).
+    (nothing is written); ``num_seqs``: at most this many sequences own the rows, each in
+    consecutive positions (the step's S; None: as many as rows), which bounds the blocks an int4
+    write re-quantizes. Returns the updated (k_pages, v_pages).
     """
     nb, bs, kh, h = k_pages.shape
     if k_new.shape[1:] != (kh, h) or v_new.shape != k_new.shape:
@@ -48,7 +50,7 @@ def write_kv_ref(k_pages, v_pages, k_new, v_new, slot_mapping):
 
     def write(pages, new):
         if has_channel_scales(pages):
-            return write_int4_keys(pages, new, slot_mapping)
+            return write_int4_keys(pages, new, slot_mapping, num_seqs)
         if is_quantized(pages):
             return QuantizedPages(*(put(p, x) for p, x in zip(pages, quantize(new, pages.dtype))))
         return put(pages, new)
@@ -56,50 +58,62 @@ def write_kv_ref(k_pages, v_pages, k_new, v_new, slot_mapping):
     return write(k_pages, k_new), write(v_pages, v_new)
 
 
-def write_int4_keys(pages: QuantizedPages, new, slot_mapping) -> QuantizedPages:
+def write_int4_keys(pages: QuantizedPages, new, slot_mapping,
+                    num_seqs: int | None = None) -> QuantizedPages:
     """Write rows into int4 key pages (a scale and zero point per channel within a block).
 
     pages: data [num_blocks, block_size, K, H / 2] uint8, scale [num_blocks, 2, K, H]
-    float8_e4m3fn; new: [T, K, H]; slot_mapping: [T] int32 (negative: padding).
+    float8_e4m3fn; new: [T, K, H]; slot_mapping: [T] int32 (negative: padding); num_seqs: the
+    most sequences the rows can belong to (None: T), see below.
 
     Per block the step writes to: its earlier keys are those before the step's first slot in it
     (none when that is slot 0: a new block, whatever stale codes it holds). Per channel, unless
     the new rows fit its current range [zero, zero + 15 scale], its parameters become
     ``key_params`` of the min and max over the earlier keys (dequantized) and the new rows, and
     the earlier codes are re-rounded to them, once; then the new rows are quantized. Slots past
-    the written ones are zeroed. One gather and one scatter of the touched blocks: each block's
-    first row in the step (its leader) writes the whole block.
+    the written ones are zeroed. One gather and one scatter of the touched blocks, compacted: a
+    sequence's n consecutive rows touch at most ceil(n / bs) + 1 blocks, so a step touches at
+    most U = ceil(T / bs) + 2 num_seqs (and at most T); each block is dequantized once, as
+    [U, bs, K, H], not once per row (a 2,048-token prefill chunk would hold [2048, bs, K, H]
+    float32 keys: ~0.5 GiB a layer for Llama-2-7B).
     """
     nb, bs, kh, h = pages.shape
     t = new.shape[0]
+    u = t if num_seqs is None else min(t, -(-t // bs) + 2 * num_seqs)
     live = slot_mapping >= 0
     blk = jnp.where(live, slot_mapping // bs, nb)  # nb: padding, dropped by the scatters
     off = jnp.where(live, slot_mapping % bs, 0)
     row = jnp.arange(t, dtype=jnp.int32)
     first = jnp.full((nb + 1,), bs, jnp.int32).at[blk].min(off)  # first slot written, per block
     leader = jnp.full((nb + 1,), t, jnp.int32).at[blk].min(row)[blk]  # [T]; padding: t
+    # The touched blocks in the order of their leaders (each block's first row in the step):
+    # touched block j is row lead[j]'s; c [T] is each row's j (padding: u, dropped).
+    is_leader = live & (leader == row)
+    lead = jnp.nonzero(is_leader, size=u, fill_value=t)[0]  # [U]
+    c = jnp.where(live, (jnp.cumsum(is_leader) - 1)[jnp.minimum(leader, t - 1)], u)
+    touched = lead < t
+    blk_u = jnp.where(touched, blk[jnp.minimum(lead, t - 1)], nb)  # [U]
     x = new.astype(jnp.float32)
-    # Per leader row g (other rows: dropped): block blk[g]'s new rows' min / max [T, K, H]
-    new_lo = jax.ops.segment_min(x, leader, num_segments=t)
-    new_hi = jax.ops.segment_max(x, leader, num_segments=t)
+    new_lo = jax.ops.segment_min(x, c, num_segments=u)  # per touched block [U, K, H]
+    new_hi = jax.ops.segment_max(x, c, num_segments=u)
 
-    at = jnp.minimum(blk, nb - 1)
-    old = QuantizedPages(pages.data[at], pages.scale[at])  # [T, bs, K, H / 2], [T, 2, K, H]
-    scale, zero = (old.scale[:, i].astype(jnp.float32) for i in (0, 1))  # [T, K, H]
-    old_x = dequantize_keys(old.data, old.scale)  # [T, bs, K, H]
-    earlier = (jnp.arange(bs)[None, :] < first[blk][:, None])[:, :, None, None]  # [T, bs, 1, 1]
+    at = jnp.minimum(blk_u, nb - 1)
+    old = QuantizedPages(pages.data[at], pages.scale[at])  # [U, bs, K, H / 2], [U, 2, K, H]
+    scale, zero = (old.scale[:, i].astype(jnp.float32) for i in (0, 1))  # [U, K, H]
+    old_x = dequantize_keys(old.data, old.scale)  # [U, bs, K, H]
+    first_u = first[blk_u]
+    earlier = (jnp.arange(bs)[None, :] < first_u[:, None])[:, :, None, None]  # [U, bs, 1, 1]
     inf = jnp.float32(jnp.inf)
     lo = jnp.minimum(new_lo, jnp.min(jnp.where(earlier, old_x, inf), axis=1))
     hi = jnp.maximum(new_hi, jnp.max(jnp.where(earlier, old_x, -inf), axis=1))
     # A channel whose new values fit keeps its parameters: re-rounding to them is exact.
-    fits = (first[blk] > 0)[:, None, None] & (new_lo >= zero) & (new_hi <= zero + 15 * scale)
+    fits = (first_u > 0)[:, None, None] & (new_lo >= zero) & (new_hi <= zero + 15 * scale)
     fresh_scale, fresh_zero = key_params(lo, hi)
     scale, zero = jnp.where(fits, scale, fresh_scale), jnp.where(fits, zero, fresh_zero)
     codes = jnp.where(earlier, quantize_keys(old_x, scale[:, None], zero[:, None]), 0)
-    g = jnp.minimum(leader, t - 1)
-    codes = codes.at[jnp.where(live, leader, t), off].set(
-        quantize_keys(x, scale[g], zero[g]), mode="drop")
-    dst = jnp.where(live & (leader == row), blk, nb)
+    g = jnp.minimum(c, u - 1)
+    codes = codes.at[c, off].set(quantize_keys(x, scale[g], zero[g]), mode="drop")
+    dst = jnp.where(touched, blk_u, nb)
     params = jnp.stack([scale, zero], axis=1).astype(pages.scale.dtype)
     return QuantizedPages(pages.data.at[dst].set(pack_nibbles(codes), mode="drop"),
                           pages.scale.at[dst].set(params, mode="drop"))

@@ -83,7 +83,8 @@ XLA_WORKSPACE_BYTES = 512 << 20  # cuBLAS / autotuning workspaces and allocator 
 
 
 def profile_peak_bytes_estimate(cfg: ModelConfig, max_num_batched_tokens: int, dtype: str,
-                                max_num_seqs: int | None = None) -> int:
+                                max_num_seqs: int | None = None, kv_dtype: str | None = None,
+                                block_size: int = 16) -> int:
     """Activation peak of one engine step at the full token budget, an estimate until the engine
     measures it (vLLM measures a profiling run at ``max_num_batched_tokens``).
 
@@ -101,6 +102,12 @@ def profile_peak_bytes_estimate(cfg: ModelConfig, max_num_batched_tokens: int, d
                                                       (the lm_head's weight, 1 GiB for Qwen2.5-7B:
                                                       without room for it the first compile
                                                       after the pool is allocated fails)
+      + int4 KV only: 4 x U x block_size x K x H x 4  the key write's float32 / int32 copies of
+                                                      the U = ceil(T / block_size) + 2 S blocks
+                                                      it re-quantizes (kernels.reference.
+                                                      write_int4_keys; XLA's CPU compile of it for
+                                                      Llama-2-7B shapes at T 2048, S 256 holds
+                                                      3.6 such arrays)
 
     It must not fall short: JAX's allocator is capped at ``--gpu-memory-utilization`` of the
     device (:mod:`pagedjax.worker.device_memory`), so what the estimate misses the step cannot get.
@@ -115,8 +122,12 @@ def profile_peak_bytes_estimate(cfg: ModelConfig, max_num_batched_tokens: int, d
                      cfg.num_key_value_heads, cfg.head_dim)
     layer = t * (2 * d + (n + 2 * k) * h + 3 * f) * dtype_bytes(dtype)
     largest_matrix = max(cfg.vocab_size * d, d * 2 * f, d * (n + 2 * k) * h) * dtype_bytes(dtype)
+    int4_write = 0
+    if kv_dtype == "int4":
+        touched = min(t, -(-t // block_size) + 2 * s)
+        int4_write = 4 * touched * block_size * k * h * 4
     return (layer + SAMPLER_ROW_ARRAYS * s * cfg.vocab_size * 4 + XLA_WORKSPACE_BYTES
-            + reference.SCRATCH_BYTES + largest_matrix)
+            + reference.SCRATCH_BYTES + largest_matrix + int4_write)
 
 
 def kv_budget_bytes(total_bytes: int, gpu_memory_utilization: float, weights: int,
@@ -164,7 +175,8 @@ def memory_report(config: EngineConfig, *, total_bytes: int | None = None,
     if weights is None:
         weights = weights_bytes(config.model, dtype, config.tp, config.quantization)
     if profile_peak is None:
-        profile_peak = profile_peak_bytes_estimate(dev, tokens, dtype, args.max_num_seqs)
+        profile_peak = profile_peak_bytes_estimate(dev, tokens, dtype, args.max_num_seqs,
+                                                   config.kv_dtype, config.block_size)
     if args.num_gpu_blocks_override:
         spec = KVPoolSpec.for_model(dev, args.num_gpu_blocks_override, config.block_size,
                                     config.kv_dtype, config.sink_tokens, config.window)

@@ -140,7 +140,8 @@ def plan(args: argparse.Namespace) -> dict:
     notes = [n for n in (res.note, memory_note) if n]
     weights = mr.weights_bytes(cfg, dtype, tp, config.quantization)
     tokens = config.max_num_batched_tokens
-    peak = mr.profile_peak_bytes_estimate(dev, tokens, dtype, eargs.max_num_seqs)
+    peak = mr.profile_peak_bytes_estimate(dev, tokens, dtype, eargs.max_num_seqs,
+                                          config.kv_dtype, config.block_size)
     shape = mr.plan_pool(config)
     notes.append(f"profiling peak is an estimate (profile_peak_bytes_estimate at {tokens} batched "
                  "tokens), the same the engine sizes its pool with")

@@ -38,7 +38,8 @@ def make_attend(backend: str, interpret: bool = False, mesh=None, sink_tokens: i
                                           decode_only=decode_only, **mask)
 
     def attend(q, k, v, pages, meta: StepMeta):
-        k_pages, v_pages = write_kv_ref(pages[0], pages[1], k, v, meta.slot_mapping)
+        k_pages, v_pages = write_kv_ref(pages[0], pages[1], k, v, meta.slot_mapping,
+                                        num_seqs=meta.block_tables.shape[0])
         out = attention(q, k_pages, v_pages, meta.block_tables, meta.context_lens,
                         meta.query_start_loc, decode_only=meta.decode_only)
         return out, (k_pages, v_pages)

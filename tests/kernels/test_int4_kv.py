@@ -196,6 +196,41 @@ def test_partly_filled_blocks_re_round_once_per_step():
     assert whole <= one_by_one < 1.4 * whole and 1.5 * one_by_one < sym  # 0.029, 0.037, 0.063
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_write_touches_each_block_once_within_the_sequence_bound(seed):
+    """The write gathers the step's touched blocks compacted to ceil(T / bs) + 2 S of them (S
+    sequences of consecutive positions, each starting anywhere in a block), and stores the same
+    bits as with one gathered block per row (num_seqs None). Steps are ragged: prefill chunks
+    crossing blocks, decode rows, padding rows, all in a random row order, over a pool that
+    already holds keys (so blocks are re-rounded)."""
+    rng = np.random.default_rng(seed_of("int4-compact", seed))
+    nb, bs, k, h = 40, 8, 2, 32
+    pool = empty_pages(nb, bs, k, h)
+    blocks = rng.permutation(nb)
+    keys = offset_keys(rng, rng.standard_normal((nb * bs, k, h)))
+    pool = _write(*pool, jnp.asarray(keys, jnp.float32), jnp.asarray(keys, jnp.float32),
+                  jnp.asarray(np.arange(nb * bs), jnp.int32))  # earlier keys everywhere
+    slots, seqs, used = [], int(rng.integers(2, 6)), 0
+    for _ in range(seqs):  # each sequence: its own blocks, a run of positions from any offset
+        n_blocks = int(rng.integers(1, 4))
+        mine = blocks[used:used + n_blocks]
+        used += n_blocks
+        start = int(rng.integers(0, bs))
+        n = int(rng.integers(1, n_blocks * bs - start + 1))
+        pos = np.arange(start, start + n)
+        slots += list(mine[pos // bs] * bs + pos % bs)
+    slots += [-1] * int(rng.integers(0, 4))
+    slots = np.asarray(rng.permutation(slots), np.int32)
+    new = jnp.asarray(offset_keys(rng, rng.standard_normal((len(slots), k, h))), jnp.float32)
+    compact = jax.jit(write_kv_ref, static_argnames="num_seqs")(
+        *pool, new, new, jnp.asarray(slots), num_seqs=seqs)
+    per_row = _write(*pool, new, new, jnp.asarray(slots))
+    for g, w in zip(compact, per_row):
+        for a, b in zip(bits(g), bits(w)):
+            np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(a, b) for a, b in zip(bits(compact[0]), bits(pool[0])))
+
+
 @pytest.mark.parametrize("backend", ["pallas-gpu", "reference"])
 def test_dispatch_write_kv_int4(backend):
     """The dispatch's write takes int4 pages on every backend (the XLA write: the block-wide
