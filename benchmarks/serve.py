@@ -273,7 +273,8 @@ def _peer(url: str, args, model: str, folder, i: int, rate: float) -> dict:
     peer["server"] = {k: _delta(before, after, k) for k in COUNTERS}
     peer["compilations"] = peer["server"]["step_compilations"]
     if "error" in peer:
-        logger.warning("vLLM's client failed at rate %s: %s", rate_label(rate), peer["error"][-500:])
+        logger.warning("vLLM's client failed at rate %s: %s", rate_label(rate),
+                       peer["error"][-500:])
     return peer
 
 
