@@ -11,7 +11,6 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
-python3 -c "import pagedjax.models" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .
 B="python3 -m benchmarks"
 M="--model Qwen2.5-7B-Instruct --load-format dummy"
 case "${1:-probe}" in

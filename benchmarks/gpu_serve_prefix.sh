@@ -57,10 +57,6 @@ fi
 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl 2>&1 | tee -a "$LOG" || { say "wheel install failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-# pagedjax.kernels / pagedjax.models live in top-level folders: the package must be installed.
-if ! $PY -c "import pagedjax.models" >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tee -a "$LOG"
-fi
 # Fail fast: every import the server and both scenarios need, and a GPU for JAX.
 if ! $PY - <<'EOF' 2>&1 | tee -a "$LOG"; then
 import fastapi, httpx, prometheus_client, pydantic, starlette, tokenizers, transformers, uvicorn

@@ -53,10 +53,6 @@ if ls .whl/*.whl >/dev/null 2>&1; then
       --target /tmp/site .whl/*.whl 2>&1 | tee -a "$LOG"
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-# pagedjax.kernels / pagedjax.models live in top-level folders: the package must be installed.
-if ! $PY -c "import pagedjax.models" >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tee -a "$LOG"
-fi
 if ! $PY -c "import jax, torch, transformers, pagedjax.models, benchmarks
 print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__,
       '| transformers', transformers.__version__)" 2>&1 | tee -a "$LOG"; then

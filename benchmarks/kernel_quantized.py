@@ -1,7 +1,7 @@
 """The quantized-KV parts of ``python -m benchmarks kernel --kv-cache-dtype D``: decode on the same
 pages in D's format as the engine stores it (raw fp8 pages for fp8, QuantizedPages with a scale per
-token and KV head for int8: kernels/quantization.py): time, bandwidth, speedup over bf16, error;
-its variant sweep; and a device check of the KV write in that format. Findings:
+token and KV head for int8: pagedjax/kernels/quantization.py): time, bandwidth, speedup over bf16,
+error; its variant sweep; and a device check of the KV write in that format. Findings:
 benchmarks/KERNEL_NOTES.md ("Quantized KV cache") and
 benchmarks/results/gpu-nvidia_h100_80gb_hbm3/decode-probe-e24938b."""
 from __future__ import annotations

@@ -58,7 +58,7 @@ import numpy as np
 from benchmarks import harness, plots
 from benchmarks.common import print_table, results_dir, write_result
 from benchmarks.prefix import _turn_figures
-from benchmarks.serving_client import arrival_gaps
+from benchmarks.serving_client import arrival_gaps, rate_label, request_rates
 
 logger = logging.getLogger(__name__)
 
@@ -71,21 +71,6 @@ RATE_COLUMNS = ["request_rate", "ttft_speedup_turn4plus", "throughput_ratio", "h
 TARGETS = {"ttft_speedup_turn4plus": 3.0, "throughput_ratio": 1.5, "transfer_pct_raw_bw": 70.0}
 FULL = dict(num_conversations=64, turns=8, user_len=300, answer_len=100)
 TINY = dict(num_conversations=8, turns=4, user_len=24, answer_len=8)
-
-
-def request_rates(text: str) -> list[float]:
-    """``--request-rate``: a comma list of distinct rates > 0 (requests/s) or ``inf``."""
-    rates = [float(x) for x in text.split(",") if x.strip()]
-    if not rates or any(math.isnan(r) or r <= 0 for r in rates):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: give requests/s > 0 or inf, comma separated (e.g. 4,8,inf)")
-    if len(set(rates)) < len(rates):
-        raise argparse.ArgumentTypeError(f"{text!r}: each rate once")
-    return rates
-
-
-def rate_label(rate: float) -> str:
-    return "inf" if math.isinf(rate) else f"{rate:g}"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -102,7 +102,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(dtype="bfloat16")
     p.add_argument("--tiny", action="store_true",
                    help="a tiny random Qwen2 with a character tokenizer (the test's plumbing run)")
-    p.add_argument("--contexts", type=int_list, default=None, help="comma list (default 2048,4096,8192)")
+    p.add_argument("--contexts", type=int_list, default=None,
+                   help="comma list (default 2048,4096,8192)")
     p.add_argument("--depths", type=float_list, default=[0.1, 0.5, 0.9],
                    help="passkey depths, fractions of the filler before the key")
     p.add_argument("--passkey-trials", type=int, default=1, help="keys per context and depth")

@@ -115,7 +115,8 @@ class Children:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_PYTHON_CLIENT_")}
         self.jax_env = dict(self.env)
         if self.total:
-            self.jax_env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(self.budget / self.total, 1):.4f}"
+            fraction = min(self.budget / self.total, 1)
+            self.jax_env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{fraction:.4f}"
         self.seed, self.hf_config = args.seed, harness.hf_config_dict(args)
 
     def paged(self, engine: dict, cases: dict, timeout, tmp: Path) -> dict:

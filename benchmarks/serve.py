@@ -64,7 +64,8 @@ import numpy as np
 
 from benchmarks import harness, peer_client, plots, serve_steps
 from benchmarks.common import device_name, print_table, results_dir, write_result
-from benchmarks.serving_client import RequestResult, run_requests, scrape, started_server
+from benchmarks.serving_client import (RequestResult, rate_label, request_rates, run_requests,
+                                       scrape, started_server)
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +78,6 @@ HEADLINE = ("output_throughput", "request_throughput", "median_ttft_ms", "p99_tt
 COUNTERS = ("prompt_tokens", "generation_tokens", "num_preemptions", "step_compilations")
 
 
-def _rates(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     harness.add_engine_arguments(p)
     p.add_argument("--base-url", default=None,
@@ -90,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=200)
     p.add_argument("--input-len", type=int, default=1000)
     p.add_argument("--output-len", type=int, default=200)
-    p.add_argument("--request-rate", type=_rates, default=[math.inf],
+    p.add_argument("--request-rate", type=request_rates, default=[math.inf],
                    help="requests/s (Poisson), inf = all at once; a comma list runs each")
     p.add_argument("--burstiness", type=float, default=1.0,
                    help="gamma shape of the arrival gaps; 1 = Poisson (vLLM's meaning)")
@@ -169,10 +166,6 @@ def _cdf(xs: list[float], points: int = 101) -> tuple[list[float], list[float]]:
     return np.percentile(xs, q).tolist(), (q / 100).tolist()
 
 
-def _label(rate: float) -> str:
-    return "inf" if math.isinf(rate) else f"{rate:g}"
-
-
 # ---- the scenario ----------------------------------------------------------------------------
 def run(args) -> dict:
     # This process is only a client: it must not take GPU memory from the server it starts (JAX
@@ -239,7 +232,7 @@ def _measure(url: str, args, model: str, prompts, vocab: int, n_warm: int, i: in
     before = scrape(url)
     warm_s, warm_compiled = time.perf_counter() - t0, _delta(c0, before, "step_compilations")
     logger.info("rate %s: warm-up of %d requests took %.1f s (%s step shapes compiled)",
-                _label(rate), n_warm, warm_s, warm_compiled)
+                rate_label(rate), n_warm, warm_s, warm_compiled)
     wall0 = time.time()
     results, duration, peak = asyncio.run(run_requests(url, args.api_key, model, prompts,
                                                         seed=args.seed + i, **go))
@@ -257,7 +250,7 @@ def _measure(url: str, args, model: str, prompts, vocab: int, n_warm: int, i: in
         logger.warning("%.1f tokens per streamed chunk: the server streams in large pieces "
                        "(no tokenizer?) or the client fell behind; ITL is per chunk",
                        m["tokens_per_chunk"])
-    row = {"request_rate": _label(rate), "max_concurrency": args.max_concurrency, **m,
+    row = {"request_rate": rate_label(rate), "max_concurrency": args.max_concurrency, **m,
            "compilations": server["step_compilations"], "peak_concurrency": peak,
            "warmup_s": warm_s, "warmup_compilations": warm_compiled, "server": server,
            # the server's count before this rate's warm-up: what it precompiled at start, for
@@ -265,7 +258,7 @@ def _measure(url: str, args, model: str, prompts, vocab: int, n_warm: int, i: in
            "compilations_before_warmup": c0.get("step_compilations"),
            "errors": errors[:5],
            "steps": serve_steps.figures(steps) if args.step_trace else None}
-    return row, results, serve_steps.panel(steps, _label(rate))
+    return row, results, serve_steps.panel(steps, rate_label(rate))
 
 
 def _peer(url: str, args, model: str, folder, i: int, rate: float) -> dict:
@@ -280,7 +273,8 @@ def _peer(url: str, args, model: str, folder, i: int, rate: float) -> dict:
     peer["server"] = {k: _delta(before, after, k) for k in COUNTERS}
     peer["compilations"] = peer["server"]["step_compilations"]
     if "error" in peer:
-        logger.warning("vLLM's client failed at rate %s: %s", _label(rate), peer["error"][-500:])
+        logger.warning("vLLM's client failed at rate %s: %s", rate_label(rate),
+                       peer["error"][-500:])
     return peer
 
 
@@ -375,8 +369,8 @@ def _plot(path: Path, runs, args, step_panels: list) -> None:
     ttft, itl = {}, {}
     for rate, results in zip(args.request_rate, runs):
         ok = [r for r in results if r.ok]
-        ttft[f"rate {_label(rate)}"] = _cdf([r.ttft * 1e3 for r in ok])
-        itl[f"rate {_label(rate)}"] = _cdf([g * 1e3 for r in ok for g in r.itl])
+        ttft[f"rate {rate_label(rate)}"] = _cdf([r.ttft * 1e3 for r in ok])
+        itl[f"rate {rate_label(rate)}"] = _cdf([g * 1e3 for r in ok for g in r.itl])
     plots.save(path, [
         {"kind": "lines", "title": "TTFT distribution (CDF)", "xlabel": "ms",
          "ylabel": "fraction of requests", "series": ttft},

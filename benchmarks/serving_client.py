@@ -193,7 +193,23 @@ async def _request(client, payload: dict, prompt_len: int, t_run: float) -> Requ
     return res
 
 
-def arrival_gaps(n: int, rate: float, burstiness: float, seed: int) -> np.ndarray:
+def request_rates(text: str) -> list[float]:
+    """``--request-rate``: a comma list of distinct rates > 0 (requests/s) or ``inf``."""
+    rates = [float(x) for x in text.split(",") if x.strip()]
+    if not rates or any(math.isnan(r) or r <= 0 for r in rates):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give requests/s > 0 or inf, comma separated (e.g. 4,8,inf)")
+    if len(set(rates)) < len(rates):
+        raise argparse.ArgumentTypeError(f"{text!r}: each rate once")
+    return rates
+
+
+def rate_label(rate: float) -> str:
+    return "inf" if math.isinf(rate) else f"{rate:g}"
+
+
+def arrival_gaps(n: int, rate: float, burstiness: float,
+                 seed: int | tuple[int, ...]) -> np.ndarray:
     """Seconds to wait after each of ``n`` requests: gamma(burstiness, 1 / (rate * burstiness))
     gaps (exponential, i.e. Poisson arrivals, at burstiness 1), or zeros for an infinite rate."""
     if math.isinf(rate):

@@ -32,7 +32,8 @@ class EngineArgs:
     tokenizer: str | None = None
     dtype: str = "auto"
     load_format: str = "auto"
-    # "fp8": float8 linear weights with per-channel scales, activations per token (pagedjax/models/fp8.py)
+    # "fp8": float8 linear weights with per-channel scales, activations per token
+    # (pagedjax/models/fp8.py)
     quantization: str | None = None
     max_model_len: int | None = None
     block_size: int = 16

@@ -16,18 +16,18 @@ the padding rows, counted by the padded sequences before it) when it does not; s
 row ``i``. That maps ``max(S, T)`` slots one-to-one onto the ``T`` rows (slots past ``T`` store
 nothing), so every row is written exactly once.
 
-fp8 KV (raw fp8 pages, pagedjax/kernels/quantization.py): the 1-byte values are gathered like bf16 ones
-(half the bytes) and converted to q's dtype in registers (``to_compute``); the static scale is the
-model's business, outside the kernel (measured: benchmarks/KERNEL_NOTES.md).
+fp8 KV (raw fp8 pages, pagedjax/kernels/quantization.py): the 1-byte values are gathered like bf16
+ones (half the bytes) and converted to q's dtype in registers (``to_compute``); the static scale is
+the model's business, outside the kernel (measured: benchmarks/KERNEL_NOTES.md).
 
 Quantized KV (``QuantizedPages``: int8, or fp8 with scales): the values are converted the same way
 and the bfloat16 scale per token and KV head is gathered beside them ([block_kv] per tile): K's
 scales multiply the score columns, V's the probabilities before the PV matmul, so no dequantized
 tile is materialised (the variants measured: benchmarks/KERNEL_NOTES.md).
 
-int4 KV (``QuantizedPages`` of packed codes, pagedjax/kernels/quantization.py): each token's [H / 2] bytes
-are gathered (a quarter of bf16's) and unpacked in registers into the low and high halves of the
-head dim (a mask and a shift, ``load_int4``); K's halves are dequantized with their block's
+int4 KV (``QuantizedPages`` of packed codes, pagedjax/kernels/quantization.py): each token's [H / 2]
+bytes are gathered (a quarter of bf16's) and unpacked in registers into the low and high halves of
+the head dim (a mask and a shift, ``load_int4``); K's halves are dequantized with their block's
 channel scale and zero point (nibble * scale + zero: two fp8 rows per page, gathered per token of
 the tile: the tile's 16-token pages share their cache lines) and V's per-token scales go on the
 probabilities, as int8's. Scores are two
@@ -338,9 +338,10 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     """Decode attention (every q_len is 0 or 1) over a paged KV cache.
 
     q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H] in q's dtype or raw fp8
-    (value = stored number), or QuantizedPages (pagedjax/kernels/quantization.py); block_tables: [S, W]
-    int32; context_lens: [S] int32; query_start_loc: [S + 1] int32. Returns [T, N, H] in q's
-    dtype, rows not owned by a decoding sequence are zero. H and block_kv must be powers of two.
+    (value = stored number), or QuantizedPages (pagedjax/kernels/quantization.py);
+    block_tables: [S, W] int32; context_lens: [S] int32; query_start_loc: [S + 1] int32. Returns
+    [T, N, H] in q's dtype, rows not owned by a decoding sequence are zero. H and block_kv must be
+    powers of two.
 
     Tuning (static): num_splits, any positive int (default ``default_num_splits``; splits are
     whole block_kv tiles, see ``split_tokens_of``); block_kv; num_warps; num_stages;

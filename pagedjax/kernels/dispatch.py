@@ -39,8 +39,8 @@ def check_pages(k_pages, v_pages) -> None:
     if (not is_quantized(k_pages) and jnp.dtype(k_pages.dtype).itemsize == 1
             and not is_raw_fp8(k_pages)):
         raise ValueError(f"plain {k_pages.dtype} pages have no scale: an int8 cache must be "
-                         "QuantizedPages (per-token scales, pagedjax/kernels/quantization.py); only fp8 "
-                         "pages are taken raw")
+                         "QuantizedPages (per-token scales, pagedjax/kernels/quantization.py); "
+                         "only fp8 pages are taken raw")
     if is_quantized(k_pages):
         want = (*k_pages.shape[:3], 1), "[num_blocks, block_size, K, 1]", jnp.bfloat16
         nb, _, kh, h = k_pages.shape
@@ -96,8 +96,8 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
         (``pagedjax.worker.kv_pool``); same dtype as q on the Pallas backends, or raw fp8 (an fp8 cache:
         float8_e4m3fn / float8_e5m2 values attended as they are, converted in registers; the
         model applies the static scale). Or, for an int8 cache, ``QuantizedPages(data, scale)``
-        (``pagedjax/kernels/quantization.py``): 1-byte values and a bfloat16 scale per token and KV head,
-        dequantized inside the kernels on load (fp8 QuantizedPages are accepted too).
+        (``pagedjax/kernels/quantization.py``): 1-byte values and a bfloat16 scale per token and KV
+        head, dequantized inside the kernels on load (fp8 QuantizedPages are accepted too).
     block_tables: [S, W] int32; entries past a sequence's last block are never read.
     context_lens: [S] int32, tokens in the cache per sequence *including* this step's; the q rows
         of sequence s sit at positions ``context_lens[s] - q_len .. context_lens[s] - 1``.

@@ -4,9 +4,9 @@ One launch that writes K and V rows together instead of the XLA path's two scatt
 (``write_kv_ref``); ``python -m benchmarks kernel`` times both (benchmarks/KERNEL_NOTES.md).
 
 A quantized pool (``QuantizedPages``, int8) is quantized here, per token and KV head, with the
-same float32 arithmetic as ``pagedjax/kernels/quantization.py`` (so in interpret mode the bits equal the
-reference's): each head's row of ``H`` values, its absmax, the bf16 scale, the 1-byte values. Raw
-fp8 pages (the fp8 cache: the model has already divided k and v by their static scale) take the
+same float32 arithmetic as ``pagedjax/kernels/quantization.py`` (so in interpret mode the bits equal
+the reference's): each head's row of ``H`` values, its absmax, the bf16 scale, the 1-byte values.
+Raw fp8 pages (the fp8 cache: the model has already divided k and v by their static scale) take the
 rows through ``saturate``, clipped to +-qmax in float32 and cast, the reference's bits too: a
 plain cast would store NaN (e4m3fn) or inf (e5m2) for an outlier beyond the format's range.
 

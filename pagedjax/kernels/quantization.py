@@ -73,8 +73,8 @@ per channel of the block, over its 16 tokens) and 64 + 2 of V, 146 against bf16'
 holds 3.51x the tokens. A bf16 scale and zero point would give 3.16x.
 
 Measured on SmolLM2-135M, perplexity of alice29.txt's first 4,096 tokens with K (after RoPE) and
-V fake-quantized in every layer of a dense forward (benchmarks/experiments/int4_schemes.py at 99c0d62;
-benchmarks/KERNEL_NOTES.md has every row):
+V fake-quantized in every layer of a dense forward (benchmarks/experiments/int4_schemes.py at
+99c0d62; benchmarks/KERNEL_NOTES.md has every row):
 
 | K (groups of 16 tokens); V | ppl | vs bf16 |
 | --- | --- | --- |

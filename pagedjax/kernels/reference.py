@@ -5,10 +5,10 @@ Layout (owned by ``pagedjax.worker.kv_pool``): one layer's pages are ``k_pages, 
 (``--kv-cache-dtype fp8_e4m3 | fp8_e5m2``) is plain pages in the fp8 dtype holding raw values (the
 model applies the static scale outside the kernels): the write saturates to +-qmax, attention
 upcasts to float32. An int8 cache passes ``QuantizedPages(data, scale)`` in place of each pages
-array (``pagedjax/kernels/quantization.py``): the write quantizes each token's K/V per KV head, attention
-dequantizes in float32. An int4 cache is QuantizedPages of packed codes, V scaled per token, K
-asymmetric per channel within a block: the write re-derives a block's scale and zero point from
-its earlier keys and the step's new ones (``write_int4_keys``).
+array (``pagedjax/kernels/quantization.py``): the write quantizes each token's K/V per KV head,
+attention dequantizes in float32. An int4 cache is QuantizedPages of packed codes, V scaled per
+token, K asymmetric per channel within a block: the write re-derives a block's scale and zero point
+from its earlier keys and the step's new ones (``write_int4_keys``).
 
 A step's batch is packed ragged: sequence ``s`` owns query rows ``q[qsl[s]:qsl[s+1]]`` (1 token when
 decoding, a chunk when prefilling); ``context_lens[s]`` counts its tokens in the cache *including*

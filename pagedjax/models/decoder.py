@@ -9,9 +9,10 @@ Parameters are a plain pytree with Hugging Face names (``params["model"]["layers
 in Hugging Face's ``[out, in]`` orientation. The engine runs q/k/v and gate/up fused instead
 (``self_attn.qkv_proj`` and ``mlp.gate_up_proj``, weights [R, O, D]: pagedjax/models/fused.py); both
 layouts run here. A linear with a ``weight_scale`` beside its weight is fp8 (``--quantization fp8``,
-pagedjax/models/fp8.py) and runs as an FP8 GEMM. The attention call is a seam: ``forward_dense`` runs full causal attention over
-whole sequences (the parity and reference path); ``forward_paged`` hands q/k/v to an attention
-function that writes the new K/V into the paged pool and attends over it (the engine path).
+pagedjax/models/fp8.py) and runs as an FP8 GEMM. The attention call is a seam: ``forward_dense``
+runs full causal attention over whole sequences (the parity and reference path); ``forward_paged``
+hands q/k/v to an attention function that writes the new K/V into the paged pool and attends over it
+(the engine path).
 """
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def apply_rope(x, positions, inv_freq):
 
 
 def _matmul(x, p, spec: str, out_dtype=None):
-    """x [..., D] by a linear's weight: an FP8 GEMM when it is quantised (pagedjax/models/fp8.py)."""
+    """x [..., D] by a linear's weight: an FP8 GEMM when it is quantised
+    (pagedjax/models/fp8.py)."""
     if "weight_scale" in p:
         return fp8.fp8_linear(x, p["weight"], p["weight_scale"], out_dtype)
     return jnp.einsum(spec, x, p["weight"], preferred_element_type=out_dtype)

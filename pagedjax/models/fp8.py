@@ -3,9 +3,9 @@ scale per output channel, activations quantised per token inside the step.
 
 A quantised linear keeps its Hugging Face names: ``weight`` [out, in] float8_e4m3fn and
 ``weight_scale`` [out] float32 (compressed-tensors' and vLLM's name), with
-``w ~= weight * weight_scale[:, None]``. A fused projection (weight [R, O, D], pagedjax/models/fused.py)
-carries [R, O] scales: per-channel scales fuse by the same concatenation as the rows, and shard
-with them under tensor parallelism.
+``w ~= weight * weight_scale[:, None]``. A fused projection (weight [R, O, D],
+pagedjax/models/fused.py) carries [R, O] scales: per-channel scales fuse by the same concatenation
+as the rows, and shard with them under tensor parallelism.
 
 Why this arithmetic: with x ~= s_x[t] * xq[t, :] (a scale per token) and w ~= s_w[o] * wq[o, :],
 ``y[t, o] = s_x[t] * s_w[o] * sum_d xq[t, d] * wq[o, d]``: the scales factor out of the sum, so the
@@ -37,7 +37,8 @@ E4M3_MAX = 448.0  # largest finite float8_e4m3fn; a larger value would convert t
 # The linear layers that run in fp8. The LM head stays in the model's dtype: it is 7% of
 # Qwen2.5-7B's weight bytes and its logits feed sampling directly (vLLM leaves it unquantised
 # too); True quantises an untied lm_head the same way (a tied one is the embedding table).
-# The fused names are the engine's (pagedjax/models/fused.py): q/k/v and gate/up quantise alike either way.
+# The fused names are the engine's (pagedjax/models/fused.py): q/k/v and gate/up quantise alike
+# either way.
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
            "qkv_proj", "gate_up_proj")
 QUANTIZE_LM_HEAD = False
@@ -105,9 +106,9 @@ def dequantize_weight(p) -> jax.Array:
 # inside the matmul) reads the same fp8 bytes with no activation pass and no float32 output
 # pass, and XLA emits no FP8 GEMM that small anyway. Above it the FP8 GEMM's tensor-core rate
 # pays: "w8a8_out" lets its output be the linear's dtype (bf16: half the bytes of the float32
-# [T, O] array the scale multiply reads back). Set from benchmarks/experiments/fp8_gemm.py (at bad3159) on the
-# H100: at 1, 8 and 32 rows XLA's W8A16 fusion beat a Pallas kernel of the same arithmetic
-# (fp8_matmul_gpu.py beside it) on o_proj and gate_up_proj.
+# [T, O] array the scale multiply reads back). Set from benchmarks/experiments/fp8_gemm.py (at
+# bad3159) on the H100: at 1, 8 and 32 rows XLA's W8A16 fusion beat a Pallas kernel of the same
+# arithmetic (fp8_matmul_gpu.py beside it) on o_proj and gate_up_proj.
 SMALL_T_MAX = 64
 SMALL_T_PATH = "w8a16"
 LARGE_T_PATH = "w8a8_out"
@@ -177,8 +178,8 @@ def _linears(params) -> list[dict]:
 def quantize_params(params, *, consume: bool = False):
     """A copy of the tree with every linear quantised (dicts copied, other leaves shared), one
     tensor at a time; ``consume`` deletes each original right after its fp8 copy exists, which
-    keeps the peak near the weights plus one tensor. Fused (pagedjax/models/fused.py) and unfused layouts
-    both work; linears already in fp8 are kept."""
+    keeps the peak near the weights plus one tensor. Fused (pagedjax/models/fused.py) and unfused
+    layouts both work; linears already in fp8 are kept."""
     def copy(node):
         if isinstance(node, dict):
             return {k: copy(v) for k, v in node.items()}

@@ -179,8 +179,9 @@ def load_gguf(path: str | Path, dtype: str,
 
 
 def load_gguf_tokenizer(path: str | Path, reader: GGUFReader | None = None):
-    """The tokenizer stored in the GGUF metadata (built without torch, pagedjax/models/gguf_tokenizer.py);
-    None, with a warning, if the file has none pagedjax can build."""
+    """The tokenizer stored in the GGUF metadata (built without torch,
+    pagedjax/models/gguf_tokenizer.py); None, with a warning, if the file has none pagedjax can
+    build."""
     try:
         return gguf_tokenizer.load_gguf_tokenizer(path, reader or open_gguf(path))
     except ValueError as e:

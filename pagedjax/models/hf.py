@@ -3,8 +3,8 @@
 Tensors are read one at a time with safetensors' Flax backend (bf16 stays bf16; numpy has no
 bf16) and cast to the target dtype on the default device, so peak memory is the params plus one
 tensor. No torch at run time. A hub id is resolved to a local snapshot with huggingface_hub.
-With ``--quantization fp8`` each linear is quantised as it is read (pagedjax/models/fp8.py); a checkpoint
-whose linears are already FP8 is read as it is (pagedjax/models/fp8_checkpoint.py).
+With ``--quantization fp8`` each linear is quantised as it is read (pagedjax/models/fp8.py); a
+checkpoint whose linears are already FP8 is read as it is (pagedjax/models/fp8_checkpoint.py).
 """
 from __future__ import annotations
 
@@ -68,9 +68,10 @@ def load_params(folder: str | Path, cfg: ModelConfig, dtype: str,
                 quantization: str | None = None, stored: str | None = None) -> dict:
     """Read every tensor ``cfg`` needs from the folder's safetensors, cast to ``dtype``.
 
-    ``stored`` "fp8": the checkpoint's linears are already FP8 (pagedjax/models/fp8_checkpoint.py) and are
-    kept so, with their scales as [out] float32. Else ``quantization`` "fp8" quantises each
-    linear as it is read (pagedjax/models/fp8.py), so the full-precision weights never all exist at once.
+    ``stored`` "fp8": the checkpoint's linears are already FP8 (pagedjax/models/fp8_checkpoint.py)
+    and are kept so, with their scales as [out] float32. Else ``quantization`` "fp8" quantises each
+    linear as it is read (pagedjax/models/fp8.py), so the full-precision weights never all exist at
+    once.
     """
     folder = Path(folder)
     files = shard_files(folder)

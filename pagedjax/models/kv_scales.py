@@ -13,15 +13,16 @@ relative precision until values fall below the normal range (2^15 below the larg
 Powers of two make the scaling exact in bf16: with an fp8 cache the model computes the same q.k
 and p.v as without, up to the fp8 rounding of the stored values.
 
-Where they apply (pagedjax/models/decoder.py, ``forward_paged``): q * s_k (each query head by its KV head's
-scale), k / s_k and v / s_v before the KV write, the attention output * s_v. The kernels never see
-a scale: they attend over the stored numbers.
+Where they apply (pagedjax/models/decoder.py, ``forward_paged``): q * s_k (each query head by its KV
+head's scale), k / s_k and v / s_v before the KV write, the attention output * s_v. The kernels
+never see a scale: they attend over the stored numbers.
 
 Measured on SmolLM2-135M (tests/data/paragraph.txt, float32 model, against bf16 KV): the bounds
 sit 5-20x above the largest values the paragraph produces, 0.2-0.4% of the stored values are
 e4m3 subnormals; through the engine's paged path perplexity -0.03%, mean KL 5.0e-3 nats/token (a
-scale per token and KV head: 3.3e-3; pagedjax/kernels/quantization.py has the comparison). In exchange the
-pool holds exactly 2x bf16's tokens and decode reads no scales (benchmarks/KERNEL_NOTES.md).
+scale per token and KV head: 3.3e-3; pagedjax/kernels/quantization.py has the comparison). In
+exchange the pool holds exactly 2x bf16's tokens and decode reads no scales
+(benchmarks/KERNEL_NOTES.md).
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def _row_bounds(proj, gain, d: int) -> jnp.ndarray:
     """Largest |output| per output row of ``proj`` for any RMS-normalised input of width d."""
     w = dequantize_weight(proj) * gain.astype(jnp.float32)[None, :]
     bound = np.sqrt(d) * jnp.linalg.norm(w, axis=1)
-    if "weight_scale" in proj:  # fp8 weights: the step rounds h to e4m3 first (pagedjax/models/fp8.py)
+    # fp8 weights: the step rounds h to e4m3 first (pagedjax/models/fp8.py)
+    if "weight_scale" in proj:
         bound = bound * FP8_INPUT_SLACK
     if "bias" in proj:
         bound = bound + jnp.abs(proj["bias"].astype(jnp.float32))
@@ -55,7 +57,8 @@ def layer_kv_scales(cfg: ModelConfig, layer, qmax: float) -> tuple[jnp.ndarray, 
     """(s_k, s_v), each [K] float32 powers of two, for one decoder layer's parameters."""
     kh, h, d = cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
     gain = layer["input_layernorm"]["weight"]
-    proj = qkv_parts(cfg, layer["self_attn"])  # k/v rows of qkv_proj when fused (pagedjax/models/fused.py)
+    # k/v rows of qkv_proj when fused (pagedjax/models/fused.py)
+    proj = qkv_parts(cfg, layer["self_attn"])
     k = _row_bounds(proj["k_proj"], gain, d).reshape(kh, h)
     k = jnp.sqrt(k[:, : h // 2] ** 2 + k[:, h // 2:] ** 2)  # RoPE pairs (rotate-half layout)
     v = _row_bounds(proj["v_proj"], gain, d).reshape(kh, h)

@@ -35,7 +35,8 @@ class LoadedModel:
     tokenizer: Any  # a transformers tokenizer, or None (dummy weights, folders without one)
     dtype: str  # "float32" | "bfloat16" | "float16"
     source: str = ""  # the file or folder the weights came from
-    quantization: str | None = None  # "fp8": the linears are float8 with scales (pagedjax/models/fp8.py)
+    # "fp8": the linears are float8 with scales (pagedjax/models/fp8.py)
+    quantization: str | None = None
 
 
 def resolve_dtype(dtype: str, platform: str | None = None) -> str:
@@ -69,8 +70,8 @@ def load_model(model: str | Path | None = None, load_format: str = "auto", dtype
     tokenizer: None loads the model's own (none for dummy weights); a string loads that folder or
     hub id with transformers; any other object is used as is.
     seed: only used by dummy weights.
-    quantization: "fp8" quantises the linears to float8 as they are loaded (pagedjax/models/fp8.py); an
-    FP8 checkpoint (pagedjax/models/fp8_checkpoint.py) is fp8 whatever this says.
+    quantization: "fp8" quantises the linears to float8 as they are loaded (pagedjax/models/fp8.py);
+    an FP8 checkpoint (pagedjax/models/fp8_checkpoint.py) is fp8 whatever this says.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is not one of {LOAD_FORMATS}")

@@ -10,12 +10,12 @@ read without a slice copy.
 Quantized cache (``--kv-cache-dtype fp8_e4m3 | fp8_e5m2 | int8``): fp8 pages are plain
 ``[num_blocks, block_size, K, H]`` arrays in the 1-byte dtype, holding ``k / s_k`` and ``v / s_v``
 with static power-of-two scales per layer and KV head that the model applies
-(``pagedjax/models/kv_scales.py``): half of bf16's bytes, exactly 2x the tokens. int8 keeps a scale per
-token and KV head: each of a layer's K and V is a ``QuantizedPages(data, scale)`` pytree, ``data``
-[num_blocks, block_size, K, H] int8 and ``scale`` [num_blocks, block_size, K, 1] bfloat16 (why per
-token for int8: ``pagedjax/kernels/quantization.py``), ``H + 2`` bytes per token and KV head.
-int4 packs two codes a byte, ``data`` [num_blocks, block_size, K, H / 2] uint8; V's scale is per
-token as int8's, K has a float8_e4m3fn scale and zero point per channel within a block,
+(``pagedjax/models/kv_scales.py``): half of bf16's bytes, exactly 2x the tokens. int8 keeps a scale
+per token and KV head: each of a layer's K and V is a ``QuantizedPages(data, scale)`` pytree,
+``data`` [num_blocks, block_size, K, H] int8 and ``scale`` [num_blocks, block_size, K, 1] bfloat16
+(why per token for int8: ``pagedjax/kernels/quantization.py``), ``H + 2`` bytes per token and KV
+head. int4 packs two codes a byte, ``data`` [num_blocks, block_size, K, H / 2] uint8; V's scale is
+per token as int8's, K has a float8_e4m3fn scale and zero point per channel within a block,
 ``[num_blocks, 2, K, H]``: a block of one KV head takes ``block_size * (H + 2) + 2 * H`` bytes of
 K and V (3.51x bf16's tokens at H = 128, block size 16).
 Block moves (copy-on-write, swap) treat the scale as one more page array: same block index,

@@ -3,8 +3,8 @@ ONE rules table from logical axes to mesh axes, and ``shard_map`` only around at
 
 Megatron's layout, written as data: q/k/v and gate/up are split by their output (heads, MLP
 columns), o_proj and down_proj by their input, embedding and LM head by vocabulary rows; norms are
-replicated. q/k/v and gate/up run fused (``qkv_proj``, ``gate_up_proj``: pagedjax/models/fused.py), one
-block of rows per device on a leading axis, which is the axis split. The KV pool is split by KV
+replicated. q/k/v and gate/up run fused (``qkv_proj``, ``gate_up_proj``: pagedjax/models/fused.py),
+one block of rows per device on a leading axis, which is the axis split. The KV pool is split by KV
 head, so each device's attention reads only its own pages.
 jit propagates these shardings through the step and XLA inserts the collectives (an all-reduce
 after o_proj and after down_proj, an all-gather of the logits); nothing here calls one by hand.
@@ -184,8 +184,9 @@ def replicate_kv_heads(cfg: ModelConfig, params, tp: int) -> tuple[ModelConfig, 
     query heads of group j (N/K of them, now split over r devices) each find their own copy.
 
     When it expands, the tree is new down to each layer's ``self_attn``, whose q/k/v are new
-    arrays (k/v expanded, q copied; read from either layout, pagedjax/models/fused.py): fuse_projections
-    may consume them and the caller's own self_attn stays as it was. The mlp dicts are shared."""
+    arrays (k/v expanded, q copied; read from either layout, pagedjax/models/fused.py):
+    fuse_projections may consume them and the caller's own self_attn stays as it was. The mlp dicts
+    are shared."""
     k, h = cfg.num_key_value_heads, cfg.head_dim
     k_new = kv_heads_per_device(cfg, tp) * tp
     if k_new == k:

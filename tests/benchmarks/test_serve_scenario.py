@@ -4,6 +4,7 @@ up: every request succeeded with exactly its tokens, the client's token counts e
 counters, and nothing compiled after the warm-up. Plus the pure parts: arrivals and figures."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -78,6 +79,17 @@ def test_arrivals_are_seeded_poisson():
     gaps = serving_client.arrival_gaps
     assert (gaps(5, 4.0, 1.0, seed=3) == gaps(5, 4.0, 1.0, seed=3)).all()
     assert not gaps(4, math.inf, 1.0, seed=0).any()
+
+
+def test_request_rates_refuse_what_has_no_arrival_process(capsys):
+    assert serving_client.request_rates("4,0.5,inf") == [4.0, 0.5, math.inf]
+    for bad in ("0", "-2", "nan", ",", "4,4"):
+        with pytest.raises(argparse.ArgumentTypeError, match="inf|once"):
+            serving_client.request_rates(bad)
+    # the serve scenario's flag takes the same parser: a zero rate is refused at parse time
+    with pytest.raises(SystemExit):
+        main(["serve", "--tiny", "--request-rate", "8,0"])
+    assert "give requests/s > 0 or inf" in capsys.readouterr().err
 
 
 def test_figures_follow_vllm_definitions():

@@ -1,7 +1,7 @@
-"""The decode kernel's tuning knobs (pagedjax/kernels/decode_attention_gpu.py) against the reference, in
-interpret mode on the CPU: any split count (not only powers of two; some splits empty),
-``kv_heads_per_program`` (2 and 4 adjacent KV heads' query heads in one tile) and the merge's
-``merge_chunk`` (its loop of chunks and its one-shot path), alone and combined, on plain and
+"""The decode kernel's tuning knobs (pagedjax/kernels/decode_attention_gpu.py) against the
+reference, in interpret mode on the CPU: any split count (not only powers of two; some splits
+empty), ``kv_heads_per_program`` (2 and 4 adjacent KV heads' query heads in one tile) and the
+merge's ``merge_chunk`` (its loop of chunks and its one-shot path), alone and combined, on plain and
 quantized pages.
 
 Inputs as in test_paged_attention.py: fresh random draws, pool pages in a random order, table

@@ -1,6 +1,6 @@
-"""int4 KV pages (pagedjax/kernels/quantization.py): packing, the two scale layouts (V per token, K per
-channel within a block), the write's handling of partly filled blocks, and every attention kernel
-(GPU-style and TPU, interpret mode) against the reference on the *same* int4 pages.
+"""int4 KV pages (pagedjax/kernels/quantization.py): packing, the two scale layouts (V per token, K
+per channel within a block), the write's handling of partly filled blocks, and every attention
+kernel (GPU-style and TPU, interpret mode) against the reference on the *same* int4 pages.
 
 Kernel inputs follow test_paged_attention.py: fresh random draws with fixed integer seeds, pool
 pages in a random order, block-table entries past a sequence's blocks far out of range, padded

@@ -8,8 +8,9 @@ a single grid block and lacks ``run_state`` and ``layout_cast``), so:
     permuted block tables and out-of-range entries past the context;
   * the real kernel traces and lowers for CUDA (Pallas -> Mosaic GPU -> NVVM with wgmma and TMA)
     at the Qwen2.5-7B shapes, and rejects arguments it does not take;
-  * the real kernel's numbers were checked on the GPU by benchmarks/experiments/prefill_mgpu_probe.py
-    (at commit 92b5fbb; max error against a float32 reference recorded in prefill_mgpu.json).
+  * the real kernel's numbers were checked on the GPU by
+    benchmarks/experiments/prefill_mgpu_probe.py (at commit 92b5fbb; max error against a float32
+    reference recorded in prefill_mgpu.json).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""FP8 weights (``--quantization fp8``, pagedjax/models/fp8.py): the linear's every path against a numpy
-reference of the same quantisation, the path chosen by the step's rows, the engine's greedy tokens
-against transformers with the same quantisation applied (W8A8 and W8A16), dummy weights, the
+"""FP8 weights (``--quantization fp8``, pagedjax/models/fp8.py): the linear's every path against a
+numpy reference of the same quantisation, the path chosen by the step's rows, the engine's greedy
+tokens against transformers with the same quantisation applied (W8A8 and W8A16), dummy weights, the
 weight-bytes accounting and the flag's validation."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Checkpoints already in FP8 (pagedjax/models/fp8_checkpoint.py), written here with safetensors in the two
-formats: compressed-tensors ``float-quantized`` with per-channel scales and vLLM's ``fp8`` with
-per-tensor scales. Unsupported schemes are refused by name."""
+"""Checkpoints already in FP8 (pagedjax/models/fp8_checkpoint.py), written here with safetensors in
+the two formats: compressed-tensors ``float-quantized`` with per-channel scales and vLLM's ``fp8``
+with per-tensor scales. Unsupported schemes are refused by name."""
 from __future__ import annotations
 
 import json

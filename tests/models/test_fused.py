@@ -1,5 +1,5 @@
-"""Fused q/k/v and gate/up projections (pagedjax/models/fused.py): the layout is the documented one, it
-splits back into the originals exactly, the model computes the same logits with it (dense and
+"""Fused q/k/v and gate/up projections (pagedjax/models/fused.py): the layout is the documented one,
+it splits back into the originals exactly, the model computes the same logits with it (dense and
 paged), the fp8 KV scales do not change, tensor parallelism gives device i block i, and it is what
 the engine runs."""
 from __future__ import annotations

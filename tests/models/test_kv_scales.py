@@ -1,5 +1,6 @@
-"""Static fp8 KV scales (pagedjax/models/kv_scales.py): the bound they come from holds and is reached, they
-are powers of two, and applying them leaves the model's logits unchanged in float32."""
+"""Static fp8 KV scales (pagedjax/models/kv_scales.py): the bound they come from holds and is
+reached, they are powers of two, and applying them leaves the model's logits unchanged in
+float32."""
 from __future__ import annotations
 
 import functools

@@ -21,8 +21,6 @@ MARGIN = 512 * MiB
 def test_a_max_model_len_prompt_completes_within_the_planned_memory(tmp_path):
     script = os.path.join(os.path.dirname(__file__), "long_prompt.py")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one CPU device
-    # run by path from elsewhere: the repository root on sys.path would shadow the Hugging Face
-    # ``kernels`` package (transformers imports it) with ours
     proc = subprocess.run([sys.executable, script], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
