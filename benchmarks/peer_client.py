@@ -119,14 +119,14 @@ def run(folder: Path, url: str, model: str, tokenizer: str, *, api_key: str | No
         if api_key:
             env["OPENAI_API_KEY"] = api_key  # the client's Authorization header
         logger.info("vLLM's client: %s", " ".join(argv[1:]))
+        out = {"client": describe(folder), "shims": shims,
+               "command": " ".join(["python", "benchmark_serving.py", *argv[2:]])}
         try:
             proc = subprocess.run(argv, env=env, cwd=tmp, timeout=timeout, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         except subprocess.TimeoutExpired:
-            return {"error": f"vLLM's client ran past {timeout:.0f} s"}
+            return out | {"error": f"vLLM's client ran past {timeout:.0f} s"}
         print(proc.stdout[-4000:])  # its own table
-        out = {"client": describe(folder), "shims": shims,
-               "command": " ".join(["python", "benchmark_serving.py", *argv[2:]])}
         if proc.returncode != 0 or not result.exists():
             return out | {"error": f"exit {proc.returncode}: {proc.stdout[-2000:]}"}
         return out | figures(json.loads(result.read_text()), workload["num_prompts"],

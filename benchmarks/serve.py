@@ -181,14 +181,16 @@ def run(args) -> dict:
         n_warm = min(args.num_prompts, 2 * (args.max_concurrency or 32))
     tag = f"-{args.tag}" if args.tag else ""
     peer_dir = peer_client.client_dir(args.peer_client_dir)
+    if peer_dir and args.base_url and not args.tokenizer:  # a started server gets one here
+        raise ValueError("vLLM's client builds its prompts with the server's tokenizer: "
+                         "give --tokenizer DIR with --base-url and --peer-client-dir")
+    if not args.burstiness > 0:
+        raise ValueError(f"--burstiness {args.burstiness} must be > 0 (1: Poisson arrivals)")
     offline = _offline_tpot(args.compare_latency, args) if args.compare_latency else None
     rows, runs, panels = [], [], []
     with contextlib.ExitStack() as stack:
         url = args.base_url or stack.enter_context(started_server(args, vocab, server_env))
         card = _model_card(url, args)
-        if peer_dir and not args.tokenizer:
-            raise ValueError("vLLM's client builds its prompts with the server's tokenizer: "
-                             "give --tokenizer DIR with --base-url and --peer-client-dir")
         prompts = harness.random_prompts([args.input_len] * args.num_prompts, vocab, args.seed)
         for i, rate in enumerate(args.request_rate):
             row, results, panel = _measure(url, args, card["id"], prompts, vocab, n_warm, i,

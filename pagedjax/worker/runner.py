@@ -283,13 +283,13 @@ class ModelRunner:
             self.pool = self._copy(self.pool, self._to_device(copies))  # dst -1: writes nothing
         jax.block_until_ready(self.pool)
         seconds["copies"] = time.perf_counter() - t
-        logger.info("Warm-up: %d step shapes in %.1f s (slowest %s: %.1f s), %d sampler variants "
-                    "in %.1f s, %d copy programs in %.1f s (contexts up to %d tokens; %d "
-                    "programs compiled) in %.1f s", len(layouts), seconds["steps"], slowest[1],
-                    slowest[0], len(sampled_s) * len(SAMPLE_MODES), seconds["sampler"],
-                    len(self.copy_buckets()), seconds["copies"],
+        logger.info("Warm-up in %.1f s (contexts up to %d tokens; %d programs compiled): %d step "
+                    "shapes in %.1f s (slowest %s: %.1f s), %d sampler variants in %.1f s, %d "
+                    "copy programs in %.1f s", time.perf_counter() - t0,
                     (max_context or self.max_blocks * self.block_size),
-                    self.num_compilations - c0, time.perf_counter() - t0)
+                    self.num_compilations - c0, len(layouts), seconds["steps"], slowest[1],
+                    slowest[0], len(sampled_s) * len(SAMPLE_MODES), seconds["sampler"],
+                    len(self.copy_buckets()), seconds["copies"])
         return seconds
 
     @property
