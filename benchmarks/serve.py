@@ -42,6 +42,14 @@ figures go in that rate's row under ``peer`` and in the summary as ``peer_output
 ``peer_median_tpot_ms``, ``peer_median_ttft_ms`` (``..._c64`` too at ``--max-concurrency 64``;
 ``rate<R>_peer_...`` for the later rates).
 
+A device of known speed: ``--fake-device`` starts ``benchmarks/fake_serve.py`` instead of
+``pagedjax serve``: the same server (engine, scheduler, engine thread, app, SSE, detokeniser) over
+the tiny config with its device step modelled (``modelled_device.py``: max(W, C x tokens) + A x
+rows, the H100's figures for Qwen2.5-7B by default). Each row then gets ``modelled``: the modelled
+decode step at its concurrency (the least its TPOT can be) and the share of the run the modelled
+device was busy; the summary ``tpot_over_modelled_decode`` and the engine thread's split
+(``host_work_pct``, ``device_wait_pct``, ``idle_pct``).
+
 Serving overhead: ``--compare-latency PATH`` (with ``--max-concurrency 1``) reads the latency
 scenario's JSON, run on the same device for the same lengths (``python -m benchmarks latency
 --batch-sizes 1 --input-lens L --output-len O``), and reports ``serving_overhead_pct_c1`` = (this
@@ -53,6 +61,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -62,7 +71,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import harness, peer_client, plots, serve_steps
+from benchmarks import harness, modelled_device, peer_client, plots, serve_steps
 from benchmarks.common import device_name, print_table, results_dir, write_result
 from benchmarks.serving_client import (RequestResult, rate_label, request_rates, run_requests,
                                        scrape, started_server)
@@ -108,6 +117,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a folder with vLLM v0.7.3's benchmarks/benchmark_serving.py, "
                         "backend_request_func.py and benchmark_utils.py: run vLLM's client too "
                         f"(default ${peer_client.ENV}; unset: ours only)")
+    p.add_argument("--fake-device", action="store_true",
+                   help="serve with a modelled device step of known time instead of a model "
+                        "(benchmarks/modelled_device.py; the --fake-* flags set its cost "
+                        "model): measures what the served path's host side adds on any machine. "
+                        "Implies --tiny (the host side needs only the model's shape)")
+    modelled_device.add_arguments(p)
     p.add_argument("--compare-latency", default=None, metavar="PATH",
                    help="the latency scenario's JSON (same device, batch 1, same lengths): "
                         "report serving_overhead_pct_c1 (needs --max-concurrency 1)")
@@ -173,6 +188,14 @@ def run(args) -> dict:
     server_env = dict(os.environ)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+    if args.fake_device:
+        if args.base_url:
+            raise ValueError("--fake-device starts its own server: drop --base-url")
+        if args.model != harness.DEFAULT_MODEL:
+            raise ValueError(f"--fake-device serves the tiny config (its step time is the "
+                             f"--fake-* flags'), not --model {args.model}: drop --model")
+        args.tiny = True
+        modelled_device.StepModel.from_args(args)  # its flags checked before the server starts
     vocab = harness.hf_config_dict(args)["vocab_size"]
     if args.max_model_len is None:
         args.max_model_len = args.input_len + args.output_len
@@ -260,7 +283,21 @@ def _measure(url: str, args, model: str, prompts, vocab: int, n_warm: int, i: in
            "compilations_before_warmup": c0.get("step_compilations"),
            "errors": errors[:5],
            "steps": serve_steps.figures(steps) if args.step_trace else None}
+    if args.fake_device:
+        row["modelled"] = _modelled(args, steps, row["steps"])
     return row, results, serve_steps.panel(steps, rate_label(rate))
+
+
+def _modelled(args, steps: list[dict], figures: dict | None) -> dict:
+    """The modelled device's side of a run: its decode step at this concurrency (the least a
+    TPOT can be) and how busy the traced steps kept it."""
+    model = modelled_device.StepModel.from_args(args)
+    rows = min(args.max_concurrency or args.num_prompts, args.max_num_seqs, args.num_prompts)
+    busy_s = model.trace_seconds(steps)
+    wall_s = figures["wall_s"] if figures else 0.0
+    return {"step_model": dataclasses.asdict(model), "decode_rows": rows,
+            "decode_step_ms": model.seconds(rows, rows) * 1e3, "device_s": busy_s,
+            "device_busy_pct": 100 * busy_s / wall_s if wall_s > 0 else None}
 
 
 def _peer(url: str, args, model: str, folder, i: int, rate: float) -> dict:
@@ -349,8 +386,18 @@ def _summarise(args, url: str, rows: list[dict], runs, n_warm: int, offline: dic
         summary |= {k: first["steps"][k] for k in ("step_gap_ms_mean", "engine_busy_pct",
                                                    "decode_step_ms_p50", "steps_per_s",
                                                    "mixed_step_share")}
+    if "modelled" in first:  # --fake-device: the run against its device's own step time
+        m = first["modelled"]
+        summary |= {"fake_step_model": m["step_model"],
+                    "modelled_decode_step_ms": m["decode_step_ms"],
+                    "modelled_device_busy_pct": m["device_busy_pct"],
+                    "tpot_over_modelled_decode": first["median_tpot_ms"] / m["decode_step_ms"]}
+        if first["steps"] is not None:
+            summary |= {k: first["steps"][k] for k in ("host_work_pct", "device_wait_pct",
+                                                       "idle_pct", "host_ms_mean")}
     figures = {
-        "model": args.model if not args.tiny else "tiny", "server_url": url,
+        "model": args.model if not args.tiny else "tiny", "fake_device": args.fake_device,
+        "server_url": url,
         "server_started_here": args.base_url is None, "num_prompts": args.num_prompts,
         "input_len": args.input_len, "output_len": args.output_len,
         "burstiness": args.burstiness, "num_warmup_prompts": n_warm,

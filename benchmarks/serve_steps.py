@@ -5,7 +5,8 @@ Per run: steps per second, the mean prefill tokens and decode rows of a step, th
 that mix the two, the time inside ``engine.step`` per step kind (decode-only / mixed /
 prefill-only; with async scheduling a step's time is mostly the wait for the batch before it),
 the gaps between steps, and the share of the run's wall time the engine thread spent outside
-``engine.step`` (delivering outputs, taking commands, or idle with nothing to run).
+``engine.step`` (delivering outputs, taking commands, or idle with nothing to run), and its
+split into waiting for the device, host work and idle.
 """
 from __future__ import annotations
 
@@ -64,6 +65,11 @@ def figures(steps: list[dict]) -> dict:
          "idle_pct": 100 * sum(s["idle_ms"] for s in steps[1:]) / 1e3 / wall_s
          if wall_s > 0 else 0.0}
     f["outside_step_pct"] = 100 - f["engine_busy_pct"]
+    # the engine thread's wall time = waiting for the device + host work + idle
+    f["device_wait_pct"] = (100 * sum(s["device_ms"] for s in steps) / 1e3 / wall_s
+                            if wall_s > 0 else 0.0)
+    f["host_work_pct"] = (100 - f["device_wait_pct"] - f["idle_pct"]) if wall_s > 0 else 0.0
+    f["host_ms_mean"] = float(np.mean([s["host_ms"] for s in busy])) if busy else 0.0
     for k in KINDS:
         ms = [s["step_ms"] for s in busy if kind(s) == k]
         f[f"{k}_steps"] = len(ms)

@@ -78,9 +78,14 @@ def started_server(args, vocab_size: int, env: dict):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        argv = [sys.executable, "-m", "pagedjax.entrypoints.cli", "serve", "--host", "127.0.0.1",
-                "--port", str(port), "--served-model-name", "bench", "--uvicorn-log-level",
-                "warning", "--log-stats-interval", "10", "--drain-timeout", "5",
+        entry = ["pagedjax.entrypoints.cli", "serve"]
+        if getattr(args, "fake_device", False):  # the serve scenario's modelled device
+            from benchmarks.modelled_device import StepModel
+
+            entry = ["benchmarks.fake_serve", *StepModel.from_args(args).flags()]
+        argv = [sys.executable, "-m", *entry, "--host", "127.0.0.1", "--port", str(port),
+                "--served-model-name", "bench", "--uvicorn-log-level", "warning",
+                "--log-stats-interval", "10", "--drain-timeout", "5",
                 "--max-waiting-requests", str(max(1024, 2 * args.num_prompts)),
                 *trace, *_engine_flags(args, model), *args.server_arg]
         logger.info("starting: %s", " ".join(argv[1:]))

@@ -131,6 +131,9 @@ def test_step_figures_by_kind():
     assert f["engine_busy_pct"] == pytest.approx(23.0)
     assert f["step_gap_ms_mean"] == 2.0 and f["busy_gap_ms_mean"] == 1.5
     assert f["idle_pct"] == pytest.approx(2.0) and f["deliver_ms_mean"] == 5.2
+    # the engine thread's time: 18 ms waiting for the device, 2 ms idle, the rest host work
+    assert f["device_wait_pct"] == pytest.approx(18.0) and f["host_work_pct"] == pytest.approx(80.0)
+    assert f["host_ms_mean"] == 1.0
 
 
 def test_synthetic_tokenizer_streams_every_token(tmp_path):

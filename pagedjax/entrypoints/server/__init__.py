@@ -85,10 +85,11 @@ def served_name(args: argparse.Namespace) -> str:
     return embedded.GGUF_NAME.split(".")[0]  # "SmolLM2-135M-Instruct"
 
 
-def build_server(args: argparse.Namespace, loaded=None):
+def build_server(args: argparse.Namespace, loaded=None, execute=None):
     """The engine, its thread, the app and a uvicorn server for ``args``; returns
     (uvicorn.Server, AsyncEngine) with the engine thread started. ``loaded`` (tests) skips
-    loading a model."""
+    loading a model; ``execute`` is the engine's fake-device seam (benchmarks/fake_serve.py
+    serves with a modelled device step)."""
     from pagedjax.engine import LLMEngine
 
     from pagedjax.entrypoints.server.app import build_app
@@ -110,7 +111,7 @@ def build_server(args: argparse.Namespace, loaded=None):
         raise ValueError(f"--max-logprobs {args.max_logprobs} must be in [0, {MAX_LOGPROBS}]: "
                          f"the engine step returns the top {MAX_LOGPROBS}")
     check_prefix(args.metrics_prefix)
-    engine = LLMEngine(EngineArgs.from_namespace(args), loaded=loaded)
+    engine = LLMEngine(EngineArgs.from_namespace(args), loaded=loaded, execute=execute)
     name = served_name(args)
     metrics = EngineMetrics(name, prefix=args.metrics_prefix,
                             max_model_len=engine.config.max_model_len)
