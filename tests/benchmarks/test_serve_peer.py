@@ -96,6 +96,7 @@ def test_peer_summary_keys_at_c64():
     args = Args()
     args.tiny, args.model, args.num_prompts, args.input_len, args.output_len = True, "x", 8, 8, 4
     args.burstiness, args.base_url, args.request_rate = 1.0, None, [float("inf"), 8.0]
+    args.fake_device = False
     summary, _ = serve._summarise(args, "http://127.0.0.1:1", rows, [[], []], 0, None)
     assert summary["peer_output_tok_s_c64"] == 5000.0 and summary["peer_median_tpot_ms_c64"] == 11.0
     assert summary["peer_median_ttft_ms"] == 90.0 and summary["peer_completed"] == 8
