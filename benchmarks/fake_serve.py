@@ -2,7 +2,7 @@
 serve`` with its device step modelled (benchmarks/modelled_device.py). Benchmark-only: the serve
 scenario starts it for ``--fake-device``.
 
-The server is built by ``pagedjax.entrypoints.server.build_server``, so the real engine,
+The server is built and run by ``pagedjax.entrypoints.server.run``, so the real engine,
 scheduler, engine thread, FastAPI app, SSE streaming and detokeniser all run; only the device step
 is replaced, through the engine's fake-device seam. ``--model`` is a config (``--load-format
 dummy``: no weights are made, the host side does not read them) and ``--tokenizer`` is required:
@@ -45,13 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     logger.info("modelled device: a step takes max(%.2f ms, %.2f us x tokens) + %.2f us x rows, "
                 "its dispatch %.2f ms of the engine thread", model.weight_ms, model.token_us,
                 model.row_us, model.dispatch_ms)
-    srv, aengine = server.build_server(args, loaded=loaded, execute=device)
-    logger.info("serving %s on http://%s:%d with a modelled device",
-                srv.config.app.state.serving.model_name, args.host, args.port)
-    try:
-        srv.run()
-    finally:
-        aengine.shutdown()
+    server.run(args, loaded=loaded, execute=device)
 
 
 def _shape_only(args):

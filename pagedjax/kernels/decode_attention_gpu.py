@@ -30,9 +30,9 @@ bytes are gathered (a quarter of bf16's) and unpacked in registers into the low 
 the head dim (a mask and a shift, ``load_int4``); K's halves are dequantized with their block's
 channel scale and zero point (nibble * scale + zero: two fp8 rows per page, gathered per token of
 the tile: the tile's 16-token pages share their cache lines) and V's per-token scales go on the
-probabilities, as int8's. Scores are two
-matmuls over the halves (q's low half against the low nibbles), the output two accumulators of
-H / 2 columns each: no dequantized tile in memory, no interleave of columns.
+probabilities, as int8's. Scores are two matmuls over the halves (q's low half against the low
+nibbles), the output two accumulators of H / 2 columns each: no dequantized tile in memory, no
+interleave of columns.
 
 Why Triton and not Mosaic GPU: the Triton lowering runs in CPU interpret mode with real grids (the
 tests run this very kernel), and decode is a bandwidth problem that Triton's pipelined gathers

@@ -133,8 +133,9 @@ def build_server(args: argparse.Namespace, loaded=None, execute=None):
     return DrainingServer(config, aengine, args.drain_timeout), aengine
 
 
-def run(args: argparse.Namespace) -> None:
-    server, aengine = build_server(args)
+def run(args: argparse.Namespace, loaded=None, execute=None) -> None:
+    """Build the server (``build_server``'s arguments) and serve until it stops."""
+    server, aengine = build_server(args, loaded=loaded, execute=execute)
     logger.info("serving %s on http://%s:%d (OpenAI API under /v1)",
                 server.config.app.state.serving.model_name, args.host, args.port)
     try:
