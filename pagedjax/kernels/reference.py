@@ -58,6 +58,15 @@ def write_kv_ref(k_pages, v_pages, k_new, v_new, slot_mapping, num_seqs: int | N
     return write(k_pages, k_new), write(v_pages, v_new)
 
 
+def touched_blocks(num_rows: int, block_size: int, num_seqs: int | None) -> int:
+    """The most blocks ``num_rows`` written rows can touch when at most ``num_seqs`` sequences own
+    them, each in consecutive positions: a sequence's n rows touch at most ceil(n / block_size)
+    + 1 blocks (None: one block a row)."""
+    if num_seqs is None:
+        return num_rows
+    return min(num_rows, -(-num_rows // block_size) + 2 * num_seqs)
+
+
 def write_int4_keys(pages: QuantizedPages, new, slot_mapping,
                     num_seqs: int | None = None) -> QuantizedPages:
     """Write rows into int4 key pages (a scale and zero point per channel within a block).
@@ -71,15 +80,14 @@ def write_int4_keys(pages: QuantizedPages, new, slot_mapping,
     the new rows fit its current range [zero, zero + 15 scale], its parameters become
     ``key_params`` of the min and max over the earlier keys (dequantized) and the new rows, and
     the earlier codes are re-rounded to them, once; then the new rows are quantized. Slots past
-    the written ones are zeroed. One gather and one scatter of the touched blocks, compacted: a
-    sequence's n consecutive rows touch at most ceil(n / bs) + 1 blocks, so a step touches at
-    most U = ceil(T / bs) + 2 num_seqs (and at most T); each block is dequantized once, as
+    the written ones are zeroed. One gather and one scatter of the touched blocks, compacted to
+    U = ``touched_blocks(T, bs, num_seqs)``; each block is dequantized once, as
     [U, bs, K, H], not once per row (a 2,048-token prefill chunk would hold [2048, bs, K, H]
     float32 keys: ~0.5 GiB a layer for Llama-2-7B).
     """
     nb, bs, kh, h = pages.shape
     t = new.shape[0]
-    u = t if num_seqs is None else min(t, -(-t // bs) + 2 * num_seqs)
+    u = touched_blocks(t, bs, num_seqs)
     live = slot_mapping >= 0
     blk = jnp.where(live, slot_mapping // bs, nb)  # nb: padding, dropped by the scatters
     off = jnp.where(live, slot_mapping % bs, 0)

@@ -124,8 +124,7 @@ def profile_peak_bytes_estimate(cfg: ModelConfig, max_num_batched_tokens: int, d
     largest_matrix = max(cfg.vocab_size * d, d * 2 * f, d * (n + 2 * k) * h) * dtype_bytes(dtype)
     int4_write = 0
     if kv_dtype == "int4":
-        touched = min(t, -(-t // block_size) + 2 * s)
-        int4_write = 4 * touched * block_size * k * h * 4
+        int4_write = 4 * reference.touched_blocks(t, block_size, s) * block_size * k * h * 4
     return (layer + SAMPLER_ROW_ARRAYS * s * cfg.vocab_size * 4 + XLA_WORKSPACE_BYTES
             + reference.SCRATCH_BYTES + largest_matrix + int4_write)
 
