@@ -69,7 +69,7 @@ def client_dir(given: str | None) -> Path | None:
     if missing:
         raise ValueError(f"--peer-client-dir / ${ENV} {path} lacks {', '.join(missing)}: put "
                          "vLLM v0.7.3's benchmarks/ files there (" + ", ".join(FILES) + ")")
-    return Path(path)
+    return Path(path).resolve()  # the client runs in a scratch folder: a relative path breaks
 
 
 def write_shims(folder: Path) -> list[str]:

@@ -367,10 +367,13 @@ def _summarise(args, url: str, rows: list[dict], runs, n_warm: int, offline: dic
                 "server_compilations_at_start": first["compilations_before_warmup"]}
     for r in rows[1:]:
         summary |= {f"rate{r['request_rate']}_{k}": r[k] for k in HEADLINE}
-    if "peer" in first:  # vLLM's client (null figures where it failed)
+    if "peer" in first:  # vLLM's client: null figures where it failed or lost requests
         for i, r in enumerate(rows):
             prefix = "" if i == 0 else f"rate{r['request_rate']}_"
-            summary |= {f"{prefix}peer_{k}": r["peer"].get(v) for k, v in PEER_KEYS.items()}
+            whole = not r["peer"].get("failed")
+            summary |= {f"{prefix}peer_{k}": r["peer"].get(v) if whole else None
+                        for k, v in PEER_KEYS.items()}
+            summary[f"{prefix}peer_failed"] = r["peer"].get("failed")
         summary["peer_completed"] = first["peer"].get("completed")
         if args.max_concurrency == 64:  # issue 25's acceptance keys
             summary |= {f"peer_{k}_c64": summary[f"peer_{k}"]

@@ -90,18 +90,24 @@ def test_peer_summary_keys_at_c64():
                    "steps": None, "peer": {"completed": 8, "output_throughput": 5000.0,
                                            "median_tpot_ms": 11.0, "median_ttft_ms": 90.0}},
             row | {"request_rate": "8", "compilations": 0, "compilations_before_warmup": 0,
-                   "steps": None, "peer": {"error": "exit 1: boom"}}]
+                   "steps": None, "peer": {"error": "exit 1: boom"}},
+            row | {"request_rate": "16", "compilations": 0, "compilations_before_warmup": 0,
+                   "steps": None, "peer": {"completed": 5, "failed": 3,
+                                           "output_throughput": 9000.0}}]
     for r in rows:
         r |= {c: r.get(c) for c in serve.COLUMNS}
     args = Args()
     args.tiny, args.model, args.num_prompts, args.input_len, args.output_len = True, "x", 8, 8, 4
-    args.burstiness, args.base_url, args.request_rate = 1.0, None, [float("inf"), 8.0]
+    args.burstiness, args.base_url, args.request_rate = 1.0, None, [float("inf"), 8.0, 16.0]
     args.fake_device = False
-    summary, _ = serve._summarise(args, "http://127.0.0.1:1", rows, [[], []], 0, None)
+    summary, _ = serve._summarise(args, "http://127.0.0.1:1", rows, [[], [], []], 0, None)
     assert summary["peer_output_tok_s_c64"] == 5000.0 and summary["peer_median_tpot_ms_c64"] == 11.0
     assert summary["peer_median_ttft_ms"] == 90.0 and summary["peer_completed"] == 8
     # a failed peer run leaves its keys null, never drops ours
     assert summary["rate8_peer_output_tok_s"] is None and summary["rate8_output_throughput"] == 1.0
+    # a peer run that lost requests (e.g. 503s) gives no figures, and says how many it lost
+    assert summary["rate16_peer_output_tok_s"] is None and summary["rate16_peer_failed"] == 3
+    assert summary["peer_failed"] is None
     assert "serving_overhead_pct_c1" not in summary
 
 
@@ -130,6 +136,10 @@ def test_peer_client_dir_and_shims(tmp_path, monkeypatch):
     monkeypatch.setenv(peer_client.ENV, str(tmp_path))
     with pytest.raises(ValueError, match="lacks"):
         peer_client.client_dir(None)
+    for name in peer_client.FILES:  # a relative folder comes back absolute (the client runs
+        (tmp_path / name).write_text("")  # in a scratch folder)
+    monkeypatch.chdir(tmp_path.parent)
+    assert peer_client.client_dir(tmp_path.name) == tmp_path.resolve()
     # the stand-ins import, and using one says which package is missing
     monkeypatch.setattr(peer_client.importlib.util, "find_spec", lambda name: None)
     shims = tmp_path / "shims"

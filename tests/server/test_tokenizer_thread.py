@@ -96,3 +96,17 @@ def test_prompts_past_the_tokenizer_queue_get_503(server, gate, monkeypatch):
         assert [f.result(timeout=60).status_code for f in queued] == [200, 200]
     wait_for(lambda: tokens._queued == 0, "the queue to empty")
     assert post(server.url, "/v1/completions", body).status_code == 200
+
+
+def test_a_burst_of_64_text_prompts_waits_for_the_tokenizer(server, gate):
+    """vLLM's benchmark client at --max-concurrency 64 sends 64 text prompts at once: by default
+    they all queue for the tokenizer (its bound is --max-waiting-requests), none gets 503."""
+    tokens = server.app.state.serving.tokens
+    assert tokens.max_queued == server.app.state.serving.max_waiting_requests
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 1}
+    with cf.ThreadPoolExecutor(64) as pool:
+        burst = [pool.submit(post, server.url, "/v1/completions", body) for _ in range(64)]
+        wait_for(lambda: tokens._queued == 64, "64 prompts queued")
+        gate.open.set()
+        codes = [f.result(timeout=120).status_code for f in burst]
+    assert codes == [200] * 64, codes

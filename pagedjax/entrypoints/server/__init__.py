@@ -36,8 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="the model name clients send (default: --model, or the model's name)")
     g.add_argument("--max-request-bytes", type=int, default=1 << 20,
                    help="largest request body accepted; larger ones get 413 (default 1 MiB)")
-    g.add_argument("--max-tokenizer-queue", type=int, default=32,
-                   help="prompts that may wait for the tokenizer thread; more get 503 (default 32)")
+    g.add_argument("--max-tokenizer-queue", type=int, default=None,
+                   help="prompts that may wait for the tokenizer thread; more get 503 (default: "
+                        "--max-waiting-requests, so a burst of clients waits for the tokenizer "
+                        "rather than being refused while the scheduler has room)")
     g.add_argument("--parse-special-tokens-in-chat", action="store_true",
                    help="parse special-token text in chat message content as control tokens. "
                         "RISK: any client can then forge a system turn; by default it is text")

@@ -135,7 +135,7 @@ def build_app(aengine: AsyncEngine, served_model_name: str, api_key: str | None 
               max_request_bytes: int = MiB, max_waiting_requests: int = 1024,
               max_logprobs: int = 20, max_n: int | None = None,
               root: str | None = None, body_timeout: float = 30.0,
-              max_tokenizer_queue: int = 32,
+              max_tokenizer_queue: int | None = None,
               parse_special_tokens_in_chat: bool = False) -> FastAPI:
     serving = OpenAIServing(aengine, served_model_name, max_waiting_requests=max_waiting_requests,
                             max_logprobs=max_logprobs, max_n=max_n,

@@ -32,7 +32,7 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 class OpenAIServing:
     def __init__(self, aengine: AsyncEngine, served_model_name: str, *,
                  max_waiting_requests: int = 1024, max_logprobs: int = 20,
-                 max_n: int | None = None, max_tokenizer_queue: int = 32,
+                 max_n: int | None = None, max_tokenizer_queue: int | None = None,
                  parse_special_tokens_in_chat: bool = False):
         self.aengine = aengine
         self.engine = aengine.engine  # read-only use: config and the pure validate_prompt
@@ -41,8 +41,10 @@ class OpenAIServing:
         self.max_waiting_requests = max_waiting_requests
         self.max_logprobs = max_logprobs
         self.max_n = max_n or self.engine.args.max_num_seqs
-        # every tokenizer call of the handlers runs on this thread, off the event loop
-        self.tokens = TokenizerThread(self.engine.tokenizer, max_tokenizer_queue)
+        # every tokenizer call of the handlers runs on this thread, off the event loop; by default
+        # as many prompts may wait for it as for the scheduler
+        self.tokens = TokenizerThread(self.engine.tokenizer,
+                                      max_tokenizer_queue or max_waiting_requests)
         self.tokenizer = self.tokens.tokenizer
         self.parse_special_tokens_in_chat = parse_special_tokens_in_chat
 
