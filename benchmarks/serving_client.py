@@ -62,7 +62,10 @@ def _engine_flags(args, model: str) -> list[str]:
 @contextlib.contextmanager
 def started_server(args, vocab_size: int, env: dict):
     """``pagedjax serve`` in a child process on a free 127.0.0.1 port; yields its URL, and stops it
-    (SIGTERM, then kill) on the way out."""
+    (SIGTERM, then kill) on the way out. A synthetic tokenizer made for it lives as long as it:
+    a second server started with the same ``args`` (the startup scenario's warm start) makes its
+    own."""
+    given_tokenizer = args.tokenizer
     with tempfile.TemporaryDirectory(prefix="pagedjax-serve-") as tmp:
         model = args.model
         if args.tiny:
@@ -97,6 +100,7 @@ def started_server(args, vocab_size: int, env: dict):
             _wait_healthy(url, proc, args.server_timeout)
             yield url
         finally:
+            args.tokenizer = given_tokenizer
             signal.signal(signal.SIGTERM, previous)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

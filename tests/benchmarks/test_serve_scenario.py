@@ -144,3 +144,29 @@ def test_synthetic_tokenizer_streams_every_token(tmp_path):
     assert len(tok) == 512
     assert tok.decode([5, 511]) == "w5 w511"
     assert all(tok.decode([i]) for i in np.random.default_rng(0).integers(0, 512, 20).tolist())
+
+
+def test_each_started_server_has_its_own_synthetic_tokenizer(monkeypatch):
+    """The startup scenario starts two servers from one ``args``: the second must not be given
+    the first one's tokenizer folder, which is deleted with the first server."""
+    seen = []
+
+    class Proc:
+        def __init__(self, argv, env):
+            folder = argv[argv.index("--tokenizer") + 1]
+            seen.append((folder, (serving_client.Path(folder) / "tokenizer.json").is_file()))
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(serving_client.subprocess, "Popen", Proc)
+    monkeypatch.setattr(serving_client, "_wait_healthy", lambda url, proc, timeout: None)
+    args = argparse.Namespace(model="Qwen2.5-7B-Instruct", tiny=True, tokenizer=None,
+                              num_prompts=1, server_timeout=1, server_arg=[])
+    monkeypatch.setattr(serving_client, "_engine_flags", lambda args, model: [
+        "--tokenizer", args.tokenizer])
+    for _ in range(2):
+        with serving_client.started_server(args, 64, {}):
+            pass
+        assert args.tokenizer is None
+    assert [ok for _, ok in seen] == [True, True] and seen[0][0] != seen[1][0]
