@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
         module.add_arguments(p)
     args = parser.parse_args(argv)
     set_argv(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, datefmt="%m-%d %H:%M:%S",
+                        format="%(levelname)s %(asctime)s.%(msecs)03d %(name)s: %(message)s")
     if hasattr(args, "gpu_memory_utilization"):  # the scenario starts engines on this device
         from pagedjax.worker.device_memory import configure_allocator
 

@@ -23,7 +23,9 @@ RUNS_ENGINE = ("generate", "serve")  # commands that size a KV pool on this devi
 
 
 def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # timestamped, as vLLM's: a server's log says when each start-up phase and request happened
+    logging.basicConfig(level=logging.WARNING, datefmt="%m-%d %H:%M:%S",
+                        format="%(levelname)s %(asctime)s.%(msecs)03d %(name)s: %(message)s")
     logging.getLogger("pagedjax").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
