@@ -15,12 +15,14 @@ logger = logging.getLogger(__name__)
 
 RESULTS = Path(__file__).parent / "results"
 _argv: list[str] | None = None  # the scenario's arguments when main() was given them (tests)
+_prog = "python -m benchmarks"
 
 
-def set_argv(argv: list[str]) -> None:
-    """Record the arguments ``python -m benchmarks`` ran with, for the results' "command"."""
-    global _argv
-    _argv = list(argv)
+def set_argv(argv: list[str], prog: str = "python -m benchmarks") -> None:
+    """Record the arguments ``prog`` ran with, for the results' "command" (an experiment runs
+    as its own module, not as a scenario of ``python -m benchmarks``)."""
+    global _argv, _prog
+    _argv, _prog = list(argv), prog
 
 
 def _version(mod: str) -> str | None:
@@ -56,7 +58,7 @@ def environment() -> dict:
         "versions": {m: _version(m) for m in ("jax", "jaxlib", "flax", "torch", "transformers")},
         "python": platform.python_version(),
         "git_commit": commit,
-        "command": " ".join(["python -m benchmarks"] + (sys.argv[1:] if _argv is None else _argv)),
+        "command": " ".join([_prog] + (sys.argv[1:] if _argv is None else _argv)),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
