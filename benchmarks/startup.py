@@ -5,13 +5,14 @@ Two starts of the same server with one fresh persistent compilation cache direct
 stores it, the warm start (a restart, a deploy) loads them. Each start is timed from the process
 launch to its first ``/health`` 200, then one short request measures the time to its first token
 and the ``step_compilations`` counter says whether anything compiled after start-up (the target
-is none). Each start also reads the server's ``startup_phase_seconds`` (load, prepare weights, size
-pool, host memory, allocate pool, precompile): ``engine_s`` is their sum, and the rest of
-``to_health_s`` is the process's own start and the HTTP server's. Summary: ``cold_s``,
-``warm_s``, ``cold_ttft_s``, ``warm_ttft_s``, ``compilations_after_warmup``,
+is none). Each start also reads the server's ``startup_phase_seconds`` (device init, load,
+prepare weights, size pool, host memory, allocate pool, precompile): ``engine_s`` is their sum,
+and the rest of ``to_health_s`` is the process's own start and the HTTP server's. Summary:
+``cold_s``, ``warm_s``, ``cold_ttft_s``, ``warm_ttft_s``, ``compilations_after_warmup``,
 ``{cold,warm}_<phase>_s``, and the precompile phase split by kind of program
 (``{cold,warm}_precompile_{steps,sampler,copies}_s``: compiling, or loading from the cache, and
-one run of each).
+one run of each; the sampler and copy programs compile alongside the steps, so the three
+overlap: see ``ModelRunner.warmup``).
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def _phases(url: str) -> tuple[dict[str, float], dict[str, float]]:
     """The server's start-up phases in seconds ({"load": ..., "precompile": ...}), from
     ``pagedjax:startup_phase_seconds``, and the precompile phase by kind of program ({"steps",
     "sampler", "copies"}: ``pagedjax:precompile_seconds``); the rest of ``to_health_s`` is the
-    process's own start (imports, JAX's backend) and the HTTP server's."""
+    process's own start (imports, argument parsing) and the HTTP server's."""
     import httpx
 
     phases, parts = {}, {}

@@ -49,14 +49,16 @@ class LLMEngine:
         would (a ``StepResult``-shaped object with ``to_host``), so the host side runs as it
         does for real (benchmarks/host_overhead.py, tests/reliability/fake_device.py)."""
         self.args = args
+        # seconds of each start-up phase, in order (logged once built; a server's /metrics)
+        self.startup_s: dict[str, float] = {}
+        lap = _Lap(self.startup_s)
         device_memory.configure_allocator(args.gpu_memory_utilization)  # before JAX starts
         self.compilation_cache = compile_cache.setup(args.compilation_cache,
                                                      args.compilation_cache_dir)
         owned = loaded is None  # the engine loads the weights itself: it may consume them
-        # seconds of each start-up phase, in order (logged once built; a server's /metrics)
-        self.startup_s: dict[str, float] = {}
-        lap = _Lap(self.startup_s)
-        if owned:
+        if owned:  # (a model handed in has brought the backend up already)
+            _bring_up_device()
+            lap("device init")
             from pagedjax.models.loader import load_model
 
             loaded = load_model(args.model, load_format=args.load_format, dtype=args.dtype,
@@ -375,6 +377,14 @@ class LLMEngine:
             kv_offload_hits=host.hits if host is not None else 0,
             **{f"kv_offload_{d}_{what}": getattr(moved, what)[d] for d in ("store", "load")
                for what in ("blocks", "payload_bytes", "seconds")})
+
+
+def _bring_up_device() -> None:
+    """JAX's backend up: the device client (on a GPU: its context and the allocator's pool) and
+    the compiler, with one tiny program; timed on its own, not inside the first phase that
+    touches the device."""
+    jax.devices()
+    jax.block_until_ready(jax.numpy.zeros(()) + 1)
 
 
 class _Lap:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import jax
@@ -245,51 +247,77 @@ class ModelRunner:
         """Every copy-program size C: 4, 8, ... up to ``max_copies`` (a power of two)."""
         return _doublings(4, self.max_copies)
 
-    def warmup(self, max_context: int | None = None) -> dict[str, float]:
-        """Compile every bucket by running all-padding steps (they write nothing), the sampler in
-        every mode for every S (on the step's own logits: same sharding and committedness as a
-        real step's), and the copy program for every copy bucket, with arguments made exactly
-        as ``execute`` makes them. Logs what it compiled; returns the seconds each kind of
-        program took ({"steps", "sampler", "copies"}: tracing, compiling or loading from the
-        persistent cache, and one run)."""
+    def warmup(self, max_context: int | None = None, workers: int | None = None
+               ) -> dict[str, float]:
+        """Compile every program a step can run, before the first request: each bucket (an
+        all-padding step writes nothing), the sampler in every mode for every S, and the copy
+        program for every copy bucket, with arguments made as ``execute`` makes them.
+
+        Steps compile one at a time on this thread: their GEMM autotuning shares the device's
+        free memory (concurrent ones ran out of it). Meanwhile ``workers`` threads (default
+        min(8, CPUs); XLA compiles without the GIL) compile the sampler and copy programs ahead
+        of time, from shapes only: the sampler's from the first step of its S (logits sharded
+        and committed as a real step's), the copies' from the pool's. Nothing runs there, so
+        they need no device memory beyond the compiler's and their order against the steps'
+        does not matter. Each then runs once here, after the steps, from the executable
+        compiled for it (a jit call finds it), which enters it in jit's dispatch cache.
+
+        Logs what it compiled; returns seconds by kind: "steps", their time on this thread
+        (tracing, compiling or loading from the persistent cache, one run); "sampler" and
+        "copies", wall seconds from their first submission to their last compile's end
+        (overlapping the steps), plus their runs afterwards."""
         c0, t0 = self.num_compilations, time.perf_counter()
         layouts = self.buckets(max_context)
+        workers = workers or min(8, os.cpu_count() or 1)
         seconds, slowest = {"steps": 0.0, "sampler": 0.0, "copies": 0.0}, (0.0, None)
-        sampled_s = set()
-        for layout in layouts:
-            packed = np.zeros(layout.size, dtype=np.int32)
-            for field in ("slot_mapping", "token_src"):
-                at, n, _ = layout.offsets[field]
-                packed[at:at + n] = -1
-            t = time.perf_counter()
-            logits, self.pool = self._step(self.params, self.pool, self._sampled,
-                                           self._to_device(packed), layout=layout)
-            jax.block_until_ready(logits)
-            took = time.perf_counter() - t
-            seconds["steps"] += took
-            slowest = max(slowest, (took, layout), key=lambda x: x[0])
-            modes = SAMPLE_MODES if layout.S not in sampled_s else (SampleMode(),)
-            sampled_s.add(layout.S)
-            sampling = np.zeros((len(SAMPLING_FIELDS), layout.S), np.int32)
-            t = time.perf_counter()
-            for mode in modes:
-                *out, sampled = self._sample(logits, self._to_device(sampling), mode=mode)
-            self._sampled = sampled
-            jax.block_until_ready((out, sampled, self.pool))
-            seconds["sampler"] += time.perf_counter() - t
+        copies = [self._to_device(np.stack([np.zeros(C, np.int32), np.full(C, -1, np.int32)]))
+                  for C in self.copy_buckets()]  # destination -1: a run writes nothing
+        samplers = {}  # S: (logits' shape, sampling parameters)
+        jobs, first = {"sampler": [], "copies": []}, {"copies": time.perf_counter()}
+        executor = ThreadPoolExecutor(workers, thread_name_prefix="pagedjax-warmup")
+        try:
+            pool = jax.tree.map(_shape_of, self.pool)
+            jobs["copies"] = [executor.submit(_compiled_at, self._copy, pool, c) for c in copies]
+            for layout in layouts:
+                packed = np.zeros(layout.size, dtype=np.int32)
+                for field in ("slot_mapping", "token_src"):
+                    at, n, _ = layout.offsets[field]
+                    packed[at:at + n] = -1
+                t = time.perf_counter()
+                logits, self.pool = self._step(self.params, self.pool, self._sampled,
+                                               self._to_device(packed), layout=layout)
+                jax.block_until_ready(logits)
+                took = time.perf_counter() - t
+                seconds["steps"] += took
+                slowest = max(slowest, (took, layout), key=lambda x: x[0])
+                if layout.S not in samplers:
+                    first.setdefault("sampler", time.perf_counter())
+                    samplers[layout.S] = s = (_shape_of(logits), self._to_device(
+                        np.zeros((len(SAMPLING_FIELDS), layout.S), np.int32)))
+                    jobs["sampler"] += [executor.submit(_compiled_at, self._sample, *s, mode=mode)
+                                        for mode in SAMPLE_MODES]
+            for kind, futures in jobs.items():
+                seconds[kind] = max(f.result() for f in futures) - first[kind]
+        finally:
+            executor.shutdown(cancel_futures=True)  # after a failure: start nothing more
         t = time.perf_counter()
-        for C in self.copy_buckets():
-            copies = np.stack([np.zeros(C, np.int32), np.full(C, -1, np.int32)])
-            self.pool = self._copy(self.pool, self._to_device(copies))  # dst -1: writes nothing
+        for shape, sampling in samplers.values():
+            logits = jnp.zeros(shape.shape, shape.dtype, device=shape.sharding)
+            for mode in SAMPLE_MODES:
+                jax.block_until_ready(self._sample(logits, sampling, mode=mode))
+        seconds["sampler"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for c in copies:
+            self.pool = self._copy(self.pool, c)
         jax.block_until_ready(self.pool)
-        seconds["copies"] = time.perf_counter() - t
+        seconds["copies"] += time.perf_counter() - t
         logger.info("Warm-up in %.1f s (contexts up to %d tokens; %d programs compiled): %d step "
-                    "shapes in %.1f s (slowest %s: %.1f s), %d sampler variants in %.1f s, %d "
-                    "copy programs in %.1f s", time.perf_counter() - t0,
-                    (max_context or self.max_blocks * self.block_size),
+                    "shapes in %.1f s (slowest %s: %.1f s); alongside them on %d threads, %d "
+                    "sampler variants in %.1f s and %d copy programs in %.1f s",
+                    time.perf_counter() - t0, (max_context or self.max_blocks * self.block_size),
                     self.num_compilations - c0, len(layouts), seconds["steps"], slowest[1],
-                    slowest[0], len(sampled_s) * len(SAMPLE_MODES), seconds["sampler"],
-                    len(self.copy_buckets()), seconds["copies"])
+                    slowest[0], workers, len(jobs["sampler"]), seconds["sampler"], len(copies),
+                    seconds["copies"])
         return seconds
 
     @property
@@ -390,6 +418,18 @@ def _doublings(lo: int, hi: int) -> list[int]:
 def _copy_step(pool, copies):
     """Copy blocks copies[0, i] -> copies[1, i] in every layer; destination -1 copies nothing."""
     return kv_pool.copy_blocks(pool, copies[0], copies[1])
+
+
+def _shape_of(x: jax.Array) -> jax.ShapeDtypeStruct:
+    """What a jit call keys its program on: shape, dtype and sharding (and, being given one,
+    committed)."""
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+
+def _compiled_at(jitted, *args, **static) -> float:
+    """Compile ``jitted`` for these arguments ahead of time (a warm-up job); returns when done."""
+    jitted.lower(*args, **static).compile()
+    return time.perf_counter()
 
 
 def _committed(tree):

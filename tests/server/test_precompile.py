@@ -82,4 +82,4 @@ def test_startup_phases_are_served(precompiled_server):
              if line.startswith("pagedjax:precompile_seconds{")}
     assert parts == pytest.approx(engine.precompile_parts)
     assert set(parts) == {"steps", "sampler", "copies"} and all(v > 0 for v in parts.values())
-    assert sum(parts.values()) <= served["precompile"]
+    assert max(parts.values()) <= served["precompile"]  # the kinds overlap (runner.warmup)
