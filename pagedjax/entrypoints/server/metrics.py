@@ -122,10 +122,13 @@ class EngineMetrics:
             ("seconds", Counter(f"{prefix}:kv_offload_seconds", "Seconds the host KV tier's "
                                 "transfers took.", ["model_name", "direction"], registry=r)))}
         self.startup = Gauge(f"{prefix}:startup_phase_seconds", "Seconds each start-up phase "
-                             "took (load, size pool, allocate pool, precompile, ...).",
+                             "took (device init, load, size pool, allocate pool, precompile, "
+                             "...).",
                              ["model_name", "phase"], registry=r)
         self.precompile = Gauge(f"{prefix}:precompile_seconds", "Seconds the start-up precompile "
-                                "spent on each kind of program (steps, sampler, copies).",
+                                "spent on each kind of program (steps, sampler, copies); the "
+                                "sampler and copies compile on threads beside the steps, so "
+                                "the kinds overlap.",
                                 ["model_name", "programs"], registry=r)
         success = Counter(f"{prefix}:request_success", "Finished requests by finish reason.",
                           ["model_name", "finished_reason"], registry=r)
