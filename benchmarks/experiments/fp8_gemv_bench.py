@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from benchmarks.latency import copy_bandwidth  # the figure the batch-1 MBU is taken against
 from benchmarks.experiments.fp8_gemv import (BLOCK_D, BLOCK_O, NUM_WARPS, default_split_d,
                                              fp8_gemv)
 from pagedjax.models import fp8
@@ -135,23 +136,6 @@ def device_seconds(fn, x, weights, scales, pred_s: float, tiny: bool, target_s: 
         jax.block_until_ready(loop(carry))
         times.append(time.perf_counter() - t0)
     return float(np.median(times)) / (n * u * r)
-
-
-def copy_bandwidth(tiny: bool, target_s: float) -> float:
-    """Bytes read + written per second by ``x + 1`` over a 1 GiB bf16 buffer, chained n times in
-    one jitted loop; the buffer is donated, so no copy of it runs besides the passes."""
-    x = jnp.zeros((1 << 16,) if tiny else (1 << 29,), jnp.bfloat16)
-    n = 1 if tiny else max(3, int(target_s / (2 * x.nbytes / 3e12)))
-    donate = () if jax.devices()[0].platform == "cpu" else (0,)  # the CPU cannot donate
-    loop = jax.jit(lambda x: jax.lax.fori_loop(0, n, lambda _, x: x + 1, x),
-                   donate_argnums=donate)
-    x = jax.block_until_ready(loop(x))  # compile + warm
-    times = []
-    for _ in range(1 if tiny else 3):
-        t0 = time.perf_counter()
-        x = jax.block_until_ready(loop(x))
-        times.append(time.perf_counter() - t0)
-    return 2 * x.nbytes * n / float(np.median(times))
 
 
 class Runner:
@@ -305,7 +289,7 @@ def run(args: argparse.Namespace) -> dict:
     default = TINY_DEFAULT if tiny else dict(block_o=BLOCK_O, block_d=BLOCK_D, split_d=None,
                                              num_warps=NUM_WARPS)
     grid = TINY_GRID if tiny else GRID
-    runner.copy_bps = copy_bandwidth(tiny, runner.target_s)
+    runner.copy_bps = copy_bandwidth()
     logger.info("copy bandwidth %.0f GB/s", runner.copy_bps / 1e9)
     key = jax.random.key(0)
     cases, skipped = [], {}

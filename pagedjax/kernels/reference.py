@@ -61,7 +61,8 @@ def write_kv_ref(k_pages, v_pages, k_new, v_new, slot_mapping, num_seqs: int | N
 def touched_blocks(num_rows: int, block_size: int, num_seqs: int | None) -> int:
     """The most blocks ``num_rows`` written rows can touch when at most ``num_seqs`` sequences own
     them, each in consecutive positions: a sequence's n rows touch at most ceil(n / block_size)
-    + 1 blocks (None: one block a row)."""
+    + 1 <= n / block_size + 2 blocks, so all rows at most ceil(num_rows / block_size) + 2 num_seqs
+    (None: one block a row)."""
     if num_seqs is None:
         return num_rows
     return min(num_rows, -(-num_rows // block_size) + 2 * num_seqs)
