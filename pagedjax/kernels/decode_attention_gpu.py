@@ -99,23 +99,40 @@ def load_int4(k_ref, v_ref, ks_ref, rows, page, kh, head_dim, live, dtype):
     halves of the head dim. K is dequantized by its block's channel parameters (ks_ref
     [num_blocks * 2, K * H] float8_e4m3fn: rows 2 page and 2 page + 1, the scale and the zero
     point, of each token's ``page`` [n]); V stays bare codes (its per-token scale goes on the
-    probabilities). ``live`` [n] masks the gathers (masked lanes give 0); None: all in range."""
+    probabilities). ``live`` [n] masks the gathers (masked lanes give 0); None: all in range.
+    float16 ``dtype``: the nibbles become floats by bit pattern (``nibbles_f16``) and K's
+    dequantization runs in float16 (fp8 parameters convert to it directly); otherwise in
+    float32, converted to ``dtype`` after."""
     half = head_dim // 2
     hd = jnp.arange(half, dtype=jnp.int32)
     mask = None if live is None else jnp.broadcast_to(live[:, None], (rows.shape[0], half))
+    f16 = jnp.dtype(dtype) == jnp.float16
+    math = jnp.float16 if f16 else jnp.float32
 
     def gather(ref, idx):
         return ref[idx] if mask is None else load_kv(ref, idx, mask)
 
     byte_cols = (kh * half + hd)[None, :]
+    k_codes = gather(k_ref, (rows[:, None], byte_cols))
     k_parts = []
-    for nibbles, c0 in zip(unpack_nibbles(gather(k_ref, (rows[:, None], byte_cols))), (0, half)):
+    for nibbles, c0 in zip(nibbles_f16(k_codes, 0) if f16 else unpack_nibbles(k_codes),
+                           (0, half)):
         scale, zero = (to_compute(gather(ks_ref, (2 * page[:, None] + i,
-                                                  (kh * head_dim + c0 + hd)[None, :])),
-                                  jnp.float32) for i in (0, 1))
-        k_parts.append((nibbles.astype(jnp.float32) * scale + zero).astype(dtype))
-    v_parts = [c.astype(dtype) for c in unpack_int4(gather(v_ref, (rows[:, None], byte_cols)))]
-    return k_parts, v_parts
+                                                  (kh * head_dim + c0 + hd)[None, :])), math)
+                       for i in (0, 1))
+        k_parts.append((nibbles.astype(math) * scale + zero).astype(dtype))
+    v_codes = gather(v_ref, (rows[:, None], byte_cols))
+    v_parts = nibbles_f16(v_codes, 8) if f16 else [c.astype(dtype) for c in unpack_int4(v_codes)]
+    return k_parts, list(v_parts)
+
+
+def nibbles_f16(data, offset: int):
+    """[n, H / 2] uint8 -> (low, high) nibbles minus ``offset`` as float16, with no int-to-float
+    conversion: the bits 0x6400 | nibble are the float16 1024 + nibble (exact, as is the
+    subtraction)."""
+    x = data.astype(jnp.uint16)
+    return tuple(jax.lax.bitcast_convert_type(n | 0x6400, jnp.float16) - (1024 + offset)
+                 for n in (x & 15, x >> 4))
 
 
 def split_refs(refs, quantized: bool):
@@ -127,7 +144,7 @@ def split_refs(refs, quantized: bool):
 def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs, num_rows,
                    num_heads, group, group_pad, head_dim, block_size, block_kv, split_tokens,
                    num_splits, scale_log2, quantized, packed, kv_per_prog, interpret,
-                   sink_tokens, window):
+                   sink_tokens, window, int4_dtype):
     # q_ref [T*N, H]; k_ref, v_ref [num_blocks*block_size, K*H]; bt_ref [S, W]; cl_ref [S];
     # qsl_ref [S+1]; quantized: ks_ref, vs_ref [num_blocks*block_size, K] bf16;
     # packed (int4): k_ref, v_ref [num_blocks*block_size, K*H/2] uint8, ks_ref [num_blocks*2, K*H]
@@ -178,6 +195,8 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
         q_mask = q_mask if own is None else q_mask & own
         q_parts.append(plgpu.load(q_ref.at[q_rows[:, None], c[None, :]], mask=q_mask,
                                   other=0))  # [G_pad, width], zero outside the row's KV head
+    if packed and int4_dtype is not None:  # q, K, V and the probabilities meet in this dtype
+        q_parts = [qp.astype(int4_dtype) for qp in q_parts]
     dt = q_parts[0].dtype
 
     # Splits divide the keys the query sees (with a window: its sinks and its window, no
@@ -329,12 +348,12 @@ def split_tokens_of(max_tokens: int, num_splits: int, block_kv: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "block_kv", "num_warps", "num_stages", "kv_heads_per_program",
-    "merge_chunk", "interpret", "sink_tokens", "window"))
+    "merge_chunk", "interpret", "sink_tokens", "window", "int4_dtype"))
 def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc, *,
                            scale: float, num_splits: int | None = None, block_kv: int | None = None,
                            num_warps: int = 4, num_stages: int = 3, kv_heads_per_program: int = 1,
                            merge_chunk: int = 64, interpret: bool = False, sink_tokens: int = 0,
-                           window: int = 0):
+                           window: int = 0, int4_dtype: str | None = None):
     """Decode attention (every q_len is 0 or 1) over a paged KV cache.
 
     q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H] in q's dtype or raw fp8
@@ -353,6 +372,9 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     slower on the H100: benchmarks/KERNEL_NOTES.md, session 3); merge_chunk, a power of two: the
     merge reads up to that many splits' partials at once (all of them in one round trip when the
     split count, rounded up to a power of two, fits).
+    int4_dtype (static, int4 pages only): the dtype q, the dequantized K/V and the
+    probabilities take for the two matmuls ("float16": the dequantization runs in float16 from
+    the nibbles' bit patterns, ``load_int4``); None: q's dtype.
     sink_tokens, window (static): attend only to the first sink_tokens keys and the last window
     (``reference.visible``; window 0: all). Splits then divide those keys only: the positions
     between are never read, whatever their block-table entries hold.
@@ -388,7 +410,9 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     cp = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     kernel = functools.partial(_decode_kernel, group=group, group_pad=group_pad, block_size=bs,
                                block_kv=block_kv, scale_log2=scale * LOG2E, quantized=quantized,
-                               packed=packed, kv_per_prog=kvp, interpret=interpret, **params)
+                               packed=packed, kv_per_prog=kvp, interpret=interpret,
+                               int4_dtype=None if int4_dtype is None else jnp.dtype(int4_dtype),
+                               **params)
     if num_splits == 1:
         out = pl.pallas_call(kernel, grid=(rows, kh_progs, 1),
                              out_shape=jax.ShapeDtypeStruct((t * n, h), q.dtype),

@@ -263,6 +263,9 @@ CASES = [
     *[pytest.param(*c.values, {}, id=c.id) for c in CASES],
     *[pytest.param(*c.values, {"num_splits": 4, "block_kv": 16}, id=c.id + "-split4")
       for c in CASES[::3]],
+    *[pytest.param(*c.values, {"int4_dtype": "float16"}, id=c.id + "-f16") for c in CASES[::2]],
+    pytest.param(*CASES[0].values, {"int4_dtype": "float16", "num_splits": 4, "block_kv": 16},
+                 id=CASES[0].id + "-f16-split4"),
 ])
 def test_gpu_decode(dtype, n, k, h, bs, tuning):
     args = int4_batch(seed_of("int4", dtype, n, k, h, bs), DECODE, dtype, n, k, h, bs)
