@@ -93,20 +93,21 @@ def load_kv(ref, idx, mask):
     return plgpu.load(ref.at[idx], mask=mask, other=zero)
 
 
-def load_int4(k_ref, v_ref, ks_ref, rows, page, kh, head_dim, live, dtype):
+def load_int4(k_ref, v_ref, ks_ref, rows, page, kh, head_dim, live, dtype, asm: bool = False):
     """K and V of KV head ``kh`` at pool rows ``rows`` [n] of an int4 pool, unpacked in
     registers: ([k_lo, k_hi], [v_lo, v_hi]), each [n, H / 2] in ``dtype``, the low and high
     halves of the head dim. K is dequantized by its block's channel parameters (ks_ref
     [num_blocks * 2, K * H] float8_e4m3fn: rows 2 page and 2 page + 1, the scale and the zero
     point, of each token's ``page`` [n]); V stays bare codes (its per-token scale goes on the
     probabilities). ``live`` [n] masks the gathers (masked lanes give 0); None: all in range.
-    float16 ``dtype``: the nibbles become floats by bit pattern (``nibbles_f16``) and K's
-    dequantization runs in float16 (fp8 parameters convert to it directly); otherwise in
-    float32, converted to ``dtype`` after."""
+    float16 ``dtype``: the nibbles become floats by bit pattern (``nibbles_f16``; ``asm``: in
+    PTX, ``nibbles_f16_asm``, GPU only) and K's dequantization runs in float16 (fp8 parameters
+    convert to it directly); otherwise in float32, converted to ``dtype`` after."""
     half = head_dim // 2
     hd = jnp.arange(half, dtype=jnp.int32)
     mask = None if live is None else jnp.broadcast_to(live[:, None], (rows.shape[0], half))
     f16 = jnp.dtype(dtype) == jnp.float16
+    to_f16 = nibbles_f16_asm if asm else nibbles_f16
     math = jnp.float16 if f16 else jnp.float32
 
     def gather(ref, idx):
@@ -115,14 +116,14 @@ def load_int4(k_ref, v_ref, ks_ref, rows, page, kh, head_dim, live, dtype):
     byte_cols = (kh * half + hd)[None, :]
     k_codes = gather(k_ref, (rows[:, None], byte_cols))
     k_parts = []
-    for nibbles, c0 in zip(nibbles_f16(k_codes, 0) if f16 else unpack_nibbles(k_codes),
+    for nibbles, c0 in zip(to_f16(k_codes, 0) if f16 else unpack_nibbles(k_codes),
                            (0, half)):
         scale, zero = (to_compute(gather(ks_ref, (2 * page[:, None] + i,
                                                   (kh * head_dim + c0 + hd)[None, :])), math)
                        for i in (0, 1))
         k_parts.append((nibbles.astype(math) * scale + zero).astype(dtype))
     v_codes = gather(v_ref, (rows[:, None], byte_cols))
-    v_parts = nibbles_f16(v_codes, 8) if f16 else [c.astype(dtype) for c in unpack_int4(v_codes)]
+    v_parts = to_f16(v_codes, 8) if f16 else [c.astype(dtype) for c in unpack_int4(v_codes)]
     return k_parts, list(v_parts)
 
 
@@ -135,6 +136,33 @@ def nibbles_f16(data, offset: int):
                  for n in (x & 15, x >> 4))
 
 
+def nibbles_f16_asm(data, offset: int):
+    """``nibbles_f16`` in PTX, four bytes a 32-bit register (FasterTransformer's int4 unpack):
+    two byte permutes spread them to 16-bit lanes, a lop3 each makes 0x6400 | nibble of two
+    lanes at once, and a float16x2 subtraction takes 1024 + ``offset`` off both. The same bits
+    as ``nibbles_f16``; GPU only (interpret mode runs that)."""
+    bias = 0x6400 + offset  # 1024 + offset as float16 (offset < 16: exact)
+    asm = f"""{{
+    .reg .b32 t0, t1, b;
+    mov.b32 b, {bias << 16 | bias};
+    prmt.b32 t0, $4, 0, 0x4140;
+    prmt.b32 t1, $4, 0, 0x4342;
+    lop3.b32 $0, t0, 0x000f000f, 0x64006400, 0xea;
+    lop3.b32 $1, t1, 0x000f000f, 0x64006400, 0xea;
+    shr.u32 t0, t0, 4;
+    shr.u32 t1, t1, 4;
+    lop3.b32 $2, t0, 0x000f000f, 0x64006400, 0xea;
+    lop3.b32 $3, t1, 0x000f000f, 0x64006400, 0xea;
+    sub.f16x2 $0, $0, b;
+    sub.f16x2 $1, $1, b;
+    sub.f16x2 $2, $2, b;
+    sub.f16x2 $3, $3, b;
+    }}"""
+    out = jax.ShapeDtypeStruct(data.shape, jnp.float16)
+    return tuple(plgpu.elementwise_inline_asm(asm, args=[data], constraints="=r,=r,=r,=r,r",
+                                              pack=4, result_shape_dtypes=[out, out]))
+
+
 def split_refs(refs, quantized: bool):
     """(ks_ref, vs_ref, rest) from a kernel's trailing refs: the scale refs [num_blocks *
     block_size, K] come first when the pool is quantized."""
@@ -144,7 +172,7 @@ def split_refs(refs, quantized: bool):
 def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs, num_rows,
                    num_heads, group, group_pad, head_dim, block_size, block_kv, split_tokens,
                    num_splits, scale_log2, quantized, packed, kv_per_prog, interpret,
-                   sink_tokens, window, int4_dtype):
+                   sink_tokens, window, int4_dtype, int4_asm):
     # q_ref [T*N, H]; k_ref, v_ref [num_blocks*block_size, K*H]; bt_ref [S, W]; cl_ref [S];
     # qsl_ref [S+1]; quantized: ks_ref, vs_ref [num_blocks*block_size, K] bf16;
     # packed (int4): k_ref, v_ref [num_blocks*block_size, K*H/2] uint8, ks_ref [num_blocks*2, K*H]
@@ -225,7 +253,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
         rows = page * block_size + jax.lax.rem(j, block_size)
         if packed:
             k_parts, v_parts = load_int4(k_ref, v_ref, ks_ref, rows, page, kh0, head_dim,
-                                         valid, dt)
+                                         valid, dt, asm=int4_asm and not interpret)
         else:
             kv_mask = jnp.broadcast_to(valid[:, None], (block_kv, width))
             k = load_kv(k_ref, (rows[:, None], cols), kv_mask)  # [block_kv, width]
@@ -348,12 +376,13 @@ def split_tokens_of(max_tokens: int, num_splits: int, block_kv: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "block_kv", "num_warps", "num_stages", "kv_heads_per_program",
-    "merge_chunk", "interpret", "sink_tokens", "window", "int4_dtype"))
+    "merge_chunk", "interpret", "sink_tokens", "window", "int4_dtype", "int4_asm"))
 def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc, *,
                            scale: float, num_splits: int | None = None, block_kv: int | None = None,
                            num_warps: int = 4, num_stages: int = 3, kv_heads_per_program: int = 1,
                            merge_chunk: int = 64, interpret: bool = False, sink_tokens: int = 0,
-                           window: int = 0, int4_dtype: str | None = None):
+                           window: int = 0, int4_dtype: str | None = None,
+                           int4_asm: bool = True):
     """Decode attention (every q_len is 0 or 1) over a paged KV cache.
 
     q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H] in q's dtype or raw fp8
@@ -374,7 +403,8 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     split count, rounded up to a power of two, fits).
     int4_dtype (static, int4 pages only): the dtype q, the dequantized K/V and the
     probabilities take for the two matmuls ("float16": the dequantization runs in float16 from
-    the nibbles' bit patterns, ``load_int4``); None: q's dtype.
+    the nibbles' bit patterns, ``load_int4``); None: q's dtype. int4_asm (float16 only):
+    unpack those in PTX (``nibbles_f16_asm``; interpret mode runs the jnp form).
     sink_tokens, window (static): attend only to the first sink_tokens keys and the last window
     (``reference.visible``; window 0: all). Splits then divide those keys only: the positions
     between are never read, whatever their block-table entries hold.
@@ -412,6 +442,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
                                block_kv=block_kv, scale_log2=scale * LOG2E, quantized=quantized,
                                packed=packed, kv_per_prog=kvp, interpret=interpret,
                                int4_dtype=None if int4_dtype is None else jnp.dtype(int4_dtype),
+                               int4_asm=bool(int4_asm),
                                **params)
     if num_splits == 1:
         out = pl.pallas_call(kernel, grid=(rows, kh_progs, 1),

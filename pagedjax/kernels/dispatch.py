@@ -10,7 +10,8 @@ from .reference import paged_attention_ref, write_kv_ref
 BACKENDS = ("pallas-gpu", "pallas-tpu", "reference")
 _TUNING = {
     ("pallas-gpu", True): {"num_splits", "block_kv", "num_warps", "num_stages",
-                            "kv_heads_per_program", "merge_chunk", "int4_dtype"},
+                            "kv_heads_per_program", "merge_chunk", "int4_dtype",
+                            "int4_asm"},
     ("pallas-gpu", False): {"block_m", "block_n", "num_warps", "num_stages"},
     ("pallas-tpu", True): {"pages_per_block"},
     ("pallas-tpu", False): {"block_q", "pages_per_block"},
@@ -118,7 +119,7 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     tuning: kernel knobs, all static. pallas-gpu decode: num_splits (positive int), block_kv,
         num_warps, num_stages, kv_heads_per_program (power of two dividing K, default 2 on raw
         fp8 pages when K is even, else 1; see ``paged_decode_attention``), merge_chunk,
-        int4_dtype;
+        int4_dtype, int4_asm;
         pallas-gpu ragged:
         block_m, block_n, num_warps, num_stages;
         pallas-tpu decode: pages_per_block; pallas-tpu ragged: block_q, pages_per_block.
