@@ -256,6 +256,7 @@ CASES = [
     pytest.param("float32", 2, 2, 64, 8, id="f32-gqa1-h64-bs8"),
     pytest.param("bfloat16", 7, 1, 64, 32, id="bf16-gqa7-h64-bs32"),
     pytest.param("float32", 14, 2, 128, 16, id="f32-gqa7-h128-bs16"),
+    pytest.param("float16", 8, 2, 64, 16, id="f16-gqa4-h64-bs16"),  # the float16 unpack
 ]
 
 
