@@ -83,13 +83,15 @@ SWEEP_QUANTIZED = {
                   {"kv_heads_per_program": 2, "num_warps": 8},
                   {"kv_heads_per_program": 4, "block_kv": 32, "num_warps": 8, "num_splits": 4}],
     "tiny": [{"kv_heads_per_program": 2}, {"num_splits": 3, "block_kv": 32}],
-    # int4 (one KV head per program: the packed halves): the tile and pipeline knobs on the
-    # default. K's parameters loaded once per page instead of per token ran 0.80-1.25x bf16
-    # against the default's 1.33x (benchmarks/KERNEL_NOTES.md) and were removed.
-    "int4": [{"int4_dtype": "float16"}, {"int4_dtype": "float16", "int4_asm": False},
+    # int4 (one KV head per program: the packed halves): the float16 path (int4_dtype) with
+    # its PTX (int4_asm "dequant", the default, "unpack") and without, then the tile and
+    # pipeline knobs on it. K's parameters loaded once per page instead of per token ran
+    # 0.80-1.25x bf16 against the default's 1.33x (benchmarks/KERNEL_NOTES.md) and were removed.
+    "int4": [{"int4_dtype": "float16"}, {"int4_dtype": "float16", "int4_asm": "unpack"},
+             {"int4_dtype": "float16", "int4_asm": "none"},
              {"int4_dtype": "float16", "block_kv": 128}, {"int4_dtype": "float16", "num_warps": 8},
              {"int4_dtype": "float16", "num_stages": 4}, {"int4_dtype": "float16", "num_splits": 4},
-             {"int4_dtype": "float16", "int4_asm": False, "block_kv": 128}, {"num_stages": 4}],
+             {"int4_dtype": "float16", "block_kv": 32}],
     "tiny_int4": [{"num_splits": 3, "block_kv": 32}, {"int4_dtype": "float16"}],
 }
 SWEEP_TOL = 1e-2  # bf16 output against the float32 reference: ~2e-3 when right

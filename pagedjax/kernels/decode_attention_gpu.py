@@ -93,21 +93,21 @@ def load_kv(ref, idx, mask):
     return plgpu.load(ref.at[idx], mask=mask, other=zero)
 
 
-def load_int4(k_ref, v_ref, ks_ref, rows, page, kh, head_dim, live, dtype, asm: bool = False):
+def load_int4(k_ref, v_ref, ks_ref, rows, page, kh, head_dim, live, dtype, asm: str = "none"):
     """K and V of KV head ``kh`` at pool rows ``rows`` [n] of an int4 pool, unpacked in
     registers: ([k_lo, k_hi], [v_lo, v_hi]), each [n, H / 2] in ``dtype``, the low and high
     halves of the head dim. K is dequantized by its block's channel parameters (ks_ref
     [num_blocks * 2, K * H] float8_e4m3fn: rows 2 page and 2 page + 1, the scale and the zero
     point, of each token's ``page`` [n]); V stays bare codes (its per-token scale goes on the
     probabilities). ``live`` [n] masks the gathers (masked lanes give 0); None: all in range.
-    float16 ``dtype``: the nibbles become floats by bit pattern (``nibbles_f16``; ``asm``: in
-    PTX, ``nibbles_f16_asm``, GPU only) and K's dequantization runs in float16 (fp8 parameters
-    convert to it directly); otherwise in float32, converted to ``dtype`` after."""
+    float16 ``dtype``: the nibbles become floats by bit pattern (``nibbles_f16``) and K's
+    dequantization runs in float16 (fp8 parameters convert to it directly); ``asm`` (GPU only)
+    "unpack" does the former in PTX, "dequant" K's whole dequantization too
+    (``int4_f16_asm``). Otherwise the dequantization runs in float32, converted to ``dtype``."""
     half = head_dim // 2
     hd = jnp.arange(half, dtype=jnp.int32)
     mask = None if live is None else jnp.broadcast_to(live[:, None], (rows.shape[0], half))
     f16 = jnp.dtype(dtype) == jnp.float16
-    to_f16 = nibbles_f16_asm if asm else nibbles_f16
     math = jnp.float16 if f16 else jnp.float32
 
     def gather(ref, idx):
@@ -115,15 +115,19 @@ def load_int4(k_ref, v_ref, ks_ref, rows, page, kh, head_dim, live, dtype, asm: 
 
     byte_cols = (kh * half + hd)[None, :]
     k_codes = gather(k_ref, (rows[:, None], byte_cols))
-    k_parts = []
-    for nibbles, c0 in zip(to_f16(k_codes, 0) if f16 else unpack_nibbles(k_codes),
-                           (0, half)):
-        scale, zero = (to_compute(gather(ks_ref, (2 * page[:, None] + i,
-                                                  (kh * head_dim + c0 + hd)[None, :])), math)
-                       for i in (0, 1))
-        k_parts.append((nibbles.astype(math) * scale + zero).astype(dtype))
+    params = [[gather(ks_ref, (2 * page[:, None] + i, (kh * head_dim + c0 + hd)[None, :]))
+               for i in (0, 1)] for c0 in (0, half)]  # [[scale, zero] of the low half, high]
     v_codes = gather(v_ref, (rows[:, None], byte_cols))
-    v_parts = to_f16(v_codes, 8) if f16 else [c.astype(dtype) for c in unpack_int4(v_codes)]
+    if f16 and asm != "none":
+        k_parts = int4_f16_asm(k_codes, 0, params if asm == "dequant" else None)
+        if asm != "dequant":
+            k_parts = [n * to_compute(sc, math) + to_compute(z, math)
+                       for n, (sc, z) in zip(k_parts, params)]
+        return list(k_parts), list(int4_f16_asm(v_codes, 8))
+    k_parts = [(n.astype(math) * to_compute(sc, math) + to_compute(z, math)).astype(dtype)
+               for n, (sc, z) in zip(nibbles_f16(k_codes, 0) if f16
+                                     else unpack_nibbles(k_codes), params)]
+    v_parts = nibbles_f16(v_codes, 8) if f16 else [c.astype(dtype) for c in unpack_int4(v_codes)]
     return k_parts, list(v_parts)
 
 
@@ -136,31 +140,49 @@ def nibbles_f16(data, offset: int):
                  for n in (x & 15, x >> 4))
 
 
-def nibbles_f16_asm(data, offset: int):
-    """``nibbles_f16`` in PTX, four bytes a 32-bit register (FasterTransformer's int4 unpack):
-    two byte permutes spread them to 16-bit lanes, a lop3 each makes 0x6400 | nibble of two
-    lanes at once, and a float16x2 subtraction takes 1024 + ``offset`` off both. The same bits
-    as ``nibbles_f16``; GPU only (interpret mode runs that)."""
-    bias = 0x6400 + offset  # 1024 + offset as float16 (offset < 16: exact)
-    asm = f"""{{
-    .reg .b32 t0, t1, b;
-    mov.b32 b, {bias << 16 | bias};
-    prmt.b32 t0, $4, 0, 0x4140;
-    prmt.b32 t1, $4, 0, 0x4342;
-    lop3.b32 $0, t0, 0x000f000f, 0x64006400, 0xea;
-    lop3.b32 $1, t1, 0x000f000f, 0x64006400, 0xea;
-    shr.u32 t0, t0, 4;
-    shr.u32 t1, t1, 4;
-    lop3.b32 $2, t0, 0x000f000f, 0x64006400, 0xea;
-    lop3.b32 $3, t1, 0x000f000f, 0x64006400, 0xea;
-    sub.f16x2 $0, $0, b;
-    sub.f16x2 $1, $1, b;
-    sub.f16x2 $2, $2, b;
-    sub.f16x2 $3, $3, b;
-    }}"""
+def int4_f16_asm(data, offset: int, params=None):
+    """``nibbles_f16`` in PTX, four code bytes a 32-bit register (FasterTransformer's int4
+    unpack): two byte permutes spread them over 16-bit lanes, a lop3 makes 0x6400 | nibble of
+    two lanes at once and a float16x2 subtraction takes 1024 + ``offset`` off both. ``params``
+    [[scale, zero] of the low half, of the high half] (float8_e4m3fn, each like ``data``): also
+    nibble * scale + zero, the fp8 pairs converted to float16x2 and one fma.rn.f16x2 per two
+    values. GPU only (interpret mode cannot run PTX: it runs ``nibbles_f16``; the PTX's CPU check
+    is tests/kernels/test_int4_ptx.py)."""
+    args = [data] + ([] if params is None else
+                     [jax.lax.bitcast_convert_type(x, jnp.uint8) for pair in params for x in pair])
     out = jax.ShapeDtypeStruct(data.shape, jnp.float16)
-    return tuple(plgpu.elementwise_inline_asm(asm, args=[data], constraints="=r,=r,=r,=r,r",
-                                              pack=4, result_shape_dtypes=[out, out]))
+    return tuple(plgpu.elementwise_inline_asm(
+        int4_f16_ptx(offset, params is not None), args=args,
+        constraints="=r,=r,=r,=r," + ",".join("r" * len(args)), pack=4,
+        result_shape_dtypes=[out, out]))
+
+
+def int4_f16_ptx(offset: int, dequant: bool) -> str:
+    """The PTX of ``int4_f16_asm``: $0..$3 the outputs (the low half's values 0-1 and 2-3 of
+    four, then the high half's), $4 four code bytes, $5..$8 (``dequant``) four fp8 scales and
+    zero points of the low half, then the high half's."""
+    bias = 0x6400 + offset  # 1024 + offset as float16 (offset < 16: exact)
+    lines = [".reg .b32 t0, t1, zero, mask, magic, bias, r0, r1, r2, r3, s, z;",
+             ".reg .b16 a, b;",
+             "mov.b32 zero, 0;", "mov.b32 mask, 0x000f000f;", "mov.b32 magic, 0x64006400;",
+             f"mov.b32 bias, {bias << 16 | bias};",
+             "prmt.b32 t0, $4, zero, 0x4140;",  # [b0, 0, b1, 0]
+             "prmt.b32 t1, $4, zero, 0x4342;",  # [b2, 0, b3, 0]
+             "lop3.b32 r0, t0, mask, magic, 0xea;",  # (t & mask) | magic
+             "lop3.b32 r1, t1, mask, magic, 0xea;",
+             "shr.u32 t0, t0, 4;", "shr.u32 t1, t1, 4;",
+             "lop3.b32 r2, t0, mask, magic, 0xea;",
+             "lop3.b32 r3, t1, mask, magic, 0xea;"]
+    lines += [f"sub.f16x2 r{i}, r{i}, bias;" for i in range(4)]
+    if dequant:  # r0, r1: the low half's four values; r2, r3: the high half's
+        for half, (sc, z) in enumerate(((5, 6), (7, 8))):
+            for pair in range(2):
+                r = f"r{2 * half + pair}"
+                lines += [f"mov.b32 {{a, b}}, ${sc};", f"cvt.rn.f16x2.e4m3x2 s, {'ab'[pair]};",
+                          f"mov.b32 {{a, b}}, ${z};", f"cvt.rn.f16x2.e4m3x2 z, {'ab'[pair]};",
+                          f"fma.rn.f16x2 {r}, {r}, s, z;"]
+    lines += [f"mov.b32 ${i}, r{i};" for i in range(4)]
+    return "{\n" + "\n".join(lines) + "\n}"
 
 
 def split_refs(refs, quantized: bool):
@@ -253,7 +275,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
         rows = page * block_size + jax.lax.rem(j, block_size)
         if packed:
             k_parts, v_parts = load_int4(k_ref, v_ref, ks_ref, rows, page, kh0, head_dim,
-                                         valid, dt, asm=int4_asm and not interpret)
+                                         valid, dt, asm="none" if interpret else int4_asm)
         else:
             kv_mask = jnp.broadcast_to(valid[:, None], (block_kv, width))
             k = load_kv(k_ref, (rows[:, None], cols), kv_mask)  # [block_kv, width]
@@ -382,7 +404,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
                            num_warps: int = 4, num_stages: int = 3, kv_heads_per_program: int = 1,
                            merge_chunk: int = 64, interpret: bool = False, sink_tokens: int = 0,
                            window: int = 0, int4_dtype: str | None = None,
-                           int4_asm: bool = True):
+                           int4_asm: str = "dequant"):
     """Decode attention (every q_len is 0 or 1) over a paged KV cache.
 
     q: [T, N, H]; k_pages, v_pages: [num_blocks, block_size, K, H] in q's dtype or raw fp8
@@ -403,8 +425,9 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     split count, rounded up to a power of two, fits).
     int4_dtype (static, int4 pages only): the dtype q, the dequantized K/V and the
     probabilities take for the two matmuls ("float16": the dequantization runs in float16 from
-    the nibbles' bit patterns, ``load_int4``); None: q's dtype. int4_asm (float16 only):
-    unpack those in PTX (``nibbles_f16_asm``; interpret mode runs the jnp form).
+    the nibbles' bit patterns, ``load_int4``); None: q's dtype. int4_asm (float16 only): "none",
+    "unpack" or "dequant", how much of that runs as PTX (``int4_f16_asm``; interpret mode runs
+    the jnp form).
     sink_tokens, window (static): attend only to the first sink_tokens keys and the last window
     (``reference.visible``; window 0: all). Splits then divide those keys only: the positions
     between are never read, whatever their block-table entries hold.
@@ -442,7 +465,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
                                block_kv=block_kv, scale_log2=scale * LOG2E, quantized=quantized,
                                packed=packed, kv_per_prog=kvp, interpret=interpret,
                                int4_dtype=None if int4_dtype is None else jnp.dtype(int4_dtype),
-                               int4_asm=bool(int4_asm),
+                               int4_asm=int4_asm,
                                **params)
     if num_splits == 1:
         out = pl.pallas_call(kernel, grid=(rows, kh_progs, 1),
