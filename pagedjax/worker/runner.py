@@ -162,7 +162,10 @@ class ModelRunner:
         # keeps its KV-head sharding from step to step.
         out = {} if mesh is None else {"out_shardings": (
             (sharding.replicated(mesh), pool_sharding))}
-        self._to_device = jnp.asarray if mesh is None else functools.partial(
+        # host arrays in: a copy (the host may reuse its buffers), uncommitted on one device as
+        # jit expects; jnp.asarray would compile a staging program for every new shape
+        self._to_device = functools.partial(
+            jax.device_put, may_alias=False) if mesh is None else functools.partial(
             jax.device_put, device=sharding.replicated(mesh))
         self._step = jax.jit(functools.partial(_step, cfg=cfg, attend=attend),
                              static_argnames=("layout",), donate_argnames=("pool",), **out)

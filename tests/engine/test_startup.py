@@ -35,13 +35,13 @@ def tiny1():
 
 
 @contextlib.contextmanager
-def compiles():
-    """(program, thread name) of every XLA compilation of a runner's program inside the block
-    (jnp.asarray compiles a small program of its own per shape)."""
+def compiles(programs=PROGRAMS):
+    """(program, thread name) of every XLA compilation inside the block of one of ``programs``
+    (None: of any program)."""
     seen = []
 
     def listen(event, seconds, **kw):
-        if event == BACKEND_COMPILE and kw.get("fun_name") in PROGRAMS:
+        if event == BACKEND_COMPILE and (programs is None or kw.get("fun_name") in programs):
             seen.append((kw["fun_name"], threading.current_thread().name))
 
     jax.monitoring.register_event_duration_secs_listener(listen)
@@ -104,3 +104,17 @@ def run_every_program(r, buckets):
                                                         np.full(C, -1, np.int32)])))
     jax.block_until_ready(r.pool)
     assert seen == {b.S for b in buckets}
+
+
+def test_host_arrays_reach_the_device_without_a_program_of_their_own(tiny1):
+    """The runner's host inputs go in by ``jax.device_put``: no staging program compiles for an
+    input shape first seen after warm-up (``jnp.asarray`` compiled one per shape, outside the
+    runner's count), here penalty marks and prompt-logprob targets."""
+    from pagedjax import SamplingParams
+
+    llm = LLM(loaded=tiny1, num_gpu_blocks_override=32, max_model_len=64, max_num_seqs=8,
+              max_num_batched_tokens=16)
+    with compiles(programs=None) as compiled:
+        llm.generate([[1, 2, 3, 4, 5]], SamplingParams(max_tokens=3, presence_penalty=0.5,
+                                                       prompt_logprobs=1))
+    assert not [name for name, _ in compiled if name not in PROGRAMS], compiled
