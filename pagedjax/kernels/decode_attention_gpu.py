@@ -275,7 +275,8 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, cl_ref, qsl_ref, *refs, num_seqs
         rows = page * block_size + jax.lax.rem(j, block_size)
         if packed:
             k_parts, v_parts = load_int4(k_ref, v_ref, ks_ref, rows, page, kh0, head_dim,
-                                         valid, dt, asm="none" if interpret else int4_asm)
+                                         valid, dt, asm="none" if interpret or int4_dtype is None
+                                         else int4_asm)
         else:
             kv_mask = jnp.broadcast_to(valid[:, None], (block_kv, width))
             k = load_kv(k_ref, (rows[:, None], cols), kv_mask)  # [block_kv, width]
@@ -425,9 +426,9 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     split count, rounded up to a power of two, fits).
     int4_dtype (static, int4 pages only): the dtype q, the dequantized K/V and the
     probabilities take for the two matmuls ("float16": the dequantization runs in float16 from
-    the nibbles' bit patterns, ``load_int4``); None: q's dtype. int4_asm (float16 only): "none",
-    "unpack" or "dequant", how much of that runs as PTX (``int4_f16_asm``; interpret mode runs
-    the jnp form).
+    the nibbles' bit patterns, ``load_int4``); None: q's dtype. int4_asm (with int4_dtype
+    "float16"): "none", "unpack" or "dequant", how much of that runs as PTX (``int4_f16_asm``;
+    interpret mode runs the jnp form).
     sink_tokens, window (static): attend only to the first sink_tokens keys and the last window
     (``reference.visible``; window 0: all). Splits then divide those keys only: the positions
     between are never read, whatever their block-table entries hold.
