@@ -30,8 +30,10 @@ caches), the workload. Each rate's answers are compared (greedy: ``answers_ident
 1). The host tier defaults to twice the working set (``--num-cpu-blocks-override``), so that what
 the figures measure is the copy, not the tier's size; ``--kv-offloading-size`` GiB sets it.
 
-Figures per rate, turn and mode: TTFT mean / p50 / p99 over the conversations, every request's
-arrival (seconds after the turn began) and TTFT, prefill tokens computed, GPU and host hit rates;
+Figures per rate, turn and mode: TTFT mean / p50 / p99 over the conversations and the mean part
+of it spent waiting to be scheduled (``queue_mean_ms``; the rest runs from the first step that
+took the request, its loads and prefill included), every request's arrival (seconds after the
+turn began) and TTFT, prefill tokens computed, GPU and host hit rates;
 per rate and mode: output tok/s (output tokens over the workload's wall time: at a rate below
 saturation the rate sets it, so ``throughput_ratio`` tends to 1 there), the tier's blocks and
 bytes each way and their GB/s (bytes over the transfer events' seconds, pagedjax.worker.swap:
@@ -63,9 +65,9 @@ from benchmarks.serving_client import arrival_gaps, rate_label, request_rates
 logger = logging.getLogger(__name__)
 
 MODES = (("off", False), ("on", True))
-COLUMNS = ["turn", "prompt_len", "ttft_mean_ms_off", "ttft_mean_ms_on", "ttft_p99_ms_off",
-           "ttft_p99_ms_on", "speedup", "host_hit_rate", "prefill_tokens_off",
-           "prefill_tokens_on"]
+COLUMNS = ["turn", "prompt_len", "ttft_mean_ms_off", "ttft_mean_ms_on", "queue_mean_ms_off",
+           "queue_mean_ms_on", "ttft_p99_ms_off", "ttft_p99_ms_on", "speedup", "host_hit_rate",
+           "prefill_tokens_off", "prefill_tokens_on"]
 RATE_COLUMNS = ["request_rate", "ttft_speedup_turn4plus", "throughput_ratio", "host_hit_rate",
                 "transfer_pct_raw_bw", "output_tok_s_off", "output_tok_s_on", "answers_identical"]
 TARGETS = {"ttft_speedup_turn4plus": 3.0, "throughput_ratio": 1.5, "transfer_pct_raw_bw": 70.0}
@@ -247,6 +249,8 @@ def _compare(off: dict, on: dict, raw: dict) -> tuple[list[dict], dict]:
         rows.append({"turn": a["turn"], "prompt_len": a["prompt_len"],
                      **{f"ttft_{s}_ms_{m}": t[f"ttft_{s}_ms"] for s in ("mean", "p50", "p99")
                         for m, t in (("off", a), ("on", b))},
+                     **{f"queue_mean_ms_{m}": t["queue_mean_ms"] for m, t in (("off", a),
+                                                                               ("on", b))},
                      "speedup": a["ttft_mean_ms"] / b["ttft_mean_ms"],
                      "host_hit_rate": b["host_hit_rate"],
                      "prefill_tokens_off": a["prefill_tokens"],

@@ -55,11 +55,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _turn_figures(outs, prompts, computed: int, hits: int, queries: int, args) -> dict:
     ttft = [(o.metrics.first_token_time - o.metrics.arrival_time) * 1e3 for o in outs]
+    # of which waiting to be scheduled (the rest: from the first step that ran it to its token)
+    queue = [(o.metrics.first_scheduled_time - o.metrics.arrival_time) * 1e3 for o in outs]
     decode = len(outs) * (args.answer_len - 1)  # one token per decode step after the first
     return {"prompt_tokens": sum(len(p) for p in prompts),
             "prompt_len": float(np.mean([len(p) for p in prompts])),
             "ttft_ms": ttft, "ttft_mean_ms": float(np.mean(ttft)),
             "ttft_p50_ms": float(np.median(ttft)), "ttft_max_ms": float(np.max(ttft)),
+            "queue_mean_ms": float(np.mean(queue)),
             "prefill_tokens": computed - decode, "hits": hits, "queries": queries,
             "hit_rate": hits / queries if queries else 0.0,
             "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}

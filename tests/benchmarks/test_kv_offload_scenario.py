@@ -140,6 +140,9 @@ def test_kv_offload_rates_tiny(tmp_path):
         assert r["summary"]["answers_identical"] == 1.0
         assert len(r["table"]["rows"]) == TURNS
         assert sum(t["host_hits"] for t in r["on"]["turns"]) > 0
+        for row in r["table"]["rows"]:  # the wait to be scheduled is part of the TTFT
+            for m in ("off", "on"):
+                assert 0 <= row[f"queue_mean_ms_{m}"] <= row[f"ttft_mean_ms_{m}"]
     for mode in ("off", "on"):
         for t, turn in enumerate(rates["4"][mode]["turns"]):
             due = arrival_offsets(CONVS, 4.0, 1.0, seed=0, turn=t)
