@@ -51,6 +51,7 @@ from jax.experimental.pallas import triton as plgpu
 from .quantization import is_int4, is_quantized, to_compute, unpack_int4, unpack_nibbles
 
 NEG = -1e30  # finite "minus infinity": exp2(NEG - NEG) stays 1, never NaN
+INT4_ASM = ("none", "unpack", "dequant")  # how much of int4's float16 dequantization is PTX
 LOG2E = math.log2(math.e)
 
 
@@ -443,6 +444,11 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
         raise ValueError(f"kv_heads_per_program must be a power of two dividing the {kh} KV "
                          f"heads, got {kv_heads_per_program}")
     packed = is_int4(k_pages)
+    if int4_asm not in INT4_ASM:
+        raise ValueError(f"int4_asm must be one of {INT4_ASM}, got {int4_asm!r}")
+    if int4_dtype is not None and jnp.dtype(int4_dtype) not in (jnp.float16, jnp.bfloat16,
+                                                                jnp.float32):
+        raise ValueError(f"int4_dtype must be float16, bfloat16 or float32, got {int4_dtype!r}")
     if packed and kvp != 1:
         raise ValueError(f"int4 pages take kv_heads_per_program 1, got {kv_heads_per_program}")
     group_pad = max(16, _pow2(kvp * group))

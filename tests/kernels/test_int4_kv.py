@@ -275,6 +275,15 @@ def test_gpu_decode(dtype, n, k, h, bs, tuning):
     check(out, args, dtype)
 
 
+@pytest.mark.parametrize("knob,match", [({"int4_asm": "all"}, "int4_asm must be one of"),
+                                        ({"int4_dtype": "int8"}, "int4_dtype must be")])
+def test_bad_int4_knobs_raise(knob, match):
+    args = int4_batch(3, DECODE, "bfloat16", 8, 2, 64, 16)
+    with pytest.raises(ValueError, match=match):
+        ragged_paged_attention(*args, backend="pallas-gpu", interpret=True, decode_only=True,
+                               **knob)
+
+
 @pytest.mark.parametrize("dtype,n,k,h,bs", CASES)
 def test_gpu_ragged(dtype, n, k, h, bs):
     args = int4_batch(seed_of("int4", dtype, n, k, h, bs, 1), RAGGED, dtype, n, k, h, bs)
