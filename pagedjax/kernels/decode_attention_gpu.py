@@ -27,7 +27,7 @@ tile is materialised (the variants measured: benchmarks/KERNEL_NOTES.md).
 
 int4 KV (``QuantizedPages`` of packed codes, pagedjax/kernels/quantization.py): each token's [H / 2]
 bytes are gathered (a quarter of bf16's) and unpacked in registers into the low and high halves of
-the head dim (a mask and a shift, ``load_int4``); K's halves are dequantized with their block's
+the head dim (``pagedjax/kernels/int4_gpu.py``, shared with the ragged kernel); K's halves are dequantized with their block's
 channel scale and zero point (nibble * scale + zero: two fp8 rows per page, gathered per token of
 the tile: the tile's 16-token pages share their cache lines) and V's per-token scales go on the
 probabilities, as int8's. Scores are two matmuls over the halves (q's low half against the low
@@ -48,10 +48,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .quantization import is_int4, is_quantized, to_compute, unpack_int4, unpack_nibbles
+from .int4_gpu import INT4_ASM, load_int4
+from .quantization import is_int4, is_quantized, to_compute
 
 NEG = -1e30  # finite "minus infinity": exp2(NEG - NEG) stays 1, never NaN
-INT4_ASM = ("none", "unpack", "dequant")  # how much of int4's float16 dequantization is PTX
 LOG2E = math.log2(math.e)
 
 
@@ -92,98 +92,6 @@ def load_kv(ref, idx, mask):
     Triton lowering cannot cast an int 0 to fp8)."""
     zero = jnp.zeros((), ref.dtype) if jnp.dtype(ref.dtype).itemsize == 1 else 0
     return plgpu.load(ref.at[idx], mask=mask, other=zero)
-
-
-def load_int4(k_ref, v_ref, ks_ref, rows, page, kh, head_dim, live, dtype, asm: str = "none"):
-    """K and V of KV head ``kh`` at pool rows ``rows`` [n] of an int4 pool, unpacked in
-    registers: ([k_lo, k_hi], [v_lo, v_hi]), each [n, H / 2] in ``dtype``, the low and high
-    halves of the head dim. K is dequantized by its block's channel parameters (ks_ref
-    [num_blocks * 2, K * H] float8_e4m3fn: rows 2 page and 2 page + 1, the scale and the zero
-    point, of each token's ``page`` [n]); V stays bare codes (its per-token scale goes on the
-    probabilities). ``live`` [n] masks the gathers (masked lanes give 0); None: all in range.
-    float16 ``dtype``: the nibbles become floats by bit pattern (``nibbles_f16``) and K's
-    dequantization runs in float16 (fp8 parameters convert to it directly); ``asm`` (GPU only)
-    "unpack" does the former in PTX, "dequant" K's whole dequantization too
-    (``int4_f16_asm``). Otherwise the dequantization runs in float32, converted to ``dtype``."""
-    half = head_dim // 2
-    hd = jnp.arange(half, dtype=jnp.int32)
-    mask = None if live is None else jnp.broadcast_to(live[:, None], (rows.shape[0], half))
-    f16 = jnp.dtype(dtype) == jnp.float16
-    math = jnp.float16 if f16 else jnp.float32
-
-    def gather(ref, idx):
-        return ref[idx] if mask is None else load_kv(ref, idx, mask)
-
-    byte_cols = (kh * half + hd)[None, :]
-    k_codes = gather(k_ref, (rows[:, None], byte_cols))
-    params = [[gather(ks_ref, (2 * page[:, None] + i, (kh * head_dim + c0 + hd)[None, :]))
-               for i in (0, 1)] for c0 in (0, half)]  # [[scale, zero] of the low half, high]
-    v_codes = gather(v_ref, (rows[:, None], byte_cols))
-    if f16 and asm != "none":
-        k_parts = int4_f16_asm(k_codes, 0, params if asm == "dequant" else None)
-        if asm != "dequant":
-            k_parts = [n * to_compute(sc, math) + to_compute(z, math)
-                       for n, (sc, z) in zip(k_parts, params)]
-        return list(k_parts), list(int4_f16_asm(v_codes, 8))
-    k_parts = [(n.astype(math) * to_compute(sc, math) + to_compute(z, math)).astype(dtype)
-               for n, (sc, z) in zip(nibbles_f16(k_codes, 0) if f16
-                                     else unpack_nibbles(k_codes), params)]
-    v_parts = nibbles_f16(v_codes, 8) if f16 else [c.astype(dtype) for c in unpack_int4(v_codes)]
-    return k_parts, list(v_parts)
-
-
-def nibbles_f16(data, offset: int):
-    """[n, H / 2] uint8 -> (low, high) nibbles minus ``offset`` as float16, with no int-to-float
-    conversion: the bits 0x6400 | nibble are the float16 1024 + nibble (exact, as is the
-    subtraction)."""
-    x = data.astype(jnp.uint16)
-    return tuple(jax.lax.bitcast_convert_type(n | 0x6400, jnp.float16) - (1024 + offset)
-                 for n in (x & 15, x >> 4))
-
-
-def int4_f16_asm(data, offset: int, params=None):
-    """``nibbles_f16`` in PTX, four code bytes a 32-bit register (FasterTransformer's int4
-    unpack): two byte permutes spread them over 16-bit lanes, a lop3 makes 0x6400 | nibble of
-    two lanes at once and a float16x2 subtraction takes 1024 + ``offset`` off both. ``params``
-    [[scale, zero] of the low half, of the high half] (float8_e4m3fn, each like ``data``): also
-    nibble * scale + zero, the fp8 pairs converted to float16x2 and one fma.rn.f16x2 per two
-    values. GPU only (interpret mode cannot run PTX: it runs ``nibbles_f16``; the PTX's CPU check
-    is tests/kernels/test_int4_ptx.py)."""
-    args = [data] + ([] if params is None else
-                     [jax.lax.bitcast_convert_type(x, jnp.uint8) for pair in params for x in pair])
-    out = jax.ShapeDtypeStruct(data.shape, jnp.float16)
-    return tuple(plgpu.elementwise_inline_asm(
-        int4_f16_ptx(offset, params is not None), args=args,
-        constraints="=r,=r,=r,=r," + ",".join("r" * len(args)), pack=4,
-        result_shape_dtypes=[out, out]))
-
-
-def int4_f16_ptx(offset: int, dequant: bool) -> str:
-    """The PTX of ``int4_f16_asm``: $0..$3 the outputs (the low half's values 0-1 and 2-3 of
-    four, then the high half's), $4 four code bytes, $5..$8 (``dequant``) four fp8 scales and
-    zero points of the low half, then the high half's."""
-    bias = 0x6400 + offset  # 1024 + offset as float16 (offset < 16: exact)
-    lines = [".reg .b32 t0, t1, zero, mask, magic, bias, r0, r1, r2, r3, s, z;",
-             ".reg .b16 a, b;",
-             "mov.b32 zero, 0;", "mov.b32 mask, 0x000f000f;", "mov.b32 magic, 0x64006400;",
-             f"mov.b32 bias, {bias << 16 | bias};",
-             "prmt.b32 t0, $4, zero, 0x4140;",  # [b0, 0, b1, 0]
-             "prmt.b32 t1, $4, zero, 0x4342;",  # [b2, 0, b3, 0]
-             "lop3.b32 r0, t0, mask, magic, 0xea;",  # (t & mask) | magic
-             "lop3.b32 r1, t1, mask, magic, 0xea;",
-             "shr.u32 t0, t0, 4;", "shr.u32 t1, t1, 4;",
-             "lop3.b32 r2, t0, mask, magic, 0xea;",
-             "lop3.b32 r3, t1, mask, magic, 0xea;"]
-    lines += [f"sub.f16x2 r{i}, r{i}, bias;" for i in range(4)]
-    if dequant:  # r0, r1: the low half's four values; r2, r3: the high half's
-        for half, (sc, z) in enumerate(((5, 6), (7, 8))):
-            for pair in range(2):
-                r = f"r{2 * half + pair}"
-                lines += [f"mov.b32 {{a, b}}, ${sc};", f"cvt.rn.f16x2.e4m3x2 s, {'ab'[pair]};",
-                          f"mov.b32 {{a, b}}, ${z};", f"cvt.rn.f16x2.e4m3x2 z, {'ab'[pair]};",
-                          f"fma.rn.f16x2 {r}, {r}, s, z;"]
-    lines += [f"mov.b32 ${i}, r{i};" for i in range(4)]
-    return "{\n" + "\n".join(lines) + "\n}"
 
 
 def split_refs(refs, quantized: bool):
@@ -427,8 +335,8 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     split count, rounded up to a power of two, fits).
     int4_dtype (static, int4 pages only): the dtype q, the dequantized K/V and the
     probabilities take for the two matmuls ("float16": the dequantization runs in float16 from
-    the nibbles' bit patterns, ``load_int4``); None: q's dtype. int4_asm (with int4_dtype
-    "float16"): "none", "unpack" or "dequant", how much of that runs as PTX (``int4_f16_asm``;
+    the nibbles' bit patterns, ``int4_gpu.load_int4``); None: q's dtype. int4_asm (with int4_dtype
+    "float16"): "none", "unpack" or "dequant", how much of that runs as PTX (``int4_gpu.int4_f16_asm``;
     interpret mode runs the jnp form).
     sink_tokens, window (static): attend only to the first sink_tokens keys and the last window
     (``reference.visible``; window 0: all). Splits then divide those keys only: the positions

@@ -19,7 +19,7 @@ long causal tiles do not form a tail.
 1-byte KV as in the decode kernel: raw fp8 pages (the fp8 cache, its static scale applied by the
 model) are converted to q's dtype in registers, masked lanes reading an fp8 zero (``load_kv``);
 ``QuantizedPages`` (int8) also apply K's per-token scales to the score columns, V's to the
-probabilities. int4 pages are unpacked in registers as in the decode kernel (``load_int4``): two
+probabilities. int4 pages are unpacked in registers as in the decode kernel (``int4_gpu.load_int4``): two
 matmuls over the halves of the head dim, two output accumulators.
 """
 from __future__ import annotations
@@ -31,8 +31,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .decode_attention_gpu import (LOG2E, NEG, cdiv, flat_pages, flat_scales, load_int4, load_kv,
-                                   split_refs)
+from .decode_attention_gpu import LOG2E, NEG, cdiv, flat_pages, flat_scales, load_kv, split_refs
+from .int4_gpu import load_int4
 from .quantization import is_int4, is_quantized, to_compute
 from .reference import visible
 

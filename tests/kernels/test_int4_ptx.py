@@ -9,7 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pagedjax.kernels.decode_attention_gpu import int4_f16_ptx
+from pagedjax.kernels.int4_gpu import int4_f16_ptx
 
 
 def f16_lanes(x: int) -> np.ndarray:
