@@ -164,9 +164,9 @@ class ModelRunner:
             (sharding.replicated(mesh), pool_sharding))}
         # host arrays in: a copy (the host may reuse its buffers), uncommitted on one device as
         # jit expects; jnp.asarray would compile a staging program for every new shape
-        self._to_device = functools.partial(
-            jax.device_put, may_alias=False) if mesh is None else functools.partial(
-            jax.device_put, device=sharding.replicated(mesh))
+        self._to_device = (functools.partial(jax.device_put, may_alias=False) if mesh is None
+                           else functools.partial(jax.device_put,
+                                                  device=sharding.replicated(mesh)))
         self._step = jax.jit(functools.partial(_step, cfg=cfg, attend=attend),
                              static_argnames=("layout",), donate_argnames=("pool",), **out)
         # Copy-on-write copies: their own program per copy bucket C, dispatched before the step
