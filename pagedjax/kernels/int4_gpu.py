@@ -74,40 +74,42 @@ def int4_f16_asm(data, offset: int, params=None):
     two lanes at once and a float16x2 subtraction takes 1024 + ``offset`` off both. ``params``
     [[scale, zero] of the low half, of the high half] (float8_e4m3fn, each like ``data``): also
     nibble * scale + zero, the fp8 pairs converted to float16x2 and one fma.rn.f16x2 per two
-    values. GPU only (interpret mode cannot run PTX: it runs ``nibbles_f16``; the PTX's CPU check
-    is tests/kernels/test_int4_ptx.py)."""
-    args = [data] + ([] if params is None else
-                     [jax.lax.bitcast_convert_type(x, jnp.uint8) for pair in params for x in pair])
+    values. One asm call per half: Pallas's Triton lowering of an inline asm with several
+    results returns one (jax 0.10 and 0.11; tests/kernels/test_int4_ptx.py lowers it for CUDA).
+    GPU only (interpret mode cannot run PTX: it runs ``nibbles_f16``; the PTX's CPU check is
+    tests/kernels/test_int4_ptx.py)."""
     out = jax.ShapeDtypeStruct(data.shape, jnp.float16)
-    return tuple(plgpu.elementwise_inline_asm(
-        int4_f16_ptx(offset, params is not None), args=args,
-        constraints="=r,=r,=r,=r," + ",".join("r" * len(args)), pack=4,
-        result_shape_dtypes=[out, out]))
+    halves = []
+    for high in (False, True):
+        args = [data] + ([] if params is None else
+                         [jax.lax.bitcast_convert_type(x, jnp.uint8) for x in params[high]])
+        [half] = plgpu.elementwise_inline_asm(
+            int4_f16_ptx(offset, params is not None, high), args=args,
+            constraints="=r,=r," + ",".join("r" * len(args)), pack=4, result_shape_dtypes=[out])
+        halves.append(half)
+    return tuple(halves)
 
 
-def int4_f16_ptx(offset: int, dequant: bool) -> str:
-    """The PTX of ``int4_f16_asm``: $0..$3 the outputs (the low half's values 0-1 and 2-3 of
-    four, then the high half's), $4 four code bytes, $5..$8 (``dequant``) four fp8 scales and
-    zero points of the low half, then the high half's."""
+def int4_f16_ptx(offset: int, dequant: bool, high: bool) -> str:
+    """The PTX of one half of ``int4_f16_asm``: $0, $1 the outputs (values 0-1 and 2-3 of four,
+    from the low nibbles or, ``high``, the high ones), $2 four code bytes, $3 and $4
+    (``dequant``) four fp8 scales and zero points of that half."""
     bias = 0x6400 + offset  # 1024 + offset as float16 (offset < 16: exact)
-    lines = [".reg .b32 t0, t1, zero, mask, magic, bias, r0, r1, r2, r3, s, z;",
+    lines = [".reg .b32 t0, t1, zero, mask, magic, bias, r0, r1, s, z;",
              ".reg .b16 a, b;",
              "mov.b32 zero, 0;", "mov.b32 mask, 0x000f000f;", "mov.b32 magic, 0x64006400;",
              f"mov.b32 bias, {bias << 16 | bias};",
-             "prmt.b32 t0, $4, zero, 0x4140;",  # [b0, 0, b1, 0]
-             "prmt.b32 t1, $4, zero, 0x4342;",  # [b2, 0, b3, 0]
-             "lop3.b32 r0, t0, mask, magic, 0xea;",  # (t & mask) | magic
-             "lop3.b32 r1, t1, mask, magic, 0xea;",
-             "shr.u32 t0, t0, 4;", "shr.u32 t1, t1, 4;",
-             "lop3.b32 r2, t0, mask, magic, 0xea;",
-             "lop3.b32 r3, t1, mask, magic, 0xea;"]
-    lines += [f"sub.f16x2 r{i}, r{i}, bias;" for i in range(4)]
-    if dequant:  # r0, r1: the low half's four values; r2, r3: the high half's
-        for half, (sc, z) in enumerate(((5, 6), (7, 8))):
-            for pair in range(2):
-                r = f"r{2 * half + pair}"
-                lines += [f"mov.b32 {{a, b}}, ${sc};", f"cvt.rn.f16x2.e4m3x2 s, {'ab'[pair]};",
-                          f"mov.b32 {{a, b}}, ${z};", f"cvt.rn.f16x2.e4m3x2 z, {'ab'[pair]};",
-                          f"fma.rn.f16x2 {r}, {r}, s, z;"]
-    lines += [f"mov.b32 ${i}, r{i};" for i in range(4)]
+             "prmt.b32 t0, $2, zero, 0x4140;",  # [b0, 0, b1, 0]
+             "prmt.b32 t1, $2, zero, 0x4342;"]  # [b2, 0, b3, 0]
+    if high:
+        lines += ["shr.u32 t0, t0, 4;", "shr.u32 t1, t1, 4;"]
+    lines += ["lop3.b32 r0, t0, mask, magic, 0xea;",  # (t & mask) | magic
+              "lop3.b32 r1, t1, mask, magic, 0xea;",
+              "sub.f16x2 r0, r0, bias;", "sub.f16x2 r1, r1, bias;"]
+    if dequant:
+        for pair in range(2):
+            lines += ["mov.b32 {a, b}, $3;", f"cvt.rn.f16x2.e4m3x2 s, {'ab'[pair]};",
+                      "mov.b32 {a, b}, $4;", f"cvt.rn.f16x2.e4m3x2 z, {'ab'[pair]};",
+                      f"fma.rn.f16x2 r{pair}, r{pair}, s, z;"]
+    lines += ["mov.b32 $0, r0;", "mov.b32 $1, r1;"]
     return "{\n" + "\n".join(lines) + "\n}"

@@ -2,14 +2,20 @@
 uses, on random code bytes and fp8 parameters: the byte permutes, masks and lane order it assumes
 give each value's own nibble (and, dequantizing, its own scale and zero point). Interpret mode
 cannot run PTX, so this is what the CPU checks of it; the GPU kernel is checked against the
-reference by the kernel scenario before it is timed."""
+reference by the kernel scenario before it is timed. And the decode kernel with its PTX is lowered
+for CUDA here (Pallas's Triton lowering runs on the CPU): a form that does not lower fails on the
+CPU, not first on the device."""
 from __future__ import annotations
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
 
+from pagedjax.kernels.decode_attention_gpu import paged_decode_attention
 from pagedjax.kernels.int4_gpu import int4_f16_ptx
+from tests.kernels.test_int4_kv import int4_batch
+from tests.kernels.test_paged_attention import DECODE
 
 
 def f16_lanes(x: int) -> np.ndarray:
@@ -34,7 +40,7 @@ def lop3(a: int, b: int, c: int, lut: int) -> int:
 
 
 def run_ptx(text: str, operands: dict[str, int]) -> dict[str, int]:
-    """Execute ``text`` on 32-bit ``operands`` ($4.. inputs); returns every register."""
+    """Execute ``text`` on 32-bit ``operands`` ($2.. inputs); returns every register."""
     reg = dict(operands)
 
     def val(tok: str) -> int:
@@ -82,19 +88,26 @@ def word(bytes4) -> int:
 @pytest.mark.parametrize("dequant", [False, True], ids=["unpack", "dequant"])
 def test_ptx_gives_each_value_its_own_nibble_and_parameters(offset, dequant):
     rng = np.random.default_rng(7 + offset + dequant)
-    text = int4_f16_ptx(offset, dequant)
+    texts = [int4_f16_ptx(offset, dequant, high) for high in (False, True)]
     for _ in range(64):
         codes = rng.integers(0, 256, 4).astype(np.uint8)
         params = [rng.uniform(-6, 6, 4).astype(ml_dtypes.float8_e4m3fn) for _ in range(4)]
-        ops = {"$4": word(codes)}
-        for i, p in enumerate(params):
-            ops[f"${5 + i}"] = word(p.view(np.uint8))
-        reg = run_ptx(text, ops)
-        out = [np.concatenate([f16_lanes(reg[f"${2 * h}"]), f16_lanes(reg[f"${2 * h + 1}"])])
-               for h in (0, 1)]  # the low half's four values, the high half's
-        for h, nibbles in enumerate((codes & 15, codes >> 4)):
+        for h, nibbles in enumerate((codes & 15, codes >> 4)):  # the low half, the high half
+            ops = {"$2": word(codes), "$3": word(params[2 * h].view(np.uint8)),
+                   "$4": word(params[2 * h + 1].view(np.uint8))}
+            reg = run_ptx(texts[h], ops)
+            out = np.concatenate([f16_lanes(reg["$0"]), f16_lanes(reg["$1"])])
             want = nibbles.astype(np.float64) - offset
             if dequant:
                 scale, zero = (params[2 * h + i].astype(np.float64) for i in (0, 1))
                 want = want * scale + zero
-            np.testing.assert_array_equal(out[h], want.astype(np.float16))
+            np.testing.assert_array_equal(out, want.astype(np.float16))
+
+
+@pytest.mark.parametrize("asm", ["none", "unpack", "dequant"])
+def test_decode_kernel_with_its_ptx_lowers_for_cuda(asm):
+    q, kp, vp, bt, cl, qsl = int4_batch(5, DECODE, "bfloat16", 8, 2, 128, 16)
+    kernel = jax.jit(lambda *a: paged_decode_attention(*a, scale=0.125, int4_dtype="float16",
+                                                       int4_asm=asm))
+    text = kernel.trace(q, kp, vp, bt, cl, qsl).lower(lowering_platforms=("cuda",)).as_text()
+    assert ("elementwise_inline_asm" in text or "inline_asm" in text) == (asm != "none")
