@@ -139,3 +139,16 @@ def test_sweep_past_its_deadline_counts_what_it_skipped():
     skipped = {}
     fp8_gemv_bench.run_queue(None, queue, deadline=0.0, skipped=skipped)  # runs nothing
     assert skipped == {"m/T1": 2, "m/T4": 1}
+
+
+def test_timing_loop_runs_every_call_it_counts():
+    """Each of the u x r calls an iteration counts stays in the compiled loop: repeated calls on
+    one weight are not merged (session 12's H100 figures were a u-th of the calls timed)."""
+    r, u = 2, 3
+    case = fp8_gemv_bench.make_case("t", 40, 200, 1, r, jax.random.key(seed_of("loop")))
+    fn = fp8_gemv_bench.fp8.fp8_linear
+    out = jax.eval_shape(fn, case.x, case.wq[0], case.ws[0])
+    carry = (case.x, tuple(jnp.zeros(out.shape, out.dtype) for _ in range(r)),
+             tuple(case.wq), tuple(case.ws))
+    hlo = fp8_gemv_bench.chained_loop(fn, r, u, 2).lower(carry).compile().as_text()
+    assert hlo.count(" dot(") == u * r
