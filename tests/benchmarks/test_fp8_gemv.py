@@ -16,6 +16,7 @@ import pytest
 
 from benchmarks.experiments import fp8_gemv_bench
 from benchmarks.experiments.fp8_gemv import default_split_d, fp8_gemv
+from pagedjax.models import fp8
 from tests.kernels.seeds import seed_of
 
 # (T, O, D, block_o, block_d, split_d)
@@ -146,7 +147,7 @@ def test_timing_loop_runs_every_call_it_counts():
     one weight are not merged (session 12's H100 figures were a u-th of the calls timed)."""
     r, u = 2, 3
     case = fp8_gemv_bench.make_case("t", 40, 200, 1, r, jax.random.key(seed_of("loop")))
-    fn = fp8_gemv_bench.fp8.fp8_linear
+    fn = fp8.fp8_linear
     out = jax.eval_shape(fn, case.x, case.wq[0], case.ws[0])
     carry = (case.x, tuple(jnp.zeros(out.shape, out.dtype) for _ in range(r)),
              tuple(case.wq), tuple(case.ws))
